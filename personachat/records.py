@@ -1,0 +1,111 @@
+"""The plain records that flow from extraction to the store to the runtime.
+
+Records hold tensors and the identity of the model they came from, never a model. Tensors are
+float32 on the CPU; ``[n_layers, hidden]`` follows the layer convention of ``personachat.sites``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import torch
+
+POSITIONS = ("response_avg", "prompt_last", "prompt_avg", "question_span")
+METHODS = ("diff_means", "imported")
+NEURON_METHODS = ("effect", "attribution", "imported")
+NEURON_SITES = ("mlp_hidden", "gate")
+MEAN_BASELINE = "mean"  # baseline name meaning "the mean of all personas"
+
+
+@dataclass(frozen=True)
+class Persona:
+    """A persona: a name (safe for file names), its system prompt and where it came from."""
+
+    name: str
+    system_prompt: str
+    description: str = ""
+    category: str = ""
+    source: str = ""
+
+
+@dataclass(eq=False)
+class LayerMetrics:
+    """Per-layer quality of a persona vector; each field is a float tensor [n_layers]."""
+
+    auc: torch.Tensor
+    separation: torch.Tensor  # effect size: (mean_p - mean_b) of projections / pooled std
+    norm: torch.Tensor  # norm of the vector at each layer
+    resid_norm: torch.Tensor  # mean residual-stream norm at each layer (calibrated units)
+
+    @property
+    def best_layer(self) -> int:
+        """Highest AUC; ties broken by the larger separation."""
+        key = self.auc * 1e6 + self.separation.clamp(-1e5, 1e5)
+        return int(torch.argmax(key))
+
+
+@dataclass(eq=False)
+class PersonaMeans:
+    """Raw mean activations of one persona, kept so other baselines can be derived later."""
+
+    model_id: str
+    persona: str
+    positions: str
+    mean: torch.Tensor  # [n_layers, hidden]
+    n_samples: int
+    dataset: str = ""
+    dataset_sha256: str = ""
+
+
+@dataclass(eq=False)
+class PersonaVector:
+    """A persona direction per layer: persona mean minus baseline mean, with provenance."""
+
+    model_id: str
+    persona: str
+    vector: torch.Tensor  # [n_layers, hidden]
+    method: str = "diff_means"
+    positions: str = "response_avg"
+    baseline: str = "default"
+    dataset: str = ""
+    dataset_sha256: str = ""
+    n_samples: int = 0
+    metrics: LayerMetrics | None = None
+    created_at: datetime | None = None
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.vector.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.vector.shape[1])
+
+
+@dataclass(eq=False)
+class NeuronSet:
+    """MLP units that discriminate persona pairs, as parallel lists, best first.
+
+    ``layers[i]``, ``indices[i]`` name unit i at ``site``; ``scores[i]`` is its score by
+    ``method``; ``means[i]`` its baseline mean (for mean ablation); ``ranks[pair][i]`` its rank
+    in each contrast pair (stability across pairs), ``stability[i]`` the fraction of pairs where
+    it ranks in the top k.
+    """
+
+    model_id: str
+    label: str
+    site: str
+    layers: list[int]
+    indices: list[int]
+    scores: list[float]
+    method: str = "effect"
+    pairs: list[str] = field(default_factory=list)
+    means: list[float] | None = None
+    ranks: dict[str, list[int]] = field(default_factory=dict)
+    stability: list[float] | None = None
+    source: str = ""
+    created_at: datetime | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
