@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -85,6 +87,18 @@ def _local_or_cached(name_or_path: str, revision: str | None) -> bool:
     return isinstance(hit, str)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers a TCP connection quickly."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "huggingface.co", port), timeout):
+            return True
+    except OSError:
+        return False
+
+
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Make batching possible: a pad token (the EOS token when the model has none)."""
     if tokenizer.pad_token is None:
@@ -132,14 +146,17 @@ def load_model(
     templates: SiteTemplates | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer by hub name or local path."""
-    offline = is_offline()
-    if offline and not _local_or_cached(name_or_path, revision):
-        raise ModelLoadError(
-            f"{name_or_path!r} is neither a local folder nor in the Hugging Face cache, and "
-            "HF_HUB_OFFLINE is set, so it cannot be downloaded. Point at a local path (a folder "
-            "with config.json and weights), e.g. --model store/models/demo, or download it on a "
-            "machine with network first (huggingface-cli download NAME)."
-        )
+    if not _local_or_cached(name_or_path, revision):
+        why = "HF_HUB_OFFLINE is set" if is_offline() else None
+        if why is None and not hub_reachable():
+            why = "the Hugging Face hub cannot be reached (no network)"
+        if why is not None:
+            raise ModelLoadError(
+                f"{name_or_path!r} is neither a local folder nor in the Hugging Face cache, and "
+                f"{why}, so it cannot be downloaded. Point at a local path (a folder with "
+                "config.json and weights), e.g. --model store/models/demo, or download it on a "
+                "machine with network first (hf download NAME)."
+            )
     torch_dtype = pick_dtype(dtype)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "revision": revision}
     if device == "auto" and torch.cuda.is_available():

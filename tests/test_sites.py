@@ -1,0 +1,158 @@
+"""Sites resolve on every supported architecture and pin the layer convention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from personachat.hooks import intervene, registered
+from personachat.model import LoadedModel, wrap_model
+from personachat.sites import SiteError, SiteTemplates, resolve_sites, templates_from_args
+from personachat.tiny import tiny_model
+
+
+class Capture:
+    """A handler that records the tensor at each wanted site and changes nothing."""
+
+    def __init__(self, keys: list[tuple[str, int]]) -> None:
+        self.keys = keys
+        self.seen: dict[tuple[str, int], torch.Tensor] = {}
+
+    def wants(self):  # type: ignore[no-untyped-def]
+        return self.keys
+
+    def __call__(self, site, layer, x):  # type: ignore[no-untyped-def]
+        self.seen[(site, layer)] = x.detach().clone()
+        return None
+
+
+def _ids(lm: LoadedModel) -> dict[str, torch.Tensor]:
+    return dict(lm.tokenizer("You are a pirate. What is the capital?", return_tensors="pt"))
+
+
+def test_sizes_match_config(any_arch: LoadedModel) -> None:
+    sites, cfg = any_arch.sites, any_arch.model.config
+    assert sites.n_layers == 3
+    assert sites.hidden_size == 32
+    expected_width = getattr(cfg, "intermediate_size", None) or 4 * cfg.n_embd
+    assert sites.mlp_width == expected_width
+    assert (sites.gates is not None) == (sites.architecture not in {"gpt2", "phi3"})
+    assert any_arch.info.n_layers == 3 and any_arch.info.hidden_size == 32
+
+
+def test_layer_convention_matches_hidden_states(any_arch: LoadedModel) -> None:
+    """Layer i is hidden_states[i+1]; the last entry of hidden_states is the normed last layer."""
+    ids = _ids(any_arch)
+    n = any_arch.sites.n_layers
+    cap = Capture([("residual", i) for i in range(n)])
+    with torch.no_grad():
+        ref = any_arch.model(**ids, output_hidden_states=True).hidden_states
+        with intervene(any_arch.sites, [cap]):
+            any_arch.model(**ids)
+    for i in range(n - 1):
+        torch.testing.assert_close(cap.seen[("residual", i)], ref[i + 1], rtol=0, atol=1e-6)
+    final_norm = any_arch.sites.base.norm if hasattr(any_arch.sites.base, "norm") else None
+    final_norm = final_norm or any_arch.sites.base.ln_f
+    with torch.no_grad():
+        normed = final_norm(cap.seen[("residual", n - 1)])
+    torch.testing.assert_close(normed, ref[n], rtol=0, atol=1e-5)
+
+
+def test_mlp_hidden_is_input_of_down_projection(any_arch: LoadedModel) -> None:
+    """Nudging unit j at the mlp_hidden site moves the block output by delta x column j of the
+    down projection, exactly: the site is the input of the MLP's last linear map."""
+    ids = _ids(any_arch)
+    layer, unit, delta = 1, 5, 0.75
+    if hasattr(any_arch.sites.layers[layer], "post_feedforward_layernorm"):
+        pytest.skip("a norm after the MLP makes the block output nonlinear in the MLP output")
+    cap = Capture([("residual", layer)])
+
+    class Nudge(Capture):
+        def __call__(self, site, layer_, x):  # type: ignore[no-untyped-def]
+            if site == "mlp_hidden":
+                x = x.clone()
+                x[..., unit] += delta
+                return x
+            return super().__call__(site, layer_, x)
+
+    nudge = Nudge([("mlp_hidden", layer), ("residual", layer)])
+    with torch.no_grad():
+        with intervene(any_arch.sites, [cap]):
+            any_arch.model(**ids)
+        with intervene(any_arch.sites, [nudge]):
+            any_arch.model(**ids)
+    down = any_arch.sites.mlp_down[layer]
+    weight = down.weight
+    column = weight[:, unit] if isinstance(down, nn.Linear) else weight[unit, :]
+    diff = nudge.seen[("residual", layer)] - cap.seen[("residual", layer)]
+    expected = (delta * column).expand_as(diff)
+    torch.testing.assert_close(diff, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_mlp_hidden_feeds_the_down_projection(any_arch: LoadedModel) -> None:
+    """What the down projection outputs is its weight applied to what the site saw."""
+    ids = _ids(any_arch)
+    cap = Capture([("mlp_hidden", 2)])
+    down = any_arch.sites.mlp_down[2]
+    outs: list[torch.Tensor] = []
+    with torch.no_grad(), intervene(any_arch.sites, [cap]):
+        with registered([(down, "forward", lambda m, a, o: outs.append(o.detach()))]):
+            any_arch.model(**ids)
+    torch.testing.assert_close(down(cap.seen[("mlp_hidden", 2)]).detach(), outs[0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma2", "olmo2"])
+def test_gate_site_is_gate_projection_output(arch: str) -> None:
+    """In a gated MLP the hidden units are act(gate) * up: the gate site is the gate's output."""
+    lm = tiny_model(arch)
+    cap = Capture([("gate", 0), ("mlp_hidden", 0)])
+    mlp = lm.sites.layers[0].mlp
+    ups: list[torch.Tensor] = []
+    with torch.no_grad(), intervene(lm.sites, [cap]):
+        with registered([(mlp.up_proj, "forward", lambda m, a, o: ups.append(o.detach()))]):
+            lm.model(**_ids(lm))
+    expected = mlp.act_fn(cap.seen[("gate", 0)]) * ups[0]
+    torch.testing.assert_close(cap.seen[("mlp_hidden", 0)], expected)
+
+
+def test_unknown_architecture_is_guessed() -> None:
+    lm = tiny_model("llama")
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = lm.model.model
+            self.config = lm.model.config.__class__(**lm.model.config.to_dict())
+            self.config.model_type = "mystery"
+
+    sites = resolve_sites(Wrapper())
+    assert sites.templates.layers == "backbone.layers"
+    assert sites.templates.mlp_down == "mlp.down_proj"
+    assert sites.templates.gate == "mlp.gate_proj"
+    assert sites.mlp_width == lm.sites.mlp_width
+
+
+def test_failed_guess_names_what_to_set() -> None:
+    lm = tiny_model("llama")
+    with pytest.raises(SiteError, match="mlp_down"):
+        resolve_sites(lm.model, SiteTemplates(layers="model.layers", mlp_down="mlp.nope"))
+    with pytest.raises(SiteError, match="--layers-path"):
+        resolve_sites(lm.model, SiteTemplates(layers="model.blocks", mlp_down="mlp.down_proj"))
+
+
+def test_override_from_cli_arguments() -> None:
+    t = templates_from_args("model.layers", "mlp.down_proj", "mlp.gate_proj")
+    assert t == SiteTemplates("model.layers", "mlp.down_proj", "mlp.gate_proj", base="model")
+    lm = tiny_model("llama")
+    assert wrap_model(lm.model, lm.tokenizer, "x", templates=t).sites.n_layers == 3
+    with pytest.raises(SiteError, match="dotted attribute path"):
+        templates_from_args("model.layers; rm -rf", "mlp.down_proj", None)
+    assert templates_from_args(None, None, None) is None
+
+
+def test_range_checks_name_the_limits(llama: LoadedModel) -> None:
+    with pytest.raises(SiteError, match=r"layer 7 is out of range: the model has 3 layers"):
+        llama.sites.check_layer(7)
+    with pytest.raises(SiteError, match=r"MLP width is 64"):
+        llama.sites.check_neuron(0, 64)
