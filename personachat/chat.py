@@ -1,0 +1,421 @@
+"""Streaming chat generation under live interventions: one ``ChatEngine`` per loaded model.
+
+``ChatEngine(lm, vectors, neuron_sets).stream(messages, settings, steering=..., ...)`` checks the
+request (raising ``InterventionError`` before the model is touched), then returns an iterator of
+``ChatUpdate``: the reply so far after each generated token, and a last update (``done=True``)
+carrying the readout projections. Generation runs in a worker thread whose target runs inside
+``contextvars.copy_context().run``, so the hooks of ``personachat.hooks.intervene`` act only for
+this request; an engine holds no mutable state, so any number of sessions (threads) can share it.
+
+Side by side (``side_by_side=True``): the unsteered and the steered reply come from ONE batched
+generation of two identical rows, row 0 without and row 1 with the interventions; greedy
+outputs equal those of two separate runs. Sampling uses a private generator per row seeded
+with ``settings.seed``, so replies are reproducible and independent of other threads.
+
+Stopping: set the ``stop`` event, or stop iterating (close the iterator); either ends the
+generation after the current token. Every hook is removed before the iterator finishes, also
+when a hook raises (the error is re-raised to the consumer).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.generation.streamers import BaseStreamer
+
+from personachat.hooks import Handler, intervene
+from personachat.interventions import (
+    AblationSpec,
+    DirectionSpec,
+    InterferenceReport,
+    InterventionError,
+    Plan,
+    SteeringSpec,
+    build_plan,
+)
+from personachat.model import LoadedModel
+from personachat.prompts import Message, format_chat
+from personachat.records import NeuronSet, PersonaVector
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to decode: ``temperature`` 0 means greedy; ``seed`` makes sampling reproducible."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    repetition_penalty: float = 1.0
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InterventionError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not 0.0 <= self.temperature < float("inf"):
+            raise InterventionError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InterventionError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 < self.repetition_penalty < float("inf"):
+            raise InterventionError(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}"
+            )
+
+
+@dataclass(frozen=True, eq=False)
+class ReplyReadout:
+    """Projections of one row's residual stream onto unit persona vectors, per token and layer.
+
+    ``projections[t, i, k]``: token ``tokens[t]`` (prompt then reply), layer ``layers[i]``,
+    persona ``personas[k]``, read after the interventions at that layer. The last reply token
+    was never fed back through the model, so its row is NaN.
+    """
+
+    personas: tuple[str, ...]
+    layers: tuple[int, ...]
+    tokens: tuple[int, ...]
+    prompt_len: int
+    projections: torch.Tensor  # [tokens, layers, personas], float32 CPU
+
+    @property
+    def reply(self) -> torch.Tensor:
+        """``[reply tokens, layers, personas]``."""
+        return self.projections[self.prompt_len :]
+
+
+@dataclass(frozen=True, eq=False)
+class ChatUpdate:
+    """The state of a reply after a token. ``baseline_*`` is the unsteered row (side by side)."""
+
+    text: str
+    tokens: tuple[int, ...]
+    baseline_text: str | None = None
+    baseline_tokens: tuple[int, ...] | None = None
+    done: bool = False
+    stopped: bool = False
+    readout: ReplyReadout | None = None
+    baseline_readout: ReplyReadout | None = None
+    interference: InterferenceReport | None = None
+    steered_layers: dict[int, float] = field(default_factory=dict)
+
+
+class _EventStop(StoppingCriteria):
+    """Stop every row once any of ``events`` is set."""
+
+    def __init__(self, events: Sequence[threading.Event]) -> None:
+        self.events = list(events)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> Any:
+        flag = any(event.is_set() for event in self.events)
+        return torch.full((input_ids.shape[0],), flag, dtype=torch.bool, device=input_ids.device)
+
+
+class _SeededSampler(LogitsProcessor):
+    """Temperature and top-p sampling with one private generator per row; greedy then picks it."""
+
+    def __init__(self, settings: GenerationSettings, rows: int, device: torch.device) -> None:
+        self.temperature = settings.temperature
+        self.top_p = settings.top_p
+        self.generators = [
+            torch.Generator(device=device).manual_seed(settings.seed) for _ in range(rows)
+        ]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> Any:
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            ordered, order = logits.sort(dim=-1, descending=True)
+            cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+            drop = cumulative - ordered.softmax(dim=-1) > self.top_p  # keep the first token
+            logits = logits.scatter(1, order, ordered.masked_fill(drop, float("-inf")))
+        probs = logits.softmax(dim=-1)
+        picks = torch.stack(
+            [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)]
+        )
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter(1, picks, 0.0)
+
+
+class _QueueStreamer(BaseStreamer):
+    """Pushes each step's token ids (all rows) to a queue; the first put (the prompt) is skipped."""
+
+    def __init__(self, sink: queue.Queue[Any]) -> None:
+        self.sink = sink
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.sink.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        return None
+
+
+@dataclass
+class _Failed:
+    error: BaseException
+
+
+_END = object()
+
+
+@dataclass
+class _Job:
+    """Everything one generation needs, built and checked before the worker starts."""
+
+    input_ids: torch.Tensor
+    plan: Plan
+    handlers: list[Handler]
+    config: GenerationConfig
+    processors: LogitsProcessorList
+    eos: frozenset[int]
+    side_by_side: bool
+
+
+class ChatEngine:
+    """Chat with a loaded model under steering, ablation and readout, one request at a time each.
+
+    ``vectors`` (persona name -> ``PersonaVector``) and ``neuron_sets`` (label -> ``NeuronSet``)
+    are the catalog requests name; they are copied and never changed. All settings come per
+    call, so one engine serves many sessions and threads.
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        vectors: Mapping[str, PersonaVector] | Iterable[PersonaVector] = (),
+        neuron_sets: Mapping[str, NeuronSet] | Iterable[NeuronSet] = (),
+    ) -> None:
+        self.lm = lm
+        self.vectors: Mapping[str, PersonaVector] = (
+            dict(vectors) if isinstance(vectors, Mapping) else {v.persona: v for v in vectors}
+        )
+        self.neuron_sets: Mapping[str, NeuronSet] = (
+            dict(neuron_sets)
+            if isinstance(neuron_sets, Mapping)
+            else {n.label: n for n in neuron_sets}
+        )
+
+    # ------------------------------------------------------------------ public API
+
+    def stream(
+        self,
+        messages: Sequence[Message],
+        settings: GenerationSettings = GenerationSettings(),
+        *,
+        steering: SteeringSpec | None = None,
+        ablation: AblationSpec | None = None,
+        direction: DirectionSpec | None = None,
+        readout: Sequence[str | PersonaVector] = (),
+        side_by_side: bool = False,
+        stop: threading.Event | None = None,
+        handlers: Sequence[Handler] = (),
+    ) -> Iterator[ChatUpdate]:
+        """Check the request now, then stream ``ChatUpdate``s as the reply grows.
+
+        ``handlers`` are extra hook handlers run after the built ones (for capture in tests and
+        research code). Raises ``InterventionError`` here, before generation, on bad input.
+        """
+        job = self._prepare(
+            messages, settings, steering, ablation, direction, readout, side_by_side, handlers
+        )
+        return self._run(job, stop)
+
+    def reply(self, messages: Sequence[Message], *args: Any, **kwargs: Any) -> ChatUpdate:
+        """The final ``ChatUpdate`` of ``stream`` (same arguments)."""
+        last = None
+        for last in self.stream(messages, *args, **kwargs):  # noqa: B007
+            pass
+        assert last is not None
+        return last
+
+    def prompt_ids(self, messages: Sequence[Message]) -> torch.Tensor:
+        """``[1, T]`` token ids of the conversation under the chat template, ready to reply."""
+        text = format_chat(self.lm.tokenizer, messages, add_generation_prompt=True)
+        ids = self.lm.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        if ids.shape[1] == 0:
+            raise InterventionError("the conversation is empty; send a message first")
+        return ids
+
+    # ------------------------------------------------------------------ internals
+
+    def _prepare(
+        self,
+        messages: Sequence[Message],
+        settings: GenerationSettings,
+        steering: SteeringSpec | None,
+        ablation: AblationSpec | None,
+        direction: DirectionSpec | None,
+        readout: Sequence[str | PersonaVector],
+        side_by_side: bool,
+        extra: Sequence[Handler],
+    ) -> _Job:
+        settings.check()
+        ids = self.prompt_ids(messages)
+        rows = 2 if side_by_side else 1
+        plan = build_plan(
+            self.lm,
+            self.vectors,
+            steering=steering,
+            ablation=ablation,
+            direction=direction,
+            readout=readout,
+            neuron_sets=self.neuron_sets,
+            prompt_len=ids.shape[1],
+            rows=[0.0, 1.0] if side_by_side else None,
+        )
+        eos = self._eos_ids()
+        tokenizer = self.lm.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
+        config = GenerationConfig(
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            repetition_penalty=settings.repetition_penalty,
+            eos_token_id=sorted(eos) or None,
+            pad_token_id=pad,
+        )
+        processors = LogitsProcessorList()
+        if settings.temperature > 0:
+            processors.append(_SeededSampler(settings, rows, self.lm.device))
+        return _Job(
+            input_ids=ids.repeat(rows, 1).to(self.lm.device),
+            plan=plan,
+            handlers=[*plan.handlers, *extra],
+            config=config,
+            processors=processors,
+            eos=frozenset(eos),
+            side_by_side=side_by_side,
+        )
+
+    def _eos_ids(self) -> set[int]:
+        found: set[int] = set()
+        model_eos = self.lm.model.generation_config.eos_token_id
+        for source in (self.lm.tokenizer.eos_token_id, model_eos):
+            if isinstance(source, int):
+                found.add(source)
+            elif isinstance(source, list | tuple):
+                found.update(int(s) for s in source)
+        return found
+
+    def _generate(self, job: _Job, sink: queue.Queue[Any], events: list[threading.Event]) -> None:
+        """Worker body, run inside a copied context: hooks live exactly as long as generate."""
+        try:
+            with intervene(self.lm.sites, job.handlers):
+                self.lm.model.generate(
+                    input_ids=job.input_ids,
+                    attention_mask=torch.ones_like(job.input_ids),
+                    generation_config=job.config,
+                    logits_processor=job.processors,
+                    stopping_criteria=StoppingCriteriaList([_EventStop(events)]),
+                    streamer=_QueueStreamer(sink),
+                )
+        except BaseException as err:  # re-raised in the consumer
+            sink.put(_Failed(err))
+        finally:
+            sink.put(_END)
+
+    def _run(self, job: _Job, stop: threading.Event | None) -> Iterator[ChatUpdate]:
+        halt = threading.Event()
+        sink: queue.Queue[Any] = queue.Queue()
+        rows = job.input_ids.shape[0]
+        replies: list[list[int]] = [[] for _ in range(rows)]
+        finished = [False] * rows
+        failure: BaseException | None = None
+        context = contextvars.copy_context()
+        events = [halt] if stop is None else [halt, stop]
+        worker = threading.Thread(
+            target=context.run, args=(self._generate, job, sink, events), daemon=True
+        )
+        worker.start()
+        try:
+            while True:
+                item = sink.get()
+                if item is _END:
+                    break
+                if isinstance(item, _Failed):
+                    failure = item.error
+                    continue
+                for row, token in enumerate(item):
+                    if not finished[row]:
+                        replies[row].append(int(token))
+                        finished[row] = int(token) in job.eos
+                yield self._update(job, replies, partial=True)
+            if failure is not None:
+                raise failure
+            stopped = stop is not None and stop.is_set()
+            yield self._final(job, replies, stopped)
+        finally:
+            halt.set()
+            worker.join()
+
+    def _decode(self, tokens: Sequence[int], partial: bool) -> str:
+        text = str(self.lm.tokenizer.decode(list(tokens), skip_special_tokens=True))
+        if partial:
+            text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for the rest
+        return text
+
+    def _update(self, job: _Job, replies: list[list[int]], partial: bool) -> ChatUpdate:
+        steered = replies[-1]
+        base = replies[0] if job.side_by_side else None
+        return ChatUpdate(
+            text=self._decode(steered, partial),
+            tokens=tuple(steered),
+            baseline_text=None if base is None else self._decode(base, partial),
+            baseline_tokens=None if base is None else tuple(base),
+        )
+
+    def _final(self, job: _Job, replies: list[list[int]], stopped: bool) -> ChatUpdate:
+        update = self._update(job, replies, partial=False)
+        readouts: list[ReplyReadout | None] = [None] * len(replies)
+        if job.plan.readout is not None:
+            result = job.plan.readout.result()
+            prompt = job.input_ids[0].tolist()
+            for row, reply in enumerate(replies):
+                readouts[row] = _row_readout(job.plan, result, row, prompt, reply)
+        return ChatUpdate(
+            text=update.text,
+            tokens=update.tokens,
+            baseline_text=update.baseline_text,
+            baseline_tokens=update.baseline_tokens,
+            done=True,
+            stopped=stopped,
+            readout=readouts[-1],
+            baseline_readout=readouts[0] if job.side_by_side else None,
+            interference=job.plan.interference,
+            steered_layers=dict(job.plan.steered_layers),
+        )
+
+
+def _row_readout(
+    plan: Plan, result: torch.Tensor, row: int, prompt: list[int], reply: list[int]
+) -> ReplyReadout:
+    assert plan.readout is not None
+    n = len(prompt) + len(reply)
+    out = torch.full((n, len(plan.readout.layers), len(plan.readout.names)), float("nan"))
+    have = min(n, result.shape[1]) if result.numel() else 0
+    if have:
+        out[:have] = result[row, :have]
+    return ReplyReadout(
+        personas=tuple(plan.readout.names),
+        layers=tuple(plan.readout.layers),
+        tokens=(*prompt, *reply),
+        prompt_len=len(prompt),
+        projections=out,
+    )

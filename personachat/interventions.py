@@ -1,0 +1,690 @@
+"""Steer, ablate and read out: the handlers that ``personachat.hooks.intervene`` runs live.
+
+Specs are frozen dataclasses naming *what* to do; ``build_plan`` checks them against the model
+(before anything touches it) and turns them into handlers with every tensor precomputed on the
+model's device, so the hot path of a decode step is one or two tensor ops per hooked layer::
+
+    plan = build_plan(lm, vectors, steering=SteeringSpec({"pirate": 0.7, "cynic": -0.3}),
+                      readout=["pirate"], prompt_len=n_prompt)
+    with intervene(lm.sites, plan.handlers):
+        lm.model.generate(...)
+    projections = plan.readout.result()  # [rows, tokens, layers, vectors]
+
+Handlers (in the order ``build_plan`` lists them; a handler sees the result of the ones before):
+- ``Steer``: add ``strength[layer] * sum_k weight_k * v_k[layer]`` to the residual stream, in raw
+  units (1.0 = the vector as extracted) or calibrated units (multiples of the layer's mean
+  residual norm along the unit vector), at all tokens, the prompt (or its last n tokens) or the
+  generated tokens only, with a coefficient per batch row (row 0 unsteered, row 1 steered).
+- ``DirectionalAblation``: project a persona direction out of the residual stream.
+- ``Ablate``: zero or mean-ablate MLP units at the input of the down projection (or the gate).
+- ``Readout``: the projection of the residual stream onto unit persona vectors at every layer,
+  after the interventions at that layer, kept on the device and concatenated once at the end.
+
+Positions: generation runs with a KV cache, so the first forward at a layer is the prefill (the
+prompt) and each later forward is one generated token; handlers count positions per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from personachat.hooks import Handler, Site
+from personachat.model import LoadedModel
+from personachat.records import NeuronSet, PersonaVector
+
+log = logging.getLogger(__name__)
+
+Units = Literal["raw", "calibrated"]
+PositionMode = Literal["all", "prompt", "generated"]
+AblationMode = Literal["zero", "mean"]
+PRESETS = ("best", "band", "all")
+UNITS = ("raw", "calibrated")
+POSITION_MODES = ("all", "prompt", "generated")
+ABLATION_MODES = ("zero", "mean")
+
+
+class InterventionError(ValueError):
+    """A steering, ablation or readout request does not fit the model; nothing was changed."""
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    """A blend of persona vectors added to the residual stream.
+
+    ``blend`` maps persona names to weights (``{"pirate": 0.7, "cynic": -0.3}``). ``layers`` is
+    a preset (``"best"``: the best layer of the largest-weight persona, ``"band"``: ``band``
+    layers either side of it, ``"all"``) scaled by ``strength``, or a layer spec such as
+    ``"8-12:4, 13:2"`` (layer or range, colon, strength; a bare layer takes ``strength``).
+    ``positions`` is where the sum is added; ``last_n`` limits ``"prompt"`` to its last tokens.
+    """
+
+    blend: Mapping[str, float]
+    layers: str = "best"
+    strength: float = 1.0
+    units: Units = "raw"
+    positions: PositionMode = "all"
+    last_n: int | None = None
+    band: int = 2
+
+
+@dataclass(frozen=True)
+class AblationSpec:
+    """MLP units to ablate: a registered neuron set and/or typed ``"layer:index"`` lists.
+
+    ``neurons`` reads like ``"3:12,3:40,5:7"`` (``"3:10-19"`` is a range of indices). ``mode``
+    ``"mean"`` sets each unit to the baseline mean stored with the neuron set.
+    """
+
+    neuron_set: str | None = None
+    neurons: str = ""
+    mode: AblationMode = "zero"
+    top_k: int | None = None
+
+
+@dataclass(frozen=True)
+class DirectionSpec:
+    """Project ``persona``'s direction out of the residual stream at ``layers`` (spec or preset)."""
+
+    persona: str
+    layers: str = "all"
+
+
+# --------------------------------------------------------------------------- parsing
+
+_ITEM = re.compile(r"^\s*(\d+|all)\s*(?:-\s*(\d+))?\s*(?::\s*(\S+))?\s*$", re.IGNORECASE)
+
+
+def parse_layer_spec(spec: str, n_layers: int, default: float = 1.0) -> dict[int, float]:
+    """Parse ``"8-12:4, 13:2"`` into ``{8: 4.0, ..., 12: 4.0, 13: 2.0}``.
+
+    A bare ``"5"`` or ``"5-7"`` takes ``default``; ``"all:2"`` covers every layer; a later item
+    overrides an earlier one (``"all:1, 5:3"``).
+    """
+    out: dict[int, float] = {}
+    items = [item for item in spec.split(",") if item.strip()]
+    if not items:
+        raise InterventionError(
+            f"empty layer spec {spec!r}; write layers and strengths like '8-12:4, 13:2' or "
+            f"use a preset ({', '.join(PRESETS)})"
+        )
+    for item in items:
+        match = _ITEM.match(item)
+        if match is None:
+            raise InterventionError(
+                f"cannot read {item.strip()!r} in layer spec {spec!r}: write LAYER[:STRENGTH] or "
+                "FIRST-LAST[:STRENGTH], e.g. '8-12:4, 13:2'"
+            )
+        first, last, value = match.groups()
+        if first.lower() == "all":
+            if last is not None:
+                raise InterventionError(f"'all' in {spec!r} takes no range; write 'all:2'")
+            lo, hi = 0, n_layers - 1
+        else:
+            lo, hi = int(first), int(last if last is not None else first)
+        if lo > hi:
+            raise InterventionError(f"range {lo}-{hi} in {spec!r} runs backwards; write {hi}-{lo}")
+        if hi >= n_layers:
+            raise InterventionError(
+                f"layer {hi} in {spec!r} is out of range: the model has {n_layers} layers "
+                f"(0..{n_layers - 1})"
+            )
+        strength = default if value is None else _parse_float(value, item.strip(), spec)
+        for layer in range(lo, hi + 1):
+            out[layer] = strength
+    return out
+
+
+def _parse_float(text: str, item: str, spec: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise InterventionError(
+            f"strength {text!r} in {item!r} (spec {spec!r}) is not a number"
+        ) from None
+    _check_finite(value, f"strength in {item!r}")
+    return value
+
+
+def parse_neurons(spec: str, n_layers: int, mlp_width: int) -> list[tuple[int, int]]:
+    """Parse ``"3:12,3:40,5:7"`` (or ``"3:10-19"``) into ``[(layer, index), ...]``."""
+    out: list[tuple[int, int]] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        match = re.fullmatch(r"(\d+)\s*:\s*(\d+)(?:\s*-\s*(\d+))?", item)
+        if match is None:
+            raise InterventionError(
+                f"cannot read neuron {item!r} in {spec!r}: write LAYER:INDEX or "
+                "LAYER:FIRST-LAST, e.g. '3:12,3:40,5:7'"
+            )
+        layer, first = int(match[1]), int(match[2])
+        last = int(match[3]) if match[3] is not None else first
+        for index in range(first, last + 1):
+            _check_neuron(layer, index, n_layers, mlp_width)
+            out.append((layer, index))
+    return out
+
+
+def _check_neuron(layer: int, index: int, n_layers: int, mlp_width: int) -> None:
+    if not 0 <= layer < n_layers:
+        raise InterventionError(
+            f"neuron {layer}:{index}: layer {layer} is out of range: the model has {n_layers} "
+            f"layers (0..{n_layers - 1})"
+        )
+    if not 0 <= index < mlp_width:
+        raise InterventionError(
+            f"neuron {layer}:{index}: index {index} is beyond the MLP width {mlp_width} "
+            f"(indices 0..{mlp_width - 1})"
+        )
+
+
+def _check_finite(value: float, what: str) -> None:
+    if not math.isfinite(value):
+        raise InterventionError(f"{what} is {value}; give a finite number")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_vector(lm: LoadedModel, vector: PersonaVector) -> None:
+    """Raise unless ``vector`` fits ``lm``'s residual stream (layers and hidden size)."""
+    info = lm.info
+    if vector.vector.dim() != 2:
+        raise InterventionError(
+            f"persona vector {vector.persona!r} has shape {tuple(vector.vector.shape)}; "
+            "expected [n_layers, hidden]"
+        )
+    if vector.hidden_size != info.hidden_size or vector.n_layers != info.n_layers:
+        raise InterventionError(
+            f"persona vector {vector.persona!r} has {vector.n_layers} layers x "
+            f"{vector.hidden_size} dims (from {vector.model_id!r}) but {info.model_id!r}'s "
+            f"residual stream has {info.n_layers} layers x {info.hidden_size} dims; was it "
+            "extracted from another model? Extract it for this model first."
+        )
+    if not bool(torch.isfinite(vector.vector).all()):
+        raise InterventionError(f"persona vector {vector.persona!r} contains NaN or inf values")
+    if vector.model_id != info.model_id:
+        log.warning(
+            "persona vector %r comes from %r, used on %r (same shape)",
+            vector.persona,
+            vector.model_id,
+            info.model_id,
+        )
+
+
+def lookup(vectors: Mapping[str, PersonaVector], persona: str) -> PersonaVector:
+    """The vector named ``persona``, or an error listing the known ones."""
+    if persona not in vectors:
+        known = ", ".join(sorted(vectors)) or "none registered"
+        raise InterventionError(f"unknown persona {persona!r}; known personas: {known}")
+    return vectors[persona]
+
+
+def layer_strengths(
+    spec: str, strength: float, n_layers: int, best: int | None, band: int
+) -> dict[int, float]:
+    """Per-layer strengths from a preset (``best``, ``band``, ``all``) or a layer spec."""
+    name = spec.strip().lower()
+    if name in ("best", "band"):
+        if best is None:
+            raise InterventionError(
+                f"layer preset {name!r} needs layer metrics (AUC per layer), which this vector "
+                "lacks; give layers explicitly, e.g. '8-12:4, 13:2'"
+            )
+        lo, hi = (best, best) if name == "best" else (best - band, best + band)
+        return {layer: strength for layer in range(max(lo, 0), min(hi, n_layers - 1) + 1)}
+    if name == "all":
+        return dict.fromkeys(range(n_layers), strength)
+    return parse_layer_spec(spec, n_layers, default=strength)
+
+
+def _best_layer(vector: PersonaVector) -> int | None:
+    return vector.metrics.best_layer if vector.metrics is not None else None
+
+
+# --------------------------------------------------------------------------- positions
+
+
+class _Cursor:
+    """Counts positions per layer: the first forward is the prompt, later ones one token each."""
+
+    def __init__(self, prompt_len: int | None) -> None:
+        self.prompt_len = prompt_len
+        self._seen: dict[int, int] = {}
+
+    def advance(self, layer: int, length: int) -> tuple[int, int, int]:
+        """``(start, end, prompt_len)`` of the positions in this forward at ``layer``."""
+        start = self._seen.get(layer, 0)
+        self._seen[layer] = start + length
+        prompt_len = self.prompt_len if self.prompt_len is not None else length
+        if self.prompt_len is None and start == 0:
+            self.prompt_len = length
+        return start, start + length, prompt_len
+
+
+def _window(mode: PositionMode, last_n: int | None, prompt_len: int) -> tuple[int, int]:
+    if mode == "all":
+        return 0, 1 << 62
+    if mode == "generated":
+        return prompt_len, 1 << 62
+    first = 0 if last_n is None else max(prompt_len - last_n, 0)
+    return first, prompt_len
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+class Steer:
+    """Add a precomputed per-layer offset to the residual stream, per row and per position."""
+
+    def __init__(
+        self,
+        deltas: Mapping[int, torch.Tensor],
+        *,
+        positions: PositionMode = "all",
+        last_n: int | None = None,
+        prompt_len: int | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> None:
+        # rows: coefficient per batch row; folded into the deltas as [B, 1, H].
+        self.rows = rows
+        self.deltas = {
+            layer: d if rows is None else rows.to(d)[:, None, None] * d
+            for layer, d in deltas.items()
+        }
+        self.positions: PositionMode = positions
+        self.last_n = last_n
+        self._cursor = _Cursor(prompt_len)
+
+    def wants(self) -> Iterable[tuple[Site, int]]:
+        return [("residual", layer) for layer in sorted(self.deltas)]
+
+    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        delta = self.deltas[layer]
+        if self.rows is not None and x.shape[0] != delta.shape[0]:
+            raise InterventionError(
+                f"steering has {delta.shape[0]} row coefficients but the batch has "
+                f"{x.shape[0]} rows"
+            )
+        if self.positions == "all":
+            return x + delta
+        start, end, prompt_len = self._cursor.advance(layer, x.shape[1])
+        first, last = _window(self.positions, self.last_n, prompt_len)
+        lo, hi = max(first, start), min(last, end)
+        if lo >= hi:
+            return None
+        if lo == start and hi == end:
+            return x + delta
+        out = x.clone()
+        out[:, lo - start : hi - start] += delta
+        return out
+
+
+class DirectionalAblation:
+    """Remove the component along unit directions: ``x - (x . u) u`` at each chosen layer."""
+
+    def __init__(self, units: Mapping[int, torch.Tensor], rows: torch.Tensor | None = None) -> None:
+        self.units = dict(units)
+        self.rows = rows  # 1 where a row is ablated, 0 where it is left alone
+
+    def wants(self) -> Iterable[tuple[Site, int]]:
+        return [("residual", layer) for layer in sorted(self.units)]
+
+    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        unit = self.units[layer]
+        coef = x @ unit  # [B, T]
+        if self.rows is not None:
+            coef = coef * self.rows.to(coef)[:, None]
+        return x - coef.unsqueeze(-1) * unit
+
+
+class Ablate:
+    """Set MLP units to zero or to fixed values at ``site`` (``mlp_hidden`` or ``gate``)."""
+
+    def __init__(
+        self,
+        indices: Mapping[int, torch.Tensor],
+        values: Mapping[int, torch.Tensor] | None = None,
+        *,
+        site: Site = "mlp_hidden",
+        rows: torch.Tensor | None = None,
+    ) -> None:
+        self.indices = dict(indices)
+        self.values = dict(values) if values is not None else None
+        self.site: Site = site
+        self.rows = rows  # bool per row: ablate this row
+
+    def wants(self) -> Iterable[tuple[Site, int]]:
+        return [(self.site, layer) for layer in sorted(self.indices)]
+
+    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        idx = self.indices[layer]
+        if self.values is None:
+            out = x.index_fill(-1, idx, 0.0)
+        else:
+            out = x.index_copy(-1, idx, self.values[layer].expand(*x.shape[:-1], idx.numel()))
+        if self.rows is not None:
+            out = torch.where(self.rows[:, None, None], out, x)
+        return out
+
+
+class Readout:
+    """Projections of the residual stream onto unit persona vectors, per token and layer.
+
+    Each forward appends one ``[B, T, V]`` tensor per layer on the device; ``result()``
+    concatenates once into ``[B, tokens, layers, vectors]`` (float32, CPU).
+    """
+
+    def __init__(self, units: torch.Tensor, names: Sequence[str], layers: Sequence[int]) -> None:
+        self.units = units  # [n_layers, V, H], unit rows
+        self.names = list(names)
+        self.layers = list(layers)
+        self._parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+
+    def wants(self) -> Iterable[tuple[Site, int]]:
+        return [("residual", layer) for layer in self.layers]
+
+    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> None:
+        self._parts[layer].append(x @ self.units[layer].T)
+        return None
+
+    def result(self) -> torch.Tensor:
+        """``[B, tokens, layers, vectors]``; tokens are those seen by the first layer."""
+        if not self.layers or not self._parts[self.layers[0]]:
+            return torch.zeros(0, 0, len(self.layers), len(self.names))
+        per_layer = [torch.cat(self._parts[layer], dim=1) for layer in self.layers]
+        n = min(p.shape[1] for p in per_layer)  # a forward may stop early past some layers
+        return torch.stack([p[:, :n] for p in per_layer], dim=2).float().cpu()
+
+
+# --------------------------------------------------------------------------- interference
+
+
+@dataclass(frozen=True)
+class InterferenceReport:
+    """How the blended vectors relate at the steered layers.
+
+    ``cosine[i, j, k]``: cosine between ``weight_j * v_j`` and ``weight_k * v_k`` at
+    ``layers[i]`` (signed by the weights, so a negative value means the terms pull apart and
+    cancel); ``retained[i]``: norm of the blend over the sum of the terms' norms (1 = no loss).
+    """
+
+    personas: tuple[str, ...]
+    layers: tuple[int, ...]
+    cosine: torch.Tensor
+    retained: torch.Tensor
+    warnings: tuple[str, ...] = field(default=())
+
+
+CANCEL_COSINE = -0.5
+DUPLICATE_COSINE = 0.9
+
+
+def blend_interference(
+    terms: Sequence[tuple[str, float, torch.Tensor]], layers: Sequence[int]
+) -> InterferenceReport:
+    """Cosines of the weighted terms ``(name, weight, vector [n_layers, H])`` at ``layers``."""
+    names = tuple(name for name, _, _ in terms)
+    stacked = torch.stack([w * v[list(layers)].float() for _, w, v in terms], dim=1)  # [L, K, H]
+    unit = torch.nn.functional.normalize(stacked, dim=-1)
+    cosine = unit @ unit.transpose(1, 2)
+    norms = stacked.norm(dim=-1).sum(dim=1)
+    retained = stacked.sum(dim=1).norm(dim=-1) / norms.clamp_min(1e-12)
+    warnings: list[str] = []
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            values = cosine[:, a, b]
+            low, high = float(values.min()), float(values.max())
+            if low < CANCEL_COSINE:
+                at = layers[int(values.argmin())]
+                warnings.append(
+                    f"{names[a]} and {names[b]} cancel (signed cosine {low:.2f} at layer {at}); "
+                    "their weighted directions oppose, so the blend is weaker than it looks"
+                )
+            if high > DUPLICATE_COSINE:
+                at = layers[int(values.argmax())]
+                warnings.append(
+                    f"{names[a]} and {names[b]} duplicate each other (cosine {high:.2f} at layer "
+                    f"{at}); the blend adds the same direction twice"
+                )
+    for message in warnings:
+        log.warning("blend interference: %s", message)
+    return InterferenceReport(names, tuple(layers), cosine, retained, tuple(warnings))
+
+
+# --------------------------------------------------------------------------- building
+
+
+@dataclass
+class Plan:
+    """Validated handlers for one generation, in hook order, and what they report back."""
+
+    handlers: list[Handler]
+    steer: Steer | None = None
+    readout: Readout | None = None
+    interference: InterferenceReport | None = None
+    steered_layers: dict[int, float] = field(default_factory=dict)
+
+
+def _row_tensor(rows: Sequence[float] | None, device: torch.device) -> torch.Tensor | None:
+    if rows is None:
+        return None
+    for value in rows:
+        _check_finite(float(value), "row coefficient")
+    return torch.tensor([float(v) for v in rows], device=device)
+
+
+def build_steer(
+    lm: LoadedModel,
+    vectors: Mapping[str, PersonaVector],
+    spec: SteeringSpec,
+    *,
+    prompt_len: int | None = None,
+    rows: Sequence[float] | None = None,
+) -> tuple[Steer, InterferenceReport | None, dict[int, float]]:
+    """Validate ``spec`` and precompute its per-layer offsets."""
+    if not spec.blend:
+        raise InterventionError("the steering blend is empty; name at least one persona")
+    if spec.units not in UNITS:
+        raise InterventionError(f"unknown units {spec.units!r}; use one of {UNITS}")
+    if spec.positions not in POSITION_MODES:
+        raise InterventionError(
+            f"unknown positions {spec.positions!r}; use one of {POSITION_MODES}"
+        )
+    if spec.last_n is not None and spec.last_n < 1:
+        raise InterventionError(f"last_n must be at least 1, got {spec.last_n}")
+    _check_finite(spec.strength, "steering strength")
+    terms: list[tuple[str, float, PersonaVector]] = []
+    for persona, weight in spec.blend.items():
+        _check_finite(float(weight), f"weight of {persona!r}")
+        vector = lookup(vectors, persona)
+        check_vector(lm, vector)
+        terms.append((persona, float(weight), vector))
+    n_layers = lm.info.n_layers
+    lead = max(terms, key=lambda t: abs(t[1]))[2]
+    strengths = layer_strengths(spec.layers, spec.strength, n_layers, _best_layer(lead), spec.band)
+    scaled: list[tuple[str, float, torch.Tensor]] = []
+    for persona, weight, vector in terms:
+        v = vector.vector.float()
+        if spec.units == "calibrated":
+            if vector.metrics is None:
+                raise InterventionError(
+                    f"calibrated units need the mean residual norm per layer, which persona "
+                    f"{persona!r} lacks (no metrics); use units='raw'"
+                )
+            norms = vector.metrics.resid_norm.float()[:, None]
+            v = torch.nn.functional.normalize(v, dim=-1) * norms
+        scaled.append((persona, weight, v))
+    blend = sum(w * v for _, w, v in scaled)
+    assert isinstance(blend, torch.Tensor)
+    dtype = next(lm.model.parameters()).dtype
+    device = lm.device
+    deltas = {
+        layer: (s * blend[layer]).to(device=device, dtype=dtype)
+        for layer, s in strengths.items()
+        if s != 0.0
+    }
+    steer = Steer(
+        deltas,
+        positions=spec.positions,
+        last_n=spec.last_n,
+        prompt_len=prompt_len,
+        rows=_row_tensor(rows, device),
+    )
+    report = blend_interference(scaled, sorted(strengths)) if len(scaled) > 1 else None
+    return steer, report, strengths
+
+
+def build_ablation(
+    lm: LoadedModel,
+    spec: AblationSpec,
+    neuron_sets: Mapping[str, NeuronSet],
+    *,
+    rows: Sequence[bool] | None = None,
+) -> Ablate:
+    """Validate ``spec`` and group its units by layer."""
+    if spec.mode not in ABLATION_MODES:
+        raise InterventionError(f"unknown ablation mode {spec.mode!r}; use one of {ABLATION_MODES}")
+    n_layers, width = lm.info.n_layers, lm.info.mlp_width
+    units: dict[tuple[int, int], float] = {}
+    site: Site = "mlp_hidden"
+    if spec.neuron_set is not None:
+        if spec.neuron_set not in neuron_sets:
+            known = ", ".join(sorted(neuron_sets)) or "none registered"
+            raise InterventionError(f"unknown neuron set {spec.neuron_set!r}; known sets: {known}")
+        nset = neuron_sets[spec.neuron_set]
+        if nset.site not in ("mlp_hidden", "gate"):
+            raise InterventionError(
+                f"neuron set {spec.neuron_set!r} has unknown site {nset.site!r}"
+            )
+        site = "gate" if nset.site == "gate" else "mlp_hidden"
+        if site == "gate" and lm.sites.gates is None:
+            raise InterventionError(
+                f"neuron set {spec.neuron_set!r} lives at the gate, but "
+                f"{lm.info.architecture} has no separate gate projection"
+            )
+        if spec.mode == "mean" and nset.means is None:
+            raise InterventionError(
+                f"mean ablation needs baseline means, which neuron set {spec.neuron_set!r} lacks; "
+                "use mode='zero'"
+            )
+        count = len(nset) if spec.top_k is None else min(spec.top_k, len(nset))
+        for i in range(count):
+            layer, index = nset.layers[i], nset.indices[i]
+            _check_neuron(layer, index, n_layers, width)
+            units[(layer, index)] = float(nset.means[i]) if nset.means is not None else 0.0
+    typed = parse_neurons(spec.neurons, n_layers, width)
+    if typed and spec.mode == "mean":
+        raise InterventionError(
+            "mean ablation of typed neurons needs baseline means; ablate a registered neuron set "
+            "or use mode='zero'"
+        )
+    for key in typed:
+        units.setdefault(key, 0.0)
+    if not units:
+        raise InterventionError("the ablation names no neurons; give a neuron set or '3:12,5:7'")
+    by_layer: dict[int, list[tuple[int, float]]] = {}
+    for (layer, index), value in sorted(units.items()):
+        by_layer.setdefault(layer, []).append((index, value))
+    device, dtype = lm.device, next(lm.model.parameters()).dtype
+    indices = {
+        layer: torch.tensor([i for i, _ in items], device=device)
+        for layer, items in by_layer.items()
+    }
+    values = None
+    if spec.mode == "mean":
+        values = {
+            layer: torch.tensor([v for _, v in items], device=device, dtype=dtype)
+            for layer, items in by_layer.items()
+        }
+    mask = None if rows is None else torch.tensor([bool(r) for r in rows], device=device)
+    return Ablate(indices, values, site=site, rows=mask)
+
+
+def unit_vectors(lm: LoadedModel, vector: PersonaVector) -> torch.Tensor:
+    """``vector`` normalised per layer, on the model's device and dtype."""
+    unit = torch.nn.functional.normalize(vector.vector.float(), dim=-1)
+    return unit.to(device=lm.device, dtype=next(lm.model.parameters()).dtype)
+
+
+def build_directional(
+    lm: LoadedModel,
+    vectors: Mapping[str, PersonaVector],
+    spec: DirectionSpec,
+    *,
+    rows: Sequence[float] | None = None,
+) -> DirectionalAblation:
+    vector = lookup(vectors, spec.persona)
+    check_vector(lm, vector)
+    layers = layer_strengths(spec.layers, 1.0, lm.info.n_layers, _best_layer(vector), 2)
+    unit = unit_vectors(lm, vector)
+    return DirectionalAblation(
+        {layer: unit[layer] for layer in layers}, rows=_row_tensor(rows, lm.device)
+    )
+
+
+def build_readout(
+    lm: LoadedModel,
+    vectors: Mapping[str, PersonaVector],
+    selected: Sequence[str | PersonaVector],
+    layers: Sequence[int] | None = None,
+) -> Readout:
+    """A readout of ``selected`` (names in ``vectors`` or records) at ``layers`` (default all)."""
+    records = [lookup(vectors, s) if isinstance(s, str) else s for s in selected]
+    for record in records:
+        check_vector(lm, record)
+    n_layers = lm.info.n_layers
+    chosen = list(range(n_layers)) if layers is None else list(layers)
+    for layer in chosen:
+        if not 0 <= layer < n_layers:
+            raise InterventionError(
+                f"readout layer {layer} is out of range: the model has {n_layers} layers"
+            )
+    units = torch.stack([unit_vectors(lm, r) for r in records], dim=1)  # [n_layers, V, H]
+    return Readout(units, [r.persona for r in records], chosen)
+
+
+def build_plan(
+    lm: LoadedModel,
+    vectors: Mapping[str, PersonaVector],
+    *,
+    steering: SteeringSpec | None = None,
+    ablation: AblationSpec | None = None,
+    direction: DirectionSpec | None = None,
+    readout: Sequence[str | PersonaVector] = (),
+    neuron_sets: Mapping[str, NeuronSet] | None = None,
+    prompt_len: int | None = None,
+    rows: Sequence[float] | None = None,
+) -> Plan:
+    """Check every request against ``lm`` and build the handlers; raises before any hook exists.
+
+    ``rows`` gives each batch row's intervention coefficient (``[0, 1]``: row 0 untouched, row 1
+    steered, ablated and direction-ablated); readouts cover every row.
+    """
+    handlers: list[Handler] = []
+    plan = Plan(handlers)
+    if steering is not None:
+        plan.steer, plan.interference, plan.steered_layers = build_steer(
+            lm, vectors, steering, prompt_len=prompt_len, rows=rows
+        )
+        handlers.append(plan.steer)
+    if direction is not None:
+        on = None if rows is None else [1.0 if float(r) != 0.0 else 0.0 for r in rows]
+        handlers.append(build_directional(lm, vectors, direction, rows=on))
+    if ablation is not None:
+        mask = None if rows is None else [float(r) != 0.0 for r in rows]
+        handlers.append(build_ablation(lm, ablation, neuron_sets or {}, rows=mask))
+    if readout:
+        plan.readout = build_readout(lm, vectors, readout)
+        handlers.append(plan.readout)
+    return plan
