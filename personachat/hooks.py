@@ -1,4 +1,4 @@
-"""The one owner of PyTorch hooks: register inside ``try``, remove in ``finally``, scope per request.
+"""The one owner of PyTorch hooks: register in ``try``, remove in ``finally``, scope per request.
 
 No other module in PersonaChat calls ``register_forward_hook`` or its siblings. Everything that
 reads or changes a model's internals goes through ``intervene``:
@@ -10,9 +10,10 @@ reads or changes a model's internals goes through ``intervene``:
 when the block exits, normally, by an exception, or by a cancelled generation; the model is left
 with exactly the hooks it had before. Hooks are global to a module, so each ``intervene`` call
 makes a fresh token and adds it to a ``ContextVar``: a hook acts only when the forward pass runs
-in a context holding its token (nested blocks add theirs, so both act). Two chat sessions generating in two threads on one shared
-model therefore never see each other's settings. Work handed to a worker thread must carry its
-context (``contextvars.copy_context().run``), as the chat engine does.
+in a context holding its token (nested blocks add theirs, so both act). Two chat sessions
+generating in two threads on one shared model therefore never see each other's settings. Work
+handed to a worker thread must carry its context (``contextvars.copy_context().run``), as the
+chat engine does.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ Site = Literal["residual", "mlp_hidden", "gate"]
 SITES: tuple[Site, ...] = ("residual", "mlp_hidden", "gate")
 
 
-class StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
+class StopForward(Exception):
     """Raised by a handler to end a forward pass early (after the last layer it needs)."""
 
 

@@ -170,6 +170,6 @@ def load_model(
             "(--model /path/to/model) or set HF_HUB_OFFLINE=1 after caching it."
         ) from err
     if device not in {"auto", ""} and "device_map" not in kwargs:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]
     log.info("loaded %s (%s, %s)", name_or_path, type(model).__name__, torch_dtype)
     return wrap_model(model, tokenizer, str(name_or_path), revision=revision, templates=templates)

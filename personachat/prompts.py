@@ -45,7 +45,9 @@ def plain_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
 
 
 def fallback_chat(messages: Sequence[Message], add_generation_prompt: bool) -> str:
-    turns = [f"{FALLBACK_ROLES.get(m['role'], m['role'].title())}: {m['content']}" for m in messages]
+    turns = [
+        f"{FALLBACK_ROLES.get(m['role'], m['role'].title())}: {m['content']}" for m in messages
+    ]
     if add_generation_prompt:
         turns.append("Assistant:")
     return "\n\n".join(turns)

@@ -172,9 +172,11 @@ def resolve_sites(model: nn.Module, templates: SiteTemplates | None = None) -> M
         templates = _guess_templates(model, n_layers)
     try:
         layer_list = get_path(model, templates.layers)
-        layers = tuple(layer_list)
+        layers: tuple[nn.Module, ...] = tuple(layer_list)  # type: ignore[arg-type]
         downs = tuple(get_path(layer, templates.mlp_down) for layer in layers)
-        gates = tuple(get_path(layer, templates.gate) for layer in layers) if templates.gate else None
+        gates = (
+            tuple(get_path(layer, templates.gate) for layer in layers) if templates.gate else None
+        )
         base = get_path(model, templates.base) if templates.base else model
     except (AttributeError, IndexError) as err:
         raise SiteError(

@@ -194,11 +194,11 @@ def test_two_threads_at_once_get_their_solo_outputs() -> None:
         results: dict[int, list[int]] = {}
         barrier = threading.Barrier(len(vectors))
 
-        def worker(key: int) -> None:
+        def worker(key: int, barrier: threading.Barrier, results: dict[int, list[int]]) -> None:
             barrier.wait()
             results[key] = run(key)
 
-        threads = [threading.Thread(target=worker, args=(k,)) for k in vectors]
+        threads = [threading.Thread(target=worker, args=(k, barrier, results)) for k in vectors]
         for t in threads:
             t.start()
         for t in threads:
