@@ -186,6 +186,9 @@ class _Job:
     processors: LogitsProcessorList
     eos: frozenset[int]
     side_by_side: bool
+    replies: list[list[int]] = field(default_factory=list)
+    stopped: bool = False
+    readout_result: torch.Tensor | None = None
 
 
 class ChatEngine:
@@ -232,10 +235,37 @@ class ChatEngine:
         ``handlers`` are extra hook handlers run after the built ones (for capture in tests and
         research code). Raises ``InterventionError`` here, before generation, on bad input.
         """
+        coefficients = [0.0, 1.0] if side_by_side else None
         job = self._prepare(
-            messages, settings, steering, ablation, direction, readout, side_by_side, handlers
+            messages, settings, steering, ablation, direction, readout, coefficients, handlers
         )
         return self._run(job, stop)
+
+    def sweep(
+        self,
+        messages: Sequence[Message],
+        settings: GenerationSettings,
+        steering: SteeringSpec,
+        strengths: Sequence[float],
+        *,
+        readout: Sequence[str | PersonaVector] = (),
+        stop: threading.Event | None = None,
+    ) -> list[ChatUpdate]:
+        """One reply per strength multiplier of ``steering``, all in ONE batched generation.
+
+        Row ``i`` is steered with ``strengths[i]`` times the spec's per-layer strengths (0 is the
+        unsteered reply); the i-th update holds that row's text, tokens and readout.
+        """
+        if not strengths:
+            raise InterventionError("give at least one strength to sweep")
+        job = self._prepare(
+            messages, settings, steering, None, None, readout, [float(s) for s in strengths], ()
+        )
+        for _ in self._run(job, stop):
+            pass
+        return [
+            self._final(job, job.replies, job.stopped, row=row) for row in range(len(strengths))
+        ]
 
     def reply(self, messages: Sequence[Message], *args: Any, **kwargs: Any) -> ChatUpdate:
         """The final ``ChatUpdate`` of ``stream`` (same arguments)."""
@@ -263,12 +293,12 @@ class ChatEngine:
         ablation: AblationSpec | None,
         direction: DirectionSpec | None,
         readout: Sequence[str | PersonaVector],
-        side_by_side: bool,
+        coefficients: list[float] | None,
         extra: Sequence[Handler],
     ) -> _Job:
         settings.check()
         ids = self.prompt_ids(messages)
-        rows = 2 if side_by_side else 1
+        rows = 1 if coefficients is None else len(coefficients)
         plan = build_plan(
             self.lm,
             self.vectors,
@@ -278,7 +308,7 @@ class ChatEngine:
             readout=readout,
             neuron_sets=self.neuron_sets,
             prompt_len=ids.shape[1],
-            rows=[0.0, 1.0] if side_by_side else None,
+            rows=coefficients,
         )
         eos = self._eos_ids()
         tokenizer = self.lm.tokenizer
@@ -301,7 +331,7 @@ class ChatEngine:
             config=config,
             processors=processors,
             eos=frozenset(eos),
-            side_by_side=side_by_side,
+            side_by_side=coefficients is not None and len(coefficients) == 2,
         )
 
     def _eos_ids(self) -> set[int]:
@@ -336,6 +366,7 @@ class ChatEngine:
         sink: queue.Queue[Any] = queue.Queue()
         rows = job.input_ids.shape[0]
         replies: list[list[int]] = [[] for _ in range(rows)]
+        job.replies = replies
         finished = [False] * rows
         failure: BaseException | None = None
         context = contextvars.copy_context()
@@ -359,8 +390,8 @@ class ChatEngine:
                 yield self._update(job, replies, partial=True)
             if failure is not None:
                 raise failure
-            stopped = stop is not None and stop.is_set()
-            yield self._final(job, replies, stopped)
+            job.stopped = stop is not None and stop.is_set()
+            yield self._final(job, replies, job.stopped)
         finally:
             halt.set()
             worker.join()
@@ -381,23 +412,31 @@ class ChatEngine:
             baseline_tokens=None if base is None else tuple(base),
         )
 
-    def _final(self, job: _Job, replies: list[list[int]], stopped: bool) -> ChatUpdate:
+    def _final(
+        self, job: _Job, replies: list[list[int]], stopped: bool, row: int | None = None
+    ) -> ChatUpdate:
+        """The last update: of the steered row and the baseline, or of one ``row`` alone."""
+        if row is not None:
+            replies = [replies[row]]
         update = self._update(job, replies, partial=False)
         readouts: list[ReplyReadout | None] = [None] * len(replies)
         if job.plan.readout is not None:
-            result = job.plan.readout.result()
+            if job.readout_result is None:
+                job.readout_result = job.plan.readout.result()
             prompt = job.input_ids[0].tolist()
-            for row, reply in enumerate(replies):
-                readouts[row] = _row_readout(job.plan, result, row, prompt, reply)
+            rows = [row] if row is not None else list(range(len(replies)))
+            for i, r in enumerate(rows):
+                readouts[i] = _row_readout(job.plan, job.readout_result, r, prompt, replies[i])
+        side = job.side_by_side and row is None
         return ChatUpdate(
             text=update.text,
             tokens=update.tokens,
-            baseline_text=update.baseline_text,
-            baseline_tokens=update.baseline_tokens,
+            baseline_text=update.baseline_text if side else None,
+            baseline_tokens=update.baseline_tokens if side else None,
             done=True,
             stopped=stopped,
             readout=readouts[-1],
-            baseline_readout=readouts[0] if job.side_by_side else None,
+            baseline_readout=readouts[0] if side else None,
             interference=job.plan.interference,
             steered_layers=dict(job.plan.steered_layers),
         )

@@ -212,3 +212,21 @@ def test_eight_concurrent_sessions_match_their_solo_runs() -> None:
         assert got[0] == tokens
         torch.testing.assert_close(got[1], proj, equal_nan=True, rtol=1e-5, atol=1e-5)
     assert hook_count(engine.lm.model) == hooks_before
+
+
+def test_sweep_rows_equal_separate_runs_at_each_strength() -> None:
+    engine = engine_for("llama")
+    spec = SteeringSpec({"pirate": 1.0, "cynic": 0.5}, layers="1:1.5, 2:0.5")
+    rows = engine.sweep(MESSAGES, GREEDY, spec, [-2.0, 0.0, 2.0], readout=["pirate"])
+    assert [r.done for r in rows] == [True] * 3
+    plain = engine.reply(MESSAGES, GREEDY, readout=["pirate"])
+    assert rows[1].tokens == plain.tokens
+    for row, s in ((rows[0], -2.0), (rows[2], 2.0)):
+        scaled = SteeringSpec(spec.blend, layers=f"1:{1.5 * s}, 2:{0.5 * s}")
+        alone = engine.reply(MESSAGES, GREEDY, steering=scaled, readout=["pirate"])
+        assert row.tokens == alone.tokens and row.text == alone.text
+        assert row.readout is not None and alone.readout is not None
+        torch.testing.assert_close(
+            row.readout.projections, alone.readout.projections, equal_nan=True, rtol=1e-4, atol=1e-4
+        )
+    assert len({r.tokens for r in rows}) == 3
