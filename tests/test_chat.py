@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from personachat.records import PersonaVector
 from personachat.tiny import tiny_model
 
 cached_tiny = functools.cache(tiny_model)
+ROOT = Path(__file__).resolve().parent.parent
 GREEDY = GenerationSettings(max_new_tokens=10)
 MESSAGES = [
     {"role": "system", "content": "You are a pirate."},
@@ -230,3 +233,31 @@ def test_sweep_rows_equal_separate_runs_at_each_strength() -> None:
             row.readout.projections, alone.readout.projections, equal_nan=True, rtol=1e-4, atol=1e-4
         )
     assert len({r.tokens for r in rows}) == 3
+
+
+def test_steer_script_writes_a_jsonl_sweep(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("steer_script", ROOT / "scripts" / "steer.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "sweep.jsonl"
+    argv = ["--tiny", "llama", "--personas", "pirate,cynic", "--prompt", "Hi", "--layers", "1:2"]
+    assert (
+        script.main([*argv, "--strengths=-1,0,1", "--max-new-tokens", "4", "--out", str(out)]) == 0
+    )
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(x["persona"], x["strength"]) for x in lines] == [
+        (p, s) for p in ("pirate", "cynic") for s in (-1.0, 0.0, 1.0)
+    ]
+    assert lines[0]["layers"] == {"1": -2.0}
+    first = lines[0]
+    assert len(first["projections"]) == len(first["token_ids"])
+    assert len(first["projections"][0]) == 3 and len(first["projections"][0][0]) == 2
+    assert first["projections"][-1][0] == [None, None]  # last token never fed back
+    lm = cached_tiny("llama")
+    plain = ChatEngine(lm).reply(
+        [{"role": "user", "content": "Hi"}], GenerationSettings(max_new_tokens=4)
+    )
+    assert lines[1]["token_ids"] == list(plain.tokens)  # strength 0 is the unsteered reply
