@@ -1,0 +1,219 @@
+"""Score MLP units for contrast pairs, keep the top k, and measure their stability across pairs.
+
+Two scoring methods (``records.NEURON_METHODS``):
+
+- ``effect``: standardized effect of each unit's pooled activation, high persona vs low persona,
+  over many prompts: (mean_high - mean_low) / pooled std (Cohen's d). Ranked by ``|d|``.
+- ``attribution``: activation x gradient of the log-probability of the persona's own reply,
+  summed over every token of the conversation (the first-order change in log-prob if the unit
+  were zeroed, negated), averaged over the persona's samples; the pair's score is
+  ``attr(high) - attr(low)``: units that support the high persona's replies more than the low
+  persona's. Ranked by the signed score, largest first.
+
+Sets are labelled ``{pair or kind}.{site}.{method}`` (``teacher_student.gate.effect``).
+Cross-pair stability: for pairs of the same ``kind`` each unit's rank (0 = best) in every pair
+is kept (``NeuronSet.ranks``), with the fraction of those pairs that have it in their top k.
+Gradients are taken with ``torch.autograd.grad`` on activations captured by a
+``hooks.intervene`` handler; no hook is registered here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from personachat.activations import Sample, pad_batch
+from personachat.datasets import ContrastPair
+from personachat.hooks import Site
+from personachat.hooks import intervene as _intervene
+from personachat.model import LoadedModel
+from personachat.records import NeuronSet
+
+
+def standardized_effect(
+    mean_h: torch.Tensor,
+    sq_h: torch.Tensor,
+    n_h: int,
+    mean_l: torch.Tensor,
+    sq_l: torch.Tensor,
+    n_l: int,
+) -> torch.Tensor:
+    """Cohen's d per unit from means and mean squares (``sq`` = mean of squares) of both sides."""
+    var_h = (sq_h - mean_h.square()).clamp(min=0) * (n_h / max(n_h - 1, 1))
+    var_l = (sq_l - mean_l.square()).clamp(min=0) * (n_l / max(n_l - 1, 1))
+    pooled = (((n_h - 1) * var_h + (n_l - 1) * var_l) / max(n_h + n_l - 2, 1)).sqrt()
+    diff = mean_h - mean_l
+    return torch.where(pooled > 1e-12, diff / pooled.clamp(min=1e-12), torch.zeros_like(diff))
+
+
+def rank_key(scores: torch.Tensor, by_abs: bool) -> torch.Tensor:
+    return scores.abs() if by_abs else scores
+
+
+def ranks(scores: torch.Tensor, by_abs: bool) -> torch.Tensor:
+    """Rank of every unit (0 = best) in ``scores`` [L, W], flattened order kept."""
+    flat = rank_key(scores, by_abs).flatten()
+    order = torch.argsort(flat, descending=True, stable=True)
+    out = torch.empty_like(order)
+    out[order] = torch.arange(len(order))
+    return out.view(scores.shape)
+
+
+def top_units(scores: torch.Tensor, k: int, by_abs: bool) -> list[tuple[int, int]]:
+    """(layer slot, unit index) of the ``k`` best units of ``scores`` [L, W], best first."""
+    flat = rank_key(scores, by_abs).flatten()
+    order = torch.argsort(flat, descending=True, stable=True)[:k]
+    width = scores.shape[1]
+    return [(int(i) // width, int(i) % width) for i in order]
+
+
+def neuron_sets(
+    *,
+    model_id: str,
+    site: str,
+    method: str,
+    layers: Sequence[int],
+    pairs: Sequence[ContrastPair],
+    scores: dict[str, torch.Tensor],
+    means: dict[str, torch.Tensor],
+    k: int,
+    source: str = "",
+) -> list[NeuronSet]:
+    """One set per pair, plus one per kind with two or more pairs (units ranked across pairs)."""
+    by_abs = method == "effect"
+    rank_of = {p.name: ranks(scores[p.name], by_abs) for p in pairs}
+    kinds: dict[str, list[ContrastPair]] = {}
+    for pair in pairs:
+        kinds.setdefault(pair.kind or pair.name, []).append(pair)
+    out = []
+
+    def make(
+        label: str,
+        units: list[tuple[int, int]],
+        group: list[ContrastPair],
+        score: torch.Tensor,
+        mean: torch.Tensor,
+    ) -> NeuronSet:
+        unit_ranks = {g.name: [int(rank_of[g.name][s, i]) for s, i in units] for g in group}
+        stable = [
+            sum(r[j] < k for r in unit_ranks.values()) / len(group) for j in range(len(units))
+        ]
+        return NeuronSet(
+            model_id=model_id,
+            label=f"{label}.{site}.{method}",
+            site=site,
+            layers=[int(layers[s]) for s, _ in units],
+            indices=[i for _, i in units],
+            scores=[float(score[s, i]) for s, i in units],
+            method=method,
+            pairs=[g.name for g in group],
+            means=[float(mean[s, i]) for s, i in units],
+            ranks=unit_ranks,
+            stability=stable,
+            source=source,
+        )
+
+    for pair in pairs:
+        group = kinds[pair.kind or pair.name]
+        units = top_units(scores[pair.name], k, by_abs)
+        out.append(make(pair.name, units, group, scores[pair.name], means[pair.name]))
+    for kind, group in kinds.items():
+        if len(group) < 2:
+            continue
+        stacked = torch.stack([rank_key(scores[g.name], by_abs) for g in group])
+        mean_rank = torch.stack([rank_of[g.name] for g in group]).double().mean(0)
+        in_top = torch.stack([rank_of[g.name] < k for g in group]).sum(0).double()
+        key = in_top * 1e9 - mean_rank  # most pairs with it in the top k, then best mean rank
+        units = top_units(key, k, by_abs=False)
+        score = stacked.mean(0) if by_abs else torch.stack([scores[g.name] for g in group]).mean(0)
+        mean = torch.stack([means[g.name] for g in group]).mean(0)
+        out.append(make(kind, units, group, score, mean))
+    return out
+
+
+class _Grab:
+    """Keeps the activation tensors (in the autograd graph) at the wanted sites."""
+
+    def __init__(self, site: Site, layers: Sequence[int]) -> None:
+        self.site = site
+        self.layers = list(layers)
+        self.acts: dict[int, torch.Tensor] = {}
+
+    def wants(self) -> Iterable[tuple[Site, int]]:
+        return [(self.site, layer) for layer in self.layers]
+
+    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        if not x.requires_grad:  # frozen weights: make this (earliest) site a leaf
+            x = x.detach().requires_grad_(True)
+            self.acts[layer] = x
+            return x
+        self.acts[layer] = x
+        return None
+
+
+def _reply_logprob(
+    lm: LoadedModel, hidden: torch.Tensor, ids: torch.Tensor, pred: torch.Tensor
+) -> torch.Tensor:
+    """Summed log-prob of the tokens after the positions in ``pred`` [B, T] (bool)."""
+    b, t = pred.nonzero(as_tuple=True)
+    head = lm.model.get_output_embeddings()
+    logits = head(hidden[b, t]).float()
+    cap = getattr(lm.model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp.gather(1, ids[b, t + 1].unsqueeze(1)).sum()
+
+
+def attribution_sums(
+    lm: LoadedModel,
+    samples: Sequence[Sample],
+    site: Site,
+    layers: Sequence[int],
+    n_personas: int,
+    *,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-persona sums of attribution [P, L, W], of mean activations [P, L, W], and counts [P].
+
+    A sample's attribution is sum over its tokens of activation x d(log p(reply))/d(activation).
+    """
+    width = lm.sites.mlp_width
+    attr = torch.zeros((n_personas, len(layers), width), dtype=torch.float64)
+    acts = torch.zeros_like(attr)
+    counts = torch.zeros(n_personas, dtype=torch.int64)
+    grab = _Grab(site, layers)
+    pad_id = int(lm.tokenizer.pad_token_id or 0)
+    bar = tqdm(total=len(samples), desc="attribution", disable=not progress, unit="sample")
+    with _intervene(lm.sites, [grab]), torch.enable_grad():
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            batch = pad_batch(chunk, pad_id, "right", lm.device)
+            pred = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+            for i, s in enumerate(chunk):
+                pred[i, s.n_prompt - 1 : len(s.ids) - 1] = True
+            grab.acts.clear()
+            out = lm.sites.base(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            )
+            total = _reply_logprob(lm, out.last_hidden_state, batch.input_ids, pred)
+            tensors = [grab.acts[layer] for layer in layers]
+            grads = torch.autograd.grad(total, tensors)
+            mask = batch.attention_mask.to(torch.float32)
+            index = torch.tensor([s.persona for s in chunk])
+            for j, (x, g) in enumerate(zip(tensors, grads, strict=True)):
+                xf = x.detach().float()
+                a = torch.einsum("bt,btw->bw", mask, xf * g.float())
+                m = torch.einsum("bt,btw->bw", mask / mask.sum(1, keepdim=True), xf)
+                attr[:, j].index_add_(0, index, a.double().cpu())
+                acts[:, j].index_add_(0, index, m.double().cpu())
+            counts.index_add_(0, index, torch.ones_like(index))
+            bar.update(len(chunk))
+    bar.close()
+    return attr, acts, counts

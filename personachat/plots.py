@@ -1,0 +1,117 @@
+"""PNG plots of extraction results (matplotlib, Agg backend): metrics by layer, cosine map, PCA.
+
+- ``plot_layer_metrics``: AUC and separation by layer, one line per persona.
+- ``plot_cosine``: cosine similarity of mean-centered persona vectors at one layer.
+- ``plot_pca``: persona vectors at one layer in their first two principal components, coloured by
+  their projection onto the assistant axis (mean of the neutral personas minus the mean of the
+  role personas, as in the assistant-axis study).
+Each function writes one file and returns its path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+
+from personachat.records import PersonaVector
+from personachat.vectors import assistant_axis, cosine_matrix, unit
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def plot_layer_metrics(vectors: Sequence[PersonaVector], path: str | Path, title: str = "") -> Path:
+    fig, (ax_auc, ax_sep) = plt.subplots(1, 2, figsize=(11, 4))
+    for v in vectors:
+        if v.metrics is None:
+            continue
+        layers = range(v.n_layers)
+        ax_auc.plot(layers, v.metrics.auc.numpy(), marker=".", label=v.persona)
+        ax_sep.plot(layers, v.metrics.separation.numpy(), marker=".", label=v.persona)
+    ax_auc.set(xlabel="layer", ylabel="AUC", title="AUC by layer", ylim=(0, 1.02))
+    ax_sep.set(xlabel="layer", ylabel="separation (Cohen's d)", title="Separation by layer")
+    if len(vectors) <= 25:
+        ax_sep.legend(fontsize=7, ncol=2, loc="best")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_cosine(
+    names: Sequence[str], vectors: torch.Tensor, path: str | Path, title: str = ""
+) -> Path:
+    """Heatmap of the cosine similarity of mean-centered ``vectors`` [V, D]."""
+    sims = cosine_matrix(vectors).numpy()
+    size = max(4.0, 0.35 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(sims, cmap="RdBu_r", vmin=-1, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    fig.colorbar(im, ax=ax, label="cosine (mean-centered)")
+    ax.set_title(title or "Cosine similarity of persona vectors")
+    return _save(fig, path)
+
+
+def plot_pca(
+    names: Sequence[str],
+    categories: Sequence[str],
+    vectors: torch.Tensor,
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """PCA scatter of ``vectors`` [V, D] coloured by the assistant-axis projection when defined."""
+    x = vectors.double() - vectors.double().mean(0, keepdim=True)
+    _, s, vt = torch.linalg.svd(x, full_matrices=False)
+    coords = (x @ vt[:2].T).numpy() if vt.shape[0] >= 2 else torch.zeros(len(names), 2).numpy()
+    explained = (s.square() / s.square().sum().clamp(min=1e-30)).numpy()
+    try:
+        axis = unit(assistant_axis(vectors.double(), categories))
+        colour = (vectors.double() @ axis).numpy()
+        label = "projection on assistant axis"
+    except ValueError:
+        colour, label = None, ""
+    fig, ax = plt.subplots(figsize=(7, 6))
+    points = ax.scatter(coords[:, 0], coords[:, 1], c=colour, cmap="coolwarm", s=40)
+    for (px, py), name in zip(coords, names, strict=True):
+        ax.annotate(name, (px, py), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if colour is not None:
+        fig.colorbar(points, ax=ax, label=label)
+    pc = [f"{100 * e:.0f}%" for e in [*explained[:2].tolist(), 0.0, 0.0]][:2]
+    ax.set(
+        xlabel=f"PC1 ({pc[0]})", ylabel=f"PC2 ({pc[1]})", title=title or "PCA of persona vectors"
+    )
+    return _save(fig, path)
+
+
+def plot_all(
+    vectors: Sequence[PersonaVector],
+    categories: dict[str, str],
+    out_dir: str | Path,
+    prefix: str = "",
+    layer: int | None = None,
+) -> list[Path]:
+    """All three plots for one position kind, at ``layer`` (default: the most common best layer)."""
+    out = Path(out_dir)
+    with_metrics = [v for v in vectors if v.metrics is not None]
+    if layer is None:
+        best = [v.metrics.best_layer for v in with_metrics if v.metrics is not None]
+        layer = max(set(best), key=best.count) if best else vectors[0].n_layers // 2
+    names = [v.persona for v in vectors]
+    stack = torch.stack([v.vector[layer] for v in vectors])
+    paths = [plot_layer_metrics(vectors, out / f"{prefix}layer_metrics.png", prefix.strip("_"))]
+    if len(vectors) >= 2:
+        paths.append(plot_cosine(names, stack, out / f"{prefix}cosine.png", f"layer {layer}"))
+        cats = [categories.get(n, "") for n in names]
+        paths.append(plot_pca(names, cats, stack, out / f"{prefix}pca.png", f"layer {layer}"))
+    return paths

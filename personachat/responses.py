@@ -1,0 +1,152 @@
+"""Generate the responses a dataset lacks, with the loaded model under each persona's prompt.
+
+Generation is batched (left padding), seeded per batch, and cached on disk as JSON keyed by the
+model's identity, the dataset's SHA-256 and the generation settings, so a re-run with the same
+model and dataset reads the cache instead of generating again. Cells the dataset already has are
+never regenerated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from personachat.activations import Dist
+from personachat.datasets import PersonaDataset
+from personachat.model import LoadedModel
+from personachat.prompts import format_chat, persona_messages
+
+log = logging.getLogger(__name__)
+
+Cell = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How missing responses are generated."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.7  # 0 means greedy
+    top_p: float = 0.95
+    seed: int = 0
+    batch_size: int = 8
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("PERSONACHAT_CACHE") or Path.home() / ".cache" / "personachat"
+    return Path(root) / "responses"
+
+
+def model_fingerprint(lm: LoadedModel) -> str:
+    """The model's id and revision plus a checksum of its first and last weights."""
+    params = list(lm.model.parameters())
+    probe = [float(params[0].detach().float().sum()), float(params[-1].detach().float().sum())]
+    return f"{lm.info.model_id}@{lm.info.revision}:{sum(p.numel() for p in params)}:{probe}"
+
+
+def cache_key(
+    lm: LoadedModel, dataset: PersonaDataset, cells: list[Cell], cfg: GenerationConfig
+) -> str:
+    blob = json.dumps(
+        [model_fingerprint(lm), dataset.sha256, sorted(cells), asdict(cfg)], sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def missing_cells(dataset: PersonaDataset, personas: list[str] | None = None) -> list[Cell]:
+    names = dataset.persona_names if personas is None else personas
+    return [(p, q) for p in names for q in dataset.questions if (p, q) not in dataset.responses]
+
+
+def generate(
+    lm: LoadedModel,
+    dataset: PersonaDataset,
+    cells: list[Cell],
+    cfg: GenerationConfig,
+    *,
+    progress: bool = True,
+) -> dict[Cell, str]:
+    """Generate one response per (persona, question) cell, batched and seeded."""
+    tok = lm.tokenizer
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    out: dict[Cell, str] = {}
+    bar = tqdm(total=len(cells), desc="responses", disable=not progress, unit="reply")
+    try:
+        for b, start in enumerate(range(0, len(cells), cfg.batch_size)):
+            chunk = cells[start : start + cfg.batch_size]
+            texts = [
+                format_chat(tok, persona_messages(dataset.persona(p).system_prompt, q))
+                for p, q in chunk
+            ]
+            special = not bool(getattr(tok, "chat_template", None))
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=special)
+            enc = {k: v.to(lm.device) for k, v in enc.items()}
+            torch.manual_seed(cfg.seed + b)
+            sample = cfg.temperature > 0
+            with torch.inference_mode():
+                ids = lm.model.generate(
+                    **enc,
+                    max_new_tokens=cfg.max_new_tokens,
+                    do_sample=sample,
+                    temperature=cfg.temperature if sample else None,
+                    top_p=cfg.top_p if sample else None,
+                    pad_token_id=tok.pad_token_id,
+                )
+            new = ids[:, enc["input_ids"].shape[1] :]
+            for cell, row in zip(chunk, new, strict=True):
+                text = str(tok.decode(row, skip_special_tokens=True)).strip()
+                out[cell] = text or "..."  # an empty reply still needs one response token
+            bar.update(len(chunk))
+    finally:
+        tok.padding_side = old_side
+        bar.close()
+    return out
+
+
+def ensure_responses(
+    lm: LoadedModel,
+    dataset: PersonaDataset,
+    personas: list[str] | None = None,
+    cfg: GenerationConfig | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    dist: Dist | None = None,
+) -> PersonaDataset:
+    """``dataset`` with every (persona, question) cell of ``personas`` answered.
+
+    Missing cells come from the cache when present; otherwise they are generated (split across
+    processes under ``dist``) and the main process writes the cache.
+    """
+    cfg = cfg or GenerationConfig()
+    dist = dist or Dist()
+    cells = missing_cells(dataset, personas)
+    if not cells:
+        return dataset
+    key = cache_key(lm, dataset, cells, cfg)
+    path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = path / f"{key[:32]}.json"
+    if path.is_file():
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        log.info("read %d cached responses from %s", len(rows), path)
+        return dataset.with_responses({(r["persona"], r["question"]): r["response"] for r in rows})
+    log.info("generating %d responses with %s", len(cells), lm.info.model_id)
+    mine = generate(lm, dataset, dist.shard(cells), cfg, progress=progress and dist.is_main)
+    made: dict[Cell, str] = {}
+    for part in dist.gather(mine):
+        made.update(part)
+    if dist.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [{"persona": p, "question": q, "response": r} for (p, q), r in made.items()]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+        tmp.replace(path)
+    return dataset.with_responses(made)
