@@ -1,0 +1,65 @@
+"""The README and the scripts document themselves truthfully."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+SCRIPTS = sorted(p for p in (ROOT / "scripts").glob("*.py") if not p.name.startswith("bench_"))
+
+
+def test_space_front_matter() -> None:
+    front = README.split("---")[1]
+    for line in ("sdk: gradio", "app_file: app.py", 'python_version: "3.11"', "title:"):
+        assert line in front
+    assert "short_description:" in front
+
+
+def test_first_screen_has_the_two_commands() -> None:
+    first_screen = README[: README.index("## ")]
+    assert "pip install -r requirements.txt && python app.py" in first_screen
+    assert "pip install -r requirements.txt && pytest" in first_screen
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    assert "pip install -r requirements.txt -q && pytest" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_file_tree_lists_every_module_and_script() -> None:
+    tree = README[README.index("## Files") :]
+    modules = [p.name for p in (ROOT / "personachat").glob("*.py") if p.name != "__init__.py"]
+    scripts = [p.name for p in (ROOT / "scripts").glob("*.py")]
+    missing = [n for n in modules + scripts if not re.search(rf"\b{re.escape(n)}\b", tree)]
+    assert not missing, f"README file tree misses {missing}"
+    listed = set(re.findall(r"\b(\w+\.py)\b", tree))
+    stale = sorted(n for n in listed if n not in modules + scripts + ["app.py"] and "test" not in n)
+    assert not stale, f"README file tree lists files that do not exist: {stale}"
+
+
+def test_every_module_has_a_docstring() -> None:
+    for path in [*(ROOT / "personachat").glob("*.py"), *(ROOT / "scripts").glob("*.py")]:
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        assert doc, f"{path.relative_to(ROOT)} has no module docstring"
+
+
+def test_scripts_docstring_gives_the_command_and_help_works() -> None:
+    procs = {}
+    for script in SCRIPTS:
+        doc = ast.get_docstring(ast.parse(script.read_text())) or ""
+        assert f"python scripts/{script.name}" in doc, f"{script.name}: no exact command"
+        procs[script.name] = subprocess.Popen(
+            [sys.executable, str(script), "--help"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, f"{name} --help failed: {err[-500:]}"
+        assert "usage:" in out and len(out.splitlines()) > 3, f"{name} --help says too little"
