@@ -1,0 +1,489 @@
+"""What the chat app shares between sessions: loaded models, the store, one chat engine per model.
+
+``Backend(default_model, store_path)`` loads nothing when built. The first request for a model
+loads it (once, under a lock; other sessions wait for the same load) and reads its persona
+vectors and neuron sets from the store into a ``ChatEngine``. ``refresh()`` drops the cached
+catalog so personas registered (or removed) by a script show up without a restart.
+
+Per-session values never live here: every call takes the session's ``Settings`` and returns
+plain results (``Step``, ``Readout``), so sessions cannot see each other's steering.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from personachat.session import Limits, Settings, format_layer_spec
+
+log = logging.getLogger(__name__)
+
+MAX_READOUT_PERSONAS = 12
+MAX_CACHED_MODELS = 2
+# Which vectors steer by default: on the demo model, vectors read from the question span steered
+# where reply-average ones did not (issue 6 pilot).
+PREFERRED_POSITIONS = ("question_span", "prompt_last", "response_avg", "prompt_avg")
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _folder(model_id: str) -> Path | None:
+    """The folder a model id names (relative ids also tried from the repo root), or None."""
+    for path in (Path(model_id).expanduser(), REPO / model_id):
+        if path.is_dir():
+            return path.resolve()
+    return None
+
+
+@dataclass(frozen=True, eq=False)
+class Readout:
+    """Per-token projections of the last exchange (prompt then reply) for the inside view."""
+
+    personas: tuple[str, ...]
+    tokens: tuple[str, ...]
+    n_prompt: int
+    projections: np.ndarray  # [tokens, layers, personas]; the last reply token is 0 (never fed)
+
+
+@dataclass(frozen=True)
+class Step:
+    """The reply so far; ``readout`` and ``warnings`` come with the last step."""
+
+    text: str
+    side_text: str | None = None
+    done: bool = False
+    stopped: bool = False
+    readout: Readout | None = None
+    warnings: tuple[str, ...] = field(default=())
+
+
+def unit_name(units: str) -> str:
+    """The runtime's name for the page's units."""
+    return "calibrated" if units == "x residual norm" else "raw"
+
+
+class Backend:
+    """Models, store and chat engines shared by every session of one app."""
+
+    def __init__(self, default_model: str, store_path: str | Path, *, models: Any = None) -> None:
+        self.default_model = default_model
+        self.store_path = Path(store_path)
+        self._models: dict[str, Any] = dict(models or {})  # model id -> LoadedModel
+        # (model id, positions kind) -> (catalog signature, ChatEngine)
+        self._engines: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._store: Any = None
+        self._lock = threading.RLock()
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def lm(self, model_id: str) -> Any:
+        """The loaded model ``model_id`` (loaded on first use, shared by all sessions)."""
+        with self._lock:
+            if model_id not in self._models:
+                from personachat.model import load_model
+
+                while len(self._models) >= MAX_CACHED_MODELS:
+                    dropped = next(iter(self._models))
+                    self._models.pop(dropped)
+                    for key in [k for k in self._engines if k[0] == dropped]:
+                        self._engines.pop(key)
+                log.info("loading model %s", model_id)
+                self._models[model_id] = load_model(model_id)
+            return self._models[model_id]
+
+    def store(self) -> Any:
+        """The persona store, read-only (opened on first use; it follows other writers)."""
+        with self._lock:
+            if self._store is None:
+                from personachat.store import Store
+
+                self._store = Store(self.store_path, read_only=True)
+            return self._store
+
+    def engine(self, model_id: str, positions: str = "") -> Any:
+        """The chat engine of ``model_id`` over its registered vectors read from ``positions``
+        (the preferred kind when empty) and its neuron sets; rebuilt when the catalog changed."""
+        with self._lock:
+            lm = self.lm(model_id)
+            store_id = self.store_id(model_id)
+            kind = self._kind(store_id, positions)
+            key = (model_id, kind)
+            signature = self._signature(store_id, kind)
+            cached = self._engines.get(key)
+            if cached is None or cached[0] != signature:
+                from personachat.chat import ChatEngine
+
+                vectors = self._vectors(store_id, kind, lm.info.hidden_size)
+                sets = self._neuron_sets(store_id)
+                self._engines[key] = (signature, ChatEngine(lm, vectors, sets))
+            return self._engines[key][1]
+
+    def warm_up(self) -> threading.Thread:
+        """Load the default model and its catalog in the background (the page is already up)."""
+
+        def load() -> None:
+            try:
+                self.engine(self.default_model)
+            except Exception as err:  # the page shows the error when it asks for the model
+                log.warning("warm-up of %s failed: %s", self.default_model, err)
+
+        thread = threading.Thread(target=load, name="personachat-warm-up", daemon=True)
+        thread.start()
+        return thread
+
+    def refresh(self) -> None:
+        """Re-read the store now (it also re-reads by itself when another process wrote)."""
+        with self._lock:
+            self._engines.clear()
+            if self._store is not None:
+                self._store.refresh(force=True)
+
+    # -- store adapters (personachat.store) ---------------------------------------------------
+
+    def store_id(self, model_id: str) -> str:
+        """The id the store files ``model_id`` under: the loaded id, or a stored id naming the
+        same folder (``store/models/demo`` vs its absolute path)."""
+        own = str(self.lm(model_id).info.model_id)
+        stored = [m.model_id for m in self.store().models()]
+        if own in stored:
+            return own
+        target = _folder(own)
+        for other in stored:
+            if target is not None and _folder(other) == target:
+                return str(other)
+        return own
+
+    def vector_kinds(self, model_id: str) -> list[str]:
+        """The positions kinds this model has vectors for, preferred first."""
+        have = {e.positions for e in self.store().vectors(self.store_id(model_id))}
+        return [k for k in PREFERRED_POSITIONS if k in have] + sorted(
+            have - set(PREFERRED_POSITIONS)
+        )
+
+    def _kind(self, store_id: str, positions: str) -> str:
+        have = {e.positions for e in self.store().vectors(store_id)}
+        if positions:
+            if have and positions not in have:
+                raise ValueError(
+                    f"no vectors read from {positions!r} for {store_id}; stored kinds: "
+                    f"{', '.join(sorted(have))}"
+                )
+            return positions
+        return next((k for k in PREFERRED_POSITIONS if k in have), sorted(have)[0] if have else "")
+
+    def _signature(self, store_id: str, kind: str) -> tuple[Any, ...]:
+        store = self.store()
+        vectors = tuple(
+            (e.vector_id, e.sha256) for e in store.vectors(store_id, positions=kind or None)
+        )
+        return vectors, tuple(e.set_id for e in store.neuron_sets(store_id))
+
+    def _vectors(self, store_id: str, kind: str, hidden_size: int) -> dict[str, Any]:
+        store = self.store()
+        names = dict.fromkeys(e.persona for e in store.vectors(store_id, positions=kind or None))
+        return {
+            name: store.load_vector(store_id, name, positions=kind or None, hidden_size=hidden_size)
+            for name in names
+        }
+
+    def _neuron_sets(self, store_id: str) -> dict[str, Any]:
+        store = self.store()
+        return {e.label: store.load_neurons(store_id, e.label) for e in store.neuron_sets(store_id)}
+
+    # -- what the page shows ------------------------------------------------------------------
+
+    def limits(self, model_id: str, kind: str = "") -> Limits:
+        engine = self.engine(model_id, kind)
+        info = engine.lm.info
+        return Limits(
+            n_layers=info.n_layers,
+            mlp_width=info.mlp_width,
+            personas=tuple(sorted(engine.vectors)),
+            neuron_sets=tuple(sorted(engine.neuron_sets)),
+        )
+
+    def persona_names(self, model_id: str, kind: str = "") -> list[str]:
+        return sorted(self.engine(model_id, kind).vectors)
+
+    def neuron_set_names(self, model_id: str) -> list[str]:
+        return sorted(self.engine(model_id).neuron_sets)
+
+    def describe(self, model_id: str) -> str:
+        engine = self.engine(model_id)
+        info = engine.lm.info
+        kinds = self.vector_kinds(model_id)
+        return (
+            f"**Model** `{info.model_id}` · {info.architecture} · {info.n_layers} layers · "
+            f"hidden {info.hidden_size} · MLP width {info.mlp_width} · on {engine.lm.device}  \n"
+            f"**Store** `{self.store_path}` · {len(engine.vectors)} personas with vectors "
+            f"(read from: {', '.join(kinds) or 'none'}) · {len(engine.neuron_sets)} neuron sets"
+        )
+
+    def can_extract(self, model_id: str) -> bool:
+        try:
+            import personachat.extract  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def best_layer(self, model_id: str, personas: Sequence[str], kind: str = "") -> int:
+        """The best layer (highest AUC) of the first picked persona; the middle layer if none."""
+        engine = self.engine(model_id, kind)
+        for name in personas:
+            vector = engine.vectors.get(name)
+            if vector is not None and vector.metrics is not None:
+                return int(vector.metrics.best_layer)
+        return int(engine.lm.info.n_layers // 2)
+
+    def blend_summary(self, model_id: str, settings: Settings) -> str:
+        """The blend as a formula plus the runtime's interference warnings."""
+        from personachat.interventions import blend_interference
+
+        engine = self.engine(model_id, settings.vectors_from)
+        pairs = list(zip(settings.personas, settings.weights, strict=True))
+        terms = " ".join(f"{w:+g}·{p}" for p, w in pairs).lstrip("+")
+        layers = [layer for layer, s in settings.layer_strengths if s != 0]
+        spec = format_layer_spec(dict(settings.layer_strengths)) or "no layer (unsteered)"
+        text = f"Blend {terms} at {spec} ({settings.units})."
+        if len(pairs) > 1 and layers:
+            terms_v = [(p, w, engine.vectors[p].vector) for p, w in pairs]
+            report = blend_interference(terms_v, layers)
+            if report.warnings:
+                text += " ⚠ Interference: " + "; ".join(report.warnings) + "."
+        return text
+
+    def layer_metrics(
+        self, model_id: str, personas: Sequence[str], kind: str = ""
+    ) -> dict[str, tuple[list[float], list[float]]]:
+        """``{persona: (auc per layer, separation per layer)}`` of registered vectors."""
+        engine = self.engine(model_id, kind)
+        out = {}
+        for name in personas:
+            vector = engine.vectors.get(name)
+            if vector is None:
+                raise KeyError(f"persona {name!r} is not registered for {model_id}")
+            if vector.metrics is not None:
+                out[name] = (vector.metrics.auc.tolist(), vector.metrics.separation.tolist())
+        return out
+
+    def tables(self, model_id: str) -> tuple[Any, Any, Any, Any]:
+        """The store browser: personas, models, metrics at the best layer, neuron sets."""
+        import pandas as pd
+
+        store = self.store()
+        store_id = self.store_id(model_id)
+        personas = pd.DataFrame(
+            [(p.name, p.category, p.description, p.system_prompt) for p in store.personas()],
+            columns=["persona", "category", "description", "system prompt"],
+        )
+        models = pd.DataFrame(
+            [
+                (m.model_id, m.architecture, m.n_layers, m.hidden_size, m.mlp_width, m.revision)
+                for m in store.models()
+            ],
+            columns=["model", "architecture", "layers", "hidden", "MLP width", "revision"],
+        )
+        rows = []
+        for e in store.vectors(store_id):
+            best = e.best_layer
+            auc = sep = None
+            for layer, a, sp, _norm, _resid in store.layer_metrics(e.vector_id):
+                if layer == best:
+                    auc, sep = a, sp
+            rows.append((e.persona, e.positions, e.baseline, best, auc, sep, e.n_samples))
+        metrics = pd.DataFrame(
+            rows,
+            columns=["persona", "read from", "baseline", "best layer", "AUC", "separation", "n"],
+        )
+        sets = pd.DataFrame(
+            [
+                (e.label, e.site, e.method, e.n_units, ", ".join(e.pairs), e.source)
+                for e in store.neuron_sets(store_id)
+            ],
+            columns=["neuron set", "site", "method", "units", "pairs", "source"],
+        )
+        return personas, models, metrics, sets
+
+    def persona_space(
+        self, model_id: str, messages: Sequence[dict[str, Any]], layer: int, kind: str = ""
+    ) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+        """Registered vectors at ``layer`` [P, H] and the conversation's position in that space:
+        its mean residual at ``layer`` minus the vectors' baseline mean (``None`` without means
+        in the store or without a conversation)."""
+        engine = self.engine(model_id, kind)
+        lm = engine.lm
+        lm.sites.check_layer(layer)
+        names = sorted(engine.vectors)
+        if not names:
+            raise ValueError(f"no persona vectors for {model_id}; extract or register some first")
+        vectors = np.stack([engine.vectors[n].vector[layer].float().numpy() for n in names])
+        if not messages:
+            return names, vectors, None
+        baseline = self._baseline_mean(model_id, engine.vectors[names[0]], layer)
+        if baseline is None:
+            return names, vectors, None
+        return names, vectors, residual_mean(lm, messages, layer) - baseline
+
+    def _baseline_mean(self, model_id: str, vector: Any, layer: int) -> np.ndarray | None:
+        from personachat.records import MEAN_BASELINE
+
+        store, store_id = self.store(), self.store_id(model_id)
+        try:
+            if vector.baseline == MEAN_BASELINE:
+                means = [
+                    e.persona for e in store.means(store_id) if e.positions == vector.positions
+                ]
+                stacked = [
+                    store.load_means(store_id, p, positions=vector.positions).mean[layer]
+                    for p in means
+                ]
+                return (
+                    np.stack([m.float().numpy() for m in stacked]).mean(axis=0) if stacked else None
+                )
+            mean = store.load_means(store_id, vector.baseline, positions=vector.positions)
+        except LookupError:
+            return None
+        return mean.mean[layer].float().numpy()
+
+    def extract(
+        self,
+        model_id: str,
+        dataset: str = "personas",
+        positions: str = "question_span",
+        personas: Sequence[str] = (),
+    ) -> str:
+        """Extract vectors for ``model_id`` from a built-in dataset (all its personas, or the
+        ``personas`` named plus the baseline) and register them in the store."""
+        from personachat.datasets import load_builtin
+        from personachat.extract import extract_vectors, register_results
+        from personachat.records import MEAN_BASELINE
+        from personachat.store import Store
+
+        lm = self.lm(model_id)
+        data = load_builtin(dataset)
+        baseline = "default" if "default" in data.persona_names else MEAN_BASELINE
+        chosen = list(personas) or None
+        result = extract_vectors(
+            lm, data, chosen, positions=positions, baseline=baseline, progress=True
+        )
+        with Store(self.store_path) as store:
+            register_results(store, lm, data.personas, result)
+        self.refresh()
+        best = ", ".join(f"{r.persona} L{r.best_layer} AUC {r.auc:.2f}" for r in result.summary[:6])
+        return f"Registered {len(result.vectors)} vectors for `{lm.info.model_id}` ({best}, …)."
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def generate(
+        self,
+        model_id: str,
+        settings: Settings,
+        messages: Sequence[dict[str, Any]],
+        stop: threading.Event | None = None,
+    ) -> Iterator[Step]:
+        """Check the request now (raising before anything runs), then return an iterator that
+        streams the reply to ``messages`` under ``settings``."""
+        from personachat.chat import GenerationSettings
+        from personachat.interventions import AblationSpec, SteeringSpec, build_ablation
+
+        engine = self.engine(model_id, settings.vectors_from)
+        lm = engine.lm
+        conversation = list(messages)
+        if settings.system_prompt:
+            conversation.insert(0, {"role": "system", "content": settings.system_prompt})
+        steering = None
+        if settings.steering:
+            steering = SteeringSpec(
+                blend=settings.blend(),
+                layers=format_layer_spec(dict(settings.layer_strengths)),
+                units=unit_name(settings.units),  # type: ignore[arg-type]
+                positions=settings.positions,  # type: ignore[arg-type]
+            )
+        ablation, extra = None, []
+        if settings.ablating:
+            mode = settings.ablation
+            typed = ",".join(f"{layer}:{index}" for layer, index in settings.neurons)
+            first = settings.neuron_sets[0] if settings.neuron_sets else None
+            ablation = AblationSpec(neuron_set=first, neurons=typed, mode=mode)  # type: ignore[arg-type]
+            rows = [False, True] if settings.side_by_side else None
+            for label in settings.neuron_sets[1:]:
+                spec = AblationSpec(neuron_set=label, mode=mode)  # type: ignore[arg-type]
+                extra.append(build_ablation(lm, spec, engine.neuron_sets, rows=rows))
+        readout = list(settings.personas) or sorted(engine.vectors)[:MAX_READOUT_PERSONAS]
+        updates = engine.stream(
+            conversation,
+            GenerationSettings(
+                max_new_tokens=settings.max_new_tokens,
+                temperature=settings.temperature,
+                seed=settings.seed,
+            ),
+            steering=steering,
+            ablation=ablation,
+            readout=readout,
+            side_by_side=settings.side_by_side,
+            stop=stop,
+            handlers=extra,
+        )
+        return self._steps(lm, updates)
+
+    def _steps(self, lm: Any, updates: Iterator[Any]) -> Iterator[Step]:
+        for update in updates:
+            warnings = tuple(update.interference.warnings) if update.interference else ()
+            yield Step(
+                text=update.text,
+                side_text=update.baseline_text,
+                done=update.done,
+                stopped=update.stopped,
+                readout=self._readout(lm, update.readout) if update.done else None,
+                warnings=warnings,
+            )
+
+    @staticmethod
+    def _readout(lm: Any, readout: Any) -> Readout | None:
+        if readout is None:
+            return None
+        tokenizer = lm.tokenizer
+        tokens = tuple(str(tokenizer.decode([t])) for t in readout.tokens)
+        values = np.nan_to_num(readout.projections.numpy().astype(np.float32), nan=0.0)
+        return Readout(tuple(readout.personas), tokens, int(readout.prompt_len), values)
+
+
+class _Capture:
+    """Keeps the mean residual of one layer and ends the forward there."""
+
+    def __init__(self, layer: int) -> None:
+        self.layer = layer
+        self.mean: np.ndarray | None = None
+
+    def wants(self) -> list[tuple[str, int]]:
+        return [("residual", self.layer)]
+
+    def __call__(self, site: str, layer: int, x: Any) -> None:
+        from personachat.hooks import StopForward
+
+        self.mean = x[0].float().mean(dim=0).cpu().numpy()
+        raise StopForward
+
+
+def residual_mean(lm: Any, messages: Sequence[dict[str, Any]], layer: int) -> np.ndarray:
+    """The mean residual stream at ``layer`` over the tokens of ``messages`` (chat template)."""
+    import torch
+
+    from personachat.hooks import StopForward, intervene
+    from personachat.prompts import format_chat
+
+    text = format_chat(lm.tokenizer, messages, add_generation_prompt=False)
+    ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    capture = _Capture(layer)
+    with torch.no_grad(), intervene(lm.sites, [capture]), suppress(StopForward):  # type: ignore[list-item]
+        lm.sites.base(input_ids=ids.to(lm.device))
+    assert capture.mean is not None
+    return capture.mean

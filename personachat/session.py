@@ -1,0 +1,272 @@
+"""Per-session chat settings: parse what a person typed in the page into checked runtime values.
+
+The page's inputs are strings and numbers; ``parse_settings`` turns them into a frozen
+``Settings`` or raises ``InputError`` whose message names the field, the value and what to type
+instead. Nothing here touches a model: limits (layers, MLP width, known personas) come in as
+arguments, so the same parsing serves the page, the API endpoints and the tests.
+
+Formats:
+- persona weights: ``"1, -0.5"`` (in the order the personas were picked) or
+  ``"pirate=1, cynic=-0.5"``; empty means 1.0 for each persona.
+- layer strengths: ``"8-12:4, 13:2"`` (layer or inclusive range, colon, strength) or ``"all:2"``.
+- neurons: ``"3:12, 3:40-45, 4:7"`` (layer:index or layer:first-last).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+MAX_MESSAGE_CHARS = 4000
+MAX_NEW_TOKENS = 512
+MAX_NEURONS = 4096
+UNITS = ("raw", "x residual norm")
+PRESETS = ("best layer", "band", "all layers", "custom")
+ABLATION_MODES = ("off", "zero", "mean")
+
+Units = Literal["raw", "x residual norm"]
+
+
+class InputError(ValueError):
+    """Something typed in the page cannot be used; the message says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One session's steering, ablation and sampling settings, already checked."""
+
+    personas: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()
+    layer_strengths: tuple[tuple[int, float], ...] = ()
+    units: Units = "raw"
+    positions: str = "all"
+    system_prompt: str = ""
+    temperature: float = 0.0
+    max_new_tokens: int = 64
+    seed: int = 0
+    neuron_sets: tuple[str, ...] = ()
+    neurons: tuple[tuple[int, int], ...] = ()
+    ablation: Literal["off", "zero", "mean"] = "off"
+    side_by_side: bool = False
+    vectors_from: str = ""  # which stored vectors (positions kind); "" = the preferred kind
+
+    @property
+    def steering(self) -> bool:
+        return bool(self.personas) and any(s != 0 for _, s in self.layer_strengths)
+
+    @property
+    def ablating(self) -> bool:
+        return self.ablation != "off" and bool(self.neuron_sets or self.neurons)
+
+    def blend(self) -> dict[str, float]:
+        return dict(zip(self.personas, self.weights, strict=True))
+
+
+def check_message(text: str | None, max_chars: int = MAX_MESSAGE_CHARS) -> str:
+    """The message stripped; empty or longer than ``max_chars`` is an ``InputError``."""
+    message = (text or "").strip()
+    if not message:
+        raise InputError("The message is empty: type something to send.")
+    if len(message) > max_chars:
+        raise InputError(
+            f"The message has {len(message)} characters; the limit is {max_chars}. "
+            "Shorten it and send again."
+        )
+    return message
+
+
+def parse_number(
+    name: str, value: object, *, low: float | None = None, high: float | None = None
+) -> float:
+    """A finite float from a number or text, within ``[low, high]`` when given."""
+    try:
+        number = float(str(value).strip()) if not isinstance(value, int | float) else float(value)
+    except ValueError:
+        raise InputError(f"{name} must be a number, got {value!r}.") from None
+    if not math.isfinite(number):
+        raise InputError(f"{name} must be a finite number, got {value!r}.")
+    if (low is not None and number < low) or (high is not None and number > high):
+        raise InputError(f"{name} must be between {low} and {high}, got {number:g}.")
+    return number
+
+
+def parse_int(name: str, value: object, *, low: int, high: int) -> int:
+    number = parse_number(name, value, low=low, high=high)
+    if number != int(number):
+        raise InputError(f"{name} must be a whole number, got {value!r}.")
+    return int(number)
+
+
+def parse_weights(text: str | None, personas: Sequence[str]) -> tuple[float, ...]:
+    """Blend weights for ``personas``: positional (``"1, -0.5"``) or named (``"a=1, b=-0.5"``)."""
+    items = [item.strip() for item in re.split(r"[,;\n]", text or "") if item.strip()]
+    if not items:
+        return tuple(1.0 for _ in personas)
+    if any("=" in item for item in items):
+        named: dict[str, float] = {}
+        for item in items:
+            name, sep, value = item.partition("=")
+            name = name.strip()
+            if not sep or name not in personas:
+                raise InputError(
+                    f"weight {item!r} names no picked persona; picked: {', '.join(personas)}. "
+                    "Write name=weight, e.g. 'pirate=1, cynic=-0.5'."
+                )
+            named[name] = parse_number(f"the weight of {name}", value)
+        return tuple(named.get(p, 1.0) for p in personas)
+    if len(items) != len(personas):
+        raise InputError(
+            f"{len(items)} weights for {len(personas)} picked personas "
+            f"({', '.join(personas) or 'none'}); give one weight per persona, in order."
+        )
+    return tuple(
+        parse_number(f"the weight of {p}", w) for p, w in zip(personas, items, strict=True)
+    )
+
+
+def parse_layer_spec(text: str | None, n_layers: int) -> dict[int, float]:
+    """``"8-12:4, 13:2"`` -> ``{8: 4.0, ..., 12: 4.0, 13: 2.0}`` (the runtime's grammar); empty
+    text is an empty dict (no steering)."""
+    from personachat.interventions import InterventionError
+    from personachat.interventions import parse_layer_spec as runtime_parse
+
+    if not (text or "").strip():
+        return {}
+    try:
+        return runtime_parse(str(text), n_layers)
+    except InterventionError as err:
+        raise InputError(f"Strength per layer: {err}.") from None
+
+
+def format_layer_spec(strengths: dict[int, float]) -> str:
+    """The compact spec of ``strengths``, merging runs of equal strength: ``"1-3:4, 5:2"``."""
+    parts: list[str] = []
+    run: list[int] = []
+    for layer in sorted(strengths):
+        if run and layer == run[-1] + 1 and strengths[layer] == strengths[run[0]]:
+            run.append(layer)
+            continue
+        if run:
+            parts.append(_format_run(run, strengths[run[0]]))
+        run = [layer]
+    if run:
+        parts.append(_format_run(run, strengths[run[0]]))
+    return ", ".join(parts)
+
+
+def _format_run(run: list[int], strength: float) -> str:
+    layers = str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}"
+    return f"{layers}:{strength:g}"
+
+
+def preset_spec(preset: str, strength: float, best_layer: int, n_layers: int, band: int = 2) -> str:
+    """The layer spec of a preset: the best layer, a band around it, or all layers."""
+    if preset == "best layer":
+        layers = [best_layer]
+    elif preset == "band":
+        layers = list(range(max(0, best_layer - band), min(n_layers, best_layer + band + 1)))
+    elif preset == "all layers":
+        layers = list(range(n_layers))
+    else:
+        raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS[:3])}.")
+    return format_layer_spec({layer: strength for layer in layers})
+
+
+def parse_neurons(text: str | None, n_layers: int, mlp_width: int) -> tuple[tuple[int, int], ...]:
+    """``"3:12, 3:40-45"`` -> ((3, 12), (3, 40), ..., (3, 45)), checked against the model."""
+    from personachat.interventions import InterventionError
+    from personachat.interventions import parse_neurons as runtime_parse
+
+    cleaned = ",".join(i.strip() for i in re.split(r"[,;\n]", text or "") if i.strip())
+    try:
+        neurons = runtime_parse(cleaned, n_layers, mlp_width)
+    except InterventionError as err:
+        raise InputError(f"Neurons: {err}.") from None
+    if len(neurons) > MAX_NEURONS:
+        raise InputError(f"{len(neurons)} neurons typed; ablate at most {MAX_NEURONS} at a time.")
+    return tuple(dict.fromkeys(neurons))
+
+
+def check_personas(picked: Sequence[str] | None, known: Sequence[str]) -> tuple[str, ...]:
+    """The picked personas, each still registered; a removed one is named with the known ones."""
+    personas = tuple(dict.fromkeys(picked or []))
+    missing = [p for p in personas if p not in known]
+    if missing:
+        raise InputError(
+            f"persona {', '.join(missing)} is not in the store for this model (removed while "
+            f"the page was open?). Known: {', '.join(known) or 'none'}. Press 'Refresh' and "
+            "pick again."
+        )
+    return personas
+
+
+def check_neuron_sets(picked: Sequence[str] | None, known: Sequence[str]) -> tuple[str, ...]:
+    sets = tuple(dict.fromkeys(picked or []))
+    missing = [s for s in sets if s not in known]
+    if missing:
+        raise InputError(
+            f"neuron set {', '.join(missing)} is not in the store for this model. "
+            f"Known: {', '.join(known) or 'none'}. Press 'Refresh' and pick again."
+        )
+    return sets
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the current model and store allow; the parser checks inputs against it."""
+
+    n_layers: int
+    mlp_width: int
+    personas: tuple[str, ...]
+    neuron_sets: tuple[str, ...]
+
+
+def parse_settings(
+    limits: Limits,
+    *,
+    personas: Sequence[str] | None,
+    weights: str | None,
+    layer_spec: str | None,
+    units: str,
+    positions: str,
+    system_prompt: str | None,
+    temperature: object,
+    max_new_tokens: object,
+    seed: object,
+    neuron_sets: Sequence[str] | None,
+    neurons: str | None,
+    ablation: str,
+    side_by_side: bool,
+    vectors_from: str = "",
+) -> Settings:
+    """Check every input against ``limits``; the first problem raises ``InputError``."""
+    picked = check_personas(personas, limits.personas)
+    strengths = parse_layer_spec(layer_spec, limits.n_layers)
+    if picked and not strengths:
+        raise InputError(
+            "Strength per layer is empty: type layers and strengths (e.g. '2:4' or '1-3:2') "
+            "or pick a preset."
+        )
+    if units not in UNITS:
+        raise InputError(f"unknown units {units!r}; choose {' or '.join(UNITS)}.")
+    if ablation not in ABLATION_MODES:
+        raise InputError(f"unknown ablation {ablation!r}; choose {', '.join(ABLATION_MODES)}.")
+    return Settings(
+        personas=picked,
+        weights=parse_weights(weights, picked),
+        layer_strengths=tuple(sorted(strengths.items())),
+        units=units,  # type: ignore[arg-type]
+        positions=positions,
+        system_prompt=(system_prompt or "").strip(),
+        temperature=parse_number("temperature", temperature, low=0.0, high=5.0),
+        max_new_tokens=parse_int("max tokens", max_new_tokens, low=1, high=MAX_NEW_TOKENS),
+        seed=parse_int("seed", seed, low=0, high=2**31 - 1),
+        neuron_sets=check_neuron_sets(neuron_sets, limits.neuron_sets),
+        neurons=parse_neurons(neurons, limits.n_layers, limits.mlp_width),
+        ablation=ablation,  # type: ignore[arg-type]
+        side_by_side=bool(side_by_side),
+        vectors_from=vectors_from or "",
+    )

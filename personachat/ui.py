@@ -1,0 +1,820 @@
+"""The Gradio page: layout, per-session state and thin handlers over the PersonaChat library.
+
+``build_ui(backend)`` returns the ``gr.Blocks``; every action is a named endpoint (``api_name``)
+so ``gradio_client`` can drive it. Handlers live on ``Handlers`` (plain methods, testable without
+a browser): each parses its inputs with ``personachat.session`` and calls the ``Backend``. A bad
+input never raises into Gradio: it shows a warning toast and a status line, and the chat goes on.
+
+The ``Backend`` (``personachat.backend``: model + store + runtime) is shared by all sessions:
+the model loads once, lazily, on first use. What differs per browser tab (settings, the last
+readout) travels in ``gr.State`` or in the inputs themselves; steering is isolated per
+request by the runtime (``personachat.hooks`` scopes hooks to the request's context).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import gradio as gr
+import numpy as np
+
+from personachat import views
+from personachat.backend import Backend, Readout, Step
+from personachat.session import (
+    ABLATION_MODES,
+    PRESETS,
+    UNITS,
+    InputError,
+    Settings,
+    check_message,
+    parse_number,
+    parse_settings,
+    preset_spec,
+)
+
+log = logging.getLogger(__name__)
+
+POSITIONS = ("all", "prompt", "generated")
+CSS = """
+.pc-tokens { font-family: ui-monospace, monospace; font-size: 13px; line-height: 1.9; }
+.pc-tok { padding: 1px 0; border-radius: 2px; }
+.pc-reply { font-weight: 700; }
+.pc-caption { font-size: 12px; opacity: 0.75; margin: 4px 0; }
+"""
+
+
+def theme() -> gr.themes.Base:
+    """The page theme: Gradio's default (local fonts only, so no request leaves the machine)."""
+    return gr.themes.Default(primary_hue="orange", secondary_hue="blue")
+
+
+def gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``spaces.GPU(fn)`` on a ZeroGPU Space (the ``spaces`` package is there), else ``fn``."""
+    try:
+        import spaces  # type: ignore[import-not-found]
+    except ImportError:
+        return fn
+    return spaces.GPU(fn)  # type: ignore[no-any-return]
+
+
+@dataclass
+class Inside:
+    """The last reply's readout, kept per session to redraw the inside view without a model."""
+
+    model_id: str = ""
+    personas: tuple[str, ...] = ()
+    tokens: list[str] = field(default_factory=list)
+    n_prompt: int = 0
+    projections: np.ndarray | None = None  # [tokens, layers, personas]
+
+    def values(self, persona: str | None, layer: int | None = None) -> np.ndarray | None:
+        if self.projections is None or not self.personas:
+            return None
+        index = self.personas.index(persona) if persona in self.personas else 0
+        grid = self.projections[:, :, index]
+        return grid if layer is None else grid[:, min(max(layer, 0), grid.shape[1] - 1)]
+
+
+Messages = list[dict[str, Any]]
+
+
+def _text(message: dict[str, Any]) -> str:
+    from personachat.prompts import message_text
+
+    return message_text(message)
+
+
+class Handlers:
+    """Every page action as a method; Gradio calls these, tests call them directly."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._stops: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    # -- model and store -------------------------------------------------------------------
+
+    def load(self, model_id: str | None) -> tuple[Any, ...]:
+        """(Re)load the page's model view. Returns (model info, persona choices, neuron-set
+        choices, extraction offer, layer slider, vector kinds, status)."""
+        model_id = (model_id or self.backend.default_model).strip()
+        try:
+            info = self.backend.describe(model_id)
+            personas = self.backend.persona_names(model_id)
+            sets = self.backend.neuron_set_names(model_id)
+            kinds = self.backend.vector_kinds(model_id)
+            n_layers = self.backend.limits(model_id).n_layers
+        except Exception as err:  # a model that cannot load must not break the page
+            log.warning("cannot load %s: %s", model_id, err)
+            message = f"⚠ Cannot load `{model_id}`: {err}"
+            gr.Warning(message)
+            empty = gr.update(choices=[], value=[])
+            return (
+                message,
+                empty,
+                empty,
+                gr.update(visible=False),
+                gr.update(),
+                gr.update(),
+                message,
+            )
+        offer = not personas and self.backend.can_extract(model_id)
+        return (
+            info,
+            gr.update(choices=personas, value=[]),
+            gr.update(choices=sets, value=[]),
+            gr.update(visible=offer),
+            gr.update(maximum=max(n_layers - 1, 1), value=min(n_layers - 1, n_layers // 2)),
+            gr.update(choices=kinds, value=kinds[0] if kinds else None),
+            f"Model `{model_id}` ready: {len(personas)} personas, {len(sets)} neuron sets."
+            + (" No persona vectors yet: extract them under 'Model and store'." if offer else ""),
+        )
+
+    def refresh(
+        self, model_id: str | None, personas: list[str] | None, vectors_from: str = ""
+    ) -> tuple[Any, ...]:
+        """Re-read the store (new personas registered by a script, removed ones gone)."""
+        model_id = (model_id or self.backend.default_model).strip()
+        self.backend.refresh()
+        known = self.backend.persona_names(model_id, vectors_from or "")
+        kept = [p for p in personas or [] if p in known]
+        gone = sorted(set(personas or []) - set(known))
+        note = f" No longer in the store: {', '.join(gone)}." if gone else ""
+        return (
+            gr.update(choices=known, value=kept),
+            gr.update(choices=self.backend.neuron_set_names(model_id)),
+            f"Store re-read: {len(known)} personas for `{model_id}`.{note}",
+        )
+
+    def extract(
+        self,
+        model_id: str | None,
+        dataset: str = "personas",
+        positions: str = "question_span",
+        personas: list[str] | None = None,
+        progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 - Gradio's idiom
+    ) -> tuple[Any, ...]:
+        """Extract persona vectors from a built-in dataset (all personas, or those picked) and
+        register them; a progress bar shows while it runs, then the page offers the personas."""
+        model_id = (model_id or self.backend.default_model).strip()
+        try:
+            summary = self.backend.extract(model_id, dataset, positions, tuple(personas or ()))
+        except Exception as err:
+            log.exception("extraction failed")
+            gr.Warning(f"Extraction failed: {err}")
+            return (*[gr.update()] * 6, f"⚠ Extraction failed: {err}")
+        loaded = self.load(model_id)
+        return (*loaded[:6], summary)
+
+    # -- personas and strength ------------------------------------------------------------
+
+    def preset(
+        self,
+        model_id: str | None,
+        personas: list[str] | None,
+        preset: str,
+        strength: object,
+        vectors_from: str = "",
+    ) -> tuple[Any, str]:
+        """The layer spec of a preset around the first picked persona's best layer."""
+        model_id = (model_id or self.backend.default_model).strip()
+        if preset not in PRESETS[:3]:
+            return gr.update(), "Custom: type strengths per layer."
+        try:
+            value = parse_number("Preset strength", strength)
+            limits = self.backend.limits(model_id, vectors_from or "")
+            best = self.backend.best_layer(model_id, tuple(personas or ()), vectors_from or "")
+            spec = preset_spec(preset, value, best, limits.n_layers)
+        except (InputError, KeyError, ValueError) as err:
+            gr.Warning(str(err))
+            return gr.update(), f"⚠ {err}"
+        return spec, f"Preset {preset!r} (best layer {best}): `{spec}`"
+
+    def blend_info(
+        self,
+        model_id: str | None,
+        personas: list[str] | None,
+        weights: str | None,
+        layer_spec: str | None,
+        units: str = "raw",
+        vectors_from: str = "",
+    ) -> str:
+        """The blend as a formula, with the interference warning when the vectors overlap."""
+        model_id = (model_id or self.backend.default_model).strip()
+        try:
+            settings = self._settings(
+                model_id, personas, weights, layer_spec, units, vectors_from=vectors_from
+            )
+        except (InputError, ValueError) as err:
+            return f"⚠ {err}"
+        if not settings.personas:
+            return "No persona picked: the chat is unsteered."
+        return self.backend.blend_summary(model_id, settings)
+
+    def _settings(
+        self,
+        model_id: str,
+        personas: Sequence[str] | None,
+        weights: str | None,
+        layer_spec: str | None,
+        units: str = "raw",
+        positions: str = "all",
+        system_prompt: str | None = "",
+        temperature: object = 0.0,
+        max_new_tokens: object = 64,
+        seed: object = 0,
+        neuron_sets: Sequence[str] | None = None,
+        neurons: str | None = "",
+        ablation: str = "off",
+        side_by_side: bool = False,
+        vectors_from: str = "",
+    ) -> Settings:
+        return parse_settings(
+            self.backend.limits(model_id, vectors_from or ""),
+            personas=personas,
+            weights=weights,
+            layer_spec=layer_spec,
+            units=units,
+            positions=positions,
+            system_prompt=system_prompt,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            neuron_sets=neuron_sets,
+            neurons=neurons,
+            ablation=ablation,
+            side_by_side=side_by_side,
+            vectors_from=vectors_from or "",
+        )
+
+    # -- chat ----------------------------------------------------------------------------------
+
+    def _stop_event(self, request: gr.Request | None) -> tuple[str, threading.Event]:
+        key = getattr(request, "session_hash", None) or uuid.uuid4().hex
+        event = threading.Event()
+        with self._lock:
+            self._stops[key] = event
+        return key, event
+
+    def _forget(self, key: str, event: threading.Event) -> None:
+        with self._lock:
+            if self._stops.get(key) is event:
+                del self._stops[key]
+
+    def stop(self, request: gr.Request | None = None) -> str:
+        """Stop this session's running generation (the partial reply is kept)."""
+        key = getattr(request, "session_hash", None)
+        with self._lock:
+            event = self._stops.get(key) if key else None
+            if key is None:  # no session: stop every generation (API call without a session)
+                for e in self._stops.values():
+                    e.set()
+        if event is not None:
+            event.set()
+        return "Stopped."
+
+    def chat(
+        self,
+        message: str | None,
+        history: Messages | None,
+        side_history: Messages | None,
+        model_id: str | None,
+        personas: list[str] | None,
+        weights: str | None,
+        layer_spec: str | None,
+        units: str = "raw",
+        positions: str = "all",
+        system_prompt: str | None = "",
+        temperature: float | str = 0.0,
+        max_new_tokens: float | str = 64,
+        seed: float | str = 0,
+        neuron_sets: list[str] | None = None,
+        neurons: str | None = "",
+        ablation: str = "off",
+        side_by_side: bool = False,
+        vectors_from: str = "",
+        view_layer: float = 0,
+        inside: Inside | None = None,
+        request: gr.Request | None = None,
+    ) -> Iterator[tuple[Any, ...]]:
+        """Send ``message`` and stream the (steered) reply; yields
+        (history, side_history, message box, status, tokens html, inside state)."""
+        history = list(history or [])
+        side = list(side_history or [])
+        model_id = (model_id or self.backend.default_model).strip()
+        try:
+            text = check_message(message)
+            settings = self._settings(
+                model_id,
+                personas,
+                weights,
+                layer_spec,
+                units,
+                positions,
+                system_prompt,
+                temperature,
+                max_new_tokens,
+                seed,
+                neuron_sets,
+                neurons,
+                ablation,
+                side_by_side,
+                vectors_from,
+            )
+        except Exception as err:
+            yield self._refuse(err, history, side, message, inside)
+            return
+        yield from self._reply(model_id, settings, history, side, text, view_layer, request)
+
+    def retry(
+        self,
+        history: Messages | None,
+        side_history: Messages | None,
+        model_id: str | None,
+        personas: list[str] | None,
+        weights: str | None,
+        layer_spec: str | None,
+        units: str = "raw",
+        positions: str = "all",
+        system_prompt: str | None = "",
+        temperature: float | str = 0.0,
+        max_new_tokens: float | str = 64,
+        seed: float | str = 0,
+        neuron_sets: list[str] | None = None,
+        neurons: str | None = "",
+        ablation: str = "off",
+        side_by_side: bool = False,
+        vectors_from: str = "",
+        view_layer: float = 0,
+        inside: Inside | None = None,
+        request: gr.Request | None = None,
+    ) -> Iterator[tuple[Any, ...]]:
+        """Drop the last reply and generate it again with the current settings."""
+        history, side, last = self._pop_turn(history, side_history)
+        if last is None:
+            yield self._refuse(InputError("Nothing to retry yet."), history, side, "", inside)
+            return
+        yield from self.chat(
+            last,
+            history,
+            side,
+            model_id,
+            personas,
+            weights,
+            layer_spec,
+            units,
+            positions,
+            system_prompt,
+            temperature,
+            max_new_tokens,
+            seed,
+            neuron_sets,
+            neurons,
+            ablation,
+            side_by_side,
+            vectors_from,
+            view_layer,
+            inside,
+            request,
+        )
+
+    def undo(
+        self, history: Messages | None, side_history: Messages | None
+    ) -> tuple[Messages, Messages, str, str]:
+        """Remove the last turn; its message goes back into the box."""
+        history, side, last = self._pop_turn(history, side_history)
+        if last is None:
+            return history, side, "", "Nothing to undo."
+        return history, side, last, "Last turn removed."
+
+    def clear(self) -> tuple[Messages, Messages, str, str, Inside]:
+        """Start a new conversation."""
+        return [], [], "Conversation cleared.", views.empty_html("No reply yet."), Inside()
+
+    @staticmethod
+    def _pop_turn(
+        history: Messages | None, side_history: Messages | None
+    ) -> tuple[Messages, Messages, str | None]:
+        history, side = list(history or []), list(side_history or [])
+        users = [i for i, m in enumerate(history) if m.get("role") == "user"]
+        if not users:
+            return history, side, None
+        last = _text(history[users[-1]])
+        side_users = [i for i, m in enumerate(side) if m.get("role") == "user"]
+        return history[: users[-1]], side[: side_users[-1]] if side_users else side, last
+
+    def _refuse(
+        self,
+        err: BaseException,
+        history: Messages,
+        side: Messages,
+        message: str | None,
+        inside: Inside | None,
+    ) -> tuple[Any, ...]:
+        if not isinstance(err, InputError | ValueError | KeyError):
+            log.exception("chat failed")
+        text = str(err).strip("'\"") or type(err).__name__
+        gr.Warning(text)
+        return history, side, message or "", f"⚠ {text}", gr.skip(), inside or Inside()
+
+    @gpu
+    def _reply(
+        self,
+        model_id: str,
+        settings: Settings,
+        history: Messages,
+        side: Messages,
+        text: str,
+        view_layer: float,
+        request: gr.Request | None,
+    ) -> Iterator[tuple[Any, ...]]:
+        key, stop = self._stop_event(request)
+        conversation = [*history, {"role": "user", "content": text}]
+        try:
+            steps = self.backend.generate(model_id, settings, conversation, stop)
+        except Exception as err:  # checked before generation: nothing changed
+            self._forget(key, stop)
+            yield self._refuse(err, history, side, text, None)
+            return
+        history = [*conversation, {"role": "assistant", "content": ""}]
+        side = [*side, {"role": "user", "content": text}]
+        side.append({"role": "assistant", "content": "" if settings.side_by_side else "—"})
+        status = self.backend.blend_summary(model_id, settings) if settings.personas else ""
+        yield history, side, "", status or "Generating…", gr.skip(), gr.skip()
+        step: Step | None = None
+        try:
+            for step in steps:
+                history[-1] = {"role": "assistant", "content": step.text}
+                if settings.side_by_side:
+                    side[-1] = {"role": "assistant", "content": step.side_text or ""}
+                yield history, side, "", status or "Generating…", gr.skip(), gr.skip()
+        except Exception as err:
+            history = history[:-2]
+            side = side[:-2]
+            yield self._refuse(err, history, side, text, None)
+            return
+        finally:
+            self._forget(key, stop)
+        inside = self._inside(model_id, step.readout if step else None)
+        done = "Stopped: partial reply kept." if stop.is_set() else "Done."
+        html = self.tokens(inside, view_layer)
+        yield history, side, "", f"{done} {status}".strip(), html, inside
+
+    def _inside(self, model_id: str, readout: Readout | None) -> Inside:
+        if readout is None:
+            return Inside(model_id=model_id)
+        return Inside(
+            model_id=model_id,
+            personas=tuple(readout.personas),
+            tokens=list(readout.tokens),
+            n_prompt=readout.n_prompt,
+            projections=np.asarray(readout.projections, dtype=np.float32),
+        )
+
+    # -- inside view ----------------------------------------------------------------------
+
+    def tokens(self, inside: Inside | None, layer: float, persona: str | None = None) -> str:
+        """Coloured per-token projections of the last exchange at ``layer`` (one row each)."""
+        if inside is None or inside.projections is None or not inside.personas:
+            return views.empty_html("Send a message to see per-token projections.")
+        n_layers = inside.projections.shape[1]
+        at = min(max(int(layer or 0), 0), n_layers - 1)
+        shown = [persona] if persona in inside.personas else list(inside.personas)
+        rows = [
+            views.tokens_html(
+                inside.tokens,
+                inside.values(name, at),  # type: ignore[arg-type]
+                inside.n_prompt,
+                caption=f"projection on {name} at layer {at} (red +, blue −; reply in bold)",
+            )
+            for name in shown
+        ]
+        return "".join(rows)
+
+    def heatmap(self, inside: Inside | None, persona: str | None = None) -> np.ndarray | None:
+        """A token x layer heatmap of the projection on ``persona`` (the first one by default)."""
+        if inside is None or inside.projections is None or not inside.personas:
+            return None
+        name = persona if persona in inside.personas else inside.personas[0]
+        grid = inside.projections[:, :, inside.personas.index(name)]
+        title = f"projection on {name}: token x layer (line: end of prompt)"
+        return views.heatmap_image(inside.tokens, grid, inside.n_prompt, title)
+
+    def layer_plot(
+        self, model_id: str | None, personas: list[str] | None, vectors_from: str = ""
+    ) -> np.ndarray | None:
+        """AUC and separation by layer of the picked personas (the first six when none)."""
+        model_id = (model_id or self.backend.default_model).strip()
+        kind = vectors_from or ""
+        try:
+            names = list(personas or []) or self.backend.persona_names(model_id, kind)[:6]
+            metrics = self.backend.layer_metrics(model_id, names, kind)
+        except (KeyError, ValueError, LookupError) as err:
+            gr.Warning(str(err).strip("'\""))
+            return None
+        return views.layer_metrics_image(metrics)
+
+    def store_tables(self, model_id: str | None) -> tuple[Any, Any, Any, Any]:
+        """The store browser: personas, models, metrics at the best layer and neuron sets."""
+        model_id = (model_id or self.backend.default_model).strip()
+        return self.backend.tables(model_id)
+
+    def persona_map(
+        self,
+        model_id: str | None,
+        history: Messages | None,
+        layer: float,
+        personas: list[str] | None,
+        vectors_from: str = "",
+    ) -> np.ndarray | None:
+        """PCA of the registered persona vectors at ``layer`` with this conversation's position."""
+        model_id = (model_id or self.backend.default_model).strip()
+        at = int(layer or 0)
+        try:
+            names, vectors, point = self.backend.persona_space(
+                model_id, history or [], at, vectors_from or ""
+            )
+        except (KeyError, ValueError, LookupError) as err:
+            gr.Warning(str(err).strip("'\""))
+            return None
+        title = f"persona space at layer {at} ({len(names)} vectors; ★ = this conversation)"
+        return views.pca_map_image(names, vectors, point, title, tuple(personas or ()))
+
+
+# -- layout -------------------------------------------------------------------------------------
+
+
+def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
+    """The page. Nothing loads here: the model loads on the first event that needs it."""
+    h = Handlers(backend)
+    with gr.Blocks(title="PersonaChat", analytics_enabled=False) as demo:
+        inside = gr.State(Inside())
+        gr.Markdown(
+            "# PersonaChat\nChat with a model while steering it with persona vectors, "
+            "ablating persona neurons and watching the personas inside it."
+        )
+        with gr.Row():
+            with gr.Column(scale=2, min_width=340):
+                with gr.Accordion("Model and store", open=False):
+                    model = gr.Dropdown(
+                        choices=[backend.default_model],
+                        value=backend.default_model,
+                        allow_custom_value=True,
+                        label="Model (hub name or local path)",
+                    )
+                    model_info = gr.Markdown("Loading the model…", elem_id="model-info")
+                    vectors_from = gr.Radio(
+                        [], label="Steer with vectors read from", elem_id="vectors-from"
+                    )
+                    with gr.Group(visible=False) as extract_box:
+                        gr.Markdown("This model has no persona vectors in the store yet.")
+                        with gr.Row():
+                            dataset = gr.Dropdown(_datasets(), value="personas", label="Dataset")
+                            extract_positions = gr.Dropdown(
+                                ["question_span", "prompt_last", "prompt_avg", "response_avg"],
+                                value="question_span",
+                                label="Read from",
+                            )
+                        extract_personas = gr.Dropdown(
+                            _dataset_personas("personas"),
+                            multiselect=True,
+                            label="Only these personas (empty: all; quicker with few)",
+                        )
+                        extract_btn = gr.Button("Extract and register", elem_id="extract")
+                    refresh_btn = gr.Button("Refresh from the store", size="sm")
+                with gr.Accordion("Personas and strength", open=True):
+                    personas = gr.Dropdown(
+                        choices=[], multiselect=True, label="Personas to blend", elem_id="personas"
+                    )
+                    weights = gr.Textbox(
+                        label="Blend weights (negative allowed)",
+                        placeholder="1, -0.5   or   pirate=1, cynic=-0.5   (empty: 1 each)",
+                        elem_id="weights",
+                    )
+                    blend = gr.Markdown(
+                        "No persona picked: the chat is unsteered.", elem_id="blend"
+                    )
+                    with gr.Row():
+                        preset = gr.Radio(list(PRESETS), value="custom", label="Preset")
+                        strength = gr.Number(value=4.0, label="Preset strength", elem_id="strength")
+                    layer_spec = gr.Textbox(
+                        label="Strength per layer",
+                        placeholder="layer or range : strength, e.g. 1-3:4, 5:2 (or all:2)",
+                        elem_id="layer-spec",
+                    )
+                    with gr.Row():
+                        units = gr.Radio(list(UNITS), value="raw", label="Units")
+                        positions = gr.Radio(list(POSITIONS), value="all", label="Add at tokens")
+                with gr.Accordion("Generation", open=False):
+                    system_prompt = gr.Textbox(label="System prompt", lines=2, elem_id="system")
+                    with gr.Row():
+                        temperature = gr.Number(value=0.0, label="Temperature (0 = greedy)")
+                        max_tokens = gr.Number(
+                            value=64, label="Max tokens", precision=0, elem_id="max-tokens"
+                        )
+                        seed = gr.Number(value=0, label="Seed", precision=0)
+                    side_by_side = gr.Checkbox(
+                        value=False, label="Side by side with the unsteered reply", elem_id="sbs"
+                    )
+                with gr.Accordion("Neurons", open=False):
+                    neuron_sets = gr.Dropdown(
+                        choices=[], multiselect=True, label="Neuron sets", elem_id="neuron-sets"
+                    )
+                    neurons = gr.Textbox(
+                        label="Or type neurons",
+                        placeholder="layer:index, e.g. 1:12, 1:40-45",
+                        elem_id="neurons",
+                    )
+                    ablation = gr.Radio(
+                        list(ABLATION_MODES), value="off", label="Ablate", elem_id="ablation"
+                    )
+            with gr.Column(scale=3, min_width=420):
+                with gr.Row():
+                    chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chat")
+                    side_chat = gr.Chatbot(
+                        label="Unsteered (same conversation)",
+                        height=380,
+                        visible=False,
+                        elem_id="side-chat",
+                    )
+                message = gr.Textbox(
+                    placeholder="Type a message and press Enter",
+                    show_label=False,
+                    elem_id="message",
+                )
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary", elem_id="send", min_width=60)
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop", min_width=60)
+                    retry = gr.Button("Retry", elem_id="retry", min_width=60)
+                    undo = gr.Button("Undo", elem_id="undo", min_width=60)
+                    clear = gr.Button("Clear", elem_id="clear", min_width=60)
+                status = gr.Markdown("", elem_id="status")
+                with gr.Tabs():
+                    with gr.Tab("Tokens"):
+                        with gr.Row():
+                            view_layer = gr.Slider(
+                                0, 1, value=0, step=1, label="Layer", elem_id="view-layer"
+                            )
+                            view_persona = gr.Dropdown(choices=[], label="Heatmap persona")
+                        tokens_view = gr.HTML(views.empty_html("No reply yet."), elem_id="tokens")
+                        heatmap = gr.Image(
+                            label="Token x layer",
+                            interactive=False,
+                            type="numpy",
+                            elem_id="heatmap",
+                        )
+                    with gr.Tab("Layers"):
+                        layers_btn = gr.Button("Plot AUC / separation by layer", size="sm")
+                        layers_plot = gr.Image(label="Per-layer quality", interactive=False)
+                    with gr.Tab("Persona map"):
+                        map_btn = gr.Button("Map this conversation", size="sm")
+                        map_plot = gr.Image(label="Persona space (PCA)", interactive=False)
+                    with gr.Tab("Store"):
+                        store_btn = gr.Button("Load tables", size="sm")
+                        t_personas = gr.Dataframe(label="Personas", interactive=False)
+                        t_models = gr.Dataframe(label="Models", interactive=False)
+                        t_metrics = gr.Dataframe(label="Vectors (at best layer)", interactive=False)
+                        t_neurons = gr.Dataframe(label="Neuron sets", interactive=False)
+
+        settings = [
+            model,
+            personas,
+            weights,
+            layer_spec,
+            units,
+            positions,
+            system_prompt,
+            temperature,
+            max_tokens,
+            seed,
+            neuron_sets,
+            neurons,
+            ablation,
+            side_by_side,
+            vectors_from,
+            view_layer,
+            inside,
+        ]
+        chat_out = [chatbot, side_chat, message, status, tokens_view, inside]
+        load_out = [
+            model_info,
+            personas,
+            neuron_sets,
+            extract_box,
+            view_layer,
+            vectors_from,
+            status,
+        ]
+
+        demo.load(h.load, [model], load_out, api_name="load_model")
+        model.change(h.load, [model], load_out, api_visibility="private")
+        refresh_btn.click(
+            h.refresh,
+            [model, personas, vectors_from],
+            [personas, neuron_sets, status],
+            api_name="refresh",
+        )
+        extract_btn.click(
+            h.extract,
+            [model, dataset, extract_positions, extract_personas],
+            load_out,
+            api_name="extract",
+            concurrency_limit=1,
+        )
+        dataset.change(
+            lambda name: gr.update(choices=_dataset_personas(name), value=[]),
+            dataset,
+            extract_personas,
+            api_visibility="private",
+        )
+        vectors_from.change(
+            h.refresh,
+            [model, personas, vectors_from],
+            [personas, neuron_sets, status],
+            api_visibility="private",
+        )
+        preset_in = [model, personas, preset, strength, vectors_from]
+        preset.change(h.preset, preset_in, [layer_spec, blend], api_name="preset")
+        strength.submit(h.preset, preset_in, [layer_spec, blend], api_visibility="private")
+        blend_in = [model, personas, weights, layer_spec, units, vectors_from]
+        personas.change(h.blend_info, blend_in, blend, api_name="blend_info")
+        for trigger in (weights.change, layer_spec.change, units.change):
+            trigger(h.blend_info, blend_in, blend, api_visibility="private", show_progress="hidden")
+        side_by_side.change(_visible, side_by_side, side_chat, api_visibility="private")
+
+        run: dict[str, Any] = {"concurrency_limit": concurrency, "concurrency_id": "generate"}
+        sent = [
+            send.click(
+                h.chat, [message, chatbot, side_chat, *settings], chat_out, api_name="chat", **run
+            ),
+            message.submit(
+                h.chat,
+                [message, chatbot, side_chat, *settings],
+                chat_out,
+                api_visibility="private",
+                **run,
+            ),
+            retry.click(
+                h.retry, [chatbot, side_chat, *settings], chat_out, api_name="retry", **run
+            ),
+        ]
+        view_persona.input(h.heatmap, [inside, view_persona], heatmap, api_name="heatmap")
+        for event in sent:
+            event.then(
+                _persona_choices, [inside, view_persona], view_persona, api_visibility="private"
+            ).then(h.heatmap, [inside, view_persona], heatmap, api_visibility="private")
+        stop.click(h.stop, None, status, api_name="stop", concurrency_limit=None, queue=False)
+        undo.click(
+            h.undo, [chatbot, side_chat], [chatbot, side_chat, message, status], api_name="undo"
+        )
+        clear.click(
+            h.clear, None, [chatbot, side_chat, status, tokens_view, inside], api_name="clear"
+        )
+        view_layer.change(h.tokens, [inside, view_layer], tokens_view, api_name="tokens")
+        layers_btn.click(
+            h.layer_plot, [model, personas, vectors_from], layers_plot, api_name="layer_plot"
+        )
+        map_btn.click(
+            h.persona_map,
+            [model, chatbot, view_layer, personas, vectors_from],
+            map_plot,
+            api_name="persona_map",
+        )
+        store_btn.click(
+            h.store_tables,
+            [model],
+            [t_personas, t_models, t_metrics, t_neurons],
+            api_name="store_tables",
+        )
+    return demo
+
+
+def _visible(on: bool) -> Any:
+    return gr.update(visible=bool(on))
+
+
+def _persona_choices(inside: Inside | None, current: str | None) -> Any:
+    names = list(inside.personas) if inside is not None else []
+    return gr.update(
+        choices=names, value=current if current in names else (names[0] if names else None)
+    )
+
+
+def _datasets() -> list[str]:
+    from personachat.datasets import builtin_names
+
+    return builtin_names()
+
+
+def _dataset_personas(name: str) -> list[str]:
+    from personachat.datasets import load_builtin
+
+    try:
+        return list(load_builtin(name).persona_names)
+    except ValueError:
+        return []

@@ -1,0 +1,439 @@
+"""Every page action through its handler, on a tiny model and a real temporary store.
+
+Expected values come from the runtime itself: a reply through the page equals ``ChatEngine``'s
+reply with the same specs, the readout equals the engine's projections, the persona-map point
+equals the model's own hidden states minus the stored baseline mean.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import re
+import sys
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+
+from personachat.backend import Backend, residual_mean
+from personachat.chat import ChatEngine, GenerationSettings
+from personachat.interventions import AblationSpec, SteeringSpec
+from personachat.model import LoadedModel
+from personachat.prompts import format_chat, persona_messages
+from personachat.records import LayerMetrics, NeuronSet, Persona, PersonaMeans, PersonaVector
+from personachat.session import InputError, format_layer_spec, parse_weights, preset_spec
+from personachat.store import Store
+from personachat.tiny import tiny_model
+from personachat.ui import Handlers, Inside, build_ui, gpu
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import app  # noqa: E402
+
+MODEL = "tiny-llama"
+QUESTIONS = ["What is the capital of France?", "Tell me about the ocean.", "Numbers 1 2 3?"]
+PROMPTS = {"default": "", "pirate": "You are a pirate. Arr, matey!", "poet": "I think, therefore."}
+SET = "pirate_units"
+
+
+@functools.cache
+def tiny() -> LoadedModel:
+    return tiny_model("llama", n_layers=3, hidden=32)
+
+
+def persona_means(lm: LoadedModel, system_prompt: str) -> torch.Tensor:
+    """Mean residual per layer [n_layers, hidden] over the questions, from output_hidden_states."""
+    rows = []
+    with torch.no_grad():
+        for question in QUESTIONS:
+            text = format_chat(lm.tokenizer, persona_messages(system_prompt, question))
+            ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            hidden = lm.model(ids, output_hidden_states=True).hidden_states
+            rows.append(torch.stack([h[0].mean(0) for h in hidden[1:]]))
+    return torch.stack(rows).mean(0)
+
+
+def build_store(root: Path, lm: LoadedModel) -> None:
+    means = {name: persona_means(lm, prompt) for name, prompt in PROMPTS.items()}
+    vectors = []
+    for name in ("pirate", "poet"):
+        vec = means[name] - means["default"]
+        metrics = LayerMetrics(
+            auc=torch.tensor([0.6, 0.9, 0.7]),
+            separation=torch.tensor([0.5, 2.0, 1.0]),
+            norm=vec.norm(dim=-1),
+            resid_norm=means["default"].norm(dim=-1),
+        )
+        vectors.append(PersonaVector(MODEL, name, vec, positions="question_span", metrics=metrics))
+    # the exact opposite of pirate: blending both must warn that they cancel
+    vectors.append(
+        PersonaVector(
+            MODEL, "landlubber", -vectors[0].vector, positions="question_span", metrics=metrics
+        )
+    )
+    width = lm.info.mlp_width
+    units = NeuronSet(
+        MODEL,
+        SET,
+        "mlp_hidden",
+        layers=[0, 1, 1, 2],
+        indices=[3, 5, width - 1, 7],
+        scores=[1.0, 0.8, 0.5, 0.2],
+        means=[0.5, -0.25, 0.125, 1.0],
+    )
+    with Store(root) as store:
+        store.register_model(lm.info)
+        store.register_personas(
+            [Persona(n, p or "(no system prompt)") for n, p in PROMPTS.items()]
+            + [Persona("landlubber", "You hate the sea.")]
+        )
+        store.register_vectors(
+            vectors,
+            means=[
+                PersonaMeans(MODEL, n, "question_span", m, len(QUESTIONS)) for n, m in means.items()
+            ],
+        )
+        store.register_neurons([units])
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("store")
+    build_store(root, tiny())
+    return root
+
+
+@pytest.fixture
+def h(store_root: Path) -> Handlers:
+    return Handlers(Backend(MODEL, store_root, models={MODEL: tiny()}))
+
+
+@pytest.fixture(scope="module")
+def engine(store_root: Path) -> ChatEngine:
+    """An engine built directly from the store, independent of the page's backend."""
+    with Store(store_root, read_only=True) as store:
+        vectors = [store.load_vector(MODEL, n) for n in ("pirate", "poet", "landlubber")]
+        sets = [store.load_neurons(MODEL, SET)]
+    return ChatEngine(tiny(), vectors, sets)
+
+
+def chat(h: Handlers, message: str = "Tell me about the ocean.", **kw: object) -> list[tuple]:
+    """All yields of one chat call; settings default to an unsteered greedy 12-token reply."""
+    args: dict[str, object] = {
+        "history": [],
+        "side_history": [],
+        "model_id": MODEL,
+        "personas": [],
+        "weights": "",
+        "layer_spec": "",
+        "max_new_tokens": 12,
+    }
+    args.update(kw)
+    return list(h.chat(message, **args))  # type: ignore[arg-type]
+
+
+USER = [{"role": "user", "content": "Tell me about the ocean."}]
+
+
+def test_load_offers_the_registered_personas_sets_and_kinds(h: Handlers) -> None:
+    info, personas, sets, offer, slider, kinds, status = h.load(MODEL)
+    assert personas["choices"] == ["landlubber", "pirate", "poet"]
+    assert sets["choices"] == [SET]
+    assert kinds["choices"] == ["question_span"] and kinds["value"] == "question_span"
+    assert offer["visible"] is False
+    assert slider["maximum"] == 2
+    assert "3 layers" in info and "hidden 32" in info and "MLP width 64" in info
+    assert "3 personas" in status
+
+
+def test_unknown_model_shows_a_message_not_a_crash(h: Handlers) -> None:
+    out = h.load("/no/such/model")
+    assert out[0].startswith("⚠ Cannot load `/no/such/model`")
+
+
+def test_steered_chat_streams_the_engine_reply_and_readout(h: Handlers, engine: ChatEngine) -> None:
+    steps = chat(h, personas=["pirate", "poet"], weights="1, 0.5", layer_spec="1:4, 2:2")
+    expected = engine.reply(
+        USER,
+        GenerationSettings(max_new_tokens=12),
+        steering=SteeringSpec({"pirate": 1.0, "poet": 0.5}, layers="1:4, 2:2"),
+        readout=["pirate", "poet"],
+    )
+    assert len(steps) >= 4  # the user turn, several partial replies, the final one
+    partial = [s[0][-1]["content"] for s in steps[1:-1]]
+    assert all(expected.text.startswith(p) for p in partial)
+    history, side, box, status, tokens_html, inside = steps[-1]
+    assert history == [*USER, {"role": "assistant", "content": expected.text}]
+    assert box == "" and status.startswith("Done. Blend 1·pirate +0.5·poet at 1:4, 2:2 (raw)")
+    assert side[-1]["content"] == "—"  # side by side was off
+    assert isinstance(inside, Inside) and inside.personas == ("pirate", "poet")
+    want = np.nan_to_num(expected.readout.projections.numpy())
+    np.testing.assert_allclose(inside.projections, want, rtol=1e-6, atol=1e-6)
+    assert inside.n_prompt == expected.readout.prompt_len
+    assert tokens_html.count('class="pc-tok pc-') == 2 * len(inside.tokens)
+
+
+def test_steering_changes_the_reply(h: Handlers) -> None:
+    plain = chat(h)[-1][0][-1]["content"]
+    steered = chat(h, personas=["pirate"], layer_spec="0-2:8")[-1][0][-1]["content"]
+    assert plain and steered and plain != steered
+
+
+def test_calibrated_units_and_prompt_positions_match_the_engine(
+    h: Handlers, engine: ChatEngine
+) -> None:
+    steps = chat(
+        h, personas=["pirate"], layer_spec="1:0.5", units="x residual norm", positions="prompt"
+    )
+    expected = engine.reply(
+        USER,
+        GenerationSettings(max_new_tokens=12),
+        steering=SteeringSpec({"pirate": 1.0}, "1:0.5", units="calibrated", positions="prompt"),
+    )
+    assert steps[-1][0][-1]["content"] == expected.text
+
+
+def test_side_by_side_shows_the_unsteered_reply_of_the_same_batch(
+    h: Handlers, engine: ChatEngine
+) -> None:
+    steps = chat(h, personas=["pirate"], layer_spec="0-2:8", side_by_side=True)
+    history, side = steps[-1][0], steps[-1][1]
+    plain = engine.reply(USER, GenerationSettings(max_new_tokens=12))
+    steered = engine.reply(
+        USER, GenerationSettings(max_new_tokens=12), steering=SteeringSpec({"pirate": 1}, "0-2:8")
+    )
+    assert side == [*USER, {"role": "assistant", "content": plain.text}]
+    assert history[-1]["content"] == steered.text != plain.text
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_ablating_a_neuron_set_matches_the_engine(
+    h: Handlers, engine: ChatEngine, mode: str
+) -> None:
+    steps = chat(h, neuron_sets=[SET], ablation=mode, max_new_tokens=8)
+    expected = engine.reply(
+        USER, GenerationSettings(max_new_tokens=8), ablation=AblationSpec(SET, mode=mode)
+    )
+    assert steps[-1][0][-1]["content"] == expected.text
+    assert steps[-1][3].startswith("Done")
+
+
+def test_typed_neurons_are_ablated_and_ablation_toggles_off(
+    h: Handlers, engine: ChatEngine
+) -> None:
+    typed = chat(h, neurons="1:0-63, 2:0-63", ablation="zero", max_new_tokens=8)
+    expected = engine.reply(
+        USER, GenerationSettings(max_new_tokens=8), ablation=AblationSpec(neurons="1:0-63,2:0-63")
+    )
+    plain = engine.reply(USER, GenerationSettings(max_new_tokens=8))
+    assert typed[-1][0][-1]["content"] == expected.text != plain.text
+    off = chat(h, neurons="1:0-63, 2:0-63", ablation="off", max_new_tokens=8)
+    assert off[-1][0][-1]["content"] == plain.text
+
+
+BAD_INPUTS = [
+    ({"message": "   "}, "The message is empty"),
+    ({"message": "x" * 5000}, "The message has 5000 characters; the limit is 4000"),
+    ({"personas": ["pirate"], "weights": "lots", "layer_spec": "1:2"}, "weight of pirate must be"),
+    ({"personas": ["pirate"], "weights": "1, 2", "layer_spec": "1:2"}, "2 weights for 1 picked"),
+    ({"personas": ["pirate"], "layer_spec": "1:strong"}, "strength 'strong'"),
+    ({"personas": ["pirate"], "layer_spec": "1-7:2"}, "layer 7 in '1-7:2' is out of range"),
+    ({"personas": ["pirate"], "layer_spec": "one:2"}, "cannot read 'one:2'"),
+    ({"personas": ["pirate"], "layer_spec": ""}, "Strength per layer is empty"),
+    ({"neurons": "1:64", "ablation": "zero"}, "index 64 is beyond the MLP width 64"),
+    ({"neurons": "9:1", "ablation": "zero"}, "layer 9 is out of range"),
+    ({"personas": ["kraken"], "layer_spec": "1:2"}, "persona kraken is not in the store"),
+    ({"neuron_sets": ["nope"], "ablation": "zero"}, "neuron set nope is not in the store"),
+    ({"temperature": "hot"}, "temperature must be a number"),
+    ({"max_new_tokens": 100000}, "max tokens must be between 1 and 512"),
+    ({"neurons": "1:3", "ablation": "mean"}, "mean ablation of typed neurons needs baseline"),
+]
+
+
+@pytest.mark.parametrize(("inputs", "expected"), BAD_INPUTS)
+def test_bad_input_shows_a_specific_message_and_the_chat_goes_on(
+    h: Handlers, inputs: dict[str, object], expected: str
+) -> None:
+    history = [*USER, {"role": "assistant", "content": "earlier reply"}]
+    message = str(inputs.pop("message", "Next question?"))
+    with pytest.warns(UserWarning, match=re.escape(expected)):  # gr.Warning outside a request
+        steps = chat(h, message, history=history, **inputs)
+    assert len(steps) == 1
+    out_history, _, box, status, _, _ = steps[0]
+    assert out_history == history  # nothing lost
+    assert box == message  # the text stays in the box to fix
+    assert status.startswith("⚠") and expected in status
+    after = chat(h, history=history)  # and the chat keeps working
+    assert after[-1][3].startswith("Done") and len(after[-1][0]) == 4
+
+
+def test_a_persona_removed_while_the_page_is_open(h: Handlers, store_root: Path) -> None:
+    h.load(MODEL)
+    with Store(store_root) as store:  # a script removes poet while the page shows it
+        poet = store.load_vector(MODEL, "poet")
+        store.remove_vector(MODEL, "poet")
+    try:
+        with pytest.warns(UserWarning, match="persona poet is not in the store"):
+            steps = chat(h, personas=["poet"], layer_spec="1:2")
+        assert "Known: landlubber, pirate" in steps[0][3]
+        personas, _, status = h.refresh(MODEL, ["poet", "pirate"])
+        assert personas["value"] == ["pirate"] and "No longer in the store: poet" in status
+    finally:
+        with Store(store_root) as store:
+            store.register_vectors([poet])
+    assert "poet" in h.load(MODEL)[1]["choices"]
+
+
+def test_stop_ends_the_generation_and_keeps_the_partial_reply(h: Handlers) -> None:
+    request = gr.Request(session_hash="tab-1")
+    stream = h.chat(
+        "Tell me about the ocean.", [], [], MODEL, [], "", "", max_new_tokens=200, request=request
+    )
+    next(stream)  # the user turn
+    first = next(stream)[0][-1]["content"]
+    assert h.stop(gr.Request(session_hash="tab-2")) == "Stopped."  # another tab: no effect
+    h.stop(request)
+    steps = list(stream)
+    history, status = steps[-1][0], steps[-1][3]
+    assert status.startswith("Stopped: partial reply kept")
+    reply = history[-1]["content"]
+    assert reply.startswith(first) and len(tiny().tokenizer(reply)["input_ids"]) < 100
+
+
+def test_retry_undo_and_clear(h: Handlers) -> None:
+    first = chat(h, max_new_tokens=6)[-1]
+    again = list(h.retry(first[0], first[1], MODEL, [], "", "", max_new_tokens=6))[-1]
+    assert again[0] == first[0]  # greedy: the same reply again, not a second turn
+    steered = list(h.retry(first[0], first[1], MODEL, ["pirate"], "", "0-2:8", max_new_tokens=6))
+    assert len(steered[-1][0]) == 2 and steered[-1][0][-1] != first[0][-1]
+    history, side, box, status = h.undo(first[0], first[1])
+    assert (history, side, box) == ([], [], "Tell me about the ocean.")
+    assert h.undo([], [])[3] == "Nothing to undo."
+    with pytest.warns(UserWarning, match="Nothing to retry"):
+        assert list(h.retry([], [], MODEL, [], "", ""))[0][3] == "⚠ Nothing to retry yet."
+    cleared = h.clear()
+    assert cleared[:3] == ([], [], "Conversation cleared.") and cleared[4].projections is None
+
+
+def test_presets_fill_the_layer_spec(h: Handlers) -> None:
+    assert h.preset(MODEL, ["pirate"], "best layer", 4)[0] == "1:4"  # best AUC at layer 1
+    assert h.preset(MODEL, ["pirate"], "band", 2)[0] == "0-2:2"
+    assert h.preset(MODEL, [], "all layers", -1.5)[0] == "0-2:-1.5"
+    with pytest.warns(UserWarning, match="Preset strength must be a number"):
+        assert h.preset(MODEL, ["pirate"], "band", "big")[1].startswith("⚠")
+    assert preset_spec("band", 3, best_layer=5, n_layers=30, band=2) == "3-7:3"
+    assert format_layer_spec({1: 4.0, 2: 4.0, 3: 4.0, 5: 2.0, 6: -1.0}) == "1-3:4, 5:2, 6:-1"
+
+
+def test_blend_info_warns_when_personas_cancel(h: Handlers) -> None:
+    text = h.blend_info(MODEL, ["pirate", "landlubber"], "1, 1", "1:4")
+    assert "Blend 1·pirate +1·landlubber at 1:4 (raw)." in text
+    assert "⚠ Interference: pirate and landlubber cancel (signed cosine -1.00" in text
+    assert "Interference" not in h.blend_info(MODEL, ["pirate", "poet"], "pirate=1", "1:4")
+    assert h.blend_info(MODEL, [], "", "") == "No persona picked: the chat is unsteered."
+    assert h.blend_info(MODEL, ["pirate"], "a", "1:4").startswith("⚠ the weight of pirate")
+    assert parse_weights("poet=-0.5", ["pirate", "poet"]) == (1.0, -0.5)
+    with pytest.raises(InputError, match="names no picked persona"):
+        parse_weights("kraken=1", ["pirate"])
+
+
+def test_tokens_view_and_heatmap_show_the_readout(h: Handlers) -> None:
+    inside = chat(h, personas=["pirate"], layer_spec="1:4")[-1][5]
+    html_text = h.tokens(inside, 2)
+    values = [float(v) for v in re.findall(r'data-value="([^"]+)"', html_text)]
+    np.testing.assert_allclose(values, inside.projections[:, 2, 0], rtol=1e-3, atol=1e-3)
+    assert "projection on pirate at layer 2" in html_text
+    assert len(re.findall(r"pc-tok pc-reply", html_text)) == len(inside.tokens) - inside.n_prompt
+    prompt = format_chat(tiny().tokenizer, USER)
+    assert "".join(inside.tokens[: inside.n_prompt]) == prompt
+    titles = [html.unescape(t) for t in re.findall(r'title="([^"]*)"', html_text)]
+    assert titles[inside.n_prompt - 1].startswith(repr(inside.tokens[inside.n_prompt - 1]))
+    image = h.heatmap(inside, "pirate")
+    assert image is not None and image.ndim == 3 and image.shape[2] == 3
+    assert h.heatmap(Inside()) is None
+    assert "Send a message" in h.tokens(None, 0)
+
+
+def test_layer_plot_store_tables_and_persona_map(h: Handlers, store_root: Path) -> None:
+    plot = h.layer_plot(MODEL, ["pirate", "poet"])
+    assert plot is not None and plot.shape[2] == 3
+    personas, models, metrics, sets = h.store_tables(MODEL)
+    assert set(personas["persona"]) == {"default", "pirate", "poet", "landlubber"}
+    assert list(models["model"]) == [MODEL] and int(models["layers"][0]) == 3
+    row = metrics[metrics["persona"] == "pirate"].iloc[0]
+    assert int(row["best layer"]) == 1 and row["AUC"] == pytest.approx(0.9)
+    assert list(sets["neuron set"]) == [SET] and int(sets["units"][0]) == 4
+    history = [*USER, {"role": "assistant", "content": "Paris."}]
+    names, vectors, point = h.backend.persona_space(MODEL, history, 1)
+    assert names == ["landlubber", "pirate", "poet"] and vectors.shape == (3, 32)
+    with Store(store_root, read_only=True) as store:
+        base = store.load_means(MODEL, "default", positions="question_span").mean[1]
+    text = format_chat(tiny().tokenizer, history, add_generation_prompt=False)
+    ids = tiny().tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        direct = tiny().model(ids, output_hidden_states=True).hidden_states[2][0].mean(0)
+    assert point is not None
+    np.testing.assert_allclose(point, (direct - base).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(residual_mean(tiny(), history, 1), direct.numpy(), atol=1e-5)
+    image = h.persona_map(MODEL, history, 1, ["pirate"])
+    assert image is not None and image.shape[2] == 3
+    with pytest.warns(UserWarning, match="out of range"):
+        assert h.persona_map(MODEL, history, 7, []) is None
+
+
+def test_extract_registers_vectors_for_a_model_without_any(tmp_path: Path) -> None:
+    lm = tiny_model("llama", n_layers=2, hidden=32, seed=3)
+    h = Handlers(Backend(MODEL, tmp_path, models={MODEL: lm}))
+    assert h.load(MODEL)[3]["visible"] is True  # no vectors: extraction is offered
+    out = h.extract(MODEL, "personas", "question_span", ["cynic", "jester"])
+    assert out[1]["choices"] == ["cynic", "jester"] and out[3]["visible"] is False
+    assert out[-1].startswith(f"Registered 2 vectors for `{MODEL}`")
+    with Store(tmp_path, read_only=True) as store:
+        assert {e.persona for e in store.vectors(MODEL)} == {"cynic", "jester"}
+
+
+def test_the_page_builds_with_named_endpoints(h: Handlers) -> None:
+    demo = build_ui(h.backend)
+    names = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
+    assert {
+        "chat",
+        "retry",
+        "stop",
+        "undo",
+        "clear",
+        "load_model",
+        "refresh",
+        "extract",
+        "preset",
+        "blend_info",
+        "tokens",
+        "heatmap",
+        "layer_plot",
+        "persona_map",
+        "store_tables",
+    } <= names
+    assert gpu(len) is len  # no `spaces` package here: the decorator is a no-op
+
+
+def test_app_config_from_args_and_environment(tmp_path: Path) -> None:
+    config = app.parse_args([], env={})
+    assert config.host == "127.0.0.1" and config.port == 7860
+    assert Path(config.model).resolve() == ROOT / "store/models/demo"
+    assert config.store.resolve() == ROOT / "store"
+    space = app.parse_args([], env={"SPACE_ID": "me/space", "PERSONACHAT_MODEL": "org/model"})
+    assert space.host == "0.0.0.0" and space.model == "org/model"
+    asked = app.parse_args(["--host", "0.0.0.0", "--store", str(tmp_path), "--port", "9"], env={})
+    assert (asked.host, asked.store, asked.port) == ("0.0.0.0", tmp_path, 9)
+
+
+def test_app_exits_non_zero_naming_what_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = app.main(["--model", str(tmp_path / "nomodel"), "--store", str(tmp_path / "nostore")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"model folder {tmp_path / 'nomodel'} has no config.json" in err
+    assert f"store folder {tmp_path / 'nostore'} does not exist" in err
