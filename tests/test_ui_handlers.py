@@ -309,11 +309,11 @@ def test_retry_undo_and_clear(h: Handlers) -> None:
     assert again[0] == first[0]  # greedy: the same reply again, not a second turn
     steered = list(h.retry(first[0], first[1], MODEL, ["pirate"], "", "0-2:8", max_new_tokens=6))
     assert len(steered[-1][0]) == 2 and steered[-1][0][-1] != first[0][-1]
-    history, side, box, status = h.undo(first[0], first[1])
+    history, side, box, _status = h.undo(first[0], first[1])
     assert (history, side, box) == ([], [], "Tell me about the ocean.")
     assert h.undo([], [])[3] == "Nothing to undo."
     with pytest.warns(UserWarning, match="Nothing to retry"):
-        assert list(h.retry([], [], MODEL, [], "", ""))[0][3] == "⚠ Nothing to retry yet."
+        assert next(iter(h.retry([], [], MODEL, [], "", "")))[3] == "⚠ Nothing to retry yet."
     cleared = h.clear()
     assert cleared[:3] == ([], [], "Conversation cleared.") and cleared[4].projections is None
 
