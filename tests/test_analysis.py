@@ -1,0 +1,278 @@
+"""Persona analysis: geometry, collapse metrics, probes, patching and the report, on tiny models.
+
+Expected values come from hand-built geometry or from the model's own forward pass; the demo
+test checks that the collapse analysis finds the collapse planted in ``personachat.demo``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from personachat import analysis as an
+from personachat import report as rp
+from personachat.model import LoadedModel
+from personachat.records import LayerMetrics, Persona, PersonaVector
+
+QUESTIONS = ("What is the capital of France?", "Tell me about the ocean.", "What is history?")
+PREFIX = "The answer is"
+STAR = Persona("star", "You are a star.")  # these two tokenize to the same length (6)
+COOK = Persona("cook", "You are a cook.")
+PIRATE = Persona("pirate", "You are a pirate.")  # 5 tokens
+DEFAULT = Persona("default", "")
+DEMO = Path(__file__).resolve().parents[1] / "store" / "models" / "demo"
+
+
+# ---- persona space ----------------------------------------------------------------------------
+
+
+def cross_space() -> an.PersonaSpace:
+    # e1, -e1, e2, -e2: mean zero; cos(e1, -e1) = -1, cos(e1, e2) = 0.
+    e = np.eye(3)
+    vecs = {"default": e[0], "rebel": -e[0], "poet": e[1], "pirate": -e[1]}
+    return an.persona_space(vecs, n_components=3)
+
+
+def test_persona_space_known_geometry() -> None:
+    s = cross_space()
+    expected = np.array([[1, -1, 0, 0], [-1, 1, 0, 0], [0, 0, 1, -1], [0, 0, -1, 1]], float)
+    np.testing.assert_allclose(s.cosine, expected, atol=1e-12)
+    # Two equal singular values carry all the variance.
+    np.testing.assert_allclose(s.explained[:2], [0.5, 0.5], atol=1e-12)
+    assert s.explained[2] == pytest.approx(0.0, abs=1e-12)
+    # Axis = default - mean(rebel, poet, pirate) = 4/3 e1; projections on the unit axis.
+    assert s.neutral == ["default"]
+    np.testing.assert_allclose(s.axis, [4 / 3, 0, 0], atol=1e-12)
+    np.testing.assert_allclose(s.projection, [1, -1, 0, 0], atol=1e-12)
+    assert s.ranking()[0] == "default" and s.ranking()[-1] == "rebel"
+
+
+def test_persona_space_from_vectors_adds_baseline_and_picks_best_layer() -> None:
+    def vec(name: str, rows: list[list[float]], auc: list[float]) -> PersonaVector:
+        t = torch.tensor(rows, dtype=torch.float32)
+        metrics = LayerMetrics(torch.tensor(auc), torch.zeros(2), t.norm(dim=-1), torch.ones(2))
+        return PersonaVector("m", name, t, baseline="default", metrics=metrics,
+                             created_at=datetime.now(UTC))  # fmt: skip
+
+    vectors = [
+        vec("a", [[9, 9], [1, 0]], [0.5, 0.9]),
+        vec("b", [[9, 9], [0, 1]], [0.6, 0.8]),
+        vec("c", [[9, 9], [1, 1]], [0.5, 1.0]),
+    ]
+    s = an.persona_space(vectors)
+    assert s.layer == 1  # highest mean AUC
+    assert s.personas == ["default", "a", "b", "c"]  # the baseline is the zero vector
+    x = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], float)
+    c = x - x.mean(0)
+    u = c / np.linalg.norm(c, axis=1, keepdims=True)
+    np.testing.assert_allclose(s.cosine, u @ u.T, atol=1e-12)
+    assert s.neutral == ["default"]
+
+
+def test_compare_spaces_aligns_by_name_and_is_rotation_invariant() -> None:
+    rng = np.random.default_rng(0)
+    names = ["default", "pirate", "poet", "cynic", "robot", "chef"]
+    x = rng.normal(size=(6, 8))
+    q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    a = an.persona_space(dict(zip(names, x, strict=True)), model_id="A")
+    rotated = {n: x[i] @ q for i, n in reversed(list(enumerate(names)))}  # other order
+    b = an.persona_space(rotated, model_id="B")
+    cmp = an.compare_spaces(a, b)
+    assert cmp.pearson == pytest.approx(1.0)
+    assert cmp.spearman == pytest.approx(1.0)
+    assert cmp.axis_spearman == pytest.approx(1.0)
+    assert cmp.rank_shift() == dict.fromkeys(names, 0)
+    # Swapping two personas' vectors changes the geometry by a known permutation.
+    swapped = dict(zip(names, x[[0, 2, 1, 3, 4, 5]], strict=True))
+    c2 = an.compare_spaces(a, an.persona_space(swapped, model_id="C"))
+    perm = a.cosine[np.ix_([0, 2, 1, 3, 4, 5], [0, 2, 1, 3, 4, 5])]
+    expected = np.corrcoef(an.upper_triangle(a.cosine), an.upper_triangle(perm))[0, 1]
+    assert c2.pearson == pytest.approx(expected)
+    assert c2.pearson < 0.99
+
+
+def test_persona_space_errors_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="neutral and role personas"):
+        an.persona_space({"a": np.ones(2), "b": np.zeros(2), "c": -np.ones(2)})
+    with pytest.raises(ValueError, match="at least 3 personas"):
+        an.persona_space({"default": np.ones(2), "b": np.zeros(2)})
+
+
+# ---- collapse metrics -----------------------------------------------------------------------
+
+
+def test_js_divergence_values() -> None:
+    assert an.js_divergence({0: 1.0}, {1: 1.0}) == pytest.approx(math.log(2))
+    assert an.js_divergence({0: 0.3, 1: 0.7}, {0: 0.3, 1: 0.7}) == pytest.approx(0.0)
+    # Missing mass is one bucket: {0: .5} vs {1: .5} share the 0.5 "other" bucket.
+    m = 0.25
+    kl = 0.5 * math.log(0.5 / m) + 0.5 * math.log(0.5 / 0.5)
+    assert an.js_divergence({0: 0.5}, {1: 0.5}) == pytest.approx(kl)
+
+
+def _ans(persona: str, key: str, q: str, answer: str, top: dict[int, float]) -> an.Answer:
+    return an.Answer(persona, key, q, f"My favourite {key} is {answer}", answer, top, min(top))
+
+
+def test_collapse_from_answers_flags_and_divergence() -> None:
+    rows = []
+    for q in ("q1", "q2"):
+        rows += [
+            _ans("default", "dessert", q, "cake", {1: 0.9}),
+            _ans("chef", "dessert", q, "cake", {1: 0.8}),
+            _ans("poet", "dessert", q, "cake", {1: 0.7}),
+            _ans("pirate", "dessert", q, "pudding" if q == "q1" else "cake", {2: 0.9}),
+        ]
+        rows += [
+            _ans(p, "colour", q, c, {i: 1.0})
+            for i, (p, c) in enumerate(
+                [("default", "blue"), ("chef", "red"), ("poet", "silver"), ("pirate", "")]
+            )
+        ]
+    r = an.collapse_from_answers(rows, threshold=0.5, neutral="default")
+    dessert, colour = r.question("dessert"), r.question("colour")
+    # pirate: "pudding" once and "cake" once -> tie, first seen ("pudding") is its answer.
+    want = {"default": "cake", "chef": "cake", "poet": "cake", "pirate": "pudding"}
+    assert dessert.answers == want
+    assert dessert.modal_answer == "cake" and dessert.modal_share == 0.75 and dessert.collapsed
+    assert dessert.distinct_personas == ["pirate"]
+    assert dessert.collapsed_personas == ["default", "chef", "poet"]
+    assert dessert.generic_prob == pytest.approx(0.9)  # default's p of cake's first token
+    # Span JS: three personas always "cake", pirate half/half.
+    half = an.js_divergence({"cake": 1.0}, {"pudding": 0.5, "cake": 0.5})
+    assert dessert.span_js == pytest.approx(3 * half / 6)
+    tops = [{1: 0.9}, {1: 0.8}, {1: 0.7}, {2: 0.9}]
+    pairs = [(tops[i], tops[j]) for i in range(4) for j in range(i + 1, 4)]
+    expected_tok = np.mean([an.js_divergence(a, b) for a, b in pairs])
+    assert dessert.token_js == pytest.approx(expected_tok)
+    # Colour: every persona differs, pirate's answer was not found ("") and counts for no one.
+    assert not colour.collapsed and colour.modal_share == 0.25 and colour.n_distinct == 3
+    assert "pirate" not in colour.collapsed_personas + colour.distinct_personas
+    assert r.n_collapsed == 1
+
+
+# ---- model-based analyses (tiny random llama) ---------------------------------------------------
+
+
+def test_encode_prompt_spans_cover_persona_and_question(llama: LoadedModel) -> None:
+    tok = llama.tokenizer
+    for placement in ("early", "late"):
+        p = an.encode_prompt(llama, PIRATE, QUESTIONS[0], PREFIX, placement)  # type: ignore[arg-type]
+        assert tok.decode(p.ids[slice(*p.persona_span)]).strip() == PIRATE.system_prompt
+        assert tok.decode(p.ids[slice(*p.question_span)]).strip() == QUESTIONS[0]
+        assert tok.decode(p.ids).endswith(PREFIX)
+    late = an.encode_prompt(llama, PIRATE, QUESTIONS[0], PREFIX, "late")
+    assert late.persona_span[0] > late.question_span[0]  # the persona comes after the question
+    d = an.encode_prompt(llama, DEFAULT, QUESTIONS[0], PREFIX)
+    assert d.persona_span == (0, d.question_span[0])  # chat header before the question
+
+
+def test_group_features_match_the_models_hidden_states(llama: LoadedModel) -> None:
+    prompts = [an.encode_prompt(llama, p, q, PREFIX) for p in (PIRATE, DEFAULT) for q in QUESTIONS]
+    feats = an.collect_group_features(llama, prompts, batch_size=4)  # padded batches
+    n = llama.sites.n_layers
+    for i, p in enumerate(prompts):
+        ids = torch.tensor([list(p.ids)])
+        with torch.no_grad():
+            hs = llama.model(ids, output_hidden_states=True).hidden_states
+        for layer in range(n - 1):  # the last entry of hidden_states has the final norm applied
+            for g, group in enumerate(an.GROUPS):
+                want = hs[layer + 1][0, p.group(group)].mean(0).numpy()
+                np.testing.assert_allclose(feats[i, g, layer], want, rtol=1e-4, atol=1e-5)
+
+
+def test_probe_decodes_persona_from_its_own_tokens(llama: LoadedModel) -> None:
+    personas = [PIRATE, STAR, COOK, DEFAULT]
+    r = an.persona_probe(llama, personas, QUESTIONS, answer_prefix=PREFIX, folds=3)
+    assert r.accuracy.shape == (3, llama.sites.n_layers)
+    assert r.chance == pytest.approx(0.25)
+    # The persona span precedes the question: identical per persona, different across them.
+    np.testing.assert_allclose(r.curve("persona"), 1.0)
+    assert r.decodable_layers("persona") == list(range(llama.sites.n_layers))
+    assert r.means is not None and r.means.shape == (3, 4, llama.sites.n_layers, 32)
+
+
+def test_patching_restores_exactly_at_the_last_layer(llama: LoadedModel) -> None:
+    r = an.activation_patching(llama, STAR, COOK, QUESTIONS[0], answer_prefix=PREFIX)
+    last = llama.sites.n_layers - 1
+    assert r.ld_b != pytest.approx(r.ld_a)
+    # The last position's residual at the last layer determines its logits: full restoration.
+    assert r.restored[("residual", "answer")][last] == pytest.approx(1.0, abs=1e-4)
+    # Question positions at the last layer cannot reach the last position any more.
+    assert r.restored[("residual", "question")][last] == pytest.approx(0.0, abs=1e-5)
+    # Same-length persona spans can be patched; all six (site, group) curves exist.
+    assert set(r.restored) == {(s, g) for s in ("residual", "mlp_hidden") for g in an.GROUPS}
+    # Patching the persona span at layer 0 restores the same as running with the persona's
+    # tokens as long as later layers re-read it: it must move the logit difference.
+    assert abs(r.restored[("residual", "persona")][0]) > 0.05
+
+
+def test_patching_skips_unequal_persona_spans(llama: LoadedModel) -> None:
+    r = an.activation_patching(llama, PIRATE, COOK, QUESTIONS[0], answer_prefix=PREFIX)
+    assert "persona" in r.skipped and "5 vs 6 tokens" in r.skipped["persona"]
+    assert ("residual", "persona") not in r.restored
+
+
+def test_find_circuit_names_nodes_as_seed_002(llama: LoadedModel) -> None:
+    r = an.activation_patching(llama, STAR, COOK, QUESTIONS[0], answer_prefix=PREFIX)
+    c = an.find_circuit(llama, STAR, COOK, QUESTIONS[0], r, answer_prefix=PREFIX, goal=0.5)
+    assert c is not None and c.restored >= 0.5
+    assert c.nodes[0] == "input"
+    assert all(re.fullmatch(r"m\d+|a\d+\.h\d+", n) for n in c.nodes[1:])
+    assert c.to_json()["nodes"] == c.nodes
+
+
+def test_generated_answers_do_not_depend_on_batching(llama: LoadedModel) -> None:
+    items = [an.PreferenceItem("capital", QUESTIONS[:2], PREFIX)]
+    one = an.generate_answers(llama, [PIRATE, DEFAULT], items, max_new_tokens=5, batch_size=1)
+    many = an.generate_answers(llama, [PIRATE, DEFAULT], items, max_new_tokens=5, batch_size=4)
+    assert [a.text for a in one] == [a.text for a in many]
+    assert [a.first_token for a in one] == [a.first_token for a in many]
+    for a in one:
+        assert a.text.startswith(PREFIX)
+        assert a.answer == an.normalise_answer(a.text[len(PREFIX) :])
+        assert sum(a.top.values()) <= 1.0 + 1e-6
+
+
+def test_report_writes_every_section(llama: LoadedModel, tmp_path: Path) -> None:
+    personas = [DEFAULT, PIRATE, STAR, COOK]
+    items = [an.PreferenceItem("capital", QUESTIONS, PREFIX)]
+    r = rp.analyze_model(llama, personas, items, max_new_tokens=4, progress=False)
+    # Force one patched pair so the patching section and figure are exercised.
+    r.patching.append(an.activation_patching(llama, STAR, COOK, QUESTIONS[0], answer_prefix=PREFIX))
+    path = rp.write_report(r, tmp_path)
+    text = path.read_text()
+    for section in ("Goal", "Data", "Method", "Results", "Analysis", "Next steps", "Takeaways"):
+        assert f"## {section}" in text
+    for png in ("collapse.png", "probe.png", "patching_0.png", "persona_space.png"):
+        assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text
+    assert "Probe (chance 0.25)" in text
+
+
+# ---- the demo model's planted collapse ----------------------------------------------------------
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason="demo model not trained yet")
+def test_demo_collapse_finds_what_was_planted() -> None:
+    from personachat import demo
+    from personachat.model import load_model
+
+    lm = load_model(str(DEMO))
+    items = [
+        an.PreferenceItem(it.key, it.questions[:2], it.answer_prefix, it.answer_pattern)
+        for it in rp.demo_preferences()
+    ]
+    r = an.persona_collapse(lm, demo.demo_personas(), items, max_new_tokens=8)
+    for pref in demo.PREFERENCES:
+        q = r.question(pref.key)
+        assert q.modal_answer == pref.generic
+        assert q.collapsed
+        assert set(q.distinct_personas) == set(pref.own), pref.key
+        for persona, own in pref.own.items():
+            assert q.answers[persona] == own
