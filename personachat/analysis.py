@@ -654,11 +654,10 @@ def generate_answers(
         with torch.inference_mode():
             gen = lm.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                do_sample=False, output_scores=True, return_dict_in_generate=True,
+                do_sample=False, output_logits=True, return_dict_in_generate=True,
                 pad_token_id=pad_id, eos_token_id=eos,
             )  # fmt: skip
         new = gen.sequences[:, ids.shape[1] :].cpu()
-        probs = torch.stack([s.float().softmax(-1) for s in gen.scores], dim=1).cpu()  # [B, S, V]
         for b, (persona, item, question) in enumerate(jobs[start : start + batch_size]):
             toks = [int(t) for t in new[b]]
             if eos is not None and eos in toks:
@@ -666,8 +665,9 @@ def generate_answers(
             reply = item.answer_prefix + str(lm.tokenizer.decode(toks, skip_special_tokens=True))
             span, char = _span_from_reply(item, reply)
             step = _step_at(lm, toks, char - len(item.answer_prefix)) if char >= 0 else 0
-            step = min(step, probs.shape[1] - 1)
-            top = torch.topk(probs[b, step], min(top_k, probs.shape[-1]))
+            step = min(step, len(gen.logits) - 1)
+            probs = gen.logits[step][b].float().softmax(-1).cpu()
+            top = torch.topk(probs, min(top_k, probs.shape[-1]))
             out.append(
                 Answer(
                     persona=persona.name,

@@ -206,6 +206,21 @@ def contrasts_figure(c: an.Contrasts) -> Figure:
     return fig
 
 
+def report_figures(r: ModelAnalysis) -> dict[str, Figure]:
+    """Every figure of a report by file stem (what the app's analysis tab shows)."""
+    figs = {"collapse": collapse_figure(r.collapse), "probe": probe_figure(r.probe)}
+    for i, p in enumerate(r.patching):
+        figs[f"patching_{i}"] = patching_figure(p)
+    if r.space is not None:
+        figs["persona_space"] = persona_space_figure(r.space)
+        figs["assistant_axis"] = axis_figure(r.space)
+    if r.comparison is not None and r.space is not None and r.other_space is not None:
+        figs["comparison"] = comparison_figure(r.comparison, r.space, r.other_space)
+    if r.contrasts is not None:
+        figs["contrasts"] = contrasts_figure(r.contrasts)
+    return figs
+
+
 # --------------------------------------------------------------------------------------------
 # Collecting the analyses
 

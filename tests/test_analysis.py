@@ -238,6 +238,14 @@ def test_generated_answers_do_not_depend_on_batching(llama: LoadedModel) -> None
         assert a.text.startswith(PREFIX)
         assert a.answer == an.normalise_answer(a.text[len(PREFIX) :])
         assert sum(a.top.values()) <= 1.0 + 1e-6
+    # The distribution kept is the model's own next-token distribution at the answer position.
+    a = one[0]
+    prompt = an.encode_prompt(llama, PIRATE, a.question, PREFIX)
+    with torch.no_grad():
+        probs = llama.model(torch.tensor([list(prompt.ids)])).logits[0, -1].softmax(-1)
+    assert a.first_token == int(probs.argmax())
+    for tok, p in a.top.items():
+        assert p == pytest.approx(float(probs[tok]), rel=1e-4, abs=1e-6)
 
 
 def test_report_writes_every_section(llama: LoadedModel, tmp_path: Path) -> None:
