@@ -10,9 +10,12 @@ process should write (``Dist.is_main``).
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ import torch
 from personachat.activations import Capture, CaptureSpec, Dist, build_samples, capture
 from personachat.datasets import ContrastPair, DatasetError, PersonaDataset
 from personachat.hooks import Site
-from personachat.model import LoadedModel
+from personachat.model import LoadedModel, load_model
 from personachat.neurons import attribution_sums, neuron_sets, standardized_effect
 from personachat.records import (
     MEAN_BASELINE,
@@ -35,6 +38,7 @@ from personachat.records import (
     PersonaVector,
 )
 from personachat.responses import GenerationConfig, ensure_responses
+from personachat.sites import LAYER_CONVENTION, SiteTemplates, templates_from_args
 from personachat.vectors import baseline_samples, difference_of_means, layer_metrics, project
 
 log = logging.getLogger(__name__)
@@ -167,6 +171,7 @@ def extract_vectors(
         )
     convs = dist.shard(_conversations(data, need_response))
     samples = build_samples(lm.tokenizer, convs, kinds, max_tokens=max_tokens)
+    log.info("process %d/%d: %d samples", dist.rank + 1, dist.world, len(samples))
     spec = CaptureSpec(layers=chosen, positions=kinds)
     n_layers = lm.sites.n_layers
     now = datetime.now(UTC)
@@ -378,3 +383,146 @@ def register_results(
         store.register_vectors(result.vectors, means=result.means)
     if neurons:
         store.register_neurons(list(neurons))
+
+
+def extract_pairs(
+    lm: LoadedModel,
+    dataset: PersonaDataset,
+    pairs: Sequence[str] | None = None,
+    positions: str | Sequence[str] = "response_avg",
+    layers: Sequence[int] | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    *,
+    generation: GenerationConfig | None = None,
+    cache_dir: str | Path | None = None,
+    dist: Dist | None = None,
+) -> ExtractionResult:
+    """Trait vectors from contrast pairs: mean(high) - mean(low), the low persona as baseline."""
+    chosen = [dataset.pair(n) for n in pairs] if pairs is not None else list(dataset.pairs)
+    if not chosen:
+        raise DatasetError(f"dataset {dataset.name!r} has no contrast pairs")
+    merged = ExtractionResult([], [], [], personas=[])
+    for pair in chosen:
+        part = extract_vectors(
+            lm,
+            dataset,
+            [pair.high],
+            positions,
+            pair.low,
+            layers,
+            batch_size,
+            progress,
+            generation=generation,
+            cache_dir=cache_dir,
+            dist=dist,
+        )
+        merged.vectors += part.vectors
+        merged.means += part.means
+        merged.summary += part.summary
+        merged.layers = part.layers
+        merged.personas += part.personas
+    return merged
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load and how (built from the scripts' command line)."""
+
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    templates: SiteTemplates | None = None
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
+    """The model options shared by the extraction scripts."""
+    help_model = "hub name or local path" + (" (comma-separated for several)" if several else "")
+    parser.add_argument("--model", required=True, help=help_model)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--layers-path", help="override: dotted path of the decoder block list")
+    parser.add_argument("--mlp-down-path", help="override: MLP output projection, per block")
+    parser.add_argument("--gate-path", help="override: MLP gate projection, per block")
+
+
+def model_configs(args: argparse.Namespace) -> list[ModelConfig]:
+    templates = templates_from_args(args.layers_path, args.mlp_down_path, args.gate_path)
+    names = [m.strip() for m in str(args.model).split(",") if m.strip()]
+    return [ModelConfig(n, args.device, args.dtype, templates) for n in names]
+
+
+def load(cfg: ModelConfig, dist: Dist | None = None) -> LoadedModel:
+    """Load the model; under several processes with GPUs each process takes its own GPU."""
+    device = cfg.device
+    if dist is not None and dist.world > 1 and device == "auto" and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', dist.rank))}"
+    return load_model(cfg.model, dtype=cfg.dtype, device=device, templates=cfg.templates)
+
+
+def parse_list(text: str | None) -> list[str] | None:
+    """``"a,b"`` -> ``["a", "b"]``; ``None``/``""``/``"all"`` -> ``None``."""
+    if not text or text.strip() == "all":
+        return None
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """``"all"`` -> ``None``; ``"0-3,8"`` -> ``[0, 1, 2, 3, 8]``."""
+    items = parse_list(text)
+    if items is None:
+        return None
+    out: list[int] = []
+    try:
+        for item in items:
+            lo, _, hi = item.partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError as err:
+        raise ValueError(f"bad --layers {text!r}: use 'all', '5', '0-3' or '0-3,8'") from err
+    return out
+
+
+def format_summary(rows: Sequence[SummaryRow]) -> str:
+    """The summary table: persona, positions, best layer, AUC, separation, norm, samples."""
+    head = (
+        f"{'persona':<24} {'positions':<14} {'best':>4} {'AUC':>6} {'sep':>7} {'norm':>8} {'n':>5}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r.persona:<24} {r.positions:<14} {r.best_layer:>4} {r.auc:>6.3f} "
+            f"{r.separation:>7.2f} {r.norm:>8.2f} {r.n_samples:>5}"
+        )
+    return "\n".join(lines)
+
+
+def save_results(
+    result: ExtractionResult, dataset: PersonaDataset, out_dir: str | Path, title: str = ""
+) -> list[Path]:
+    """summary.json, summary.txt, vectors_<positions>.safetensors and plots in ``out_dir``."""
+    from safetensors.torch import save_file
+
+    from personachat.plots import plot_all
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [asdict(r) for r in result.summary]
+    (out / "summary.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    (out / "summary.txt").write_text(f"{title}\n{format_summary(result.summary)}\n", "utf-8")
+    paths = [out / "summary.json", out / "summary.txt"]
+    categories = {p.name: p.category for p in dataset.personas}
+    for kind in dict.fromkeys(v.positions for v in result.vectors):
+        vecs = [v for v in result.vectors if v.positions == kind]
+        meta = {
+            "model_id": vecs[0].model_id,
+            "positions": kind,
+            "dataset": dataset.name,
+            "dataset_sha256": vecs[0].dataset_sha256,
+            "layer_convention": LAYER_CONVENTION,
+        }
+        tensors = {f"{v.persona}.{v.baseline}": v.vector.contiguous() for v in vecs}
+        save_file(tensors, str(out / f"vectors_{kind}.safetensors"), metadata=meta)
+        paths.append(out / f"vectors_{kind}.safetensors")
+        mns = [m for m in result.means if m.positions == kind]
+        paths += plot_all(vecs, mns, categories, out, prefix=f"{kind}_")
+    return paths

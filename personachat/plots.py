@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from personachat.records import PersonaVector
+from personachat.records import PersonaMeans, PersonaVector
 from personachat.vectors import assistant_axis, cosine_matrix, unit
 
 
@@ -82,7 +82,10 @@ def plot_pca(
     except ValueError:
         colour, label = None, ""
     fig, ax = plt.subplots(figsize=(7, 6))
-    points = ax.scatter(coords[:, 0], coords[:, 1], c=colour, cmap="coolwarm", s=40)
+    if colour is None:
+        points = ax.scatter(coords[:, 0], coords[:, 1], s=40)
+    else:
+        points = ax.scatter(coords[:, 0], coords[:, 1], c=colour, cmap="coolwarm", s=40)
     for (px, py), name in zip(coords, names, strict=True):
         ax.annotate(name, (px, py), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if colour is not None:
@@ -96,21 +99,25 @@ def plot_pca(
 
 def plot_all(
     vectors: Sequence[PersonaVector],
+    means: Sequence[PersonaMeans],
     categories: dict[str, str],
     out_dir: str | Path,
     prefix: str = "",
     layer: int | None = None,
 ) -> list[Path]:
-    """All three plots for one position kind, at ``layer`` (default: the most common best layer)."""
+    """All three plots for one position kind, at ``layer`` (default: the most common best layer).
+
+    The cosine map and the PCA use every persona's raw mean, mean-centered across personas,
+    which equals the mean-centered persona vectors with the baseline persona included.
+    """
     out = Path(out_dir)
-    with_metrics = [v for v in vectors if v.metrics is not None]
     if layer is None:
-        best = [v.metrics.best_layer for v in with_metrics if v.metrics is not None]
-        layer = max(set(best), key=best.count) if best else vectors[0].n_layers // 2
-    names = [v.persona for v in vectors]
-    stack = torch.stack([v.vector[layer] for v in vectors])
+        best = [v.metrics.best_layer for v in vectors if v.metrics is not None]
+        layer = max(set(best), key=best.count) if best else 0
     paths = [plot_layer_metrics(vectors, out / f"{prefix}layer_metrics.png", prefix.strip("_"))]
-    if len(vectors) >= 2:
+    if len(means) >= 2:
+        names = [m.persona for m in means]
+        stack = torch.stack([m.mean[layer] for m in means])
         paths.append(plot_cosine(names, stack, out / f"{prefix}cosine.png", f"layer {layer}"))
         cats = [categories.get(n, "") for n in names]
         paths.append(plot_pca(names, cats, stack, out / f"{prefix}pca.png", f"layer {layer}"))
