@@ -166,7 +166,9 @@ def _from_mapping(
         if key in tensors:
             return _stack_rows(tensors[key], info, source, layer)
     if len(tensors) == 1:
-        return _stack_rows(next(iter(tensors.values())), info, source, layer)
+        [(key, value)] = tensors.items()
+        if value.dim() == 2 or _layer_of(key) is None:
+            return _stack_rows(value, info, source, layer)
     by_layer: dict[int, torch.Tensor] = {}
     for key, value in tensors.items():
         number = _layer_of(key)
