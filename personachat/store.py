@@ -27,13 +27,18 @@ Design choices, measured on this machine (DuckDB 2.0):
   tables copied over one brief read-only ``ATTACH``); every read first compares a cheap change
   marker (``stat`` of ``generation`` and of the catalog file) and re-copies when another process
   wrote. A long-lived reader (the app) therefore picks up new personas without a restart and
-  holds the file lock only for milliseconds. Lookups run on the open in-memory connection
-  (benchmark: ``scripts/bench_store.py``).
+  holds the file lock only while copying (~170 ms for 10,000 vectors on 2 busy cores). Hot
+  lookups (``vectors(model, persona)``, ``model()``) use Python dicts built from the snapshot:
+  p50 0.01 ms with 10,000 vectors, against ~1-3.5 ms for the same SQL on the in-memory snapshot
+  and ~40-60 ms opening a connection per request (``scripts/bench_store.py``). While a writer
+  holds the lock a reader waits (bounded by ``lock_timeout``); if it still cannot get in it
+  serves its previous snapshot and tries again on the next call.
 * Writes attach the file read-write, run one transaction, detach, and replace ``generation``.
   A busy lock is retried with jittered exponential backoff for ``lock_timeout`` seconds; then
   ``StoreLockedError`` names the process DuckDB says holds the lock.
 * Crash safety (proved by ``tests/test_store_crash.py`` with SIGKILL): tensors are written to
-  ``<final>.<pid>.tmp`` and fsynced *before* taking the lock; under the lock they are renamed to
+  ``<final>.<pid>.tmp`` and fsynced *before* taking the lock (16 threads share journal commits:
+  1,000 files in ~0.2 s instead of 1.5-2.7 s one by one); under the lock they are renamed to
   their final names (directory fsynced) and the rows committed in one transaction; files a
   replaced or removed row pointed to are deleted after the commit. So a crash leaves at worst
   unreferenced files, never a row without its file. Opening a writable ``Store`` (under the lock)

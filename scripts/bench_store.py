@@ -34,14 +34,16 @@ BATCH = 1_000
 TOTAL = 10_000
 
 
-def make_batch(start: int, n: int) -> list[PersonaVector]:
+def make_batch(start: int, n: int, with_metrics: bool = True) -> list[PersonaVector]:
     g = torch.Generator().manual_seed(start)
     return [
         PersonaVector(
             INFO.model_id,
             f"persona{i}",
             torch.randn(4, 64, generator=g),
-            metrics=LayerMetrics(torch.rand(4), torch.randn(4), torch.rand(4), torch.rand(4)),
+            metrics=LayerMetrics(torch.rand(4), torch.randn(4), torch.rand(4), torch.rand(4))
+            if with_metrics
+            else None,
             n_samples=10,
         )
         for i in range(start, start + n)
@@ -73,7 +75,7 @@ def run() -> list[tuple[str, float, str]]:
             )
         )
         for first in tqdm(range(BATCH, TOTAL, BATCH), desc="filling to 10,000", unit="batch"):
-            store.register_vectors(make_batch(first, BATCH))
+            store.register_vectors(make_batch(first, BATCH, with_metrics=False))
 
         reader = Store(store.root, read_only=True)
         start = time.perf_counter()
