@@ -184,11 +184,12 @@ def _opt_str(obj: Mapping[str, Any], key: str, where: str) -> str:
     return value
 
 
-def check_name(name: str, what: str = "persona") -> str:
+def check_name(name: str, what: str = "persona", where: str = "") -> str:
     """``name`` if it is safe as a file name, else a ``DatasetError``."""
     if not NAME_RE.match(name) or ".." in name:
+        prefix = f"{where}: " if where else ""
         raise DatasetError(
-            f"{what} name {name!r} is not allowed: use letters, digits, '_', '.', '-' "
+            f"{prefix}{what} name {name!r} is not allowed: use letters, digits, '_', '.', '-' "
             "(at most 64, starting with a letter or digit, no '..')"
         )
     return name
@@ -197,7 +198,7 @@ def check_name(name: str, what: str = "persona") -> str:
 def _parse_persona(obj: Any, where: str) -> Persona:
     if not isinstance(obj, Mapping):
         raise DatasetError(f"{where}: a persona must be an object, got {type(obj).__name__}")
-    name = check_name(_req_str(obj, "name", where))
+    name = check_name(_req_str(obj, "name", where), "persona", where)
     return Persona(
         name=name,
         system_prompt=_req_str(obj, "system_prompt", where, empty_ok=True),
@@ -248,7 +249,7 @@ def from_json(data: Any, *, name: str = "", source: str = "") -> PersonaDataset:
         if not isinstance(c, Mapping):
             raise DatasetError(f"{where}: must be an object with name, high, low, kind")
         pair = ContrastPair(
-            name=check_name(_req_str(c, "name", where), "pair"),
+            name=check_name(_req_str(c, "name", where), "pair", where),
             high=_req_str(c, "high", where),
             low=_req_str(c, "low", where),
             kind=_opt_str(c, "kind", where),
@@ -259,7 +260,7 @@ def from_json(data: Any, *, name: str = "", source: str = "") -> PersonaDataset:
         pairs.append(pair)
     ds_name = data.get("name") or name or "dataset"
     return PersonaDataset(
-        name=check_name(str(ds_name), "dataset"),
+        name=check_name(str(ds_name), "dataset", source),
         personas=tuple(personas),
         questions=tuple(questions),
         responses=responses,

@@ -1,0 +1,146 @@
+"""Dataset format: built-ins, JSON and JSONL round trips, clear errors naming file and checksum."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from personachat.datasets import (
+    DatasetError,
+    builtin_names,
+    from_json,
+    load_builtin,
+    load_dataset,
+    load_dataset_file,
+)
+
+SEED_003 = {
+    "neutral": ["default", "default_assistant", "default_llm", "default_helpful"],
+    "professional": ["assistant", "analyst", "evaluator", "generalist"],
+    "creative": ["storyteller", "philosopher", "artist", "rebel", "mystic"],
+    "specialized": ["trader", "rationalist", "cynic", "naive"],
+    "fantastical": ["ghost", "bohemian", "oracle", "bard", "trickster", "jester"],
+}
+
+SMALL = {
+    "name": "small",
+    "personas": [
+        {"name": "default", "system_prompt": ""},
+        {"name": "pirate", "system_prompt": "You are a pirate.", "category": "fantastical"},
+    ],
+    "questions": ["Where is Paris?", "What is the sea?"],
+    "responses": [{"persona": "pirate", "question": "Where is Paris?", "response": "Arr, France."}],
+    "pairs": [{"name": "pirate_default", "high": "pirate", "low": "default", "kind": "x"}],
+}
+
+
+def test_builtin_personas_follow_the_assistant_axis_study() -> None:
+    assert set(builtin_names()) >= {"personas", "big_five", "roles"}
+    ds = load_builtin("personas")
+    by_cat: dict[str, list[str]] = {}
+    for p in ds.personas:
+        by_cat.setdefault(p.category, []).append(p.name)
+        if p.name != "default":
+            assert len(p.system_prompt) > 20, p.name
+    assert by_cat == SEED_003
+    assert len(ds.questions) >= 18
+
+
+def test_builtin_traits_and_roles() -> None:
+    big5 = load_builtin("big_five")
+    assert [p.name for p in big5.pairs] == [
+        "openness",
+        "conscientiousness",
+        "extraversion",
+        "agreeableness",
+        "neuroticism",
+    ]
+    assert all(
+        big5.persona(p.high).system_prompt != big5.persona(p.low).system_prompt for p in big5.pairs
+    )
+    assert "When meeting new people, I usually" in big5.questions
+    roles = load_builtin("roles")
+    kinds = {p.name: p.kind for p in roles.pairs}
+    assert kinds == {
+        "teacher_student": "role",
+        "professor_pupil": "role",
+        "doctor_nurse": "role",
+        "manager_intern": "role",
+        "man_woman": "gender",
+        "male_doctor_female_doctor": "gender",
+        "son_daughter": "gender",
+    }
+    assert roles.persona("female_doctor").system_prompt.startswith("You are a female doctor.")
+
+
+def test_json_and_jsonl_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps(SMALL))
+    ds = load_dataset(str(path))
+    assert ds.response("pirate", "Where is Paris?") == "Arr, France."
+    assert ds.response("pirate", "What is the sea?") is None
+    assert not ds.has_all_responses()
+    lines = [{"type": "meta", "name": "small"}]
+    lines += [{"type": "persona", **p} for p in SMALL["personas"]]
+    lines += [{"type": "question", "text": q} for q in SMALL["questions"]]
+    lines += [{"type": "response", **r} for r in SMALL["responses"]]
+    lines += [{"type": "pair", **c} for c in SMALL["pairs"]]
+    jsonl = tmp_path / "small.jsonl"
+    jsonl.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    again = load_dataset_file(jsonl)
+    assert again.sha256 == ds.sha256 == from_json(ds.to_json()).sha256
+    changed = from_json({**SMALL, "questions": [*SMALL["questions"], "New?"]})
+    assert changed.sha256 != ds.sha256
+
+
+def test_select_keeps_order_and_rejects_unknown() -> None:
+    ds = load_builtin("personas")
+    sub = ds.select(["jester", "default"])
+    assert sub.persona_names == ["jester", "default"]
+    with pytest.raises(DatasetError, match=r"unknown persona 'pirate'.*known: \['default'"):
+        ds.select(["pirate"])
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d.update(personas=[]), "'personas' must be a non-empty list"),
+        (lambda d: d.update(questions=[]), "'questions' must be a non-empty list"),
+        (lambda d: d["personas"].append(dict(d["personas"][0])), "duplicate persona names"),
+        (lambda d: d["personas"][1].update(name="../evil"), "not allowed"),
+        (lambda d: d["responses"][0].update(persona="ghost"), "unknown persona 'ghost'"),
+        (lambda d: d["responses"][0].update(question="Who?"), "is not in 'questions'"),
+        (lambda d: d["pairs"][0].update(low="nobody"), "unknown persona 'nobody'"),
+        (lambda d: d.update(extra=1), "unknown top-level keys \\['extra'\\]"),
+        (lambda d: d["personas"][0].pop("system_prompt"), "'system_prompt' must be"),
+    ],
+)
+def test_bad_files_name_the_file_and_field(tmp_path: Path, mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+    data = json.loads(json.dumps(SMALL))
+    mutate(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=message) as err:
+        load_dataset(path)
+    assert "bad.json (sha256 " in str(err.value)
+
+
+def test_empty_missing_and_malformed_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.json"
+    empty.write_text("  \n")
+    with pytest.raises(DatasetError, match="is empty"):
+        load_dataset(empty)
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_dataset_file(tmp_path / "nope.json")
+    with pytest.raises(DatasetError, match="neither a built-in dataset"):
+        load_dataset("no_such_dataset")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"personas": [')
+    with pytest.raises(DatasetError, match="invalid JSON at line 1"):
+        load_dataset(broken)
+    lines = tmp_path / "typeless.jsonl"
+    lines.write_text('{"name": "x"}\n')
+    with pytest.raises(DatasetError, match=r"typeless\.jsonl.*:1: each line needs a 'type'"):
+        load_dataset(lines)
