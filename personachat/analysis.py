@@ -1026,16 +1026,19 @@ class Contrasts:
 
     @staticmethod
     def mean(pairs: Sequence[PairStats], attr: str) -> float:
-        return float(np.mean([getattr(p, attr) for p in pairs])) if pairs else float("nan")
+        values = [getattr(p, attr) for p in pairs if np.isfinite(getattr(p, attr))]
+        return float(np.mean(values)) if values else float("nan")
 
 
 def pair_stats(collapse: CollapseResult, a: str, b: str, cosine: float = float("nan")) -> PairStats:
     """Agreement and next-token JS of personas ``a`` and ``b`` over all preferences."""
-    same = [q.answers[a] == q.answers[b] for q in collapse.questions]
+    answered = [q for q in collapse.questions if q.answers[a] and q.answers[b]]
+    same = [q.answers[a] == q.answers[b] for q in answered]
     by = {(x.persona, x.question): x for x in collapse.answers}
     phrasings = list(dict.fromkeys(x.question for x in collapse.answers))
     js = [js_divergence(by[(a, q)].top, by[(b, q)].top) for q in phrasings]
-    return PairStats(a, b, cosine, float(np.mean(same)), float(np.mean(js)))
+    agreement = float(np.mean(same)) if same else float("nan")
+    return PairStats(a, b, cosine, agreement, float(np.mean(js)))
 
 
 def collapse_summary(collapse: CollapseResult) -> dict[str, float]:

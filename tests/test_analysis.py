@@ -120,7 +120,7 @@ def _ans(persona: str, key: str, q: str, answer: str, top: dict[int, float]) -> 
     return an.Answer(persona, key, q, f"My favourite {key} is {answer}", answer, top, min(top))
 
 
-def test_collapse_from_answers_flags_and_divergence() -> None:
+def planted_answers() -> list[an.Answer]:
     rows = []
     for q in ("q1", "q2"):
         rows += [
@@ -135,7 +135,11 @@ def test_collapse_from_answers_flags_and_divergence() -> None:
                 [("default", "blue"), ("chef", "red"), ("poet", "silver"), ("pirate", "")]
             )
         ]
-    r = an.collapse_from_answers(rows, threshold=0.5, neutral="default")
+    return rows
+
+
+def test_collapse_from_answers_flags_and_divergence() -> None:
+    r = an.collapse_from_answers(planted_answers(), threshold=0.5, neutral="default")
     dessert, colour = r.question("dessert"), r.question("colour")
     # pirate: "pudding" once and "cake" once -> tie, first seen ("pudding") is its answer.
     want = {"default": "cake", "chef": "cake", "poet": "cake", "pirate": "pudding"}
@@ -155,6 +159,23 @@ def test_collapse_from_answers_flags_and_divergence() -> None:
     assert not colour.collapsed and colour.modal_share == 0.25 and colour.n_distinct == 3
     assert "pirate" not in colour.collapsed_personas + colour.distinct_personas
     assert r.n_collapsed == 1
+
+
+def test_contrasts_split_pairs_and_questions() -> None:
+    r = an.collapse_from_answers(planted_answers(), threshold=0.5, neutral="default")
+    e = np.eye(3)
+    space = an.persona_space({"default": e[0], "chef": -e[0], "poet": e[1], "pirate": -e[1]})
+    c = an.contrasts(r, space, late=r, n_pairs=1)
+    # Lowest cosine (-1): default/chef; they agree on dessert (cake) but not colour.
+    assert (c.strong[0].a, c.strong[0].b, c.strong[0].cosine) == ("default", "chef", -1.0)
+    assert c.strong[0].agreement == 0.5
+    assert c.mild[0].cosine == pytest.approx(0.0)
+    # Pirate has no colour answer: agreement with pirate counts the dessert only.
+    assert an.pair_stats(r, "default", "pirate").agreement == 0.0
+    # Generic bias: default gives colour's modal first token p=1.0, dessert's p=0.9.
+    assert (c.high_bias, c.low_bias) == (["colour"], ["dessert"])
+    assert (c.share_high_bias, c.share_low_bias) == (0.25, 0.75)
+    assert c.early == c.late and c.early["n_collapsed"] == 1.0
 
 
 # ---- model-based analyses (tiny random llama) ---------------------------------------------------
