@@ -197,25 +197,31 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def common_options(top: bool) -> argparse.ArgumentParser:
+    """--store and --lock-timeout, accepted before or after the command; only the top level
+    sets defaults (sub-commands suppress theirs so they do not overwrite a value given first)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--store",
-        default=argparse.SUPPRESS,
+        default=None if top else argparse.SUPPRESS,
         help=f"store directory (default: $PERSONACHAT_STORE or {default_store_root()})",
     )
     common.add_argument(
         "--lock-timeout",
         type=float,
-        default=argparse.SUPPRESS,
+        default=10.0 if top else argparse.SUPPRESS,
         help="seconds to retry while another process holds the catalog (default 10)",
     )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python scripts/store.py",
         description="Inspect and manage the persona store.",
-        parents=[common],
+        parents=[common_options(top=True)],
     )
-    parser.set_defaults(store=None, lock_timeout=10.0)
+    common = common_options(top=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(

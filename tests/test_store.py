@@ -408,6 +408,8 @@ def test_cli_round_trip(store: Store, tmp_path: Path, capsys: pytest.CaptureFixt
     main = cli().main
     root = str(store.root)
     store.register_vectors([vec("pirate", 1)])
+    assert main(["--store", root, "list"]) == 0  # --store before or after the command
+    assert "pirate" in capsys.readouterr().out
     assert main(["list", "--store", root]) == 0
     assert "pirate" in capsys.readouterr().out
     assert main(["show", "pirate", "--store", root]) == 0
