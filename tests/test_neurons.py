@@ -1,0 +1,177 @@
+"""Neuron scores equal direct computations (effect sizes, finite differences); ranks are right."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import numpy as np
+import pytest
+import torch
+
+from personachat.datasets import ContrastPair, from_json
+from personachat.extract import find_neurons
+from personachat.hooks import Site, intervene
+from personachat.model import LoadedModel, wrap_model
+from personachat.neurons import neuron_sets, ranks, top_units
+from personachat.prompts import format_chat, persona_messages
+from tests.conftest import _cached_tiny
+
+PERSONAS = {"default": "", "pirate": "You are a pirate.", "chef": "You are a chef."}
+QUESTIONS = ["What is the capital of France?", "Tell me about the ocean.", "Numbers?"]
+REPLIES = {
+    "default": ["The answer is Paris.", "The ocean is deep.", "0 1 2 3"],
+    "pirate": ["Arr, Paris, matey!", "Arr! The stars and the ocean.", "Arr 4 5 6"],
+    "chef": ["Paris, and its cooking.", "Salt from the ocean.", "7 8 9 eggs"],
+}
+DATASET = from_json(
+    {
+        "name": "tiny",
+        "personas": [{"name": n, "system_prompt": s} for n, s in PERSONAS.items()],
+        "questions": QUESTIONS,
+        "responses": [
+            {"persona": n, "question": q, "response": r}
+            for n, rs in REPLIES.items()
+            for q, r in zip(QUESTIONS, rs, strict=True)
+        ],
+        "pairs": [
+            {"name": "pirate_default", "high": "pirate", "low": "default", "kind": "style"},
+            {"name": "chef_default", "high": "chef", "low": "default", "kind": "style"},
+        ],
+    }
+)
+
+
+def _ids(lm: LoadedModel, persona: str, i: int) -> tuple[list[int], int]:
+    prompt = format_chat(lm.tokenizer, persona_messages(PERSONAS[persona], QUESTIONS[i]))
+    p_ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = lm.tokenizer(prompt + REPLIES[persona][i], add_special_tokens=False)["input_ids"]
+    return ids, len(p_ids)
+
+
+class _Record:
+    def __init__(self, site: Site, layers: list[int], scale: dict[tuple[int, int], float]) -> None:
+        self.site, self.layers, self.scale = site, layers, scale
+        self.seen: dict[int, torch.Tensor] = {}
+
+    def wants(self) -> Iterable[tuple[Site, int]]:
+        return [(self.site, la) for la in self.layers]
+
+    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        self.seen[layer] = x.detach().clone()
+        if not self.scale:
+            return None
+        x = x.clone()
+        for (la, unit), factor in self.scale.items():
+            if la == layer:
+                x[..., unit] = x[..., unit] * factor
+        return x
+
+
+@pytest.mark.parametrize(("arch", "site"), [("llama", "gate"), ("gpt2", "mlp_hidden")])
+def test_effect_equals_per_sample_cohens_d(arch: str, site: Site) -> None:
+    lm = _cached_tiny(arch)
+    sets = find_neurons(lm, DATASET, [0, 2], site, "effect", 5, batch_size=4, progress=False)
+    assert [s.label for s in sets] == [
+        f"pirate_default.{site}.effect",
+        f"chef_default.{site}.effect",
+        f"style.{site}.effect",
+    ]
+    pooled: dict[str, dict[int, list[torch.Tensor]]] = {}
+    for persona in ("pirate", "default"):
+        for i in range(len(QUESTIONS)):
+            ids, n_prompt = _ids(lm, persona, i)
+            rec = _Record(site, [0, 2], {})
+            with intervene(lm.sites, [rec]), torch.no_grad():
+                lm.model(input_ids=torch.tensor([ids]))
+            for la, x in rec.seen.items():
+                pooled.setdefault(persona, {}).setdefault(la, []).append(x[0, n_prompt:].mean(0))
+    first = sets[0]
+    for j in range(len(first)):
+        la, unit = first.layers[j], first.indices[j]
+        hi = np.array([float(v[unit]) for v in pooled["pirate"][la]])
+        lo = np.array([float(v[unit]) for v in pooled["default"][la]])
+        sd = np.sqrt((hi.var(ddof=1) + lo.var(ddof=1)) / 2)
+        assert abs(first.scores[j] - (hi.mean() - lo.mean()) / sd) < 1e-3 * max(
+            1, abs(first.scores[j])
+        )
+        assert first.means is not None
+        assert abs(first.means[j] - (hi.mean() + lo.mean()) / 2) < 1e-5
+    assert sorted(np.abs(first.scores), reverse=True) == list(np.abs(first.scores))
+
+
+def _reply_logprob(lm: LoadedModel, persona: str, scale: dict[tuple[int, int], float]) -> float:
+    total = 0.0
+    for i in range(len(QUESTIONS)):
+        ids, n_prompt = _ids(lm, persona, i)
+        with intervene(lm.sites, [_Record("mlp_hidden", [1], scale)]), torch.no_grad():
+            logits = lm.model(input_ids=torch.tensor([ids])).logits[0]
+        logp = torch.log_softmax(logits.double(), -1)
+        total += float(sum(logp[t - 1, ids[t]] for t in range(n_prompt, len(ids))))
+    return total / len(QUESTIONS)
+
+
+def test_attribution_equals_finite_difference() -> None:
+    # GPT-2 in float64 is float64 throughout (Llama's RMSNorm computes in float32), so central
+    # differences are exact to ~1e-9 and can check the gradient tightly.
+    base = _cached_tiny("gpt2")
+    lm = wrap_model(copy.deepcopy(base.model).double(), base.tokenizer, "tiny-gpt2-f64")
+    sets = find_neurons(lm, DATASET, [1], "mlp_hidden", "attribution", 3, progress=False)
+    top = sets[0]
+    assert top.label == "pirate_default.mlp_hidden.attribution"
+    eps = 1e-4
+    for j in range(2):
+        key = (top.layers[j], top.indices[j])
+
+        def slope(persona: str, key: tuple[int, int] = key) -> float:
+            up = _reply_logprob(lm, persona, {key: 1 + eps})
+            down = _reply_logprob(lm, persona, {key: 1 - eps})
+            return (up - down) / (2 * eps)
+
+        want = slope("pirate") - slope("default")
+        assert abs(top.scores[j] - want) < 1e-5 * max(1.0, abs(want)), (top.scores[j], want)
+        assert abs(want) > 1e-3  # a unit that matters
+    assert top.scores == sorted(top.scores, reverse=True)
+
+
+def test_ranks_and_cross_pair_stability() -> None:
+    a = torch.tensor([[5.0, 1.0, 0.0], [4.0, 3.0, 2.0]])
+    b = torch.tensor([[0.0, 1.0, 9.0], [8.0, 2.0, 7.0]])
+    assert ranks(a, by_abs=False).tolist() == [[0, 4, 5], [1, 2, 3]]
+    assert top_units(b, 2, by_abs=False) == [(0, 2), (1, 0)]
+    assert top_units(-b, 1, by_abs=True) == [(0, 2)]
+    pairs = [ContrastPair("pa", "x", "y", "k"), ContrastPair("pb", "z", "y", "k")]
+    zeros = torch.zeros(2, 3)
+    sets = neuron_sets(
+        model_id="m",
+        site="gate",
+        method="attribution",
+        layers=[4, 9],
+        pairs=pairs,
+        scores={"pa": a, "pb": b},
+        means={"pa": zeros, "pb": zeros + 1},
+        k=2,
+    )
+    pa, pb, kind = sets
+    assert (pa.layers, pa.indices) == ([4, 9], [0, 0])
+    assert pa.ranks == {"pa": [0, 1], "pb": [5, 1]}
+    assert pa.stability == [0.5, 1.0]
+    assert pb.ranks == {"pa": [5, 1], "pb": [0, 1]}
+    # unit 9:0 is in both pairs' top 2 (rank 1 in each): first across the kind
+    assert kind.label == "k.gate.attribution"
+    assert (kind.layers, kind.indices) == ([9, 4], [0, 0])
+    assert kind.ranks == {"pa": [1, 0], "pb": [1, 5]}
+    assert kind.stability == [1.0, 0.5]
+    assert kind.means == [0.5, 0.5]
+
+
+def test_bad_neuron_requests(llama: LoadedModel) -> None:
+    gpt2 = _cached_tiny("gpt2")
+    with pytest.raises(ValueError, match="no separate gate projection"):
+        find_neurons(gpt2, DATASET, [0], "gate", "effect", 4, progress=False)
+    with pytest.raises(ValueError, match="unknown method"):
+        find_neurons(llama, DATASET, [0], "mlp_hidden", "magic", 4, progress=False)
+    with pytest.raises(ValueError, match="unknown neuron site"):
+        find_neurons(llama, DATASET, [0], "residual", "effect", 4, progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        find_neurons(llama, DATASET, [3], "mlp_hidden", "effect", 4, progress=False)
