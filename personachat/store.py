@@ -842,9 +842,24 @@ class Store:
     # --- vectors and means ---------------------------------------------------------------------
 
     def _model_map(self) -> dict[str, ModelInfo]:
+        """The registered models. Writers validate against this before every batch, so when the
+        snapshot is stale only ``models`` is read (ms) instead of re-copying the catalog."""
         with self._lock:
-            self.refresh()
-            return dict(self._models)
+            if self._snap is not None and self._marker() == self._snap_marker:
+                return dict(self._models)
+            if not self.catalog.exists():
+                return {}
+            with _ATTACH_LOCK:
+                conn = duckdb.connect()
+                try:
+                    self._attach(conn, read_only=True)
+                    rows = conn.execute(
+                        "SELECT model_id, revision, architecture, n_layers, hidden_size, "
+                        "mlp_width, layer_convention FROM cat.models"
+                    ).fetchall()
+                finally:
+                    conn.close()
+            return {row[0]: ModelInfo(*row) for row in rows}
 
     def _check_tensor(
         self, kind: str, what: str, tensor: torch.Tensor, info: ModelInfo | None, model_id: str
