@@ -244,7 +244,8 @@ def read_vector(
         if isinstance(obj, torch.Tensor):
             matrix = _stack_rows(obj, info, source, layer)
         elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            matrix = _from_mapping({str(k): v for k, v in obj.items()}, info, source, layer, 0)
+            tensors = {str(k): v for k, v in obj.items()}
+            matrix = _from_mapping(tensors, info, source, layer, layer_offset)
         else:
             raise FormatError(f"{path} holds a {type(obj).__name__}, not a tensor or dict of them")
     else:

@@ -459,3 +459,12 @@ def test_cli_help_runs_as_a_script() -> None:
     ).stdout  # fmt: skip
     for command in ("list", "show", "remove", "export", "import", "sql"):
         assert command in out
+
+
+@pytest.mark.parametrize("model_id", ["../../etc/passwd", "/abs/path/model", "org/name", "a/../b"])
+def test_model_ids_become_one_safe_directory_name(model_id: str, tmp_path: Path) -> None:
+    from personachat.store import model_slug
+
+    slug = model_slug(model_id)
+    assert "/" not in slug and not slug.startswith(".") and slug
+    assert (tmp_path / slug).resolve().parent == tmp_path.resolve()
