@@ -59,7 +59,7 @@ class Config:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=(__doc__ or "").split("\n")[0],
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_args(p)
