@@ -349,57 +349,97 @@ class DirectionalAblation:
 
 
 class Ablate:
-    """Set MLP units to zero or to fixed values at ``site`` (``mlp_hidden`` or ``gate``)."""
+    """Set MLP units to zero or to fixed values at ``site`` (``mlp_hidden`` or ``gate``).
+
+    One fused op per call: ``x * keep`` (zero) or ``fill + x * keep`` (mean), where ``keep`` is
+    0 at ablated units of ablated rows and 1 elsewhere, so untouched units pass through exactly.
+    """
 
     def __init__(
         self,
         indices: Mapping[int, torch.Tensor],
         values: Mapping[int, torch.Tensor] | None = None,
         *,
+        width: int,
         site: Site = "mlp_hidden",
         rows: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.indices = dict(indices)
-        self.values = dict(values) if values is not None else None
         self.site: Site = site
-        self.rows = rows  # bool per row: ablate this row
+        self.keep: dict[int, torch.Tensor] = {}
+        self.fill: dict[int, torch.Tensor] | None = None if values is None else {}
+        for layer, idx in self.indices.items():
+            ones = torch.ones(width, device=idx.device, dtype=dtype)
+            keep = ones.index_fill(0, idx, 0.0)
+            fill = torch.zeros_like(ones)
+            if values is not None:
+                fill = fill.index_copy(0, idx, values[layer].to(dtype))
+            if rows is not None:  # bool per row: ablate this row only
+                on = rows[:, None, None]
+                keep = torch.where(on, keep, ones)
+                fill = torch.where(on, fill, torch.zeros_like(fill))
+            self.keep[layer] = keep
+            if self.fill is not None:
+                self.fill[layer] = fill
 
     def wants(self) -> Iterable[tuple[Site, int]]:
         return [(self.site, layer) for layer in sorted(self.indices)]
 
     def __call__(self, site: Site, layer: int, x: torch.Tensor) -> torch.Tensor | None:
-        idx = self.indices[layer]
-        if self.values is None:
-            out = x.index_fill(-1, idx, 0.0)
-        else:
-            out = x.index_copy(-1, idx, self.values[layer].expand(*x.shape[:-1], idx.numel()))
-        if self.rows is not None:
-            out = torch.where(self.rows[:, None, None], out, x)
-        return out
+        keep = self.keep[layer]
+        if self.fill is None:
+            return x * keep
+        return torch.addcmul(self.fill[layer], x, keep)
 
 
 class Readout:
     """Projections of the residual stream onto unit persona vectors, per token and layer.
 
-    Each forward appends one ``[B, T, V]`` tensor per layer on the device; ``result()``
-    concatenates once into ``[B, tokens, layers, vectors]`` (float32, CPU).
+    A prefill is projected at once (one ``[B, T, V]`` matmul per layer); single-token decode
+    steps only keep a reference to the block output and are projected ``flush_every`` at a
+    time, so a decode step costs a list append per layer. Everything stays on the device until
+    ``result()`` concatenates once into ``[B, tokens, layers, vectors]`` (float32, CPU).
     """
 
-    def __init__(self, units: torch.Tensor, names: Sequence[str], layers: Sequence[int]) -> None:
+    def __init__(
+        self,
+        units: torch.Tensor,
+        names: Sequence[str],
+        layers: Sequence[int],
+        flush_every: int = 32,
+    ) -> None:
         self.units = units  # [n_layers, V, H], unit rows
         self.names = list(names)
         self.layers = list(layers)
+        self.flush_every = flush_every
         self._parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+        self._stash: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
 
     def wants(self) -> Iterable[tuple[Site, int]]:
         return [("residual", layer) for layer in self.layers]
 
     def __call__(self, site: Site, layer: int, x: torch.Tensor) -> None:
+        stash = self._stash[layer]
+        if x.shape[1] == 1:
+            stash.append(x)  # block outputs are fresh tensors, never changed in place later
+            if len(stash) >= self.flush_every:
+                self._flush(layer)
+            return None
+        self._flush(layer)
         self._parts[layer].append(x @ self.units[layer].T)
         return None
 
+    def _flush(self, layer: int) -> None:
+        stash = self._stash[layer]
+        if stash:
+            self._parts[layer].append(torch.cat(stash, dim=1) @ self.units[layer].T)
+            stash.clear()
+
     def result(self) -> torch.Tensor:
         """``[B, tokens, layers, vectors]``; tokens are those seen by the first layer."""
+        for layer in self.layers:
+            self._flush(layer)
         if not self.layers or not self._parts[self.layers[0]]:
             return torch.zeros(0, 0, len(self.layers), len(self.names))
         per_layer = [torch.cat(self._parts[layer], dim=1) for layer in self.layers]
@@ -608,7 +648,7 @@ def build_ablation(
             for layer, items in by_layer.items()
         }
     mask = None if rows is None else torch.tensor([bool(r) for r in rows], device=device)
-    return Ablate(indices, values, site=site, rows=mask)
+    return Ablate(indices, values, width=width, site=site, rows=mask, dtype=dtype)
 
 
 def unit_vectors(lm: LoadedModel, vector: PersonaVector) -> torch.Tensor:

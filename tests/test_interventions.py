@@ -376,3 +376,29 @@ def test_bad_requests_fail_before_the_model_is_touched(llama: LoadedModel) -> No
     assert hook_count(llama.model) == hooks_before
     with torch.no_grad():
         torch.testing.assert_close(llama.model(ids).logits, logits_before, rtol=0, atol=0)
+
+
+def test_readout_over_cached_decode_steps_with_flushes(llama: LoadedModel) -> None:
+    """Decode-step readouts (stashed, flushed every 2) equal the hooks-free full forward."""
+    vecs = vectors_for(llama, ["pirate", "cynic"])
+    ids = ids_for(llama)
+    plan = build_plan(llama, vecs, readout=["pirate", "cynic"])
+    assert plan.readout is not None
+    plan.readout.flush_every = 2
+    seq = ids
+    with torch.no_grad(), intervene(llama.sites, plan.handlers):
+        out = llama.model(ids, use_cache=True)
+        for _ in range(5):
+            nxt = out.logits[:, -1:].argmax(-1)
+            seq = torch.cat([seq, nxt], dim=1)
+            out = llama.model(nxt, past_key_values=out.past_key_values, use_cache=True)
+    got = plan.readout.result()[0]
+    assert got.shape == (seq.shape[1], llama.info.n_layers, 2)
+    with torch.no_grad():
+        hidden = llama.model(seq, output_hidden_states=True).hidden_states
+    for layer in range(llama.info.n_layers - 1):
+        for k, name in enumerate(["pirate", "cynic"]):
+            u = vecs[name].vector[layer] / vecs[name].vector[layer].norm()
+            torch.testing.assert_close(
+                got[:, layer, k], hidden[layer + 1][0] @ u, rtol=1e-4, atol=1e-4
+            )
