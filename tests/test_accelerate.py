@@ -1,0 +1,70 @@
+"""scripts/extract_vectors.py under ``accelerate launch`` (2 CPU processes) equals one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from personachat.tiny import tiny_model
+from tests.test_extract_scripts import DATA
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
+def test_two_processes_equal_one(tmp_path: Path) -> None:
+    lm = tiny_model("gpt2")
+    lm.model.save_pretrained(tmp_path / "model")
+    lm.tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "small.json").write_text(json.dumps(DATA))
+    script = str(ROOT / "scripts" / "extract_vectors.py")
+    args = ["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "small.json")]
+    args += ["--positions", "response_avg,prompt_last", "--baseline", "mean", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines"]
+    launch += ["1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"]
+    launch += ["29517", script]
+    two = subprocess.Popen(
+        [*launch, *args, "--out", str(tmp_path / "two"), "--store", str(tmp_path / "store2")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    one = subprocess.run(
+        [sys.executable, script, *args, "--out", str(tmp_path / "one"), "--no-store"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    log, _ = two.communicate(timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, log[-3000:]
+    assert "process 1/2: 6 samples" in log and "process 2/2: 6 samples" in log
+    for kind in ("response_avg", "prompt_last"):
+        a = load_file(str(tmp_path / "one" / f"vectors_{kind}.safetensors"))
+        b = load_file(str(tmp_path / "two" / f"vectors_{kind}.safetensors"))
+        assert (
+            sorted(a)
+            == sorted(b)
+            == [f"{p}.mean" for p in sorted(["default", "pirate", "student", "teacher"])]
+        )
+        for name in a:
+            assert (a[name] - b[name]).abs().max() < 1e-5
+    rows_one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    rows_two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    for r1, r2 in zip(rows_one, rows_two, strict=True):
+        assert r1["persona"] == r2["persona"] and r1["best_layer"] == r2["best_layer"]
+        assert abs(r1["auc"] - r2["auc"]) < 1e-5 and abs(r1["separation"] - r2["separation"]) < 1e-3
+    # only the main process wrote: one catalog, every vector once
+    assert (tmp_path / "store2" / "catalog.duckdb").exists()
+    assert log.count("registered 8 vectors") == 1
