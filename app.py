@@ -12,6 +12,7 @@ first use; a missing model folder or store is reported and the app exits with st
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -107,6 +108,10 @@ def missing(config: AppConfig) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
+    logging.basicConfig(
+        level=os.environ.get("PERSONACHAT_LOG", "WARNING").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     config = parse_args(argv)
     problems = missing(config)
     if problems:

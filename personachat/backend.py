@@ -260,6 +260,16 @@ class Backend:
                 text += " ⚠ Interference: " + "; ".join(report.warnings) + "."
         return text
 
+    def settings_summary(self, model_id: str, settings: Settings) -> str:
+        """What this turn does to the model: the blend (with interference) and the ablation."""
+        parts = [self.blend_summary(model_id, settings)] if settings.steering else []
+        if settings.ablating:
+            sets = self.engine(model_id, settings.vectors_from).neuron_sets
+            units = sum(len(sets[label]) for label in settings.neuron_sets) + len(settings.neurons)
+            named = ", ".join([*settings.neuron_sets, *(["typed"] if settings.neurons else [])])
+            parts.append(f"Ablating {units} MLP units ({named}) by {settings.ablation}.")
+        return " ".join(parts)
+
     def layer_metrics(
         self, model_id: str, personas: Sequence[str], kind: str = ""
     ) -> dict[str, tuple[list[float], list[float]]]:

@@ -259,6 +259,7 @@ class Handlers:
         event = threading.Event()
         with self._lock:
             self._stops[key] = event
+        log.debug("generation for session %s", key)
         return key, event
 
     def _forget(self, key: str, event: threading.Event) -> None:
@@ -267,16 +268,17 @@ class Handlers:
                 del self._stops[key]
 
     def stop(self, request: gr.Request | None = None) -> str:
-        """Stop this session's running generation (the partial reply is kept)."""
+        """Stop this session's running generation; the partial reply is kept."""
         key = getattr(request, "session_hash", None)
         with self._lock:
-            event = self._stops.get(key) if key else None
-            if key is None:  # no session: stop every generation (API call without a session)
-                for e in self._stops.values():
-                    e.set()
-        if event is not None:
+            if key is None:  # an API call without a session: stop every generation
+                events = list(self._stops.values())
+            else:
+                events = [self._stops[key]] if key in self._stops else []
+        for event in events:
             event.set()
-        return "Stopped."
+        log.debug("stop for session %s: %d generation(s)", key, len(events))
+        return "Stopping…" if events else "Nothing is generating."
 
     def chat(
         self,
@@ -444,15 +446,15 @@ class Handlers:
         history = [*conversation, {"role": "assistant", "content": ""}]
         side = [*side, {"role": "user", "content": text}]
         side.append({"role": "assistant", "content": "" if settings.side_by_side else "—"})
-        status = self.backend.blend_summary(model_id, settings) if settings.personas else ""
-        yield history, side, "", status or "Generating…", gr.skip(), gr.skip()
+        status = self.backend.settings_summary(model_id, settings)
+        yield history, side, "", f"Generating… {status}".strip(), gr.skip(), gr.skip()
         step: Step | None = None
         try:
             for step in steps:
                 history[-1] = {"role": "assistant", "content": step.text}
                 if settings.side_by_side:
                     side[-1] = {"role": "assistant", "content": step.side_text or ""}
-                yield history, side, "", status or "Generating…", gr.skip(), gr.skip()
+                yield history, side, "", f"Generating… {status}".strip(), gr.skip(), gr.skip()
         except Exception as err:
             history = history[:-2]
             side = side[:-2]
@@ -712,7 +714,7 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
         ]
 
         demo.load(h.load, [model], load_out, api_name="load_model")
-        model.change(h.load, [model], load_out, api_visibility="private")
+        model.input(h.load, [model], load_out, api_visibility="private")
         refresh_btn.click(
             h.refresh,
             [model, personas, vectors_from],
@@ -732,7 +734,7 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
             extract_personas,
             api_visibility="private",
         )
-        vectors_from.change(
+        vectors_from.input(
             h.refresh,
             [model, personas, vectors_from],
             [personas, neuron_sets, status],
@@ -768,7 +770,10 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
             event.then(
                 _persona_choices, [inside, view_persona], view_persona, api_visibility="private"
             ).then(h.heatmap, [inside, view_persona], heatmap, api_visibility="private")
-        stop.click(h.stop, None, status, api_name="stop", concurrency_limit=None, queue=False)
+        # the reply's own last update says "Stopped"; the stop result goes to a hidden box so it
+        # cannot arrive after (and overwrite) that status
+        stopped = gr.Textbox(visible=False)
+        stop.click(h.stop, None, stopped, api_name="stop", concurrency_limit=None, queue=False)
         undo.click(
             h.undo, [chatbot, side_chat], [chatbot, side_chat, message, status], api_name="undo"
         )

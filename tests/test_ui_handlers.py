@@ -294,8 +294,8 @@ def test_stop_ends_the_generation_and_keeps_the_partial_reply(h: Handlers) -> No
     )
     next(stream)  # the user turn
     first = next(stream)[0][-1]["content"]
-    assert h.stop(gr.Request(session_hash="tab-2")) == "Stopped."  # another tab: no effect
-    h.stop(request)
+    assert h.stop(gr.Request(session_hash="tab-2")) == "Nothing is generating."  # another tab
+    assert h.stop(request) == "Stopping…"
     steps = list(stream)
     history, status = steps[-1][0], steps[-1][3]
     assert status.startswith("Stopped: partial reply kept")

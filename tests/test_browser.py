@@ -1,0 +1,227 @@
+"""A real Chromium (Debian's /usr/bin/chromium, driven by Playwright) against ``python app.py``.
+
+The test starts the app as a subprocess on a free localhost port with its defaults (the bundled
+demo model and store/; ``PERSONACHAT_MODEL`` / ``PERSONACHAT_STORE`` override them as for the
+app), then does what a person would: send a message and watch the reply stream in, pick a
+persona and a strength and see the reply change, see the coloured per-token projections,
+ablate a neuron set, stop a long generation. It asserts no request leaves localhost and saves
+``docs/screenshot.png`` for the README. Skipped only when /usr/bin/chromium is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOT = ROOT / "docs" / "screenshot.png"
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+QUESTION = "Tell me about the ocean."
+LOCAL = ("http://127.0.0.1", "data:", "blob:", "about:")
+LOG: list[str] = []  # the app's output, shown when the test fails
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def app_url() -> Iterator[str]:
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PERSONACHAT_LOG": "DEBUG"}
+    env.pop("SPACE_ID", None)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py"), "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    started = time.perf_counter()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            LOG.append(line)
+            if "PersonaChat on http://" in line:
+                break
+        else:
+            pytest.fail(f"app.py exited with {proc.wait()} before serving:\n{''.join(LOG)}")
+        print(f"app.py serving after {time.perf_counter() - started:.1f} s")
+        # keep draining the app's output so a full pipe can never block it
+        threading.Thread(target=lambda: LOG.extend(proc.stdout or []), daemon=True).start()
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def reply_text(page: Page) -> str:
+    bubbles = page.locator("#chat .message.bot")
+    return str(bubbles.last.inner_text()).strip() if bubbles.count() else ""
+
+
+def wait_status(page: Page, pattern: str, timeout: float = 30.0) -> str:
+    status = page.locator("#status")
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = str(status.inner_text())
+        if re.search(pattern, text):
+            return text
+        time.sleep(0.05)
+    tail = "".join(LOG[-30:])
+    raise AssertionError(f"status never matched {pattern!r}; last: {text!r}\napp log:\n{tail}")
+
+
+WATCH = """() => {
+  window.__seen = [];
+  const chat = document.querySelector('#chat');
+  const record = () => {
+    const bots = chat.querySelectorAll('.message.bot');
+    const text = bots.length ? bots[bots.length - 1].innerText.trim() : '';
+    if (text && window.__seen[window.__seen.length - 1] !== text) window.__seen.push(text);
+  };
+  if (window.__watch) window.__watch.disconnect();
+  window.__watch = new MutationObserver(record);
+  window.__watch.observe(chat, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def send(page: Page, message: str) -> list[str]:
+    """Send ``message``; return the distinct reply texts the page showed while it streamed."""
+    page.evaluate(WATCH)
+    page.locator("#message textarea").fill(message)
+    page.locator("#send").click()
+    wait_status(page, r"^(Done|Stopped)", timeout=60)
+    seen = list(page.evaluate("() => window.__seen"))
+    final = reply_text(page)
+    if not seen or seen[-1] != final:
+        seen.append(final)
+    return seen
+
+
+def pick(page: Page, elem_id: str, option: str | None = None) -> str:
+    """Choose ``option`` (or the first one) in a Gradio dropdown; returns the chosen name."""
+    page.locator(f"#{elem_id} input").first.click()
+    options = page.locator(f"#{elem_id} [role=option]")
+    options.first.wait_for(timeout=5000)
+    choice = (
+        page.locator(f'#{elem_id} [role=option][aria-label="{option}"]')
+        if option
+        else options.first
+    )
+    name = str(choice.get_attribute("aria-label"))
+    choice.click()
+    page.keyboard.press("Escape")
+    return name
+
+
+def test_chat_steer_readout_ablate_and_stop_in_a_real_browser(app_url: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    external: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1250})
+        page.on("request", lambda r: None if r.url.startswith(LOCAL) else external.append(r.url))
+        started = time.perf_counter()
+        page.goto(app_url)
+        wait_status(page, r"Model .* ready: \d+ personas", timeout=60)
+        print(f"page usable {time.perf_counter() - started:.1f} s after opening it")
+        page.get_by_text("Generation", exact=True).click()
+        page.locator("#max-tokens input").fill("48")
+
+        # 1. a plain message streams a reply
+        plain = send(page, QUESTION)
+        partial = [t for t in plain[:-1] if plain[-1].startswith(t)]
+        assert partial, f"the reply did not stream: {plain}"
+
+        # 2. a persona and a strength change the reply; projections show as coloured tokens
+        persona = pick(page, "personas", "pirate")
+        page.get_by_label("best layer").check()
+        spec = page.locator("#layer-spec textarea")
+        page.wait_for_function(
+            "() => document.querySelector('#layer-spec textarea').value.includes(':')"
+        )
+        spec.fill(re.sub(r":[-0-9.]+", ":8", spec.input_value()))
+        page.locator("#undo").click()
+        page.wait_for_function("() => document.querySelectorAll('#chat .message').length === 0")
+        steered = send(page, QUESTION)[-1]
+        assert steered != plain[-1], "steering did not change the reply"
+        assert f"Blend 1·{persona}" in page.locator("#status").inner_text()
+        tokens = page.locator("#tokens span.pc-tok")
+        assert tokens.count() > 10
+        colours = {tokens.nth(i).get_attribute("style") for i in range(tokens.count())}
+        assert len(colours) > 3, "per-token projections are not coloured"
+        assert page.locator("#tokens span.pc-reply").count() >= 1
+
+        # 3. side by side + ablating a neuron set: the unsteered column shows the plain reply
+        page.locator("#sbs input").check()
+        page.get_by_text("Neurons", exact=True).click()
+        chosen = pick(page, "neuron-sets")
+        page.locator("#ablation").get_by_label("zero").check()
+        page.locator("#undo").click()
+        page.wait_for_function("() => document.querySelectorAll('#chat .message').length === 0")
+        send(page, QUESTION)
+        status = page.locator("#status").inner_text()
+        assert f"({chosen}) by zero" in status, status
+        side = page.locator("#side-chat .message.bot").last.inner_text().strip()
+        assert side == plain[-1], "the unsteered column differs from the plain reply"
+        page.locator("#heatmap img").wait_for(timeout=20000)
+        page.wait_for_timeout(500)  # let the heatmap fade in
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+        # 4. stop a long generation: the partial reply stays
+        page.locator("#ablation").get_by_label("off").check()
+        page.locator("#sbs input").uncheck()
+        page.locator("#max-tokens input").fill("500")
+        spec.fill("all:0")  # strength 0: unsteered
+        page.locator("#message textarea").fill("Tell me a long story about the sea.")
+        page.locator("#send").click()
+        wait_status(page, r"^Generating")
+        page.locator("#stop").click()
+        wait_status(page, r"^Stopped: partial reply kept")
+        assert reply_text(page)
+
+        # 5. bad input: a visible, specific message, and the chat keeps working
+        spec.fill("1:lots")
+        page.locator("#message textarea").fill(QUESTION)
+        page.locator("#send").click()
+        wait_status(page, r"^⚠ Strength per layer: strength 'lots'")
+        assert page.locator("#message textarea").input_value() == QUESTION
+        browser.close()
+    assert external == [], f"requests left the machine: {external}"
