@@ -274,13 +274,15 @@ def _patch_pairs(
     """(A, B, item): B gives its own answer, A the modal one, persona spans of equal length."""
     by_name = {p.name: p for p in personas}
     by_key = {it.key: it for it in items}
-    out = []
+    out: list[tuple[Persona, Persona, an.PreferenceItem]] = []
     for q in collapse.questions:
         if not q.distinct_personas or not q.collapsed_personas:
             continue
         item = by_key[q.key]
         question = item.questions[0]
-        b = by_name[q.distinct_personas[0]]
+        used = {pair[1].name for pair in out}
+        fresh = [n for n in q.distinct_personas if n not in used]
+        b = by_name[(fresh or q.distinct_personas)[0]]
         span_b = an.encode_prompt(lm, b, question, item.answer_prefix).persona_span
         same_len = [
             by_name[a]
