@@ -23,7 +23,7 @@ import contextvars
 import logging
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,10 +63,16 @@ class GenerationSettings:
     top_p: float = 1.0
     seed: int = 0
     repetition_penalty: float = 1.0
+    min_new_tokens: int = 0  # suppress end-of-sequence before this many tokens
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
             raise InterventionError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise InterventionError(
+                f"min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), "
+                f"got {self.min_new_tokens}"
+            )
         if not 0.0 <= self.temperature < float("inf"):
             raise InterventionError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -229,7 +235,7 @@ class ChatEngine:
         side_by_side: bool = False,
         stop: threading.Event | None = None,
         handlers: Sequence[Handler] = (),
-    ) -> Iterator[ChatUpdate]:
+    ) -> Generator[ChatUpdate, None, None]:
         """Check the request now, then stream ``ChatUpdate``s as the reply grows.
 
         ``handlers`` are extra hook handlers run after the built ones (for capture in tests and
@@ -315,6 +321,7 @@ class ChatEngine:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
         config = GenerationConfig(
             max_new_tokens=settings.max_new_tokens,
+            min_new_tokens=settings.min_new_tokens or None,
             do_sample=False,
             num_beams=1,
             repetition_penalty=settings.repetition_penalty,
@@ -361,7 +368,7 @@ class ChatEngine:
         finally:
             sink.put(_END)
 
-    def _run(self, job: _Job, stop: threading.Event | None) -> Iterator[ChatUpdate]:
+    def _run(self, job: _Job, stop: threading.Event | None) -> Generator[ChatUpdate, None, None]:
         halt = threading.Event()
         sink: queue.Queue[Any] = queue.Queue()
         rows = job.input_ids.shape[0]

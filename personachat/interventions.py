@@ -622,7 +622,9 @@ def build_ablation(
         for i in range(count):
             layer, index = nset.layers[i], nset.indices[i]
             _check_neuron(layer, index, n_layers, width)
-            units[(layer, index)] = float(nset.means[i]) if nset.means is not None else 0.0
+            value = float(nset.means[i]) if nset.means is not None else 0.0
+            _check_finite(value, f"baseline mean of neuron {layer}:{index} in {spec.neuron_set!r}")
+            units[(layer, index)] = value
     typed = parse_neurons(spec.neurons, n_layers, width)
     if typed and spec.mode == "mean":
         raise InterventionError(

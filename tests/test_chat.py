@@ -6,6 +6,7 @@ import functools
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -123,7 +124,7 @@ def test_readout_covers_prompt_and_reply_and_matches_hooks_free_states() -> None
 
 def test_gradio_content_parts_and_history() -> None:
     engine = engine_for("llama")
-    parts = [
+    parts: list[dict[str, Any]] = [
         {
             "role": "user",
             "content": [{"type": "text", "text": "Tell me "}, {"type": "text", "text": "a story"}],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
+from typing import Any
 
 import pytest
 import torch
@@ -106,7 +107,7 @@ def test_downstream_logits_match_manual_head(arch: str) -> None:
     plan = build_plan(lm, vecs, steering=spec)
     with torch.no_grad(), intervene(lm.sites, plan.handlers):
         logits = lm.model(ids).logits
-    norm = lm.sites.base.ln_f if arch == "gpt2" else lm.sites.base.norm
+    norm: Any = lm.sites.base.ln_f if arch == "gpt2" else lm.sites.base.norm
     with torch.no_grad():
         manual = lm.model.lm_head(norm(clean + (-0.7 * 1.5) * vecs["pirate"].vector[last]))
     torch.testing.assert_close(logits, manual, rtol=1e-5, atol=1e-5)
