@@ -146,6 +146,14 @@ class Backend:
             if self._store is not None:
                 self._store.refresh(force=True)
 
+    def close(self) -> None:
+        """Close the store connection (models stay loaded until the backend is dropped)."""
+        with self._lock:
+            self._engines.clear()
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
     # -- store adapters (personachat.store) ---------------------------------------------------
 
     def store_id(self, model_id: str) -> str:

@@ -136,7 +136,7 @@ class Handlers:
         )
 
     def refresh(
-        self, model_id: str | None, personas: list[str] | None, vectors_from: str = ""
+        self, model_id: str | None, personas: list[str] | None, vectors_from: str | None = None
     ) -> tuple[Any, ...]:
         """Re-read the store (new personas registered by a script, removed ones gone)."""
         model_id = (model_id or self.backend.default_model).strip()
@@ -179,7 +179,7 @@ class Handlers:
         personas: list[str] | None,
         preset: str,
         strength: object,
-        vectors_from: str = "",
+        vectors_from: str | None = None,
     ) -> tuple[Any, str]:
         """The layer spec of a preset around the first picked persona's best layer."""
         model_id = (model_id or self.backend.default_model).strip()
@@ -202,7 +202,7 @@ class Handlers:
         weights: str | None,
         layer_spec: str | None,
         units: str = "raw",
-        vectors_from: str = "",
+        vectors_from: str | None = None,
     ) -> str:
         """The blend as a formula, with the interference warning when the vectors overlap."""
         model_id = (model_id or self.backend.default_model).strip()
@@ -224,15 +224,15 @@ class Handlers:
         layer_spec: str | None,
         units: str = "raw",
         positions: str = "all",
-        system_prompt: str | None = "",
+        system_prompt: str | None = None,
         temperature: object = 0.0,
         max_new_tokens: object = 64,
         seed: object = 0,
         neuron_sets: Sequence[str] | None = None,
-        neurons: str | None = "",
+        neurons: str | None = None,
         ablation: str = "off",
         side_by_side: bool = False,
-        vectors_from: str = "",
+        vectors_from: str | None = None,
     ) -> Settings:
         return parse_settings(
             self.backend.limits(model_id, vectors_from or ""),
@@ -286,20 +286,20 @@ class Handlers:
         history: Messages | None,
         side_history: Messages | None,
         model_id: str | None,
-        personas: list[str] | None,
-        weights: str | None,
-        layer_spec: str | None,
+        personas: list[str] | None = None,
+        weights: str | None = None,
+        layer_spec: str | None = None,
         units: str = "raw",
         positions: str = "all",
-        system_prompt: str | None = "",
+        system_prompt: str | None = None,
         temperature: float | str = 0.0,
         max_new_tokens: float | str = 64,
         seed: float | str = 0,
         neuron_sets: list[str] | None = None,
-        neurons: str | None = "",
+        neurons: str | None = None,
         ablation: str = "off",
         side_by_side: bool = False,
-        vectors_from: str = "",
+        vectors_from: str | None = None,
         view_layer: float = 0,
         inside: Inside | None = None,
         request: gr.Request | None = None,
@@ -338,20 +338,20 @@ class Handlers:
         history: Messages | None,
         side_history: Messages | None,
         model_id: str | None,
-        personas: list[str] | None,
-        weights: str | None,
-        layer_spec: str | None,
+        personas: list[str] | None = None,
+        weights: str | None = None,
+        layer_spec: str | None = None,
         units: str = "raw",
         positions: str = "all",
-        system_prompt: str | None = "",
+        system_prompt: str | None = None,
         temperature: float | str = 0.0,
         max_new_tokens: float | str = 64,
         seed: float | str = 0,
         neuron_sets: list[str] | None = None,
-        neurons: str | None = "",
+        neurons: str | None = None,
         ablation: str = "off",
         side_by_side: bool = False,
-        vectors_from: str = "",
+        vectors_from: str | None = None,
         view_layer: float = 0,
         inside: Inside | None = None,
         request: gr.Request | None = None,
@@ -508,7 +508,7 @@ class Handlers:
         return views.heatmap_image(inside.tokens, grid, inside.n_prompt, title)
 
     def layer_plot(
-        self, model_id: str | None, personas: list[str] | None, vectors_from: str = ""
+        self, model_id: str | None, personas: list[str] | None, vectors_from: str | None = None
     ) -> np.ndarray | None:
         """AUC and separation by layer of the picked personas (the first six when none)."""
         model_id = (model_id or self.backend.default_model).strip()
@@ -532,7 +532,7 @@ class Handlers:
         history: Messages | None,
         layer: float,
         personas: list[str] | None,
-        vectors_from: str = "",
+        vectors_from: str | None = None,
     ) -> np.ndarray | None:
         """PCA of the registered persona vectors at ``layer`` with this conversation's position."""
         model_id = (model_id or self.backend.default_model).strip()
@@ -570,8 +570,12 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
                         label="Model (hub name or local path)",
                     )
                     model_info = gr.Markdown("Loading the model…", elem_id="model-info")
-                    vectors_from = gr.Radio(
-                        [], label="Steer with vectors read from", elem_id="vectors-from"
+                    vectors_from = gr.Dropdown(
+                        [],
+                        value=None,
+                        allow_custom_value=True,
+                        label="Steer with vectors read from",
+                        elem_id="vectors-from",
                     )
                     with gr.Group(visible=False) as extract_box:
                         gr.Markdown("This model has no persona vectors in the store yet.")
@@ -591,7 +595,11 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
                     refresh_btn = gr.Button("Refresh from the store", size="sm")
                 with gr.Accordion("Personas and strength", open=True):
                     personas = gr.Dropdown(
-                        choices=[], multiselect=True, label="Personas to blend", elem_id="personas"
+                        choices=[],
+                        multiselect=True,
+                        allow_custom_value=True,  # checked against the store by the handlers
+                        label="Personas to blend",
+                        elem_id="personas",
                     )
                     weights = gr.Textbox(
                         label="Blend weights (negative allowed)",
@@ -625,7 +633,11 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
                     )
                 with gr.Accordion("Neurons", open=False):
                     neuron_sets = gr.Dropdown(
-                        choices=[], multiselect=True, label="Neuron sets", elem_id="neuron-sets"
+                        choices=[],
+                        multiselect=True,
+                        allow_custom_value=True,  # checked against the store by the handlers
+                        label="Neuron sets",
+                        elem_id="neuron-sets",
                     )
                     neurons = gr.Textbox(
                         label="Or type neurons",
@@ -662,7 +674,9 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
                             view_layer = gr.Slider(
                                 0, 1, value=0, step=1, label="Layer", elem_id="view-layer"
                             )
-                            view_persona = gr.Dropdown(choices=[], label="Heatmap persona")
+                            view_persona = gr.Dropdown(
+                                choices=[], allow_custom_value=True, label="Heatmap persona"
+                            )
                         tokens_view = gr.HTML(views.empty_html("No reply yet."), elem_id="tokens")
                         heatmap = gr.Image(
                             label="Token x layer",

@@ -12,6 +12,7 @@ import html
 import re
 import sys
 from pathlib import Path
+from typing import Literal
 
 import gradio as gr
 import numpy as np
@@ -170,6 +171,7 @@ def test_steered_chat_streams_the_engine_reply_and_readout(h: Handlers, engine: 
     assert box == "" and status.startswith("Done. Blend 1·pirate +0.5·poet at 1:4, 2:2 (raw)")
     assert side[-1]["content"] == "—"  # side by side was off
     assert isinstance(inside, Inside) and inside.personas == ("pirate", "poet")
+    assert expected.readout is not None and inside.projections is not None
     want = np.nan_to_num(expected.readout.projections.numpy())
     np.testing.assert_allclose(inside.projections, want, rtol=1e-6, atol=1e-6)
     assert inside.n_prompt == expected.readout.prompt_len
@@ -211,7 +213,7 @@ def test_side_by_side_shows_the_unsteered_reply_of_the_same_batch(
 
 @pytest.mark.parametrize("mode", ["zero", "mean"])
 def test_ablating_a_neuron_set_matches_the_engine(
-    h: Handlers, engine: ChatEngine, mode: str
+    h: Handlers, engine: ChatEngine, mode: Literal["zero", "mean"]
 ) -> None:
     steps = chat(h, neuron_sets=[SET], ablation=mode, max_new_tokens=8)
     expected = engine.reply(

@@ -1,0 +1,144 @@
+"""``gradio_client`` drives the app's named endpoints over HTTP and gets the Python API's reply.
+
+The page is served in this process on a free localhost port (the app's model and store, as
+``app.py`` resolves them); the expected reply comes from a ``ChatEngine`` built directly from
+the model and the store, not from the page's backend.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from personachat.backend import Backend
+from personachat.chat import ChatEngine, GenerationSettings
+from personachat.interventions import AblationSpec, SteeringSpec
+from personachat.model import load_model
+from personachat.store import Store
+from personachat.ui import CSS, build_ui
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import app  # noqa: E402
+
+CONFIG = app.parse_args([])
+QUESTION = "Tell me about the ocean."
+pytestmark = pytest.mark.skipif(
+    bool(app.missing(CONFIG)), reason=f"the app's model or store is missing: {app.missing(CONFIG)}"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[Any, Backend]]:
+    from gradio_client import Client
+
+    backend = Backend(CONFIG.model, CONFIG.store)
+    demo = build_ui(backend)
+    demo.queue()
+    port = free_port()
+    demo.launch(
+        server_name="127.0.0.1", server_port=port, css=CSS, prevent_thread_lock=True, quiet=True
+    )
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False), backend
+    finally:
+        demo.close()
+        backend.close()
+
+
+@pytest.fixture(scope="module")
+def engine(served: tuple[Any, Backend]) -> tuple[ChatEngine, str, str]:
+    """An engine straight from the model folder and the store, plus a persona and a set."""
+    backend = served[1]
+    lm = load_model(CONFIG.model)
+    store_id = backend.store_id(CONFIG.model)
+    kind = backend.vector_kinds(CONFIG.model)[0]
+    with Store(CONFIG.store, read_only=True) as store:
+        names = sorted({e.persona for e in store.vectors(store_id, positions=kind)})
+        vectors = [store.load_vector(store_id, n, positions=kind) for n in names]
+        sets = [store.load_neurons(store_id, e.label) for e in store.neuron_sets(store_id)]
+    persona = "pirate" if "pirate" in names else names[-1]
+    return ChatEngine(lm, vectors, sets), persona, sets[0].label if sets else ""
+
+
+def call_chat(client: Any, **settings: Any) -> tuple[Any, ...]:
+    args = {
+        "message": QUESTION,
+        "history": [],
+        "side_history": [],
+        "model_id": CONFIG.model,
+        "weights": "",
+        "max_new_tokens": 40,
+    }
+    args.update(settings)
+    return tuple(client.predict(**args, api_name="/chat"))
+
+
+def text(message: dict[str, Any]) -> str:
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+
+
+def test_chat_endpoint_with_steering_matches_the_python_api(
+    served: tuple[Any, Backend], engine: tuple[ChatEngine, str, str]
+) -> None:
+    client, _ = served
+    chat_engine, persona, _ = engine
+    history, side, box, status, tokens_html = call_chat(
+        client, personas=[persona], layer_spec="1-2:4", side_by_side=True
+    )
+    messages = [{"role": "user", "content": QUESTION}]
+    steered = chat_engine.reply(
+        messages,
+        GenerationSettings(max_new_tokens=40),
+        steering=SteeringSpec({persona: 1.0}, layers="1-2:4"),
+    )
+    plain = chat_engine.reply(messages, GenerationSettings(max_new_tokens=40))
+    assert text(history[-1]) == steered.text
+    assert text(side[-1]) == plain.text != steered.text
+    assert box == "" and status.startswith(f"Done. Blend 1·{persona} at 1-2:4 (raw).")
+    assert 'class="pc-tok pc-reply"' in tokens_html
+
+
+def test_ablation_and_bad_input_over_the_api(
+    served: tuple[Any, Backend], engine: tuple[ChatEngine, str, str]
+) -> None:
+    client, _ = served
+    chat_engine, _, label = engine
+    if not label:
+        pytest.skip("the store has no neuron set for this model")
+    history = call_chat(client, neuron_sets=[label], ablation="zero")[0]
+    expected = chat_engine.reply(
+        [{"role": "user", "content": QUESTION}],
+        GenerationSettings(max_new_tokens=40),
+        ablation=AblationSpec(label, mode="zero"),
+    )
+    assert text(history[-1]) == expected.text
+    out = call_chat(client, personas=["no_such_persona"], layer_spec="1:2")
+    assert out[0] == [] and out[3].startswith("⚠ persona no_such_persona is not in the store")
+
+
+def test_other_endpoints_answer(served: tuple[Any, Backend]) -> None:
+    client, _ = served
+    info = client.predict(model_id=CONFIG.model, api_name="/load_model")
+    assert "ready" in info[-1]
+    spec, _note = client.predict(
+        model_id=CONFIG.model, personas=[], preset="all layers", strength=2, api_name="/preset"
+    )
+    assert spec.startswith("0-") and spec.endswith(":2")
+    assert client.predict(api_name="/stop") == "Nothing is generating."
+    endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/chat", "/retry", "/undo", "/clear", "/tokens", "/persona_map"} <= endpoints
