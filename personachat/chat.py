@@ -281,6 +281,10 @@ class ChatEngine:
         assert last is not None
         return last
 
+    def token_pieces(self, tokens: Sequence[int]) -> list[str]:
+        """The text of each token on its own (for per-token displays of a readout)."""
+        return [str(self.lm.tokenizer.decode([int(t)])) for t in tokens]
+
     def prompt_ids(self, messages: Sequence[Message]) -> torch.Tensor:
         """``[1, T]`` token ids of the conversation under the chat template, ready to reply."""
         text = format_chat(self.lm.tokenizer, messages, add_generation_prompt=True)

@@ -376,7 +376,7 @@ class Ablate:
             if values is not None:
                 fill = fill.index_copy(0, idx, values[layer].to(dtype))
             if rows is not None:  # bool per row: ablate this row only
-                on = rows[:, None, None]
+                on = rows.to(idx.device)[:, None, None]
                 keep = torch.where(on, keep, ones)
                 fill = torch.where(on, fill, torch.zeros_like(fill))
             self.keep[layer] = keep
@@ -404,12 +404,12 @@ class Readout:
 
     def __init__(
         self,
-        units: torch.Tensor,
+        units: Mapping[int, torch.Tensor],
         names: Sequence[str],
         layers: Sequence[int],
         flush_every: int = 32,
     ) -> None:
-        self.units = units  # [n_layers, V, H], unit rows
+        self.units = units  # {layer: [V, H]}, unit rows on that layer's device
         self.names = list(names)
         self.layers = list(layers)
         self.flush_every = flush_every
@@ -442,9 +442,9 @@ class Readout:
             self._flush(layer)
         if not self.layers or not self._parts[self.layers[0]]:
             return torch.zeros(0, 0, len(self.layers), len(self.names))
-        per_layer = [torch.cat(self._parts[layer], dim=1) for layer in self.layers]
+        per_layer = [torch.cat(self._parts[layer], dim=1).float().cpu() for layer in self.layers]
         n = min(p.shape[1] for p in per_layer)  # a forward may stop early past some layers
-        return torch.stack([p[:, :n] for p in per_layer], dim=2).float().cpu()
+        return torch.stack([p[:, :n] for p in per_layer], dim=2)
 
 
 # --------------------------------------------------------------------------- interference
@@ -570,7 +570,7 @@ def build_steer(
     dtype = next(lm.model.parameters()).dtype
     device = lm.device
     deltas = {
-        layer: (s * blend[layer]).to(device=device, dtype=dtype)
+        layer: (s * blend[layer]).to(device=site_device(lm, "residual", layer), dtype=dtype)
         for layer, s in strengths.items()
         if s != 0.0
     }
@@ -640,17 +640,27 @@ def build_ablation(
         by_layer.setdefault(layer, []).append((index, value))
     device, dtype = lm.device, next(lm.model.parameters()).dtype
     indices = {
-        layer: torch.tensor([i for i, _ in items], device=device)
+        layer: torch.tensor([i for i, _ in items], device=site_device(lm, site, layer))
         for layer, items in by_layer.items()
     }
     values = None
     if spec.mode == "mean":
         values = {
-            layer: torch.tensor([v for _, v in items], device=device, dtype=dtype)
+            layer: torch.tensor([v for _, v in items], device=indices[layer].device, dtype=dtype)
             for layer, items in by_layer.items()
         }
     mask = None if rows is None else torch.tensor([bool(r) for r in rows], device=device)
     return Ablate(indices, values, width=width, site=site, rows=mask, dtype=dtype)
+
+
+def site_device(lm: LoadedModel, site: Site, layer: int) -> torch.device:
+    """The device of the module behind ``(site, layer)`` (layers may be spread over GPUs)."""
+    sites = lm.sites
+    module = {"residual": sites.layers, "mlp_hidden": sites.mlp_down}.get(site, sites.gates)
+    assert module is not None
+    for param in module[layer].parameters():
+        return param.device
+    return lm.device
 
 
 def unit_vectors(lm: LoadedModel, vector: PersonaVector) -> torch.Tensor:
@@ -671,7 +681,8 @@ def build_directional(
     layers = layer_strengths(spec.layers, 1.0, lm.info.n_layers, _best_layer(vector), 2)
     unit = unit_vectors(lm, vector)
     return DirectionalAblation(
-        {layer: unit[layer] for layer in layers}, rows=_row_tensor(rows, lm.device)
+        {layer: unit[layer].to(site_device(lm, "residual", layer)) for layer in layers},
+        rows=_row_tensor(rows, lm.device),
     )
 
 
@@ -692,7 +703,8 @@ def build_readout(
             raise InterventionError(
                 f"readout layer {layer} is out of range: the model has {n_layers} layers"
             )
-    units = torch.stack([unit_vectors(lm, r) for r in records], dim=1)  # [n_layers, V, H]
+    stacked = torch.stack([unit_vectors(lm, r) for r in records], dim=1)  # [n_layers, V, H]
+    units = {layer: stacked[layer].to(site_device(lm, "residual", layer)) for layer in chosen}
     return Readout(units, [r.persona for r in records], chosen)
 
 

@@ -109,6 +109,10 @@ def test_readout_covers_prompt_and_reply_and_matches_hooks_free_states() -> None
     assert ro.prompt_len == n_prompt
     assert ro.projections.shape == (n_prompt + len(final.tokens), lm.info.n_layers, 2)
     assert ro.reply.shape[0] == len(final.tokens)
+    pieces = engine.token_pieces(ro.tokens)
+    assert len(pieces) == len(ro.tokens) and "".join(pieces[n_prompt:]) == lm.tokenizer.decode(
+        list(final.tokens)
+    )
     assert torch.isnan(ro.projections[-1]).all() and not torch.isnan(ro.projections[:-1]).any()
     seq = torch.tensor([ro.tokens[:-1]])
     with torch.no_grad():
