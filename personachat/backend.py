@@ -51,6 +51,10 @@ class Readout:
     tokens: tuple[str, ...]
     n_prompt: int
     projections: np.ndarray  # [tokens, layers, personas]; the last reply token is 0 (never fed)
+    # [2, layers, personas]: the projections of the baseline mean (0) and of the persona's own
+    # mean (1) from the store, so a token reads as "how far from baseline towards the persona";
+    # None when the store has no raw means
+    reference: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -345,31 +349,44 @@ class Backend:
         vectors = np.stack([engine.vectors[n].vector[layer].float().numpy() for n in names])
         if not messages:
             return names, vectors, None
-        baseline = self._baseline_mean(model_id, engine.vectors[names[0]], layer)
+        baseline = self._baseline_mean(model_id, engine.vectors[names[0]])
         if baseline is None:
             return names, vectors, None
-        return names, vectors, residual_mean(lm, messages, layer) - baseline
+        return names, vectors, residual_mean(lm, messages, layer) - baseline[layer]
 
-    def _baseline_mean(self, model_id: str, vector: Any, layer: int) -> np.ndarray | None:
+    def _baseline_mean(self, model_id: str, vector: Any) -> np.ndarray | None:
+        """The stored mean activation [layers, hidden] of ``vector``'s baseline (the mean of all
+        personas' means for the ``mean`` baseline); None when the store has no raw means."""
         from personachat.records import MEAN_BASELINE
 
         store, store_id = self.store(), self.store_id(model_id)
+        kind = vector.positions
         try:
             if vector.baseline == MEAN_BASELINE:
-                means = [
-                    e.persona for e in store.means(store_id) if e.positions == vector.positions
-                ]
-                stacked = [
-                    store.load_means(store_id, p, positions=vector.positions).mean[layer]
-                    for p in means
-                ]
-                return (
-                    np.stack([m.float().numpy() for m in stacked]).mean(axis=0) if stacked else None
-                )
-            mean = store.load_means(store_id, vector.baseline, positions=vector.positions)
+                names = [e.persona for e in store.means(store_id) if e.positions == kind]
+                means = [store.load_means(store_id, n, positions=kind).mean for n in names]
+                return np.stack([m.float().numpy() for m in means]).mean(0) if means else None
+            return store.load_means(store_id, vector.baseline, positions=kind).mean.float().numpy()
         except LookupError:
             return None
-        return mean.mean[layer].float().numpy()
+
+    def reference(
+        self, model_id: str, personas: Sequence[str], kind: str = ""
+    ) -> np.ndarray | None:
+        """[2, layers, personas]: projections of the baseline mean and of the persona mean on
+        each unit persona vector (persona mean = baseline + vector, so row 1 = row 0 + |v|)."""
+        engine = self.engine(model_id, kind)
+        rows = []
+        for name in personas:
+            vector = engine.vectors[name]
+            base = self._baseline_mean(model_id, vector)
+            if base is None:
+                return None
+            v = vector.vector.float().numpy()
+            norm = np.linalg.norm(v, axis=-1)
+            zero = (base * v).sum(-1) / np.maximum(norm, 1e-12)
+            rows.append(np.stack([zero, zero + norm]))
+        return np.stack(rows, axis=-1) if rows else None
 
     def extract(
         self,
@@ -450,9 +467,12 @@ class Backend:
             stop=stop,
             handlers=extra,
         )
-        return self._steps(lm, updates)
+        reference = self.reference(model_id, readout, settings.vectors_from)
+        return self._steps(lm, updates, reference)
 
-    def _steps(self, lm: Any, updates: Iterator[Any]) -> Iterator[Step]:
+    def _steps(
+        self, lm: Any, updates: Iterator[Any], reference: np.ndarray | None
+    ) -> Iterator[Step]:
         for update in updates:
             warnings = tuple(update.interference.warnings) if update.interference else ()
             yield Step(
@@ -460,18 +480,19 @@ class Backend:
                 side_text=update.baseline_text,
                 done=update.done,
                 stopped=update.stopped,
-                readout=self._readout(lm, update.readout) if update.done else None,
+                readout=self._readout(lm, update.readout, reference) if update.done else None,
                 warnings=warnings,
             )
 
     @staticmethod
-    def _readout(lm: Any, readout: Any) -> Readout | None:
+    def _readout(lm: Any, readout: Any, reference: np.ndarray | None) -> Readout | None:
         if readout is None:
             return None
         tokenizer = lm.tokenizer
         tokens = tuple(str(tokenizer.decode([t])) for t in readout.tokens)
         values = np.nan_to_num(readout.projections.numpy().astype(np.float32), nan=0.0)
-        return Readout(tuple(readout.personas), tokens, int(readout.prompt_len), values)
+        personas = tuple(readout.personas)
+        return Readout(personas, tokens, int(readout.prompt_len), values, reference)
 
 
 class _Capture:

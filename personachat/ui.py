@@ -70,14 +70,24 @@ class Inside:
     personas: tuple[str, ...] = ()
     tokens: list[str] = field(default_factory=list)
     n_prompt: int = 0
-    projections: np.ndarray | None = None  # [tokens, layers, personas]
+    projections: np.ndarray | None = None  # [tokens, layers, personas], raw projections
+    reference: np.ndarray | None = None  # [2, layers, personas]: baseline mean, persona mean
 
     def values(self, persona: str | None, layer: int | None = None) -> np.ndarray | None:
+        """Projections on ``persona`` [tokens, layers] (or [tokens] at ``layer``), rescaled so
+        0 is the baseline persona's mean and 1 this persona's mean when the store has means."""
         if self.projections is None or not self.personas:
             return None
         index = self.personas.index(persona) if persona in self.personas else 0
         grid = self.projections[:, :, index]
+        if self.reference is not None:
+            zero, one = self.reference[0, :, index], self.reference[1, :, index]
+            grid = (grid - zero) / np.maximum(one - zero, 1e-12)
         return grid if layer is None else grid[:, min(max(layer, 0), grid.shape[1] - 1)]
+
+    @property
+    def scaled(self) -> bool:
+        return self.reference is not None
 
 
 Messages = list[dict[str, Any]]
@@ -476,6 +486,7 @@ class Handlers:
             tokens=list(readout.tokens),
             n_prompt=readout.n_prompt,
             projections=np.asarray(readout.projections, dtype=np.float32),
+            reference=readout.reference,
         )
 
     # -- inside view ----------------------------------------------------------------------
@@ -487,12 +498,14 @@ class Handlers:
         n_layers = inside.projections.shape[1]
         at = min(max(int(layer or 0), 0), n_layers - 1)
         shown = [persona] if persona in inside.personas else list(inside.personas)
+        unit = "0 = baseline mean, 1 = persona mean" if inside.scaled else "raw projection"
         rows = [
             views.tokens_html(
                 inside.tokens,
                 inside.values(name, at),  # type: ignore[arg-type]
                 inside.n_prompt,
-                caption=f"projection on {name} at layer {at} (red +, blue −; reply in bold)",
+                caption=f"{name} at layer {at} ({unit}; red +, blue −; reply in bold)",
+                scale=1.0 if inside.scaled else None,
             )
             for name in shown
         ]
@@ -503,8 +516,10 @@ class Handlers:
         if inside is None or inside.projections is None or not inside.personas:
             return None
         name = persona if persona in inside.personas else inside.personas[0]
-        grid = inside.projections[:, :, inside.personas.index(name)]
-        title = f"projection on {name}: token x layer (line: end of prompt)"
+        grid = inside.values(name)
+        assert grid is not None
+        unit = "0 = baseline mean, 1 = persona mean" if inside.scaled else "raw projection"
+        title = f"{name}: token x layer ({unit}; line: end of prompt)"
         return views.heatmap_image(inside.tokens, grid, inside.n_prompt, title)
 
     def layer_plot(

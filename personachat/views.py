@@ -38,15 +38,21 @@ def _shown(token: str) -> str:
 
 
 def tokens_html(
-    tokens: Sequence[str], values: Sequence[float], n_prompt: int, caption: str = ""
+    tokens: Sequence[str],
+    values: Sequence[float],
+    n_prompt: int,
+    caption: str = "",
+    scale: float | None = None,
 ) -> str:
-    """Tokens coloured by ``values`` (red positive, blue negative, scaled by the largest |value|).
+    """Tokens coloured by ``values``: red positive, blue negative, full colour at |value| =
+    ``scale`` (default: the largest |value|).
 
-    Prompt tokens come first (``n_prompt`` of them) and are drawn lighter; reply tokens are bold.
-    Each token is a ``span.pc-tok`` with its value in ``title`` and ``data-value``.
+    Prompt tokens come first (``n_prompt`` of them); reply tokens are bold. Each token is a
+    ``span.pc-tok`` with its value in ``title`` and ``data-value``.
     """
     vals = np.asarray(values, dtype=np.float64)
-    scale = float(np.abs(vals).max()) if vals.size else 0.0
+    if scale is None:
+        scale = float(np.abs(vals).max()) if vals.size else 0.0
     scale = scale if scale > 0 else 1.0
     spans = []
     for i, (token, value) in enumerate(zip(tokens, vals, strict=True)):

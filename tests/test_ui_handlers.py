@@ -342,12 +342,19 @@ def test_blend_info_warns_when_personas_cancel(h: Handlers) -> None:
         parse_weights("kraken=1", ["pirate"])
 
 
-def test_tokens_view_and_heatmap_show_the_readout(h: Handlers) -> None:
+def test_tokens_view_and_heatmap_show_the_readout(h: Handlers, store_root: Path) -> None:
     inside = chat(h, personas=["pirate"], layer_spec="1:4")[-1][5]
     html_text = h.tokens(inside, 2)
+    # 0 = the baseline's mean, 1 = the persona's mean (baseline + vector), from the store
+    with Store(store_root, read_only=True) as store:
+        base = store.load_means(MODEL, "default", positions="question_span").mean[2]
+        vec = store.load_vector(MODEL, "pirate").vector[2]
+    zero = float(base @ vec / vec.norm())
+    assert inside.projections is not None
+    expected = (inside.projections[:, 2, 0] - zero) / float(vec.norm())
     values = [float(v) for v in re.findall(r'data-value="([^"]+)"', html_text)]
-    np.testing.assert_allclose(values, inside.projections[:, 2, 0], rtol=1e-3, atol=1e-3)
-    assert "projection on pirate at layer 2" in html_text
+    np.testing.assert_allclose(values, expected, rtol=1e-3, atol=1e-3)
+    assert "pirate at layer 2 (0 = baseline mean, 1 = persona mean" in html_text
     assert len(re.findall(r"pc-tok pc-reply", html_text)) == len(inside.tokens) - inside.n_prompt
     prompt = format_chat(tiny().tokenizer, USER)
     assert "".join(inside.tokens[: inside.n_prompt]) == prompt
