@@ -9,6 +9,7 @@ import pytest
 
 from personachat.datasets import (
     DatasetError,
+    PersonaDataset,
     builtin_names,
     from_json,
     load_builtin,
@@ -144,3 +145,30 @@ def test_empty_missing_and_malformed_files(tmp_path: Path) -> None:
     lines.write_text('{"name": "x"}\n')
     with pytest.raises(DatasetError, match=r"typeless\.jsonl.*:1: each line needs a 'type'"):
         load_dataset(lines)
+
+
+def test_generated_responses_are_seeded_and_cached(tmp_path: Path) -> None:
+    from personachat.responses import GenerationConfig, ensure_responses
+    from tests.conftest import _cached_tiny
+
+    lm = _cached_tiny("llama")
+    ds = from_json({**SMALL, "responses": []})
+    cfg = GenerationConfig(max_new_tokens=4, seed=3, batch_size=3)
+    first = ensure_responses(lm, ds, cfg=cfg, cache_dir=tmp_path / "a", progress=False)
+    assert first.has_all_responses() and len(first.responses) == 4
+    again = ensure_responses(lm, ds, cfg=cfg, cache_dir=tmp_path / "b", progress=False)
+    assert dict(again.responses) == dict(first.responses)  # same seed, same replies
+    (cache,) = (tmp_path / "a").glob("*.json")
+    rows = json.loads(cache.read_text())
+    rows[0]["response"] = "FROM THE CACHE"
+    cache.write_text(json.dumps(rows))
+    cached = ensure_responses(lm, ds, cfg=cfg, cache_dir=tmp_path / "a", progress=False)
+    assert "FROM THE CACHE" in cached.responses.values()
+    # given responses are kept, and only the missing cells are generated
+    partial = ensure_responses(lm, load_dataset_from(SMALL), cfg=cfg, cache_dir=tmp_path / "c")
+    assert partial.response("pirate", "Where is Paris?") == "Arr, France."
+    assert len(partial.responses) == 4
+
+
+def load_dataset_from(data: dict) -> PersonaDataset:  # type: ignore[type-arg]
+    return from_json(json.loads(json.dumps(data)))
