@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.ticker import MaxNLocator
 
 from personachat.records import PersonaMeans, PersonaVector
 from personachat.vectors import assistant_axis, cosine_matrix, unit
@@ -40,6 +41,8 @@ def plot_layer_metrics(vectors: Sequence[PersonaVector], path: str | Path, title
         layers = range(v.n_layers)
         ax_auc.plot(layers, v.metrics.auc.numpy(), marker=".", label=v.persona)
         ax_sep.plot(layers, v.metrics.separation.numpy(), marker=".", label=v.persona)
+    for ax in (ax_auc, ax_sep):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_auc.set(xlabel="layer", ylabel="AUC", title="AUC by layer", ylim=(0, 1.02))
     ax_sep.set(xlabel="layer", ylabel="separation (Cohen's d)", title="Separation by layer")
     if len(vectors) <= 25:

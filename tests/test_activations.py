@@ -104,6 +104,20 @@ def test_spans_cover_the_right_tokens(llama: LoadedModel) -> None:
         enc.span("everything")
 
 
+def test_question_span_with_an_injected_default_system_prompt(llama: LoadedModel) -> None:
+    """Templates like Qwen2.5's add their own system turn when none is given."""
+    tok = copy.deepcopy(llama.tokenizer)
+    tok.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are Qwen.<|im_end|>\n"
+        "{% endif %}" + tok.chat_template
+    )
+    for system in ("", "You are a pirate."):
+        enc = encode(tok, system, "Tell me about the ocean.", "Arr!")
+        q0, q1 = enc.span("question_span")
+        assert tok.decode(enc.ids[q0:q1]).startswith("<|im_start|>user\nTell me about the ocean.")
+        assert "system" in tok.decode(enc.ids[:q0])
+
+
 def test_empty_response_is_an_error(llama: LoadedModel) -> None:
     with pytest.raises(ValueError, match="at least one token"):
         build_samples(llama.tokenizer, [(0, "", "Hi?", "")], ("response_avg",))
