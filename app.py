@@ -108,10 +108,8 @@ def missing(config: AppConfig) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
-    logging.basicConfig(
-        level=os.environ.get("PERSONACHAT_LOG", "WARNING").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("personachat").setLevel(os.environ.get("PERSONACHAT_LOG", "INFO").upper())
     config = parse_args(argv)
     problems = missing(config)
     if problems:

@@ -13,11 +13,14 @@ request by the runtime (``personachat.hooks`` scopes hooks to the request's cont
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -40,6 +43,7 @@ from personachat.session import (
 log = logging.getLogger(__name__)
 
 POSITIONS = ("all", "prompt", "generated")
+STREAM_INTERVAL_S = 0.05  # at most 20 page updates a second while a reply streams
 CSS = """
 .pc-tokens { font-family: ui-monospace, monospace; font-size: 13px; line-height: 1.9; }
 .pc-tok { padding: 1px 0; border-radius: 2px; }
@@ -460,11 +464,16 @@ class Handlers:
         yield history, side, "", f"Generating… {status}".strip(), gr.skip(), gr.skip()
         step: Step | None = None
         try:
+            shown = 0.0
             for step in steps:
                 history[-1] = {"role": "assistant", "content": step.text}
                 if settings.side_by_side:
                     side[-1] = {"role": "assistant", "content": step.side_text or ""}
-                yield history, side, "", f"Generating… {status}".strip(), gr.skip(), gr.skip()
+                # a page update per token floods the browser on a fast model (and then the
+                # Stop button waits behind the renders): at most one update per interval
+                if time.monotonic() - shown >= STREAM_INTERVAL_S or step.done:
+                    shown = time.monotonic()
+                    yield history, side, "", f"Generating… {status}".strip(), gr.skip(), gr.skip()
         except Exception as err:
             history = history[:-2]
             side = side[:-2]
@@ -499,16 +508,14 @@ class Handlers:
         at = min(max(int(layer or 0), 0), n_layers - 1)
         shown = [persona] if persona in inside.personas else list(inside.personas)
         unit = "0 = baseline mean, 1 = persona mean" if inside.scaled else "raw projection"
-        rows = [
-            views.tokens_html(
-                inside.tokens,
-                inside.values(name, at),  # type: ignore[arg-type]
-                inside.n_prompt,
-                caption=f"{name} at layer {at} ({unit}; red +, blue −; reply in bold)",
-                scale=1.0 if inside.scaled else None,
-            )
-            for name in shown
-        ]
+        rows = []
+        for name in shown:
+            values = inside.values(name, at)
+            assert values is not None
+            # scaled values: full colour at the persona's own mean (1) or beyond it
+            scale = max(1.0, float(np.abs(values).max())) if inside.scaled else None
+            caption = f"{name} at layer {at} ({unit}; red +, blue −; reply in bold)"
+            rows.append(views.tokens_html(inside.tokens, values, inside.n_prompt, caption, scale))
         return "".join(rows)
 
     def heatmap(self, inside: Inside | None, persona: str | None = None) -> np.ndarray | None:
@@ -839,16 +846,18 @@ def _persona_choices(inside: Inside | None, current: str | None) -> Any:
     )
 
 
-def _datasets() -> list[str]:
-    from personachat.datasets import builtin_names
+# The built-in datasets are read as plain JSON here (their documented format), so building the
+# page does not import torch through personachat.datasets: the page is up sooner.
+DATA_DIR = Path(__file__).resolve().parent / "data"
 
-    return builtin_names()
+
+def _datasets() -> list[str]:
+    return sorted(p.stem for p in DATA_DIR.glob("*.json"))
 
 
 def _dataset_personas(name: str) -> list[str]:
-    from personachat.datasets import load_builtin
-
-    try:
-        return list(load_builtin(name).persona_names)
-    except ValueError:
+    path = DATA_DIR / f"{name}.json"
+    if name not in _datasets():
         return []
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return [str(p["name"]) for p in data.get("personas", [])]

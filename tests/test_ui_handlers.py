@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from personachat import ui
 from personachat.backend import Backend, residual_mean
 from personachat.chat import ChatEngine, GenerationSettings
 from personachat.interventions import AblationSpec, SteeringSpec
@@ -155,7 +156,10 @@ def test_unknown_model_shows_a_message_not_a_crash(h: Handlers) -> None:
     assert out[0].startswith("⚠ Cannot load `/no/such/model`")
 
 
-def test_steered_chat_streams_the_engine_reply_and_readout(h: Handlers, engine: ChatEngine) -> None:
+def test_steered_chat_streams_the_engine_reply_and_readout(
+    h: Handlers, engine: ChatEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ui, "STREAM_INTERVAL_S", 0.0)  # an update per token
     steps = chat(h, personas=["pirate", "poet"], weights="1, 0.5", layer_spec="1:4, 2:2")
     expected = engine.reply(
         USER,
@@ -176,6 +180,14 @@ def test_steered_chat_streams_the_engine_reply_and_readout(h: Handlers, engine: 
     np.testing.assert_allclose(inside.projections, want, rtol=1e-6, atol=1e-6)
     assert inside.n_prompt == expected.readout.prompt_len
     assert tokens_html.count('class="pc-tok pc-') == 2 * len(inside.tokens)
+
+
+def test_streaming_updates_are_throttled(h: Handlers, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ui, "STREAM_INTERVAL_S", 3600.0)
+    steps = chat(h, max_new_tokens=30)
+    # the user turn, the first token, the last token, the final update with the readout
+    assert len(steps) == 4 and steps[-1][3].startswith("Done")
+    assert steps[-2][0] == steps[-1][0]
 
 
 def test_steering_changes_the_reply(h: Handlers) -> None:
