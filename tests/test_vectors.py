@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from personachat.datasets import DatasetError, from_json
-from personachat.extract import extract_vectors
+from personachat.extract import extract_pairs, extract_vectors
 from personachat.model import LoadedModel
 from personachat.prompts import format_chat, persona_messages
 from personachat.records import MEAN_BASELINE
@@ -160,3 +160,24 @@ def test_assistant_axis_and_cosine() -> None:
     assert torch.isclose(sims[0, 2], want)
     with pytest.raises(ValueError, match="needs neutral and role personas"):
         assistant_axis(vecs, ["creative"] * 4)
+
+
+def test_pair_vectors_are_high_minus_low(llama: LoadedModel) -> None:
+    data = DATASET.to_json()
+    data["pairs"] = [
+        {"name": "pirate_default", "high": "pirate", "low": "default", "kind": "style"},
+        {"name": "chef_pirate", "high": "chef", "low": "pirate", "kind": "style"},
+    ]
+    ds = from_json(data)
+    res = extract_pairs(llama, ds, positions="prompt_avg", progress=False)
+    assert [(v.persona, v.baseline) for v in res.vectors] == [
+        ("pirate", "default"),
+        ("chef", "pirate"),
+    ]
+    means = extract_vectors(
+        llama, ds, positions="prompt_avg", baseline=MEAN_BASELINE, progress=False
+    ).means
+    mean_of = {m.persona: m.mean for m in means}
+    assert torch.allclose(res.vectors[1].vector, mean_of["chef"] - mean_of["pirate"], atol=1e-5)
+    with pytest.raises(DatasetError, match="unknown pair 'nope'"):
+        extract_pairs(llama, ds, ["nope"], progress=False)
