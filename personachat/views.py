@@ -39,7 +39,7 @@ def _shown(token: str) -> str:
 
 def tokens_html(
     tokens: Sequence[str],
-    values: Sequence[float],
+    values: Sequence[float] | np.ndarray,
     n_prompt: int,
     caption: str = "",
     scale: float | None = None,
