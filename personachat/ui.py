@@ -46,7 +46,7 @@ POSITIONS = ("all", "prompt", "generated")
 STREAM_INTERVAL_S = 0.05  # at most 20 page updates a second while a reply streams
 CSS = """
 .pc-tokens { font-family: ui-monospace, monospace; font-size: 13px; line-height: 1.9; }
-.pc-tok { padding: 1px 0; border-radius: 2px; }
+.pc-tok { display: inline-block; white-space: pre; padding: 1px 0; border-radius: 2px; }
 .pc-reply { font-weight: 700; }
 .pc-caption { font-size: 12px; opacity: 0.75; margin: 4px 0; }
 """

@@ -33,8 +33,7 @@ def printable(token: str) -> str:
 
 
 def _shown(token: str) -> str:
-    lines = [html.escape(printable(part)) for part in token.split("\n")]
-    return "↵<br>".join(lines).replace(" ", "&nbsp;") or "∅"
+    return html.escape(printable(token)) or "∅"
 
 
 def tokens_html(
@@ -63,6 +62,7 @@ def tokens_html(
             f'<span class="pc-tok {kind}" data-value="{value:.4g}" '
             f'title="{html.escape(repr(token))}: {value:+.3f}" '
             f'style="background: rgba({r},{g},{b},{alpha:.2f})">{_shown(token)}</span>'
+            + ("<br>" if "\n" in token else "")
         )
     head = f'<div class="pc-caption">{html.escape(caption)}</div>' if caption else ""
     return f'{head}<div class="pc-tokens">{"".join(spans)}</div>'
