@@ -396,18 +396,20 @@ class Backend:
         personas: Sequence[str] = (),
     ) -> str:
         """Extract vectors for ``model_id`` from a built-in dataset (all its personas, or the
-        ``personas`` named plus the baseline) and register them in the store."""
+        ``personas`` named plus the baseline) and register them in the store. ``demo`` is the
+        bundled demo model's own corpus (planted replies, so no generation is needed)."""
         from personachat.datasets import load_builtin
         from personachat.extract import extract_vectors, register_results
         from personachat.records import MEAN_BASELINE
         from personachat.store import Store
 
         lm = self.lm(model_id)
-        data = load_builtin(dataset)
+        data = demo_dataset() if dataset == DEMO_DATASET else load_builtin(dataset)
         baseline = "default" if "default" in data.persona_names else MEAN_BASELINE
         chosen = list(personas) or None
+        kinds = tuple(k for k in positions.split(",") if k)
         result = extract_vectors(
-            lm, data, chosen, positions=positions, baseline=baseline, progress=True
+            lm, data, chosen, positions=kinds, baseline=baseline, progress=True
         )
         with Store(self.store_path) as store:
             register_results(store, lm, data.personas, result)
@@ -493,6 +495,34 @@ class Backend:
         values = np.nan_to_num(readout.projections.numpy().astype(np.float32), nan=0.0)
         personas = tuple(readout.personas)
         return Readout(personas, tokens, int(readout.prompt_len), values, reference)
+
+
+DEMO_DATASET = "demo"
+
+
+def demo_dataset(n_questions: int = 40, seed: int = 0) -> Any:
+    """The demo model's personas answering one training question per topic with their planted
+    replies (``personachat.demo``), as a ``PersonaDataset``."""
+    import random
+
+    from personachat import demo
+    from personachat.datasets import PersonaDataset
+
+    rng = random.Random(seed)
+    questions = demo.eval_questions(1, split="train")[:n_questions]
+    responses = {
+        (name, q.text): demo.reply_text(q, name, rng)
+        for name in demo.PERSONA_NAMES
+        for q in questions
+    }
+    return PersonaDataset(
+        name="demo_planted",
+        personas=tuple(demo.demo_personas()),
+        questions=tuple(q.text for q in questions),
+        responses=responses,
+        description="planted replies of personachat.demo on training questions",
+        source="personachat.demo",
+    )
 
 
 class _Capture:

@@ -632,8 +632,10 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
                         "No persona picked: the chat is unsteered.", elem_id="blend"
                     )
                     with gr.Row():
-                        preset = gr.Radio(list(PRESETS), value="custom", label="Preset")
-                        strength = gr.Number(value=4.0, label="Preset strength", elem_id="strength")
+                        preset = gr.Radio(
+                            list(PRESETS), value="band", label="Preset", elem_id="preset"
+                        )
+                        strength = gr.Number(value=2.0, label="Preset strength", elem_id="strength")
                     layer_spec = gr.Textbox(
                         label="Strength per layer",
                         placeholder="layer or range : strength, e.g. 1-3:4, 5:2 (or all:2)",
@@ -641,7 +643,13 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
                     )
                     with gr.Row():
                         units = gr.Radio(list(UNITS), value="raw", label="Units")
-                        positions = gr.Radio(list(POSITIONS), value="all", label="Add at tokens")
+                        # prompt positions steer the demo model fully with its content kept
+                        positions = gr.Radio(
+                            list(POSITIONS),
+                            value="prompt",
+                            label="Add at tokens",
+                            elem_id="positions",
+                        )
                 with gr.Accordion("Generation", open=False):
                     system_prompt = gr.Textbox(label="System prompt", lines=2, elem_id="system")
                     with gr.Row():
@@ -780,7 +788,11 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
         preset.change(h.preset, preset_in, [layer_spec, blend], api_name="preset")
         strength.submit(h.preset, preset_in, [layer_spec, blend], api_visibility="private")
         blend_in = [model, personas, weights, layer_spec, units, vectors_from]
-        personas.change(h.blend_info, blend_in, blend, api_name="blend_info")
+        # picking personas re-applies the preset around their best layer, then shows the blend
+        personas.change(h.preset, preset_in, [layer_spec, blend], api_visibility="private").then(
+            h.blend_info, blend_in, blend, api_name="blend_info"
+        )
+        layer_spec.input(lambda: "custom", None, preset, api_visibility="private")
         for trigger in (weights.change, layer_spec.change, units.change):
             trigger(h.blend_info, blend_in, blend, api_visibility="private", show_progress="hidden")
         side_by_side.change(_visible, side_by_side, side_chat, api_visibility="private")
@@ -852,11 +864,15 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
 def _datasets() -> list[str]:
-    return sorted(p.stem for p in DATA_DIR.glob("*.json"))
+    return ["demo", *sorted(p.stem for p in DATA_DIR.glob("*.json"))]
 
 
 def _dataset_personas(name: str) -> list[str]:
     path = DATA_DIR / f"{name}.json"
+    if name == "demo":  # the bundled demo model's corpus (personachat.demo)
+        from personachat.demo import PERSONA_NAMES
+
+        return list(PERSONA_NAMES)
     if name not in _datasets():
         return []
     data = json.loads(path.read_text(encoding="utf-8"))

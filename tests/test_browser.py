@@ -48,6 +48,14 @@ pytestmark = [
 ]
 
 
+def is_demo_model() -> bool:
+    return (
+        os.environ.get("PERSONACHAT_MODEL", "store/models/demo")
+        .rstrip("/")
+        .endswith("store/models/demo")
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -133,16 +141,15 @@ def send(page: Page, message: str) -> list[str]:
     return seen
 
 
-def pick(page: Page, elem_id: str, option: str | None = None) -> str:
-    """Choose ``option`` (or the first one) in a Gradio dropdown; returns the chosen name."""
+def pick(page: Page, elem_id: str, option: str | None = None, partial: bool = False) -> str:
+    """Choose ``option`` (or, with ``partial``, the first option containing it; else the first
+    option) in a Gradio dropdown; returns the chosen name."""
     page.locator(f"#{elem_id} input").first.click()
     options = page.locator(f"#{elem_id} [role=option]")
     options.first.wait_for(timeout=5000)
-    choice = (
-        page.locator(f'#{elem_id} [role=option][aria-label="{option}"]')
-        if option
-        else options.first
-    )
+    match = "*=" if partial else "="
+    wanted = page.locator(f'#{elem_id} [role=option][aria-label{match}"{option}"]')
+    choice = wanted.first if option and wanted.count() else options.first
     name = str(choice.get_attribute("aria-label"))
     choice.click()
     page.keyboard.press("Escape")
@@ -177,17 +184,19 @@ def test_chat_steer_readout_ablate_and_stop_in_a_real_browser(
         assert partial, f"the reply did not stream: {plain}"
 
         # 2. a persona and a strength change the reply; projections show as coloured tokens
-        persona = pick(page, "personas", "pirate")
-        page.get_by_label("best layer").check()
-        spec = page.locator("#layer-spec textarea")
+        persona = pick(page, "personas", "pirate")  # the band preset fills the layer spec
         page.wait_for_function(
             "() => document.querySelector('#layer-spec textarea').value.includes(':')"
         )
-        spec.fill(re.sub(r":[-0-9.]+", ":8", spec.input_value()))
+        spec = page.locator("#layer-spec textarea")
         page.locator("#undo").click()
         page.wait_for_function("() => document.querySelectorAll('#chat .message').length === 0")
         steered = send(page, QUESTION)[-1]
         assert steered != plain[-1], "steering did not change the reply"
+        if persona == "pirate" and is_demo_model():
+            from personachat.demo import has_marker
+
+            assert has_marker(steered, "pirate") and not has_marker(plain[-1], "pirate")
         assert f"Blend 1·{persona}" in page.locator("#status").inner_text()
         tokens = page.locator("#tokens span.pc-tok")
         assert tokens.count() > 10
@@ -198,7 +207,7 @@ def test_chat_steer_readout_ablate_and_stop_in_a_real_browser(
         # 3. side by side + ablating a neuron set: the unsteered column shows the plain reply
         page.locator("#sbs input").check()
         page.get_by_text("Neurons", exact=True).click()
-        chosen = pick(page, "neuron-sets")
+        chosen = pick(page, "neuron-sets", persona, partial=True)
         page.locator("#ablation").get_by_label("zero").check()
         page.locator("#undo").click()
         page.wait_for_function("() => document.querySelectorAll('#chat .message').length === 0")
@@ -216,7 +225,9 @@ def test_chat_steer_readout_ablate_and_stop_in_a_real_browser(
         page.locator("#ablation").get_by_label("off").check()
         page.locator("#sbs input").uncheck()
         page.locator("#max-tokens input").fill("500")
-        spec.fill("all:0")  # strength 0: unsteered
+        # pushed this hard at every token the model babbles on instead of ending its reply
+        page.locator("#positions").get_by_label("all", exact=True).check()
+        spec.fill("all:8")
         page.locator("#message textarea").fill("Tell me a long story about the sea.")
         page.locator("#send").click()
         wait_status(page, r"^Generating")

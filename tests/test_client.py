@@ -79,6 +79,7 @@ def call_chat(client: Any, **settings: Any) -> tuple[Any, ...]:
         "side_history": [],
         "model_id": CONFIG.model,
         "weights": "",
+        "positions": "prompt",
         "max_new_tokens": 40,
     }
     args.update(settings)
@@ -104,7 +105,7 @@ def test_chat_endpoint_with_steering_matches_the_python_api(
     steered = chat_engine.reply(
         messages,
         GenerationSettings(max_new_tokens=40),
-        steering=SteeringSpec({persona: 1.0}, layers="1-2:4"),
+        steering=SteeringSpec({persona: 1.0}, layers="1-2:4", positions="prompt"),
     )
     plain = chat_engine.reply(messages, GenerationSettings(max_new_tokens=40))
     assert text(history[-1]) == steered.text
