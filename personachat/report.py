@@ -303,6 +303,7 @@ def analyze_model(
     *,
     vectors: Sequence[PersonaVector] = (),
     compare: tuple[LoadedModel, Sequence[PersonaVector]] | None = None,
+    patch_items: Sequence[an.PreferenceItem] | None = None,
     n_patch: int = 2,
     threshold: float = 0.5,
     max_new_tokens: int = 24,
@@ -310,7 +311,13 @@ def analyze_model(
     progress: bool = True,
 ) -> ModelAnalysis:
     """Run every analysis on ``lm`` (persona vectors come from the store or, if none are given,
-    from the probe's mean question-span activations)."""
+    from the probe's mean question-span activations).
+
+    Collapse is measured on ``items``; the probe and patching use ``patch_items`` (default
+    ``items``), whose forced answer prefix makes every persona share the tokens after the
+    question, so the ``answer`` position is the one that predicts the answer.
+    """
+    patch_items = list(patch_items or items)
     collapse = an.persona_collapse(
         lm, personas, items, threshold=threshold, max_new_tokens=max_new_tokens, progress=progress
     )
@@ -318,15 +325,15 @@ def analyze_model(
         lm, personas, items, threshold=threshold, max_new_tokens=max_new_tokens,
         placement="late", progress=progress,
     )  # fmt: skip
-    questions = [q for it in items for q in it.questions]
-    prefixes = [it.answer_prefix for it in items for _ in it.questions]
+    questions = [q for it in patch_items for q in it.questions]
+    prefixes = [it.answer_prefix for it in patch_items for _ in it.questions]
     probe = an.persona_probe(lm, personas, questions, answer_prefix=prefixes, progress=progress)
     space = _space(lm, personas, probe, vectors)
     result = ModelAnalysis(
         model_id=lm.info.model_id, personas=list(personas), items=list(items), collapse=collapse,
         probe=probe, space=space, collapse_late=late, dataset=dataset, n_layers=lm.sites.n_layers,
     )  # fmt: skip
-    for a, b, item in _patch_pairs(lm, personas, collapse, items, n_patch):
+    for a, b, item in _patch_pairs(lm, personas, collapse, patch_items, n_patch):
         patch = an.activation_patching(
             lm, a, b, item.questions[0], answer_prefix=item.answer_prefix
         )
@@ -626,16 +633,18 @@ def write_report(r: ModelAnalysis, out: str | Path) -> Path:
         "",
         "## Method",
         "",
-        "- **Collapse**: each persona answers every phrasing greedily "
+        "- **Collapse**: each persona answers every phrasing greedily ("
         + (
-            "after a forced answer prefix (e.g. `My favourite dessert is`)"
+            "the reply is forced to start with `My favourite X is`; "
             if any(it.answer_prefix for it in r.items)
-            else ""
+            else "free replies; "
         )
-        + "; the answer span is the first clause after it. Per preference: the share of personas "
-        f"whose most frequent answer is the modal one (collapsed if >= {r.collapse.threshold:.0%} "
-        "and at least two personas), and the mean pairwise Jensen-Shannon divergence (nats) of "
-        "the next-token distributions at the answer position.",
+        + "the answer span is the first clause after `favourite X is`). Per preference: the share "
+        "of personas whose most frequent answer is the modal one (collapsed if >= "
+        f"{r.collapse.threshold:.0%} and at least two personas), the mean pairwise Jensen-Shannon "
+        "divergence (nats) of the next-token distributions at the answer position (token JS) and "
+        "of the answer spans over phrasings (span JS). Probes and patching force the reply "
+        "prefix `My favourite X is` so all personas share the tokens after the question.",
         "- **Persona signal by layer**: a logistic-regression probe (scikit-learn, standardised "
         f"features, stratified {r.probe.folds}-fold CV) decodes which of the "
         f"{len(r.probe.personas)} personas wrote the prompt from the residual stream at each "

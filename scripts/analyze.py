@@ -40,7 +40,7 @@ class Config:
     n_patch: int
     threshold: float
     max_new_tokens: int
-    free: bool
+    forced: bool
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -54,7 +54,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--n-patch", type=int, default=2, help="persona pairs to patch")
     p.add_argument("--threshold", type=float, default=0.5, help="modal share that is collapse")
     p.add_argument("--max-new-tokens", type=int, default=24, help="greedy answer length")
-    p.add_argument("--free", action="store_true", help="no forced answer prefix (demo only)")
+    p.add_argument(
+        "--forced", action="store_true",
+        help="demo only: measure collapse with the forced reply prefix too (default: free replies)",
+    )  # fmt: skip
     a = p.parse_args(argv)
     dataset = a.dataset
     if dataset == "auto":
@@ -63,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     personas = tuple(x.strip() for x in a.personas.split(",") if x.strip()) if a.personas else None
     return Config(
         a.model, out, a.store, personas, a.compare_model, dataset, a.n_patch, a.threshold,
-        a.max_new_tokens, a.free,
+        a.max_new_tokens, a.forced,
     )  # fmt: skip
 
 
@@ -71,7 +74,7 @@ def load_personas(cfg: Config) -> tuple[list[Persona], list[an.PreferenceItem]]:
     if cfg.dataset == "demo":
         from personachat.demo import demo_personas
 
-        personas, items = demo_personas(), demo_preferences(forced=not cfg.free)
+        personas, items = demo_personas(), demo_preferences(forced=cfg.forced)
     else:
         from personachat.datasets import load_dataset
 
@@ -120,8 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.compare_model:
         other = load_model(cfg.compare_model)
         compare = (other, stored_vectors(cfg.store, other, names))
+    patch_items = demo_preferences(forced=True) if cfg.dataset == "demo" else None
     result = analyze_model(
         lm, personas, items, vectors=stored_vectors(cfg.store, lm, names), compare=compare,
+        patch_items=patch_items,
         n_patch=cfg.n_patch, threshold=cfg.threshold, max_new_tokens=cfg.max_new_tokens,
         dataset=cfg.dataset,
     )  # fmt: skip
