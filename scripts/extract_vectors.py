@@ -1,6 +1,6 @@
 """Extract persona vectors (difference of mean activations per layer) and register them.
 
-    python scripts/extract_vectors.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset personas \
+    python scripts/extract_vectors.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset personas \\
         --positions response_avg,question_span --baseline default --out runs/qwen05
 
     accelerate launch --multi_gpu --num_processes 2 scripts/extract_vectors.py ...(same flags)

@@ -1,6 +1,6 @@
 """Find persona neurons: MLP units that separate contrast pairs, with cross-pair stability.
 
-    python scripts/find_neurons.py --model meta-llama/Llama-2-7b-hf --dataset roles \
+    python scripts/find_neurons.py --model meta-llama/Llama-2-7b-hf --dataset roles \\
         --layers 15 --site gate --method attribution --k 32 --out runs/llama_neurons
 
     accelerate launch --multi_gpu --num_processes 2 scripts/find_neurons.py ...(same flags)

@@ -1,7 +1,7 @@
 """Register a whole batch in one run: several datasets of personas or traits, one or more models.
 
-    python scripts/register_batch.py \
-        --model Qwen/Qwen2.5-0.5B-Instruct,HuggingFaceTB/SmolLM2-360M-Instruct \
+    python scripts/register_batch.py \\
+        --model Qwen/Qwen2.5-0.5B-Instruct,HuggingFaceTB/SmolLM2-360M-Instruct \\
         --datasets personas,big_five,roles --positions response_avg,question_span --out runs/batch
 
     accelerate launch --multi_gpu --num_processes 2 scripts/register_batch.py ...(same flags)
