@@ -239,6 +239,10 @@ class Backend:
             f"(read from: {', '.join(kinds) or 'none'}) · {len(engine.neuron_sets)} neuron sets"
         )
 
+    def is_demo(self, model_id: str) -> bool:
+        """Whether ``model_id`` is the bundled demo model (its own corpus extracts best)."""
+        return _folder(model_id) == (REPO / "store" / "models" / "demo").resolve()
+
     def can_extract(self, model_id: str) -> bool:
         try:
             import personachat.extract  # noqa: F401
@@ -394,12 +398,14 @@ class Backend:
         dataset: str = "personas",
         positions: str = "question_span",
         personas: Sequence[str] = (),
+        neurons: bool = False,
     ) -> str:
         """Extract vectors for ``model_id`` from a built-in dataset (all its personas, or the
-        ``personas`` named plus the baseline) and register them in the store. ``demo`` is the
-        bundled demo model's own corpus (planted replies, so no generation is needed)."""
+        ``personas`` named plus the baseline) and register them in the store; with ``neurons``,
+        also the top-32 MLP units of each contrast pair (attribution) of those personas.
+        ``demo`` is the bundled demo model's own corpus (planted replies: no generation)."""
         from personachat.datasets import load_builtin
-        from personachat.extract import extract_vectors, register_results
+        from personachat.extract import extract_vectors, find_neurons, register_results
         from personachat.records import MEAN_BASELINE
         from personachat.store import Store
 
@@ -411,11 +417,18 @@ class Backend:
         result = extract_vectors(
             lm, data, chosen, positions=kinds, baseline=baseline, progress=True
         )
+        sets = []
+        pairs = [p for p in data.pairs if chosen is None or p.high in chosen or p.low in chosen]
+        if neurons and pairs:
+            sets = find_neurons(lm, pairs, method="attribution", k=32, dataset=data)
         with Store(self.store_path) as store:
-            register_results(store, lm, data.personas, result)
+            register_results(store, lm, data.personas, result, sets)
         self.refresh()
+        found = f" and {len(sets)} neuron sets" if sets else ""
         best = ", ".join(f"{r.persona} L{r.best_layer} AUC {r.auc:.2f}" for r in result.summary[:6])
-        return f"Registered {len(result.vectors)} vectors for `{lm.info.model_id}` ({best}, …)."
+        return (
+            f"Registered {len(result.vectors)} vectors{found} for `{lm.info.model_id}` ({best}, …)."
+        )
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -506,7 +519,7 @@ def demo_dataset(n_questions: int = 40, seed: int = 0) -> Any:
     import random
 
     from personachat import demo
-    from personachat.datasets import PersonaDataset
+    from personachat.datasets import ContrastPair, PersonaDataset
 
     rng = random.Random(seed)
     questions = demo.eval_questions(1, split="train")[:n_questions]
@@ -515,11 +528,17 @@ def demo_dataset(n_questions: int = 40, seed: int = 0) -> Any:
         for name in demo.PERSONA_NAMES
         for q in questions
     }
+    pairs = tuple(
+        ContrastPair(f"{name}_vs_default", name, demo.DEFAULT_PERSONA, "demo")
+        for name in demo.PERSONA_NAMES
+        if name != demo.DEFAULT_PERSONA
+    )
     return PersonaDataset(
         name="demo_planted",
         personas=tuple(demo.demo_personas()),
         questions=tuple(q.text for q in questions),
         responses=responses,
+        pairs=pairs,
         description="planted replies of personachat.demo on training questions",
         source="personachat.demo",
     )

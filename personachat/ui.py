@@ -115,7 +115,7 @@ class Handlers:
 
     def load(self, model_id: str | None) -> tuple[Any, ...]:
         """(Re)load the page's model view. Returns (model info, persona choices, neuron-set
-        choices, extraction offer, layer slider, vector kinds, status)."""
+        choices, extraction offer, layer slider, vector kinds, extraction dataset, status)."""
         model_id = (model_id or self.backend.default_model).strip()
         try:
             info = self.backend.describe(model_id)
@@ -135,6 +135,7 @@ class Handlers:
                 gr.update(visible=False),
                 gr.update(),
                 gr.update(),
+                gr.update(),
                 message,
             )
         offer = not personas and self.backend.can_extract(model_id)
@@ -145,6 +146,7 @@ class Handlers:
             gr.update(visible=offer),
             gr.update(maximum=max(n_layers - 1, 1), value=min(n_layers - 1, n_layers // 2)),
             gr.update(choices=kinds, value=kinds[0] if kinds else None),
+            gr.update(value="demo" if self.backend.is_demo(model_id) else "personas"),
             f"Model `{model_id}` ready: {len(personas)} personas, {len(sets)} neuron sets."
             + (" No persona vectors yet: extract them under 'Model and store'." if offer else ""),
         )
@@ -171,19 +173,21 @@ class Handlers:
         dataset: str = "personas",
         positions: str = "question_span",
         personas: list[str] | None = None,
+        neurons: bool = False,
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 - Gradio's idiom
     ) -> tuple[Any, ...]:
         """Extract persona vectors from a built-in dataset (all personas, or those picked) and
         register them; a progress bar shows while it runs, then the page offers the personas."""
         model_id = (model_id or self.backend.default_model).strip()
         try:
-            summary = self.backend.extract(model_id, dataset, positions, tuple(personas or ()))
+            picked = tuple(personas or ())
+            summary = self.backend.extract(model_id, dataset, positions, picked, bool(neurons))
         except Exception as err:
             log.exception("extraction failed")
             gr.Warning(f"Extraction failed: {err}")
-            return (*[gr.update()] * 6, f"⚠ Extraction failed: {err}")
+            return (*[gr.update()] * 7, f"⚠ Extraction failed: {err}")
         loaded = self.load(model_id)
-        return (*loaded[:6], summary)
+        return (*loaded[:7], summary)
 
     # -- personas and strength ------------------------------------------------------------
 
@@ -611,7 +615,14 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
                         extract_personas = gr.Dropdown(
                             _dataset_personas("personas"),
                             multiselect=True,
+                            allow_custom_value=True,  # choices follow the dataset picked
+                            elem_id="extract-personas",
                             label="Only these personas (empty: all; quicker with few)",
+                        )
+                        extract_neurons = gr.Checkbox(
+                            value=False,
+                            label="Also find persona neurons (attribution, top 32 per pair)",
+                            elem_id="extract-neurons",
                         )
                         extract_btn = gr.Button("Extract and register", elem_id="extract")
                     refresh_btn = gr.Button("Refresh from the store", size="sm")
@@ -754,6 +765,7 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
             extract_box,
             view_layer,
             vectors_from,
+            dataset,
             status,
         ]
 
@@ -767,7 +779,7 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
         )
         extract_btn.click(
             h.extract,
-            [model, dataset, extract_positions, extract_personas],
+            [model, dataset, extract_positions, extract_personas, extract_neurons],
             load_out,
             api_name="extract",
             concurrency_limit=1,

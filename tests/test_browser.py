@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -63,10 +64,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url() -> Iterator[tuple[str, float]]:
+def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, float]]:
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PERSONACHAT_LOG": "DEBUG"}
     env.pop("SPACE_ID", None)
+    # a copy of the store, so an extraction in the page never writes into the repository
+    source = Path(env.get("PERSONACHAT_STORE", ROOT / "store"))
+    copy = tmp_path_factory.mktemp("store")
+    shutil.copytree(source, copy, dirs_exist_ok=True, ignore=shutil.ignore_patterns("models"))
+    env["PERSONACHAT_STORE"] = str(copy)
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "app.py"), "--port", str(port)],
         cwd=ROOT,
@@ -169,12 +175,19 @@ def test_chat_steer_readout_ablate_and_stop_in_a_real_browser(
         url, spawned = app_url
         opened = time.perf_counter()
         page.goto(url)
-        wait_status(page, r"Model .* ready: \d+ personas", timeout=60)
+        ready = wait_status(page, r"Model .* ready: \d+ personas", timeout=60)
         now = time.perf_counter()
         print(
             f"cold start: page usable {now - spawned:.1f} s after starting app.py "
             f"({now - opened:.1f} s after opening the page)"
         )
+        if "ready: 0 personas" in ready:  # a store without vectors: extract them in the page
+            page.get_by_text("Model and store", exact=True).click()
+            pick(page, "extract-personas", "pirate")  # one persona (+ its baseline): quick
+            page.locator("#extract-neurons input").check()
+            page.locator("#extract").click()
+            wait_status(page, r"^Registered 1 vectors and 1 neuron sets", timeout=120)
+            page.get_by_text("Model and store", exact=True).click()
         page.get_by_text("Generation", exact=True).click()
         page.locator("#max-tokens input").fill("48")
 

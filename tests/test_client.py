@@ -7,6 +7,7 @@ the model and the store, not from the page's backend.
 
 from __future__ import annotations
 
+import shutil
 import socket
 import sys
 from collections.abc import Iterator
@@ -40,10 +41,25 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served() -> Iterator[tuple[Any, Backend]]:
+def store_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the app's store (never written by the tests), with vectors and a neuron set
+    extracted for one persona when it has none for this model (as the page offers)."""
+    copy = tmp_path_factory.mktemp("store")
+    shutil.copytree(CONFIG.store, copy, dirs_exist_ok=True, ignore=shutil.ignore_patterns("models"))
+    backend = Backend(CONFIG.model, copy)
+    if not backend.persona_names(CONFIG.model) or not backend.neuron_set_names(CONFIG.model):
+        dataset = "demo" if backend.is_demo(CONFIG.model) else "personas"
+        persona = "pirate" if dataset == "demo" else "cynic"
+        backend.extract(CONFIG.model, dataset, "question_span", [persona], neurons=True)
+    backend.close()
+    return copy
+
+
+@pytest.fixture(scope="module")
+def served(store_copy: Path) -> Iterator[tuple[Any, Backend]]:
     from gradio_client import Client
 
-    backend = Backend(CONFIG.model, CONFIG.store)
+    backend = Backend(CONFIG.model, store_copy)
     demo = build_ui(backend)
     demo.queue()
     port = free_port()
@@ -64,7 +80,7 @@ def engine(served: tuple[Any, Backend]) -> tuple[ChatEngine, str, str]:
     lm = load_model(CONFIG.model)
     store_id = backend.store_id(CONFIG.model)
     kind = backend.vector_kinds(CONFIG.model)[0]
-    with Store(CONFIG.store, read_only=True) as store:
+    with Store(backend.store_path, read_only=True) as store:
         names = sorted({e.persona for e in store.vectors(store_id, positions=kind)})
         vectors = [store.load_vector(store_id, n, positions=kind) for n in names]
         sets = [store.load_neurons(store_id, e.label) for e in store.neuron_sets(store_id)]

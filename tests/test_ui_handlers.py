@@ -141,7 +141,8 @@ USER = [{"role": "user", "content": "Tell me about the ocean."}]
 
 
 def test_load_offers_the_registered_personas_sets_and_kinds(h: Handlers) -> None:
-    info, personas, sets, offer, slider, kinds, status = h.load(MODEL)
+    info, personas, sets, offer, slider, kinds, dataset, status = h.load(MODEL)
+    assert dataset["value"] == "personas"  # not the bundled demo model
     assert personas["choices"] == ["landlubber", "pirate", "poet"]
     assert sets["choices"] == [SET]
     assert kinds["choices"] == ["question_span"] and kinds["value"] == "question_span"
@@ -414,6 +415,7 @@ def test_extract_registers_vectors_for_a_model_without_any(tmp_path: Path) -> No
     assert out[-1].startswith(f"Registered 2 vectors for `{MODEL}`")
     with Store(tmp_path, read_only=True) as store:
         assert {e.persona for e in store.vectors(MODEL)} == {"cynic", "jester"}
+    # (neuron sets from the page's extraction: tests/test_browser.py, on the demo model)
 
 
 def test_the_page_builds_with_named_endpoints(h: Handlers) -> None:
