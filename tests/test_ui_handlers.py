@@ -11,8 +11,9 @@ import functools
 import html
 import re
 import sys
+import threading
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import gradio as gr
 import numpy as np
@@ -300,6 +301,34 @@ def test_a_persona_removed_while_the_page_is_open(h: Handlers, store_root: Path)
         with Store(store_root) as store:
             store.register_vectors([poet])
     assert "poet" in h.load(MODEL)[1]["choices"]
+
+
+def test_sessions_at_the_same_time_keep_their_own_settings(h: Handlers) -> None:
+    settings: list[dict[str, Any]] = [
+        {"personas": ["pirate"], "layer_spec": "0-2:8"},
+        {},
+        {"personas": ["poet"], "layer_spec": "1:-6"},
+        {"neuron_sets": [SET], "ablation": "zero"},
+    ]
+    alone = [chat(h, **kw)[-1][0][-1]["content"] for kw in settings]
+    together: dict[int, str] = {}
+
+    def run(i: int) -> None:
+        request = gr.Request(session_hash=f"tab-{i}")
+        steps = list(
+            h.chat(
+                USER[0]["content"], [], [], MODEL, max_new_tokens=12, request=request, **settings[i]
+            )
+        )
+        together[i] = steps[-1][0][-1]["content"]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(settings))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [together[i] for i in range(len(settings))] == alone
+    assert len(set(alone)) == len(alone)  # the four settings really differ
 
 
 def test_stop_ends_the_generation_and_keeps_the_partial_reply(h: Handlers) -> None:
