@@ -570,6 +570,7 @@ class QuestionCollapse:
     collapsed_personas: list[str]  # give the modal answer
     distinct_personas: list[str]  # give another answer
     generic_prob: float = float("nan")  # neutral persona's probability of the modal first token
+    answered: float = 1.0  # share of replies in which an answer span was found
 
 
 @dataclass(eq=False)
@@ -738,6 +739,7 @@ def collapse_from_answers(
                 collapsed_personas=[p for p in personas if modal and modal_of[p] == modal],
                 distinct_personas=[p for p in personas if modal_of[p] and modal_of[p] != modal],
                 generic_prob=gp,
+                answered=sum(bool(a.answer) for a in mine) / len(mine),
             )
         )
     return CollapseResult(model_id, personas, rows, list(answers), threshold, placement)
@@ -1023,6 +1025,7 @@ class Contrasts:
     share_low_bias: float
     early: dict[str, float]  # n_collapsed, mean modal share, mean token JS (persona early)
     late: dict[str, float] | None  # the same with the persona after the question
+    late_own_kept: float = float("nan")  # share of early own answers that survive placing late
 
     @staticmethod
     def mean(pairs: Sequence[PairStats], attr: str) -> float:
@@ -1048,7 +1051,16 @@ def collapse_summary(collapse: CollapseResult) -> dict[str, float]:
         "n_questions": float(len(qs)),
         "modal_share": float(np.mean([q.modal_share for q in qs])),
         "token_js": float(np.mean([q.token_js for q in qs])),
+        "answered": float(np.mean([q.answered for q in qs])),
     }
+
+
+def own_answers_kept(early: CollapseResult, late: CollapseResult) -> float:
+    """Share of (persona, preference) own answers under ``early`` that ``late`` reproduces."""
+    own = [(q.key, p, q.answers[p]) for q in early.questions for p in q.distinct_personas]
+    if not own:
+        return float("nan")
+    return float(np.mean([late.question(k).answers.get(p) == a for k, p, a in own]))
 
 
 def contrasts(
@@ -1085,4 +1097,5 @@ def contrasts(
         strong=strong, mild=mild, high_bias=[q.key for q in high], low_bias=[q.key for q in low],
         share_high_bias=share(high), share_low_bias=share(low),
         early=collapse_summary(collapse), late=collapse_summary(late) if late else None,
+        late_own_kept=own_answers_kept(collapse, late) if late else float("nan"),
     )  # fmt: skip

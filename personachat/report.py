@@ -425,7 +425,8 @@ def collapse_finding(c: an.CollapseResult) -> str:
         f"Collapse on {len(collapsed)} of {len(qs)} preference questions (placement {c.placement}; "
         f"modal answer shared by >= {c.threshold:.0%} of {len(c.personas)} personas): "
         f"{', '.join(collapsed) or 'none'}. Mean modal share {share:.2f}; personas with an answer "
-        f"of their own somewhere: {', '.join(own) or 'none'}."
+        f"of their own somewhere: {', '.join(own) or 'none'}. An answer span was found in "
+        f"{np.mean([q.answered for q in qs]):.0%} of the replies."
     )
 
 
@@ -492,7 +493,9 @@ def contrasts_finding(c: an.Contrasts) -> str:
             f"persona early (system prompt): {c.early['n_collapsed']:.0f} collapsed, modal share "
             f"{c.early['modal_share']:.2f}, JS {c.early['token_js']:.3f}; late (after the "
             f"question): {c.late['n_collapsed']:.0f} collapsed, modal share "
-            f"{c.late['modal_share']:.2f}, JS {c.late['token_js']:.3f}"
+            f"{c.late['modal_share']:.2f}, JS {c.late['token_js']:.3f}, answers found in "
+            f"{c.late['answered']:.0%} of replies (early {c.early['answered']:.0%}), "
+            f"{c.late_own_kept:.0%} of the early own answers kept"
         )
     return "Contrasts: " + "; ".join(parts) + "." if parts else "Contrasts: not enough data."
 
@@ -518,7 +521,8 @@ def findings(r: ModelAnalysis) -> list[str]:
         )
     elif r.patching:
         out.append(
-            "No small set of MLP sites restores >= 0.8 of the answer difference: distributed."
+            "No small set of MLP sites restores >= 0.8 of the answer difference (attention heads "
+            "cannot be patched yet): the answer difference is not localised in MLPs."
         )
     if r.space is not None:
         out.append(space_finding(r.space))
@@ -570,26 +574,61 @@ def _analysis_text(r: ModelAnalysis) -> list[str]:
     for p in r.patching:
         hand = handoff_layer(p)
         if hand is not None:
+            per = p.restored[("residual", "persona")]
+            ans = p.restored[("residual", "answer")]
+            i = p.layers.index(hand)
+            before = f" (answer position at layer {hand - 1}: {ans[i - 1]:.2f})" if i else ""
             lines.append(
-                f"- **Hand-off ({p.source} vs {p.target}).** Patching the persona span carries the "
-                f"answer difference up to layer {max(hand - 1, 0)}; from layer {hand} on it lives "
-                "at the answer position: the persona is read into the answer position by "
-                f"attention around layer {hand}."
+                f"- **Hand-off ({p.source} vs {p.target}).** Patching the persona span restores "
+                f"up to {float(per[:i].max()) if i else 0.0:.2f} of the answer difference through "
+                f"layer {max(hand - 1, 0)}, while the answer position carries little of it"
+                f"{before}; from layer {hand} on ({ans[i]:.2f}) it lives at the answer position: "
+                f"attention in layer {hand} reads the persona into the answer position."
             )
+        mlp = p.restored.get(("mlp_hidden", "persona"))
+        res = p.restored.get(("residual", "persona"))
+        if mlp is not None and res is not None and float(res.max()) > 0.2:
+            j = int(np.argmax(mlp))
+            if mlp[j] >= 0.8 * float(res.max()):
+                lines.append(
+                    f"- **MLP {p.layers[j]} builds the persona signal** ({p.source} vs "
+                    f"{p.target}). "
+                    f"Patching only MLP {p.layers[j]} over the persona tokens restores "
+                    f"{mlp[j]:.2f}, as much as the whole residual stream there "
+                    f"({float(res.max()):.2f})."
+                )
     c = r.contrasts
     if c is not None and c.high_bias and np.isfinite(c.share_high_bias):
-        more = "more" if c.share_high_bias > c.share_low_bias else "not more"
+        if abs(c.share_high_bias - c.share_low_bias) < 0.02:
+            verdict = (
+                "collapse equally: the generic bias does not vary enough across these "
+                "preferences to separate them"
+            )
+        elif c.share_high_bias > c.share_low_bias:
+            verdict = "collapse more: a strong default preference overrides the persona"
+        else:
+            verdict = "collapse less: the default preference's strength does not drive collapse"
         lines.append(
             f"- **Generic prior.** Preferences where the neutral persona is most confident in the "
-            f"modal answer collapse {more} ({c.share_high_bias:.2f} vs {c.share_low_bias:.2f} "
-            "modal share): a strong default preference overrides the persona."
+            f"modal answer {verdict} ({c.share_high_bias:.2f} vs {c.share_low_bias:.2f} modal "
+            "share)."
         )
     if c is not None and c.late is not None:
         diff = c.late["modal_share"] - c.early["modal_share"]
-        lines.append(
+        text = (
             f"- **Placement.** Moving the persona after the question changes the mean modal share "
-            f"by {diff:+.2f} ({c.early['modal_share']:.2f} -> {c.late['modal_share']:.2f})."
+            f"by {diff:+.2f} ({c.early['modal_share']:.2f} -> {c.late['modal_share']:.2f}) and "
+            f"keeps {c.late_own_kept:.0%} of the personas' own answers."
         )
+        if c.late["answered"] < 0.8 * c.early["answered"]:
+            text += (
+                f" The lower share is not divergence: late replies name an answer in only "
+                f"{c.late['answered']:.0%} of cases (early {c.early['answered']:.0%}); the model "
+                "does not adopt a persona stated late and loses the question as well."
+            )
+        elif np.isfinite(c.late_own_kept) and c.late_own_kept < 0.5:
+            text += " A persona stated late is mostly ignored: collapse toward the generic answer."
+        lines.append(text)
     if r.circuit is not None:
         lines.append(
             f"- **Localised.** The answer difference is carried by {r.circuit.nodes} "
