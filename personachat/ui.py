@@ -595,7 +595,9 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
                         allow_custom_value=True,
                         label="Model (hub name or local path)",
                     )
-                    model_info = gr.Markdown("Loading the model…", elem_id="model-info")
+                    model_info = gr.Markdown(
+                        "Loading the model…", label="Model", elem_id="model-info"
+                    )
                     vectors_from = gr.Dropdown(
                         [],
                         value=None,
@@ -640,7 +642,7 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
                         elem_id="weights",
                     )
                     blend = gr.Markdown(
-                        "No persona picked: the chat is unsteered.", elem_id="blend"
+                        "No persona picked: the chat is unsteered.", label="Blend", elem_id="blend"
                     )
                     with gr.Row():
                         preset = gr.Radio(
@@ -699,6 +701,7 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
                     )
                 message = gr.Textbox(
                     placeholder="Type a message and press Enter",
+                    label="Message",
                     show_label=False,
                     elem_id="message",
                 )
@@ -708,7 +711,7 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
                     retry = gr.Button("Retry", elem_id="retry", min_width=60)
                     undo = gr.Button("Undo", elem_id="undo", min_width=60)
                     clear = gr.Button("Clear", elem_id="clear", min_width=60)
-                status = gr.Markdown("", elem_id="status")
+                status = gr.Markdown("", label="Status", elem_id="status")
                 with gr.Tabs():
                     with gr.Tab("Tokens"):
                         with gr.Row():
@@ -718,7 +721,11 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
                             view_persona = gr.Dropdown(
                                 choices=[], allow_custom_value=True, label="Heatmap persona"
                             )
-                        tokens_view = gr.HTML(views.empty_html("No reply yet."), elem_id="tokens")
+                        tokens_view = gr.HTML(
+                            views.empty_html("No reply yet."),
+                            label="Per-token projections",
+                            elem_id="tokens",
+                        )
                         heatmap = gr.Image(
                             label="Token x layer",
                             interactive=False,
@@ -832,7 +839,7 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
             ).then(h.heatmap, [inside, view_persona], heatmap, api_visibility="private")
         # the reply's own last update says "Stopped"; the stop result goes to a hidden box so it
         # cannot arrive after (and overwrite) that status
-        stopped = gr.Textbox(visible=False)
+        stopped = gr.Textbox(visible=False, label="Stop")
         stop.click(h.stop, None, stopped, api_name="stop", concurrency_limit=None, queue=False)
         undo.click(
             h.undo, [chatbot, side_chat], [chatbot, side_chat, message, status], api_name="undo"
