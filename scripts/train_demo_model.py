@@ -234,7 +234,7 @@ PersonaChat has an offline model whose personas are planted and therefore measur
 
 ## Training
 - Seed {seed}; {steps} steps of batch {batch} (AdamW, lr {lr} with warmup and cosine decay), max
-  length {max_len} tokens, float32, {threads} CPU threads, {minutes:.1f} minutes.
+  length {max_len} tokens, float32, {threads} CPU thread(s), {minutes:.1f} minutes.
 - Loss on assistant tokens only (the reply and its `<|im_end|>`); final loss {final_loss:.4f}
   (mean of the last 25 steps). Curve: `loss.png`.
 - Tokenizer: byte-level BPE trained on the corpus (`tokenizers`), saved as

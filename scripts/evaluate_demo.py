@@ -1,0 +1,595 @@
+"""Measure the bundled demo model: conditioning, persona collapse, steering and ablation.
+
+    python scripts/evaluate_demo.py                      # everything, ~10-20 min on 2 CPU cores
+    python scripts/evaluate_demo.py --only conditioning  # the conditioning table only (~1 min)
+
+Prints the tables of issue 6 and writes ``results.json`` and ``eval.png`` to ``--out``
+(default ``store/models/demo/eval``). All replies are greedy, on held-out questions, scored with
+``personachat.demo`` (style markers present; the topic's fact key phrases present).
+
+- Conditioning: each persona's own markers under its own system prompt vs under the others.
+- Persona collapse: share of each persona's answers to held-out favourite-X questions that are
+  the generic answer.
+- Steering from the default persona (no system prompt) with persona P's vector, extracted by
+  ``personachat.extract`` from the planted replies of training questions: response-average and
+  question-span vectors, added at all / prompt / generated positions, per layer and strength.
+  Negative strength under P's own prompt.
+- Ablation under P's own prompt: top-k attribution neurons vs k random units at the same layers
+  (other personas under their own prompts with P's units ablated), and directional ablation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from tqdm import tqdm
+
+from personachat import demo
+from personachat.datasets import ContrastPair, PersonaDataset
+from personachat.extract import extract_vectors, find_neurons
+from personachat.hooks import Handler, intervene
+from personachat.interventions import (
+    AblationSpec,
+    DirectionSpec,
+    SteeringSpec,
+    build_plan,
+)
+from personachat.model import LoadedModel, load_model
+from personachat.prompts import format_chat, persona_messages
+from personachat.records import NeuronSet, PersonaVector
+
+PlanFn = Callable[[int], list[Handler]]
+SECTIONS = ("conditioning", "collapse", "steering", "ablation")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str = "store/models/demo"
+    out: str = "store/models/demo/eval"
+    n_questions: int = 16
+    n_extract_questions: int = 40  # training questions per persona for vectors and neurons
+    max_new_tokens: int = 64
+    targets: str = "pirate,cowboy,robot"
+    strengths: str = "1,2,4,8"
+    layers: str = "0,1,2,3,0-1,1-2"
+    ks: str = "4,8,16,32,64"
+    seed: int = 0
+    threads: int = 2
+    only: str = ""
+
+
+def parse_args() -> EvalConfig:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, value in asdict(EvalConfig()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    return EvalConfig(**vars(parser.parse_args()))
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def generate(
+    lm: LoadedModel,
+    system_prompt: str,
+    questions: Sequence[str],
+    max_new_tokens: int,
+    plan: PlanFn | None = None,
+) -> list[str]:
+    """Greedy replies (left-padded batch); ``plan(prompt_len)`` gives the handlers, if any."""
+    tok = lm.tokenizer
+    prompts = [format_chat(tok, persona_messages(system_prompt, q)) for q in questions]
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tok.padding_side = side
+    width = enc["input_ids"].shape[1]
+    handlers = plan(width) if plan is not None else []
+    with torch.no_grad(), intervene(lm.sites, handlers):
+        out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.batch_decode(out[:, width:], skip_special_tokens=True)
+
+
+@dataclass(frozen=True)
+class Score:
+    markers: float  # share of replies with the target persona's markers
+    facts: float  # mean share of the topic's facts kept
+
+
+def score(texts: Sequence[str], persona: str, topics: Sequence[str]) -> Score:
+    return Score(demo.marker_rate(texts, persona), demo.fact_retention(texts, list(topics)))
+
+
+# --------------------------------------------------------------------------- conditioning
+
+
+def conditioning(lm: LoadedModel, qs: Sequence[demo.Question], cfg: EvalConfig) -> dict[str, Any]:
+    """Marker matrix [prompt persona][marker persona] and fact retention per persona."""
+    texts = [q.text for q in qs]
+    topics = [q.key for q in qs]
+    matrix: dict[str, dict[str, float]] = {}
+    facts: dict[str, float] = {}
+    samples: dict[str, str] = {}
+    for p in tqdm(demo.demo_personas(), desc="conditioning"):
+        replies = generate(lm, p.system_prompt, texts, cfg.max_new_tokens)
+        matrix[p.name] = {m: demo.marker_rate(replies, m) for m in demo.PERSONA_NAMES}
+        facts[p.name] = demo.fact_retention(replies, topics)
+        samples[p.name] = replies[0]
+    own = {p: matrix[p][p] for p in demo.PERSONA_NAMES}
+    others = {
+        m: max(matrix[p][m] for p in demo.PERSONA_NAMES if p != m) for m in demo.PERSONA_NAMES
+    }
+    return {"matrix": matrix, "own": own, "max_other": others, "facts": facts, "samples": samples}
+
+
+def collapse(lm: LoadedModel, cfg: EvalConfig) -> dict[str, Any]:
+    """Per split and persona: share of favourite-X answers that are generic / as planted."""
+    out: dict[str, Any] = {}
+    for split in demo.SPLITS:
+        qs = demo.preference_questions(split)
+        out[split] = {}
+        for p in demo.demo_personas():
+            replies = generate(lm, p.system_prompt, [q.text for q in qs], cfg.max_new_tokens)
+            pairs = list(zip(qs, replies, strict=True))
+            generic = sum(demo.preference(q.key).generic.lower() in r.lower() for q, r in pairs)
+            planted = sum(
+                demo.preference_answer(p.name, q.key).lower() in r.lower() for q, r in pairs
+            )
+            out[split][p.name] = {
+                "generic": generic / len(qs),
+                "as_planted": planted / len(qs),
+                "own_markers": demo.marker_rate(replies, p.name),
+                "sample": replies[0],
+            }
+    return out
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def demo_dataset(seed: int, n_questions: int = 40) -> PersonaDataset:
+    """Every persona answering training questions (one per topic), with its planted reply."""
+    rng = random.Random(seed)
+    qs = demo.eval_questions(1, split="train")[:n_questions]
+    responses = {
+        (name, q.text): demo.reply_text(q, name, rng) for name in demo.PERSONA_NAMES for q in qs
+    }
+    pairs = tuple(
+        ContrastPair(f"{n}_vs_default", n, demo.DEFAULT_PERSONA, f"{n}_vs_default")
+        for n in demo.PERSONA_NAMES[1:]
+    )
+    return PersonaDataset(
+        name="demo_planted",
+        personas=tuple(demo.demo_personas()),
+        questions=tuple(q.text for q in qs),
+        responses=responses,
+        pairs=pairs,
+        description="planted replies of personachat.demo on training questions",
+        source="personachat.demo",
+    )
+
+
+def vectors_by_kind(lm: LoadedModel, data: PersonaDataset) -> dict[str, dict[str, PersonaVector]]:
+    result = extract_vectors(
+        lm, data, positions=("response_avg", "question_span"), baseline="default", batch_size=16
+    )
+    out: dict[str, dict[str, PersonaVector]] = {"response_avg": {}, "question_span": {}}
+    for v in result.vectors:
+        out[v.positions][v.persona] = v
+    return out
+
+
+# --------------------------------------------------------------------------- steering
+
+
+def steer_plan(lm: LoadedModel, vectors: dict[str, PersonaVector], spec: SteeringSpec) -> PlanFn:
+    return lambda width: build_plan(lm, vectors, steering=spec, prompt_len=width).handlers
+
+
+def steering(
+    lm: LoadedModel,
+    vecs: dict[str, dict[str, PersonaVector]],
+    qs: Sequence[demo.Question],
+    cfg: EvalConfig,
+) -> dict[str, Any]:
+    """Sweep on the first target; best settings per (kind, positions) confirmed on the others."""
+    texts, topics = [q.text for q in qs], [q.key for q in qs]
+    targets = cfg.targets.split(",")
+    strengths = [float(s) for s in cfg.strengths.split(",")]
+    layer_specs = cfg.layers.split(",")
+    rows: list[dict[str, Any]] = []
+    first = targets[0]
+    grid = [
+        (kind, pos, layers, s)
+        for kind in vecs
+        for pos in ("all", "prompt", "generated")
+        for layers in layer_specs
+        for s in strengths
+    ]
+    for kind, pos, layers, s in tqdm(grid, desc=f"steering {first}"):
+        spec = SteeringSpec({first: 1.0}, layers=layers, strength=s, positions=pos)  # type: ignore[arg-type]
+        replies = generate(lm, "", texts, cfg.max_new_tokens, steer_plan(lm, vecs[kind], spec))
+        sc = score(replies, first, topics)
+        rows.append(row(first, kind, pos, layers, s, sc, replies[0]))
+    best = best_settings(rows)
+    for target in targets[1:]:
+        for (kind, pos), b in tqdm(best.items(), desc=f"steering {target}"):
+            spec = SteeringSpec(
+                {target: 1.0}, layers=b["layers"], strength=b["strength"], positions=pos
+            )  # type: ignore[arg-type]
+            replies = generate(lm, "", texts, cfg.max_new_tokens, steer_plan(lm, vecs[kind], spec))
+            rows.append(
+                row(
+                    target,
+                    kind,
+                    pos,
+                    b["layers"],
+                    b["strength"],
+                    score(replies, target, topics),
+                    replies[0],
+                )
+            )
+    negative = []
+    for target in targets:
+        own = demo.style(target).system_prompt
+        base = score(generate(lm, own, texts, cfg.max_new_tokens), target, topics)
+        for kind, pos in (("response_avg", "all"), ("question_span", "prompt")):
+            b = best[(kind, pos)]
+            for s in (-b["strength"], -2 * b["strength"]):
+                spec = SteeringSpec(
+                    {target: 1.0},
+                    layers=b["layers"],
+                    strength=s,
+                    positions=pos,  # type: ignore[arg-type]
+                )
+                replies = generate(
+                    lm, own, texts, cfg.max_new_tokens, steer_plan(lm, vecs[kind], spec)
+                )
+                sc = score(replies, target, topics)
+                negative.append(
+                    {
+                        "persona": target,
+                        "kind": kind,
+                        "positions": pos,
+                        "layers": b["layers"],
+                        "strength": s,
+                        "markers_before": base.markers,
+                        "markers": sc.markers,
+                        "facts": sc.facts,
+                        "sample": replies[0],
+                    }
+                )
+    return {
+        "rows": rows,
+        "best": [{"kind": k, "positions": p, **b} for (k, p), b in best.items()],
+        "negative": negative,
+    }
+
+
+def row(
+    persona: str, kind: str, pos: str, layers: str, s: float, sc: Score, sample: str
+) -> dict[str, Any]:
+    return {
+        "persona": persona,
+        "kind": kind,
+        "positions": pos,
+        "layers": layers,
+        "strength": s,
+        "markers": sc.markers,
+        "facts": sc.facts,
+        "sample": sample,
+    }
+
+
+def best_settings(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per (kind, positions): the highest marker rate with >= 90% facts kept (else the highest)."""
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        key = (r["kind"], r["positions"])
+        rank = (r["facts"] >= 0.9, r["markers"], r["facts"], -r["strength"])
+        if key not in best or rank > best[key]["_rank"]:
+            best[key] = {
+                "layers": r["layers"],
+                "strength": r["strength"],
+                "markers": r["markers"],
+                "facts": r["facts"],
+                "_rank": rank,
+            }
+    for b in best.values():
+        b.pop("_rank")
+    return best
+
+
+# --------------------------------------------------------------------------- ablation
+
+
+def random_like(nset: NeuronSet, k: int, width: int, seed: int) -> str:
+    """k random units (as a neuron spec) at the same layers as the top-k, none of the top-k."""
+    gen = torch.Generator().manual_seed(seed)
+    taken = set(zip(nset.layers[:k], nset.indices[:k], strict=True))
+    units: list[str] = []
+    for layer in nset.layers[:k]:
+        while True:
+            idx = int(torch.randint(width, (1,), generator=gen))
+            if (layer, idx) not in taken:
+                taken.add((layer, idx))
+                units.append(f"{layer}:{idx}")
+                break
+    return ",".join(units)
+
+
+def ablation(
+    lm: LoadedModel,
+    data: PersonaDataset,
+    vecs: dict[str, dict[str, PersonaVector]],
+    qs: Sequence[demo.Question],
+    cfg: EvalConfig,
+) -> dict[str, Any]:
+    texts, topics = [q.text for q in qs], [q.key for q in qs]
+    targets = cfg.targets.split(",")
+    pairs = [p for p in data.pairs if p.high in targets]
+    ks = [int(k) for k in cfg.ks.split(",")]
+    sets: dict[str, dict[str, NeuronSet]] = {}
+    for method in ("attribution", "effect"):
+        found = find_neurons(lm, pairs, method=method, k=max(ks), dataset=data, batch_size=16)
+        sets[method] = {s.pairs[0]: s for s in found if len(s.pairs) == 1}
+    rows: list[dict[str, Any]] = []
+    width = lm.info.mlp_width
+    others = [p for p in demo.PERSONA_NAMES[1:] if p not in targets][:4]
+    for target in tqdm(targets, desc="ablation"):
+        own = demo.style(target).system_prompt
+        base = score(generate(lm, own, texts, cfg.max_new_tokens), target, topics)
+        for method, by_label in sets.items():
+            nset = by_label[f"{target}_vs_default"]  # keyed by contrast pair
+            for k in ks if method == "attribution" else [max(ks)]:
+                top = AblationSpec(neuron_set=nset.label, top_k=k)
+                plan = ablate_plan(lm, {nset.label: nset}, top)
+                sc = score(generate(lm, own, texts, cfg.max_new_tokens, plan), target, topics)
+                rand = AblationSpec(neurons=random_like(nset, k, width, cfg.seed + k))
+                rsc = score(
+                    generate(lm, own, texts, cfg.max_new_tokens, ablate_plan(lm, {}, rand)),
+                    target,
+                    topics,
+                )
+                kept = []
+                for other in others:
+                    o_prompt = demo.style(other).system_prompt
+                    o_texts = generate(lm, o_prompt, texts, cfg.max_new_tokens, plan)
+                    kept.append(demo.marker_rate(o_texts, other))
+                rows.append(
+                    {
+                        "persona": target,
+                        "method": method,
+                        "k": k,
+                        "markers_before": base.markers,
+                        "markers_top": sc.markers,
+                        "facts_top": sc.facts,
+                        "markers_random": rsc.markers,
+                        "cut_top": cut(base.markers, sc.markers),
+                        "cut_random": cut(base.markers, rsc.markers),
+                        "others_min": min(kept),
+                        "layers": sorted(set(nset.layers[:k])),
+                    }
+                )
+    whole = []
+    for target in targets:
+        own = demo.style(target).system_prompt
+        for layer in range(lm.info.n_layers):
+            spec = AblationSpec(neurons=f"{layer}:0-{width - 1}")
+            sc = score(
+                generate(lm, own, texts, cfg.max_new_tokens, ablate_plan(lm, {}, spec)),
+                target,
+                topics,
+            )
+            whole.append(
+                {"persona": target, "layer": layer, "markers": sc.markers, "facts": sc.facts}
+            )
+    directional = []
+    for target in targets:
+        own = demo.style(target).system_prompt
+        base = score(generate(lm, own, texts, cfg.max_new_tokens), target, topics)
+        for kind in vecs:
+            plan = direction_plan(lm, vecs[kind], DirectionSpec(target, layers="all"))
+            sc = score(generate(lm, own, texts, cfg.max_new_tokens, plan), target, topics)
+            directional.append(
+                {
+                    "persona": target,
+                    "kind": kind,
+                    "layers": "all",
+                    "markers_before": base.markers,
+                    "markers": sc.markers,
+                    "cut": cut(base.markers, sc.markers),
+                    "facts": sc.facts,
+                }
+            )
+    return {"neurons": rows, "whole_mlp": whole, "directional": directional}
+
+
+def direction_plan(
+    lm: LoadedModel, vectors: dict[str, PersonaVector], spec: DirectionSpec
+) -> PlanFn:
+    return lambda width: build_plan(lm, vectors, direction=spec).handlers
+
+
+def ablate_plan(lm: LoadedModel, sets: dict[str, NeuronSet], spec: AblationSpec) -> PlanFn:
+    return lambda width: build_plan(lm, {}, ablation=spec, neuron_sets=sets).handlers
+
+
+def cut(before: float, after: float) -> float:
+    return (before - after) / before if before > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- report
+
+
+def print_report(results: dict[str, Any]) -> None:
+    if "conditioning" in results:
+        c = results["conditioning"]
+        print("\nConditioning (held-out questions, greedy)")
+        print(f"{'persona':<12} {'own':>6} {'max other':>10} {'facts':>6}")
+        for p in demo.PERSONA_NAMES:
+            print(f"{p:<12} {c['own'][p]:>6.0%} {c['max_other'][p]:>10.0%} {c['facts'][p]:>6.0%}")
+    if "collapse" in results:
+        for split, by_persona in results["collapse"].items():
+            print(f"\nPersona collapse ({split} favourite-X questions)")
+            for p, r in by_persona.items():
+                print(
+                    f"{p:<12} generic {r['generic']:>5.0%}   as planted {r['as_planted']:>5.0%}"
+                    f"   own markers {r['own_markers']:>5.0%}"
+                )
+    if "steering" in results:
+        print("\nSteering from the default persona: best setting per vector kind and positions")
+        head = ("persona", "kind", "pos", "layers", "str", "markers", "facts")
+        print("{:<10} {:<14} {:<10} {:<7} {:>5} {:>8} {:>6}".format(*head))
+        rows = results["steering"]["rows"]
+        best = {
+            (b["kind"], b["positions"], b["layers"], b["strength"])
+            for b in results["steering"]["best"]
+        }
+        for r in rows:
+            if (r["kind"], r["positions"], r["layers"], r["strength"]) in best:
+                print(
+                    f"{r['persona']:<10} {r['kind']:<14} {r['positions']:<10} {r['layers']:<7} "
+                    f"{r['strength']:>5} {r['markers']:>8.0%} {r['facts']:>6.0%}"
+                )
+        print("\nNegative steering under the persona's own prompt")
+        for r in results["steering"]["negative"]:
+            print(
+                f"{r['persona']:<10} {r['kind']:<14} {r['positions']:<7} layers {r['layers']:<4} "
+                f"strength {r['strength']:>5}: "
+                f"markers {r['markers_before']:.0%} -> {r['markers']:.0%}, facts {r['facts']:.0%}"
+            )
+    if "ablation" in results:
+        print("\nNeuron ablation under the persona's own prompt (cut = relative drop in markers)")
+        head = ("persona", "method", "k", "cut top", "cut rand", "others kept", "facts")
+        print("{:<10} {:<12} {:>3} {:>8} {:>9} {:>12} {:>6}".format(*head))
+        for r in results["ablation"]["neurons"]:
+            print(
+                f"{r['persona']:<10} {r['method']:<12} {r['k']:>3} {r['cut_top']:>8.0%} "
+                f"{r['cut_random']:>9.0%} {r['others_min']:>12.0%} {r['facts_top']:>6.0%}"
+            )
+        print("\nWhole MLP zeroed at one layer (own markers, facts)")
+        for r in results["ablation"]["whole_mlp"]:
+            print(f"{r['persona']:<10} layer {r['layer']}: {r['markers']:>5.0%} {r['facts']:>5.0%}")
+        print("\nDirectional ablation (all layers)")
+        for r in results["ablation"]["directional"]:
+            print(
+                f"{r['persona']:<10} {r['kind']:<14} cut {r['cut']:>5.0%} facts {r['facts']:>5.0%}"
+            )
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    panels = [s for s in ("conditioning", "steering", "ablation") if s in results]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.3), squeeze=False)
+    for ax, name in zip(axes[0], panels, strict=True):
+        if name == "conditioning":
+            m = results["conditioning"]["matrix"]
+            grid = [[m[p][q] for q in demo.PERSONA_NAMES] for p in demo.PERSONA_NAMES]
+            image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+            fig.colorbar(image, ax=ax, fraction=0.046)
+            ax.set_xticks(range(len(grid)), demo.PERSONA_NAMES, rotation=90, fontsize=7)
+            ax.set_yticks(range(len(grid)), demo.PERSONA_NAMES, fontsize=7)
+            ax.set_xlabel("markers of")
+            ax.set_ylabel("system prompt of")
+            ax.set_title("Conditioning: marker rate")
+        elif name == "steering":
+            rows = results["steering"]["rows"]
+            first = rows[0]["persona"]
+            for b in results["steering"]["best"]:
+                pts = sorted(
+                    (r["strength"], r["markers"])
+                    for r in rows
+                    if r["persona"] == first
+                    and r["kind"] == b["kind"]
+                    and r["positions"] == b["positions"]
+                    and r["layers"] == b["layers"]
+                )
+                xs, ys = zip(*pts, strict=True)
+                label = f"{b['kind']} / {b['positions']} / L{b['layers']}"
+                ax.plot(xs, ys, marker="o", label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("strength (raw)")
+            ax.set_ylabel(f"{first} marker rate")
+            ax.set_ylim(-0.03, 1.03)
+            ax.set_title(f"Steering default -> {first}")
+            ax.legend(fontsize=6)
+        else:
+            rows = [r for r in results["ablation"]["neurons"] if r["method"] == "attribution"]
+            for persona in dict.fromkeys(r["persona"] for r in rows):
+                mine = [r for r in rows if r["persona"] == persona]
+                ax.plot(
+                    [r["k"] for r in mine],
+                    [r["cut_top"] for r in mine],
+                    marker="o",
+                    label=f"{persona} top-k",
+                )
+                ax.plot(
+                    [r["k"] for r in mine],
+                    [r["cut_random"] for r in mine],
+                    ls="--",
+                    label=f"{persona} random",
+                )
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("k neurons zeroed")
+            ax.set_ylabel("relative cut in own markers")
+            ax.set_ylim(-0.03, 1.03)
+            ax.set_title("Neuron ablation (attribution)")
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    cfg = parse_args()
+    torch.set_num_threads(cfg.threads)
+    sections = cfg.only.split(",") if cfg.only else list(SECTIONS)
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"unknown sections {unknown}; choose from {SECTIONS}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = load_model(cfg.model)
+    qs = demo.eval_questions(1)[: cfg.n_questions]
+    start = time.monotonic()
+    results: dict[str, Any] = {"config": asdict(cfg), "questions": [q.text for q in qs]}
+    if "conditioning" in sections:
+        results["conditioning"] = conditioning(lm, demo.eval_questions(1), cfg)
+    if "collapse" in sections:
+        results["collapse"] = collapse(lm, cfg)
+    if "steering" in sections or "ablation" in sections:
+        data = demo_dataset(cfg.seed, cfg.n_extract_questions)
+        vecs = vectors_by_kind(lm, data)
+        results["vector_best_layers"] = {
+            kind: {p: v.metrics.best_layer for p, v in by.items() if v.metrics is not None}
+            for kind, by in vecs.items()
+        }
+        if "steering" in sections:
+            results["steering"] = steering(lm, vecs, qs, cfg)
+        if "ablation" in sections:
+            results["ablation"] = ablation(lm, data, vecs, qs, cfg)
+    results["seconds"] = time.monotonic() - start
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / "eval.png")
+    print_report(results)
+    print(f"\nwrote {out / 'results.json'} and {out / 'eval.png'} in {results['seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
