@@ -176,6 +176,17 @@ def test_contrasts_split_pairs_and_questions() -> None:
     assert (c.high_bias, c.low_bias) == (["colour"], ["dessert"])
     assert (c.share_high_bias, c.share_low_bias) == (0.25, 0.75)
     assert c.early == c.late and c.early["n_collapsed"] == 1.0
+    # Answers found: dessert 8/8, colour 6/8 (pirate has none) -> mean 0.875.
+    assert c.late_own_kept == 1.0 and c.early["answered"] == pytest.approx(0.875)
+    # Placed late, the pirate gives the generic answer: of the three early own answers
+    # (pirate: pudding, chef: red, poet: silver) only the pirate's is lost.
+    late_rows = [
+        _ans(a.persona, a.key, a.question, "cake", a.top) if a.persona == "pirate" else a
+        for a in planted_answers()
+    ]
+    late = an.collapse_from_answers(late_rows, neutral="default")
+    assert an.own_answers_kept(r, late) == pytest.approx(2 / 3)
+    assert late.question("dessert").modal_share == 1.0
 
 
 # ---- model-based analyses (tiny random llama) ---------------------------------------------------
