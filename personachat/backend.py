@@ -67,6 +67,7 @@ class Step:
     stopped: bool = False
     readout: Readout | None = None
     warnings: tuple[str, ...] = field(default=())
+    dropped: int = 0  # oldest turns left out so the conversation fits the model's context
 
 
 def unit_name(units: str) -> str:
@@ -446,7 +447,7 @@ class Backend:
 
         engine = self.engine(model_id, settings.vectors_from)
         lm = engine.lm
-        conversation = list(messages)
+        conversation, dropped = fit_context(lm, messages, settings.max_new_tokens)
         if settings.system_prompt:
             conversation.insert(0, {"role": "system", "content": settings.system_prompt})
         steering = None
@@ -483,10 +484,10 @@ class Backend:
             handlers=extra,
         )
         reference = self.reference(model_id, readout, settings.vectors_from)
-        return self._steps(lm, updates, reference)
+        return self._steps(lm, updates, reference, dropped)
 
     def _steps(
-        self, lm: Any, updates: Iterator[Any], reference: np.ndarray | None
+        self, lm: Any, updates: Iterator[Any], reference: np.ndarray | None, dropped: int
     ) -> Iterator[Step]:
         for update in updates:
             warnings = tuple(update.interference.warnings) if update.interference else ()
@@ -497,6 +498,7 @@ class Backend:
                 stopped=update.stopped,
                 readout=self._readout(lm, update.readout, reference) if update.done else None,
                 warnings=warnings,
+                dropped=dropped,
             )
 
     @staticmethod
@@ -511,6 +513,34 @@ class Backend:
 
 
 DEMO_DATASET = "demo"
+
+
+def context_limit(lm: Any) -> int | None:
+    """The model's context length (``max_position_embeddings``), when its config says."""
+    from personachat.sites import text_config
+
+    value = getattr(text_config(lm.model.config), "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def fit_context(
+    lm: Any, messages: Sequence[dict[str, Any]], max_new_tokens: int
+) -> tuple[list[dict[str, Any]], int]:
+    """``messages`` without their oldest turns as far as needed (never the last message) so the
+    prompt plus ``max_new_tokens`` fits the model's context; returns them and how many went."""
+    from personachat.prompts import format_chat
+
+    kept = list(messages)
+    limit = context_limit(lm)
+    dropped = 0
+    while limit is not None and len(kept) > 1:
+        text = format_chat(lm.tokenizer, kept, add_generation_prompt=True)
+        n = len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if n + max_new_tokens <= limit:
+            break
+        kept = kept[2:] if len(kept) > 2 else kept[1:]  # a user turn and its reply
+        dropped += 1
+    return kept, dropped
 
 
 def demo_dataset(n_questions: int = 40, seed: int = 0) -> Any:

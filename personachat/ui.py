@@ -487,6 +487,8 @@ class Handlers:
             self._forget(key, stop)
         inside = self._inside(model_id, step.readout if step else None)
         done = "Stopped: partial reply kept." if stop.is_set() else "Done."
+        if step is not None and step.dropped:
+            done += f" ({step.dropped} oldest turns left out to fit the model's context.)"
         html = self.tokens(inside, view_layer)
         yield history, side, "", f"{done} {status}".strip(), html, inside
 

@@ -331,6 +331,28 @@ def test_sessions_at_the_same_time_keep_their_own_settings(h: Handlers) -> None:
     assert len(set(alone)) == len(alone)  # the four settings really differ
 
 
+def test_a_long_conversation_is_cut_to_fit_the_context(
+    h: Handlers, engine: ChatEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    turns = [
+        {"role": role, "content": f"turn {i} " + "ocean " * 20}
+        for i in range(6)
+        for role in ("user", "assistant")
+    ]
+    monkeypatch.setattr(tiny().model.config, "max_position_embeddings", 160)
+    steps = chat(h, history=turns)
+    status = steps[-1][3]
+    dropped = int(re.search(r"\((\d+) oldest turns left out", status)[1])  # type: ignore[index]
+    kept = [*turns[2 * dropped :], *USER]
+    expected = engine.reply(kept, GenerationSettings(max_new_tokens=12))
+    assert steps[-1][0][-1]["content"] == expected.text
+    assert steps[-1][0][:-2] == turns  # the page still shows the whole conversation
+    ids = engine.prompt_ids(kept)
+    assert (
+        ids.shape[1] + 12 <= 160 < engine.prompt_ids(turns[2 * dropped - 2 :] + USER).shape[1] + 12
+    )
+
+
 def test_stop_ends_the_generation_and_keeps_the_partial_reply(h: Handlers) -> None:
     request = gr.Request(session_hash="tab-1")
     stream = h.chat(
