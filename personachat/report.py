@@ -583,7 +583,13 @@ def _analysis_text(r: ModelAnalysis) -> list[str]:
                 f"up to {float(per[:i].max()) if i else 0.0:.2f} of the answer difference through "
                 f"layer {max(hand - 1, 0)}, while the answer position carries little of it"
                 f"{before}; from layer {hand} on ({ans[i]:.2f}) it lives at the answer position: "
-                f"attention in layer {hand} reads the persona into the answer position."
+                f"attention in layer {hand} reads the persona into the answer position"
+                + (
+                    " (the last layer, where patching the answer position restores fully by "
+                    "construction; the telling number is how little it carries before)."
+                    if hand == p.layers[-1]
+                    else "."
+                )
             )
         mlp = p.restored.get(("mlp_hidden", "persona"))
         res = p.restored.get(("residual", "persona"))
