@@ -89,14 +89,34 @@ def _looks_local(model: str) -> bool:
     return model.startswith((".", "/", "~")) or model.startswith("store/") or Path(model).exists()
 
 
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
+def _cached(model: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except Exception:  # not a valid repo id
+        return False
+
+
 def missing(config: AppConfig) -> list[str]:
     """What must exist before the app can serve, each with how to make it."""
     problems = []
     model = Path(config.model).expanduser()
-    if _looks_local(config.model) and not (model / "config.json").is_file():
+    if _looks_local(config.model):
+        if not (model / "config.json").is_file():
+            problems.append(
+                f"model folder {model} has no config.json. Train the bundled demo model with "
+                "`python scripts/train_demo_model.py`, or pass --model NAME_OR_PATH."
+            )
+    elif _offline() and not _cached(config.model):
         problems.append(
-            f"model folder {model} has no config.json. Train the bundled demo model with "
-            "`python scripts/train_demo_model.py`, or pass --model NAME_OR_PATH."
+            f"{config.model!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set, so it "
+            "cannot be downloaded. Pass a local folder (--model /path/to/model) or download it "
+            "first (hf download NAME)."
         )
     if not config.store.is_dir():
         problems.append(

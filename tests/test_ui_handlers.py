@@ -504,10 +504,13 @@ def test_app_config_from_args_and_environment(tmp_path: Path) -> None:
 
 
 def test_app_exits_non_zero_naming_what_is_missing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     code = app.main(["--model", str(tmp_path / "nomodel"), "--store", str(tmp_path / "nostore")])
     err = capsys.readouterr().err
     assert code == 2
     assert f"model folder {tmp_path / 'nomodel'} has no config.json" in err
     assert f"store folder {tmp_path / 'nostore'} does not exist" in err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert app.main(["--model", "no-org/no-such-model", "--store", str(tmp_path)]) == 2
+    assert "'no-org/no-such-model' is not in the Hugging Face cache" in capsys.readouterr().err
