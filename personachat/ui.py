@@ -156,14 +156,19 @@ class Handlers:
     ) -> tuple[Any, ...]:
         """Re-read the store (new personas registered by a script, removed ones gone)."""
         model_id = (model_id or self.backend.default_model).strip()
-        self.backend.refresh()
-        known = self.backend.persona_names(model_id, vectors_from or "")
+        try:
+            self.backend.refresh()
+            known = self.backend.persona_names(model_id, vectors_from or "")
+            sets = self.backend.neuron_set_names(model_id)
+        except Exception as err:  # the store or the model failed: say so, keep the page
+            gr.Warning(f"Cannot re-read the store: {err}")
+            return gr.update(), gr.update(), f"⚠ Cannot re-read the store: {err}"
         kept = [p for p in personas or [] if p in known]
         gone = sorted(set(personas or []) - set(known))
         note = f" No longer in the store: {', '.join(gone)}." if gone else ""
         return (
             gr.update(choices=known, value=kept),
-            gr.update(choices=self.backend.neuron_set_names(model_id)),
+            gr.update(choices=sets),
             f"Store re-read: {len(known)} personas for `{model_id}`.{note}",
         )
 
@@ -208,7 +213,7 @@ class Handlers:
             limits = self.backend.limits(model_id, vectors_from or "")
             best = self.backend.best_layer(model_id, tuple(personas or ()), vectors_from or "")
             spec = preset_spec(preset, value, best, limits.n_layers)
-        except (InputError, KeyError, ValueError) as err:
+        except Exception as err:  # bad input, or a model that cannot load
             gr.Warning(str(err))
             return gr.update(), f"⚠ {err}"
         return spec, f"Preset {preset!r} (best layer {best}): `{spec}`"
@@ -228,11 +233,14 @@ class Handlers:
             settings = self._settings(
                 model_id, personas, weights, layer_spec, units, vectors_from=vectors_from
             )
-        except (InputError, ValueError) as err:
+        except Exception as err:  # bad input, or a model that cannot load
             return f"⚠ {err}"
         if not settings.personas:
             return "No persona picked: the chat is unsteered."
-        return self.backend.blend_summary(model_id, settings)
+        try:
+            return self.backend.blend_summary(model_id, settings)
+        except Exception as err:  # e.g. a vector removed meanwhile
+            return f"⚠ {err}"
 
     def _settings(
         self,
@@ -544,7 +552,7 @@ class Handlers:
         try:
             names = list(personas or []) or self.backend.persona_names(model_id, kind)[:6]
             metrics = self.backend.layer_metrics(model_id, names, kind)
-        except (KeyError, ValueError, LookupError) as err:
+        except Exception as err:  # an unknown persona or layer, or a model that cannot load
             gr.Warning(str(err).strip("'\""))
             return None
         return views.layer_metrics_image(metrics)
@@ -552,7 +560,11 @@ class Handlers:
     def store_tables(self, model_id: str | None) -> tuple[Any, Any, Any, Any]:
         """The store browser: personas, models, metrics at the best layer and neuron sets."""
         model_id = (model_id or self.backend.default_model).strip()
-        return self.backend.tables(model_id)
+        try:
+            return self.backend.tables(model_id)
+        except Exception as err:
+            gr.Warning(f"Cannot read the store: {err}")
+            return gr.update(), gr.update(), gr.update(), gr.update()
 
     def persona_map(
         self,
@@ -569,7 +581,7 @@ class Handlers:
             names, vectors, point = self.backend.persona_space(
                 model_id, history or [], at, vectors_from or ""
             )
-        except (KeyError, ValueError, LookupError) as err:
+        except Exception as err:  # an unknown persona or layer, or a model that cannot load
             gr.Warning(str(err).strip("'\""))
             return None
         title = f"persona space at layer {at} ({len(names)} vectors; ★ = this conversation)"
