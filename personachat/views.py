@@ -122,8 +122,12 @@ def layer_metrics_image(
     for name, (auc, sep) in metrics.items():
         ax_auc.plot(range(len(auc)), list(auc), marker="o", label=name)
         ax_sep.plot(range(len(sep)), list(sep), marker="o", label=name)
+    from matplotlib.ticker import MaxNLocator
+
     ax_auc.set(title="AUC by layer", xlabel="layer", ylim=(0.0, 1.05))
     ax_sep.set(title="separation (effect size) by layer", xlabel="layer")
+    for ax in (ax_auc, ax_sep):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if metrics:
         ax_auc.legend(fontsize=7)
     return _to_image(fig)
