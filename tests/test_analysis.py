@@ -305,10 +305,12 @@ def test_demo_collapse_finds_what_was_planted() -> None:
 
     lm = load_model(str(DEMO))
     items = [
-        an.PreferenceItem(it.key, it.questions[:2], it.answer_prefix, it.answer_pattern)
+        an.PreferenceItem(it.key, it.questions[:1], it.answer_prefix, it.answer_pattern)
         for it in rp.demo_preferences(forced=False)
     ]
-    r = an.persona_collapse(lm, demo.demo_personas(), items, max_new_tokens=24)
+    personas = demo.demo_personas()
+    batch = len(personas) * len(items)  # one generate call
+    r = an.persona_collapse(lm, personas, items, max_new_tokens=20, batch_size=batch)
     for pref in demo.PREFERENCES:
         q = r.question(pref.key)
         assert q.modal_answer == pref.generic
