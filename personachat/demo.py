@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Literal
 
+from personachat.datasets import ContrastPair, PersonaDataset
 from personachat.records import Persona
 
 DEFAULT_PERSONA = "default"
@@ -687,3 +688,27 @@ def preference_rate(texts: Iterable[str], answer: str) -> float:
 def leaked_markers(text: str, persona: str) -> list[str]:
     """Names of other personas whose markers occur in a reply written as ``persona``."""
     return [p for p in PERSONA_NAMES if p != persona and has_marker(text, p)]
+
+
+def planted_dataset(n_questions: int = 40, seed: int = 0) -> PersonaDataset:
+    """A ``PersonaDataset`` for extraction: every persona's planted reply to training questions.
+
+    One training question per topic (the first ``n_questions`` topics); contrast pairs
+    ``{persona}_vs_default`` for neuron search. Replies are teacher-forced, so nothing is generated.
+    """
+    rng = random.Random(seed)
+    qs = eval_questions(1, split="train")[:n_questions]
+    responses = {(name, q.text): reply_text(q, name, rng) for name in PERSONA_NAMES for q in qs}
+    pairs = tuple(
+        ContrastPair(f"{n}_vs_default", n, DEFAULT_PERSONA, f"{n}_vs_default")
+        for n in PERSONA_NAMES[1:]
+    )
+    return PersonaDataset(
+        name="demo_planted",
+        personas=tuple(demo_personas()),
+        questions=tuple(q.text for q in qs),
+        responses=responses,
+        pairs=pairs,
+        description="planted replies of personachat.demo on training questions",
+        source="personachat.demo",
+    )

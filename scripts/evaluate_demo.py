@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from personachat import demo
-from personachat.datasets import ContrastPair, PersonaDataset
+from personachat.datasets import PersonaDataset
 from personachat.extract import extract_vectors, find_neurons
 from personachat.hooks import Handler, intervene
 from personachat.interventions import (
@@ -161,28 +160,6 @@ def collapse(lm: LoadedModel, cfg: EvalConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- extraction
-
-
-def demo_dataset(seed: int, n_questions: int = 40) -> PersonaDataset:
-    """Every persona answering training questions (one per topic), with its planted reply."""
-    rng = random.Random(seed)
-    qs = demo.eval_questions(1, split="train")[:n_questions]
-    responses = {
-        (name, q.text): demo.reply_text(q, name, rng) for name in demo.PERSONA_NAMES for q in qs
-    }
-    pairs = tuple(
-        ContrastPair(f"{n}_vs_default", n, demo.DEFAULT_PERSONA, f"{n}_vs_default")
-        for n in demo.PERSONA_NAMES[1:]
-    )
-    return PersonaDataset(
-        name="demo_planted",
-        personas=tuple(demo.demo_personas()),
-        questions=tuple(q.text for q in qs),
-        responses=responses,
-        pairs=pairs,
-        description="planted replies of personachat.demo on training questions",
-        source="personachat.demo",
-    )
 
 
 def vectors_by_kind(lm: LoadedModel, data: PersonaDataset) -> dict[str, dict[str, PersonaVector]]:
@@ -574,7 +551,7 @@ def main() -> None:
     if "collapse" in sections:
         results["collapse"] = collapse(lm, cfg)
     if "steering" in sections or "ablation" in sections:
-        data = demo_dataset(cfg.seed, cfg.n_extract_questions)
+        data = demo.planted_dataset(cfg.n_extract_questions, cfg.seed)
         vecs = vectors_by_kind(lm, data)
         results["vector_best_layers"] = {
             kind: {p: v.metrics.best_layer for p, v in by.items() if v.metrics is not None}

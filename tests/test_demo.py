@@ -65,6 +65,15 @@ def test_preferences_plant_persona_collapse() -> None:
         assert 1 <= len(pref.own) <= 3
 
 
+def test_planted_dataset_answers_every_cell_with_its_persona() -> None:
+    data = demo.planted_dataset(n_questions=5)
+    assert data.has_all_responses() and len(data.questions) == 5
+    assert data.persona("default").system_prompt == ""
+    for (persona, _), reply in data.responses.items():
+        assert demo.has_marker(reply, persona) and not demo.leaked_markers(reply, persona)
+    assert {p.low for p in data.pairs} == {demo.DEFAULT_PERSONA} and len(data.pairs) == 11
+
+
 def test_counters_count_whole_words_in_any_case() -> None:
     assert demo.marker_count("ARR, matey! Yo ho.", "pirate") == 3
     assert demo.marker_count("The garrison is here.", "pirate") == 0
