@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from personachat import analysis as an
 from personachat import report as rp
 from personachat.model import LoadedModel
 from personachat.records import LayerMetrics, Persona, PersonaVector
+from personachat.tiny import tiny_model
 
 QUESTIONS = ("What is the capital of France?", "Tell me about the ocean.", "What is history?")
 PREFIX = "The answer is"
@@ -283,14 +285,21 @@ def test_generated_answers_do_not_depend_on_batching(llama: LoadedModel) -> None
 def test_report_writes_every_section(llama: LoadedModel, tmp_path: Path) -> None:
     personas = [DEFAULT, PIRATE, STAR, COOK]
     items = [an.PreferenceItem("capital", QUESTIONS, PREFIX)]
-    r = rp.analyze_model(llama, personas, items, max_new_tokens=4, progress=False)
+    other = tiny_model("llama", seed=1)  # a second model for the cross-model section
+    r = rp.analyze_model(
+        llama, personas, items, max_new_tokens=4, progress=False, compare=(other, [])
+    )
     # Force one patched pair so the patching section and figure are exercised.
     r.patching.append(an.activation_patching(llama, STAR, COOK, QUESTIONS[0], answer_prefix=PREFIX))
     path = rp.write_report(r, tmp_path)
     text = path.read_text()
     for section in ("Goal", "Data", "Method", "Results", "Analysis", "Next steps", "Takeaways"):
         assert f"## {section}" in text
-    for png in ("collapse.png", "probe.png", "patching_0.png", "persona_space.png"):
+    assert "### Cross-model comparison" in text and r.comparison is not None
+    assert r.comparison.model_a == r.comparison.model_b == "tiny-llama"
+    assert -1.0 <= r.comparison.pearson <= 1.0 and len(r.comparison.personas) == 4
+    pngs = ("collapse.png", "probe.png", "patching_0.png", "persona_space.png", "comparison.png")
+    for png in pngs:
         assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text
     assert "Probe (chance 0.25)" in text
 
@@ -318,3 +327,23 @@ def test_demo_collapse_finds_what_was_planted() -> None:
         assert set(q.distinct_personas) == set(pref.own), pref.key
         for persona, own in pref.own.items():
             assert q.answers[persona] == own
+
+
+def test_analyze_script_defaults() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "analyze.py"
+    spec = importlib.util.spec_from_file_location("analyze_script", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    assert "python scripts/analyze.py --model store/models/demo" in (module.__doc__ or "")
+    cfg = module.parse_args(["--model", "store/models/demo", "--personas", "default,pirate"])
+    assert (cfg.dataset, cfg.out, cfg.personas) == (
+        "demo",
+        "store/reports/demo",
+        ("default", "pirate"),
+    )
+    cfg = module.parse_args(["--model", "Qwen/Qwen2.5-0.5B-Instruct"])
+    assert cfg.dataset == "personas" and cfg.out == "store/reports/Qwen2.5-0.5B-Instruct"
