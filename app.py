@@ -136,10 +136,17 @@ def main(argv: list[str] | None = None) -> int:
         for problem in problems:
             print(f"personachat: cannot start: {problem}", file=sys.stderr)
         return 2
-    from personachat.backend import Backend
+    from personachat.backend import DEMO_ID, Backend
     from personachat.ui import CSS, build_ui, theme
 
     backend = Backend(config.model, config.store)
+    if backend.is_demo(config.model) and not backend.store().vectors(DEMO_ID):
+        print(
+            "personachat: first start with the demo model: registering its persona vectors and "
+            f"neurons in {config.store} (once)",
+            flush=True,
+        )
+        print(f"personachat: {backend.register_demo()}", flush=True)
     demo = build_ui(backend, concurrency=config.concurrency)
     demo.queue(default_concurrency_limit=config.concurrency)
     demo.launch(

@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ PREFERRED_POSITIONS = ("question_span", "prompt_last", "response_avg", "prompt_a
 
 
 REPO = Path(__file__).resolve().parent.parent
+DEMO_ID = "store/models/demo"  # the bundled demo model's id in the store (relative to the repo)
+DEMO_NEURON_PERSONAS = ("pirate",)  # persona neurons found on the first start (attribution is slow)
 
 
 def _folder(model_id: str) -> Path | None:
@@ -101,8 +103,29 @@ class Backend:
                     for key in [k for k in self._engines if k[0] == dropped]:
                         self._engines.pop(key)
                 log.info("loading model %s", model_id)
-                self._models[model_id] = load_model(model_id)
+                lm = load_model(model_id)
+                if self.is_demo(model_id) and lm.info.model_id != DEMO_ID:
+                    # the bundled model keeps one id in the store, wherever the app runs from
+                    lm = replace(lm, info=replace(lm.info, model_id=DEMO_ID))
+                self._models[model_id] = lm
             return self._models[model_id]
+
+    def register_demo(self) -> str | None:
+        """On the first start with the bundled demo model and a store without its vectors:
+        extract and register them (both kinds) with the pirate's persona neurons (progress bars
+        on the terminal; ~20 s on 2 busy CPU cores; more neurons: the page's extraction box or
+        scripts/find_neurons.py). None when nothing was needed."""
+        if not self.is_demo(self.default_model):
+            return None
+        if self.store().vectors(DEMO_ID) and self.store().neuron_sets(DEMO_ID):
+            return None
+        return self.extract(
+            self.default_model,
+            DEMO_DATASET,
+            "question_span,response_avg",
+            neurons=True,
+            neuron_personas=DEMO_NEURON_PERSONAS,
+        )
 
     def store(self) -> Any:
         """The persona store, read-only (opened on first use; it follows other writers)."""
@@ -242,7 +265,7 @@ class Backend:
 
     def is_demo(self, model_id: str) -> bool:
         """Whether ``model_id`` is the bundled demo model (its own corpus extracts best)."""
-        return _folder(model_id) == (REPO / "store" / "models" / "demo").resolve()
+        return model_id == DEMO_ID or _folder(model_id) == (REPO / DEMO_ID).resolve()
 
     def can_extract(self, model_id: str) -> bool:
         try:
@@ -400,11 +423,13 @@ class Backend:
         positions: str = "question_span",
         personas: Sequence[str] = (),
         neurons: bool = False,
+        neuron_personas: Sequence[str] = (),
     ) -> str:
         """Extract vectors for ``model_id`` from a built-in dataset (all its personas, or the
         ``personas`` named plus the baseline) and register them in the store; with ``neurons``,
         also the top-32 MLP units of each contrast pair (attribution) of those personas.
-        ``demo`` is the bundled demo model's own corpus (planted replies: no generation)."""
+        ``neuron_personas`` narrows the pairs to those of the personas named. ``demo`` is the
+        bundled demo model's own corpus (planted replies: no generation)."""
         from personachat.datasets import load_builtin
         from personachat.extract import extract_vectors, find_neurons, register_results
         from personachat.records import MEAN_BASELINE
@@ -419,7 +444,8 @@ class Backend:
             lm, data, chosen, positions=kinds, baseline=baseline, progress=True
         )
         sets = []
-        pairs = [p for p in data.pairs if chosen is None or p.high in chosen or p.low in chosen]
+        wanted = list(neuron_personas) or chosen
+        pairs = [p for p in data.pairs if wanted is None or p.high in wanted or p.low in wanted]
         if neurons and pairs:
             sets = find_neurons(lm, pairs, method="attribution", k=32, dataset=data)
         with Store(self.store_path) as store:
