@@ -31,7 +31,8 @@ store and the response cache keep.
 
 Built-in datasets (``personachat/data/*.json``, written for PersonaChat): ``personas`` (the 23
 personas of the assistant-axis study by category, 20 questions), ``big_five`` (high/low prompts
-for the five traits, 18 questions), ``roles`` (role and gender contrast pairs).
+for the five traits, 18 questions), ``roles`` (role and gender contrast pairs), and ``demo``
+(the bundled demo model's planted replies, built by ``personachat.demo.planted_dataset``).
 """
 
 from __future__ import annotations
@@ -315,8 +316,11 @@ def load_dataset_file(path: str | Path) -> PersonaDataset:
     return from_json(data, name=path.stem, source=source)
 
 
+GENERATED_BUILTINS = ("demo",)  # built from code: the demo model's planted corpus
+
+
 def builtin_names() -> list[str]:
-    return sorted(p.stem for p in DATA_DIR.glob("*.json"))
+    return sorted([*(p.stem for p in DATA_DIR.glob("*.json")), *GENERATED_BUILTINS])
 
 
 def load_builtin(name: str) -> PersonaDataset:
@@ -330,6 +334,10 @@ def load_builtin(name: str) -> PersonaDataset:
 def load_dataset(name_or_path: str | Path) -> PersonaDataset:
     """A built-in dataset by name, or a user file (``.json`` / ``.jsonl``)."""
     text = str(name_or_path)
+    if text == "demo":
+        from personachat.demo import planted_dataset  # demo builds on this module
+
+        return planted_dataset()
     if NAME_RE.match(text) and (DATA_DIR / f"{text}.json").is_file():
         return load_builtin(text)
     if Path(text).suffix in {".json", ".jsonl"} or Path(text).exists():

@@ -172,3 +172,13 @@ def test_generated_responses_are_seeded_and_cached(tmp_path: Path) -> None:
 
 def load_dataset_from(data: dict) -> PersonaDataset:  # type: ignore[type-arg]
     return from_json(json.loads(json.dumps(data)))
+
+
+def test_demo_is_a_builtin_built_from_the_planted_corpus() -> None:
+    from personachat.datasets import load_dataset
+
+    ds = load_dataset("demo")
+    assert "demo" in builtin_names()
+    assert ds.persona_names[0] == "default" and "pirate" in ds.persona_names
+    assert len(ds.responses) == len(ds.personas) * len(ds.questions)
+    assert {p.name for p in ds.pairs} >= {"pirate_vs_default"}
