@@ -430,13 +430,15 @@ class Backend:
         also the top-32 MLP units of each contrast pair (attribution) of those personas.
         ``neuron_personas`` narrows the pairs to those of the personas named. ``demo`` is the
         bundled demo model's own corpus (planted replies: no generation)."""
-        from personachat.datasets import load_builtin
+        from personachat.datasets import DatasetError, builtin_names, load_dataset
         from personachat.extract import extract_vectors, find_neurons, register_results
         from personachat.records import MEAN_BASELINE
         from personachat.store import Store
 
         lm = self.lm(model_id)
-        data = demo_dataset() if dataset == DEMO_DATASET else load_builtin(dataset)
+        if dataset not in builtin_names():  # the page offers built-in sets, never server paths
+            raise DatasetError(f"no built-in dataset {dataset!r}; built-in: {builtin_names()}")
+        data = load_dataset(dataset)
         baseline = "default" if "default" in data.persona_names else MEAN_BASELINE
         chosen = list(personas) or None
         kinds = tuple(k for k in positions.split(",") if k)
@@ -567,37 +569,6 @@ def fit_context(
         kept = kept[2:] if len(kept) > 2 else kept[1:]  # a user turn and its reply
         dropped += 1
     return kept, dropped
-
-
-def demo_dataset(n_questions: int = 40, seed: int = 0) -> Any:
-    """The demo model's personas answering one training question per topic with their planted
-    replies (``personachat.demo``), as a ``PersonaDataset``."""
-    import random
-
-    from personachat import demo
-    from personachat.datasets import ContrastPair, PersonaDataset
-
-    rng = random.Random(seed)
-    questions = demo.eval_questions(1, split="train")[:n_questions]
-    responses = {
-        (name, q.text): demo.reply_text(q, name, rng)
-        for name in demo.PERSONA_NAMES
-        for q in questions
-    }
-    pairs = tuple(
-        ContrastPair(f"{name}_vs_default", name, demo.DEFAULT_PERSONA, "demo")
-        for name in demo.PERSONA_NAMES
-        if name != demo.DEFAULT_PERSONA
-    )
-    return PersonaDataset(
-        name="demo_planted",
-        personas=tuple(demo.demo_personas()),
-        questions=tuple(q.text for q in questions),
-        responses=responses,
-        pairs=pairs,
-        description="planted replies of personachat.demo on training questions",
-        source="personachat.demo",
-    )
 
 
 class _Capture:
