@@ -29,8 +29,12 @@ from torch.utils.hooks import RemovableHandle
 
 from personachat.sites import ModelSites
 
-Site = Literal["residual", "mlp_hidden", "gate"]
-SITES: tuple[Site, ...] = ("residual", "mlp_hidden", "gate")
+Site = Literal["residual", "mlp_hidden", "gate", "attn_heads"]
+SITES: tuple[Site, ...] = ("residual", "mlp_hidden", "gate", "attn_heads")
+# Sites read as the *input* of a module (forward-pre hooks); the others are module outputs.
+# ``attn_heads`` is the input of the attention output projection, [B, T, n_heads * head_dim]:
+# head h is ``sites.head_slice(h)``.
+_INPUT_SITES: frozenset[Site] = frozenset({"mlp_hidden", "attn_heads"})
 
 
 class StopForward(Exception):
@@ -91,6 +95,17 @@ def _site_module(sites: ModelSites, site: Site, layer: int) -> nn.Module:
         return sites.layers[layer]
     if site == "mlp_hidden":
         return sites.mlp_down[layer]
+    if site == "attn_heads":
+        if sites.attn_out is None:
+            raise ValueError(
+                f"{sites.architecture} has no attention output projection among its sites, so "
+                "the 'attn_heads' site is unavailable; set SiteTemplates(attn_out=...) to its "
+                f"path relative to a decoder block (e.g. 'self_attn.o_proj'); templates: "
+                f"{sites.templates.describe()}"
+            )
+        return sites.attn_out[layer]
+    if site != "gate":
+        raise ValueError(f"unknown site {site!r}; known sites: {SITES}")
     if sites.gates is None:
         raise ValueError(
             f"{sites.architecture} has no separate gate projection; use the 'mlp_hidden' site"
@@ -109,7 +124,7 @@ def _make_hook(
                 x = changed = new
         return changed
 
-    if site == "mlp_hidden":
+    if site in _INPUT_SITES:
 
         def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
             if token not in _ACTIVE.get():

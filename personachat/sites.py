@@ -10,6 +10,9 @@ Canonical sites:
 - ``mlp_hidden``: the MLP hidden activations, i.e. the *input* of the MLP's output projection
   (``down_proj``; GPT-2's ``c_proj``).
 - ``gate``: the output of the gate projection of gated MLPs (``gate_proj``).
+- ``attn_heads``: the input of the attention output projection (``self_attn.o_proj``; GPT-2's
+  ``attn.c_proj``), ``[B, T, n_heads * head_dim]``: head ``h`` is the slice
+  ``h * head_dim:(h + 1) * head_dim``, so patching a slice patches one head's output.
 
 Known architectures map to attribute paths through templates; anything else gets a guess, and a
 failed guess raises ``SiteError`` naming the ``SiteTemplates`` fields to set.
@@ -17,10 +20,13 @@ failed guess raises ``SiteError`` naming the ``SiteTemplates`` fields to set.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, replace
 
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 LAYER_CONVENTION = "block_output: layer i = output of decoder block i = hidden_states[i+1]"
 
@@ -33,20 +39,28 @@ class SiteError(ValueError):
 class SiteTemplates:
     """Attribute paths (dotted, relative to the causal LM) of a model's sites.
 
-    ``layers`` names the list of decoder blocks; ``mlp_down`` and ``gate`` are relative to one
-    block. ``gate`` is ``None`` for ungated MLPs (GPT-2) and fused gates (Phi-3).
+    ``layers`` names the list of decoder blocks; ``mlp_down``, ``gate`` and ``attn_out`` are
+    relative to one block. ``gate`` is ``None`` for ungated MLPs (GPT-2) and fused gates (Phi-3).
+    ``attn_out`` (the attention output projection) is guessed when ``None``.
     """
 
     layers: str
     mlp_down: str
     gate: str | None = None
     base: str = "model"
+    attn_out: str | None = None
 
     def describe(self) -> str:
-        return f"layers={self.layers!r}, mlp_down={self.mlp_down!r}, gate={self.gate!r}"
+        return (
+            f"layers={self.layers!r}, mlp_down={self.mlp_down!r}, gate={self.gate!r}, "
+            f"attn_out={self.attn_out!r}"
+        )
 
 
-_LLAMA_LIKE = SiteTemplates(layers="model.layers", mlp_down="mlp.down_proj", gate="mlp.gate_proj")
+_LLAMA_LIKE = SiteTemplates(
+    layers="model.layers", mlp_down="mlp.down_proj", gate="mlp.gate_proj",
+    attn_out="self_attn.o_proj",
+)  # fmt: skip
 
 KNOWN_TEMPLATES: dict[str, SiteTemplates] = {
     "llama": _LLAMA_LIKE,
@@ -59,11 +73,15 @@ KNOWN_TEMPLATES: dict[str, SiteTemplates] = {
     "olmo": _LLAMA_LIKE,
     "olmo2": _LLAMA_LIKE,
     "phi3": replace(_LLAMA_LIKE, gate=None),
-    "gpt2": SiteTemplates(layers="transformer.h", mlp_down="mlp.c_proj", base="transformer"),
+    "gpt2": SiteTemplates(
+        layers="transformer.h", mlp_down="mlp.c_proj", base="transformer", attn_out="attn.c_proj"
+    ),
 }
 
 _DOWN_NAMES = ("down_proj", "c_proj", "fc2", "dense_4h_to_h", "w2", "fc_out", "proj_out")
 _GATE_NAMES = ("gate_proj", "w1")
+_ATTN_OUT_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "wo")
+_ATTN_PARENTS = ("attn", "attention")
 
 
 def get_path(root: nn.Module, path: str) -> nn.Module:
@@ -108,7 +126,22 @@ def _guess_templates(model: nn.Module, n_layers: int) -> SiteTemplates:
         )
     gate = next((n for n in names if n.split(".")[-1] in _GATE_NAMES), None)
     base = layers_path.rsplit(".", 1)[0] if "." in layers_path else ""
-    return SiteTemplates(layers=layers_path, mlp_down=down, gate=gate, base=base)
+    return SiteTemplates(
+        layers=layers_path, mlp_down=down, gate=gate, base=base, attn_out=guess_attn_out(block)
+    )
+
+
+def guess_attn_out(block: nn.Module) -> str | None:
+    """Path (relative to ``block``) of the attention output projection: a module named like
+    ``o_proj``/``out_proj``/``c_proj``/``dense`` under an attention-named child; else ``None``."""
+    for name, module in block.named_modules():
+        parts = name.split(".")
+        if len(parts) < 2 or parts[-1] not in _ATTN_OUT_NAMES:
+            continue
+        under_attention = any(k in part.lower() for part in parts[:-1] for k in _ATTN_PARENTS)
+        if under_attention and getattr(module, "weight", None) is not None:
+            return name
+    return None
 
 
 def _config_int(config: object, *names: str) -> int | None:
@@ -137,10 +170,28 @@ class ModelSites:
     gates: tuple[nn.Module, ...] | None
     hidden_size: int
     mlp_width: int
+    attn_out: tuple[nn.Module, ...] | None = None  # attention output projections, per layer
+    n_heads: int | None = None
+    head_dim: int | None = None
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    def head_slice(self, head: int) -> slice:
+        """Columns of head ``head`` in the ``attn_heads`` site (the input of ``o_proj``)."""
+        if self.attn_out is None or self.n_heads is None or self.head_dim is None:
+            raise SiteError(
+                f"{self.architecture} has no attention output projection among its sites; set "
+                "SiteTemplates(attn_out=...) to its path relative to a decoder block "
+                "(e.g. 'self_attn.o_proj')"
+            )
+        if not 0 <= head < self.n_heads:
+            raise SiteError(
+                f"head {head} is out of range: the model has {self.n_heads} attention heads "
+                f"(0..{self.n_heads - 1})"
+            )
+        return slice(head * self.head_dim, (head + 1) * self.head_dim)
 
     def check_layer(self, layer: int) -> int:
         if not 0 <= layer < self.n_layers:
@@ -187,6 +238,7 @@ def resolve_sites(model: nn.Module, templates: SiteTemplates | None = None) -> M
     hidden = _config_int(config, "hidden_size", "n_embd", "d_model")
     if hidden is None:
         raise SiteError(f"cannot tell the hidden size of {arch!r} from its config")
+    attn_out, n_heads, head_dim = _resolve_heads(layers, templates, config, arch, hidden)
     return ModelSites(
         templates=templates,
         architecture=arch,
@@ -196,22 +248,62 @@ def resolve_sites(model: nn.Module, templates: SiteTemplates | None = None) -> M
         gates=gates,
         hidden_size=hidden,
         mlp_width=_in_features(downs[0]),
+        attn_out=attn_out,
+        n_heads=n_heads,
+        head_dim=head_dim,
     )
+
+
+def _resolve_heads(
+    layers: tuple[nn.Module, ...], templates: SiteTemplates, config: object, arch: str, hidden: int
+) -> tuple[tuple[nn.Module, ...] | None, int | None, int | None]:
+    """(attention output projections, n_heads, head_dim), or Nones when they cannot be found.
+
+    The per-head site is optional: a model without it still resolves, and the ``attn_heads``
+    site then raises naming the template field to set.
+    """
+    path = templates.attn_out or guess_attn_out(layers[0])
+    n_heads = _config_int(config, "num_attention_heads", "n_head", "num_heads")
+    if path is None or n_heads is None:
+        log.info("%s: no attention output projection or head count found; no attn_heads", arch)
+        return None, None, None
+    try:
+        outs = tuple(get_path(layer, path) for layer in layers)
+        width = _in_features(outs[0])
+    except (AttributeError, IndexError, SiteError) as err:
+        log.warning("%s: attention output %r not found (%s); no attn_heads", arch, path, err)
+        return None, None, None
+    head_dim = _config_int(config, "head_dim") or hidden // n_heads
+    if n_heads * head_dim != width:
+        log.warning(
+            "%s: %d heads x head_dim %d != %d inputs of %r; using head_dim %d",
+            arch, n_heads, head_dim, width, path, width // n_heads,
+        )  # fmt: skip
+        if width % n_heads:
+            return None, None, None
+        head_dim = width // n_heads
+    return outs, n_heads, head_dim
 
 
 _SAFE_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 
 def templates_from_args(
-    layers: str | None, mlp_down: str | None, gate: str | None, base: str | None = None
+    layers: str | None,
+    mlp_down: str | None,
+    gate: str | None,
+    base: str | None = None,
+    attn_out: str | None = None,
 ) -> SiteTemplates | None:
     """Build templates from CLI overrides; ``None`` when nothing was given."""
     if layers is None and mlp_down is None:
         return None
     if layers is None or mlp_down is None:
         raise SiteError("give both --layers-path and --mlp-down-path to override sites")
-    for path in (layers, mlp_down, gate, base):
+    for path in (layers, mlp_down, gate, base, attn_out):
         if path is not None and not _SAFE_PATH.match(path):
             raise SiteError(f"{path!r} is not a dotted attribute path")
     base_path = base if base is not None else layers.rsplit(".", 1)[0] if "." in layers else ""
-    return SiteTemplates(layers=layers, mlp_down=mlp_down, gate=gate, base=base_path)
+    return SiteTemplates(
+        layers=layers, mlp_down=mlp_down, gate=gate, base=base_path, attn_out=attn_out
+    )

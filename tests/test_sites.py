@@ -156,3 +156,128 @@ def test_range_checks_name_the_limits(llama: LoadedModel) -> None:
         llama.sites.check_layer(7)
     with pytest.raises(SiteError, match=r"MLP width is 64"):
         llama.sites.check_neuron(0, 64)
+
+
+# ---- attention heads: the input of the attention output projection ---------------------------
+
+
+def _in_out_columns(module: nn.Module, cols: slice) -> torch.Tensor:
+    """[out, len(cols)] block of the projection's weight for input columns ``cols``."""
+    w = module.get_parameter("weight")
+    return w[:, cols] if isinstance(module, nn.Linear) else w[cols, :].T
+
+
+def test_heads_resolve_from_config(any_arch: LoadedModel) -> None:
+    sites, cfg = any_arch.sites, any_arch.model.config
+    expected_heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    assert sites.attn_out is not None and len(sites.attn_out) == 3
+    assert sites.n_heads == expected_heads == 4
+    head_dim = getattr(cfg, "head_dim", None) or 32 // expected_heads
+    assert sites.head_dim == head_dim
+    assert sites.attn_out[0] is sites.layers[0].get_submodule(sites.templates.attn_out or "")
+    with pytest.raises(SiteError, match=r"head 4 is out of range: the model has 4 attention heads"):
+        sites.head_slice(4)
+
+
+def test_attn_heads_is_input_of_attention_output_projection(any_arch: LoadedModel) -> None:
+    """What the site sees is exactly what the output projection receives."""
+    ids = _ids(any_arch)
+    layer = 1
+    proj = any_arch.sites.attn_out[layer]  # type: ignore[index]
+    inputs: list[torch.Tensor] = []
+    cap = Capture([("attn_heads", layer)])
+    with torch.no_grad(), intervene(any_arch.sites, [cap]):
+        with registered([(proj, "forward_pre", lambda m, a: inputs.append(a[0].detach()))]):
+            any_arch.model(**ids)
+    seen = cap.seen[("attn_heads", layer)]
+    assert seen.shape[-1] == any_arch.sites.n_heads * any_arch.sites.head_dim  # type: ignore[operator]
+    torch.testing.assert_close(seen, inputs[0], rtol=0, atol=0)
+
+
+def test_nudging_one_head_moves_attention_output_by_its_weight_columns(
+    any_arch: LoadedModel,
+) -> None:
+    """Adding delta to head h's slice changes the output projection's output by
+    W_o[:, slice_h] @ delta exactly, on every architecture (norms after attention included)."""
+    ids = _ids(any_arch)
+    layer, head = 2, 1
+    sites = any_arch.sites
+    cols = sites.head_slice(head)
+    torch.manual_seed(0)
+    delta = torch.randn(cols.stop - cols.start)
+    proj = sites.attn_out[layer]  # type: ignore[index]
+
+    class Nudge:
+        def wants(self):  # type: ignore[no-untyped-def]
+            return [("attn_heads", layer)]
+
+        def __call__(self, site, layer_, x):  # type: ignore[no-untyped-def]
+            x = x.clone()
+            x[..., cols] += delta
+            return x
+
+    outs: list[torch.Tensor] = []
+    with torch.no_grad(), registered([(proj, "forward", lambda m, a, o: outs.append(o.detach()))]):
+        any_arch.model(**ids)
+        with intervene(sites, [Nudge()]):
+            any_arch.model(**ids)
+    expected = (_in_out_columns(proj, cols) @ delta).expand_as(outs[0])
+    torch.testing.assert_close(outs[1] - outs[0], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])
+def test_nudged_head_reaches_the_residual_stream_linearly(arch: str) -> None:
+    """Without a norm after attention, the residual stream after attention moves by exactly
+    W_o[:, slice] @ delta: the MLP's input (its pre-norm's input) shows the shift."""
+    lm = tiny_model(arch)
+    layer, head = 0, 2
+    cols = lm.sites.head_slice(head)
+    delta = torch.linspace(-1, 1, cols.stop - cols.start)
+    block = lm.sites.layers[layer]
+    mlp_norm = block.get_submodule("ln_2" if arch == "gpt2" else "post_attention_layernorm")
+    seen: list[torch.Tensor] = []
+
+    class Nudge:
+        def wants(self):  # type: ignore[no-untyped-def]
+            return [("attn_heads", layer)]
+
+        def __call__(self, site, layer_, x):  # type: ignore[no-untyped-def]
+            x = x.clone()
+            x[..., cols] += delta
+            return x
+
+    with torch.no_grad(), registered([(mlp_norm, "forward_pre", lambda m, a: seen.append(a[0]))]):
+        lm.model(**_ids(lm))
+        with intervene(lm.sites, [Nudge()]):
+            lm.model(**_ids(lm))
+    proj = lm.sites.attn_out[layer]  # type: ignore[index]
+    expected = (_in_out_columns(proj, cols) @ delta).expand_as(seen[0])
+    torch.testing.assert_close(seen[1] - seen[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_attn_heads_site_without_projection_says_what_to_set() -> None:
+    from dataclasses import replace
+
+    lm = tiny_model("llama")
+    bare = replace(lm.sites, attn_out=None, n_heads=None, head_dim=None)
+    with pytest.raises(ValueError, match=r"attn_out=\.\.\."):
+        with intervene(bare, [Capture([("attn_heads", 0)])]):
+            pass
+    with pytest.raises(SiteError, match="attn_out"):
+        bare.head_slice(0)
+
+
+def test_attention_output_is_guessed_for_unknown_architectures() -> None:
+    lm = tiny_model("gpt2")
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = lm.model.transformer
+            self.config = lm.model.config.__class__(**lm.model.config.to_dict())
+            self.config.model_type = "mystery"
+
+    sites = resolve_sites(Wrapper())
+    assert sites.templates.attn_out == "attn.c_proj"
+    assert sites.templates.mlp_down == "mlp.c_proj"
+    assert sites.n_heads == 4 and sites.head_dim == 8
