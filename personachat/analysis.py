@@ -16,14 +16,16 @@ Pure numbers over records and models, no plotting (``personachat.report`` draws 
   of decoding the persona from the residual stream at each layer, pooled over three token groups:
   ``persona`` (the persona text), ``question`` (the question text) and ``answer`` (the position
   that predicts the first answer token).
-- **Activation patching** (``activation_patching``): residual stream (``residual`` site) and MLP
+- **Activation patching** (``activation_patching``): residual stream (``residual`` site), MLP
   (``mlp_hidden`` site: the input of the MLP's output projection, which fixes the MLP output at
-  that position) patched from persona B's run into persona A's run, one layer and token group at
-  a time; the score is the fraction of the answer logit difference restored,
-  ``(LD_patched - LD_A) / (LD_B - LD_A)`` with ``LD = logit[B's answer] - logit[A's answer]``.
-  ``find_circuit`` greedily joins MLP sites until their joint patch restores ``target`` of it and
-  names the nodes as seed 002 asks (``input``, ``m{layer}``; ``a{layer}.h{head}`` needs a
-  per-head site that ``personachat.hooks`` does not offer yet).
+  that position) and attention (``attn_heads``: the input of the attention output projection;
+  one head is its ``head_dim`` slice) patched from persona B's run into persona A's run, one
+  layer (or one layer and head) and token group at a time; the score is the fraction of the
+  answer logit difference restored, ``(LD_patched - LD_A) / (LD_B - LD_A)`` with
+  ``LD = logit[B's answer] - logit[A's answer]``. ``patch_restored`` scores a joint patch of
+  several ``PatchSite``s. ``find_circuit`` greedily joins single heads and MLPs until their
+  joint patch restores ``goal`` of it and names the nodes as seed 002 asks (``input``,
+  ``a{layer}.h{head}``, ``m{layer}``).
 - **Controlled contrasts** (``contrasts``): strongly vs mildly different persona pairs, high vs
   low generic-bias questions, persona placed early (system prompt) vs late (after the question).
 
@@ -794,7 +796,12 @@ def persona_collapse(
 
 @dataclass(eq=False)
 class PatchingResult:
-    """Fraction of the answer logit difference restored by patching B into A, per site."""
+    """Fraction of the answer logit difference restored by patching B into A, per site.
+
+    ``restored[(site, group)]`` is a curve over layers (``attn_heads`` there patches every head
+    of the layer, i.e. the whole attention output); ``heads[group]`` is ``[layers, n_heads]``,
+    one attention head's slice of ``attn_heads`` patched at a time.
+    """
 
     model_id: str
     target: str  # persona A (patched)
@@ -810,25 +817,65 @@ class PatchingResult:
     layers: list[int]
     restored: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (site, group)->[L]
     skipped: dict[str, str] = field(default_factory=dict)  # group -> why it was not patched
+    heads: dict[str, np.ndarray] = field(default_factory=dict)  # group -> [L, n_heads]
 
     def best(self, site: str, group: str) -> tuple[int, float]:
         curve = self.restored[(site, group)]
         i = int(np.nanargmax(curve))
         return self.layers[i], float(curve[i])
 
+    def top_heads(self, group: str, k: int = 3) -> list[tuple[int, int, float]]:
+        """The ``k`` heads restoring the most at ``group``: ``(layer, head, restored)``."""
+        grid = self.heads.get(group)
+        if grid is None:
+            return []
+        order = np.argsort(-np.nan_to_num(grid, nan=-np.inf), axis=None, kind="stable")[:k]
+        return [
+            (self.layers[i], int(h), float(grid[i, h]))
+            for i, h in zip(*np.unravel_index(order, grid.shape), strict=True)
+        ]
+
+
+@dataclass(frozen=True)
+class PatchSite:
+    """One site patched from B's run into A's: a whole site, or one head of ``attn_heads``."""
+
+    site: Site
+    layer: int
+    group: str
+    head: int | None = None
+
+    @property
+    def node(self) -> str:
+        """Seed 002's node name: ``a{layer}.h{head}`` or ``m{layer}``."""
+        if self.site == "attn_heads" and self.head is not None:
+            return f"a{self.layer}.h{self.head}"
+        if self.site == "mlp_hidden":
+            return f"m{self.layer}"
+        raise ValueError(f"{self} has no seed-002 node name (only single heads and MLPs do)")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"site": self.site, "layer": self.layer, "group": self.group}
+        if self.head is not None:
+            out["head"] = self.head
+        return out
+
+
+# One patch in one batch row: (site, layer, target positions, source positions, columns).
+_Patch = tuple[Site, int, list[int], list[int], slice]
+
 
 class _Patcher:
-    """Replaces, for row ``r`` of the batch, positions of site values with cached source values.
-
-    ``plan[(site, layer)]`` lists ``(row, target positions, source positions)``.
-    """
+    """Writes cached source values into rows of the batch; ``rows[r]`` lists row r's patches."""
 
     def __init__(
-        self,
-        plan: Mapping[tuple[Site, int], list[tuple[int, list[int], list[int]]]],
-        cache: Mapping[tuple[Site, int], torch.Tensor],
+        self, rows: Sequence[Sequence[_Patch]], cache: Mapping[tuple[Site, int], torch.Tensor]
     ) -> None:
-        self.plan, self.cache = plan, cache
+        self.cache = cache
+        self.plan: dict[tuple[Site, int], list[tuple[int, list[int], list[int], slice]]] = {}
+        for r, patches in enumerate(rows):
+            for site, layer, tgt, src, cols in patches:
+                self.plan.setdefault((site, layer), []).append((r, tgt, src, cols))
 
     def wants(self) -> Iterable[tuple[Site, int]]:
         return list(self.plan)
@@ -836,8 +883,8 @@ class _Patcher:
     def __call__(self, site: Site, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         src = self.cache[(site, layer)].to(x.dtype)
         x = x.clone()
-        for row, tgt, sp in self.plan[(site, layer)]:
-            x[row, tgt] = src[sp]
+        for row, tgt, sp, cols in self.plan[(site, layer)]:
+            x[row, tgt, cols] = src[sp, cols]
         return x
 
 
@@ -845,7 +892,7 @@ def _run_cached(
     lm: LoadedModel, ids: Sequence[int], sites: Sequence[Site]
 ) -> tuple[torch.Tensor, dict[tuple[Site, int], torch.Tensor]]:
     """Last-position logits [V] and every layer's value at ``sites`` ([T, width]) for one prompt."""
-    recs = [_Recorder(s, range(lm.sites.n_layers), stop=False) for s in sites]
+    recs = [_Recorder(s, range(lm.sites.n_layers), stop=False) for s in dict.fromkeys(sites)]
     x = torch.tensor([list(ids)], device=lm.device)
     pos = torch.arange(len(ids), device=lm.device)[None]
     with intervene(lm.sites, recs), torch.inference_mode():
@@ -874,6 +921,49 @@ def _group_positions(a: Prompt, b: Prompt, group: str) -> tuple[list[int], list[
     return list(range(*pa)), list(range(*pb))
 
 
+@dataclass(eq=False)
+class _PatchRuns:
+    """The two clean runs of a patching experiment: prompts, B's cache, answer tokens, LDs."""
+
+    a: Prompt
+    b: Prompt
+    cache: dict[tuple[Site, int], torch.Tensor]
+    token_a: int
+    token_b: int
+    same: bool
+    ld_a: float
+    ld_b: float
+
+    def restored(self, logits: torch.Tensor) -> np.ndarray:
+        """Fraction restored per row of last-position ``logits`` [N, V]."""
+        ld = logits[:, self.token_b] - logits[:, self.token_a]
+        return ((ld - self.ld_a) / (self.ld_b - self.ld_a)).cpu().numpy()
+
+
+def _clean_runs(
+    lm: LoadedModel,
+    target: Persona,
+    source: Persona,
+    question: str,
+    sites: Sequence[Site],
+    answer_prefix: str,
+    placement: Placement,
+) -> _PatchRuns:
+    a = encode_prompt(lm, target, question, answer_prefix, placement)
+    b = encode_prompt(lm, source, question, answer_prefix, placement)
+    logits_a, _ = _run_cached(lm, a.ids, [])
+    logits_b, cache = _run_cached(lm, b.ids, sites)
+    tok_a, tok_b = int(logits_a.argmax()), int(logits_b.argmax())
+    same = tok_a == tok_b
+    if same:  # collapsed pair: use the token B prefers most relative to A
+        diff = (logits_b.log_softmax(-1) - logits_a.log_softmax(-1)).clone()
+        diff[tok_a] = -float("inf")
+        tok_b = int(diff.argmax())
+    ld_a = float(logits_a[tok_b] - logits_a[tok_a])
+    ld_b = float(logits_b[tok_b] - logits_b[tok_a])
+    return _PatchRuns(a, b, cache, tok_a, tok_b, same, ld_a, ld_b)
+
+
 def activation_patching(
     lm: LoadedModel,
     target: Persona,
@@ -883,77 +973,135 @@ def activation_patching(
     answer_prefix: str = "",
     groups: Sequence[str] = GROUPS,
     sites: Sequence[Site] = ("residual", "mlp_hidden"),
+    heads: bool | None = None,
     placement: Placement = "early",
+    batch_size: int = 64,
 ) -> PatchingResult:
-    """Patch ``source``'s activations into ``target``'s run at each layer, site and token group."""
-    a = encode_prompt(lm, target, question, answer_prefix, placement)
-    b = encode_prompt(lm, source, question, answer_prefix, placement)
-    logits_a, _ = _run_cached(lm, a.ids, [])
-    logits_b, cache = _run_cached(lm, b.ids, sites)
-    tok_a = int(logits_a.argmax())
-    tok_b = int(logits_b.argmax())
-    same = tok_a == tok_b
-    if same:  # collapsed pair: use the token B prefers most relative to A
-        diff = (logits_b.log_softmax(-1) - logits_a.log_softmax(-1)).clone()
-        diff[tok_a] = -float("inf")
-        tok_b = int(diff.argmax())
+    """Patch ``source``'s activations into ``target``'s run at each layer, site and token group.
 
-    def ld(logits: torch.Tensor) -> torch.Tensor:
-        return logits[..., tok_b] - logits[..., tok_a]
-
-    ld_a, ld_b = float(ld(logits_a)), float(ld(logits_b))
+    With ``heads`` (default: when the model has an ``attn_heads`` site) every attention head's
+    slice of ``attn_heads`` is also patched on its own, per layer and group (``result.heads``).
+    """
+    if heads is None:
+        heads = lm.sites.attn_out is not None
+    cache_sites: list[Site] = [*sites, "attn_heads"] if heads else list(sites)
+    runs = _clean_runs(lm, target, source, question, cache_sites, answer_prefix, placement)
     layers = list(range(lm.sites.n_layers))
     result = PatchingResult(
         model_id=lm.info.model_id, target=target.name, source=source.name, question=question,
-        answer_a=str(lm.tokenizer.decode([tok_a])), answer_b=str(lm.tokenizer.decode([tok_b])),
-        same_answer=same, token_a=tok_a, token_b=tok_b, ld_a=ld_a, ld_b=ld_b, layers=layers,
+        answer_a=str(lm.tokenizer.decode([runs.token_a])),
+        answer_b=str(lm.tokenizer.decode([runs.token_b])), same_answer=runs.same,
+        token_a=runs.token_a, token_b=runs.token_b, ld_a=runs.ld_a, ld_b=runs.ld_b, layers=layers,
     )  # fmt: skip
-    denom = ld_b - ld_a
+    every = slice(None)
     for group in groups:
-        aligned = _group_positions(a, b, group)
+        aligned = _group_positions(runs.a, runs.b, group)
         if isinstance(aligned, str):
             result.skipped[group] = aligned
             continue
         ta, sb = aligned
         for site in sites:
-            plan = {(site, la): [(i, ta, sb)] for i, la in enumerate(layers)}
-            logits = _patched_logits(lm, a, len(layers), plan, cache)
-            result.restored[(site, group)] = ((ld(logits) - ld_a) / denom).cpu().numpy()
+            rows = [[(site, la, ta, sb, every)] for la in layers]
+            logits = _patched_logits(lm, runs.a, rows, runs.cache, batch_size)
+            result.restored[(site, group)] = runs.restored(logits)
+        if heads:
+            n_heads = lm.sites.n_heads or 0
+            rows = [
+                [("attn_heads", la, ta, sb, lm.sites.head_slice(h))]
+                for la in layers
+                for h in range(n_heads)
+            ]
+            logits = _patched_logits(lm, runs.a, rows, runs.cache, batch_size)
+            result.heads[group] = runs.restored(logits).reshape(len(layers), n_heads)
     return result
+
+
+def patch_restored(
+    lm: LoadedModel,
+    target: Persona,
+    source: Persona,
+    question: str,
+    patches: Sequence[PatchSite],
+    *,
+    answer_prefix: str = "",
+    placement: Placement = "early",
+) -> float:
+    """Fraction of the answer logit difference restored by patching all of ``patches`` at once."""
+    needed = list(dict.fromkeys(p.site for p in patches))
+    runs = _clean_runs(lm, target, source, question, needed, answer_prefix, placement)
+    row = []
+    for p in patches:
+        aligned = _group_positions(runs.a, runs.b, p.group)
+        if isinstance(aligned, str):
+            raise ValueError(f"cannot patch {p}: {aligned}")
+        cols = slice(None) if p.head is None else lm.sites.head_slice(p.head)
+        row.append((p.site, lm.sites.check_layer(p.layer), *aligned, cols))
+    return float(runs.restored(_patched_logits(lm, runs.a, [row], runs.cache))[0])
 
 
 def _patched_logits(
     lm: LoadedModel,
     a: Prompt,
-    rows: int,
-    plan: Mapping[tuple[Site, int], list[tuple[int, list[int], list[int]]]],
+    rows: Sequence[Sequence[_Patch]],
     cache: Mapping[tuple[Site, int], torch.Tensor],
+    batch_size: int = 64,
 ) -> torch.Tensor:
-    """Last-position logits [rows, V] of ``rows`` copies of prompt ``a`` under ``plan``."""
-    x = torch.tensor([list(a.ids)] * rows, device=lm.device)
-    pos = torch.arange(len(a.ids), device=lm.device)[None].expand(rows, -1)
-    with intervene(lm.sites, [_Patcher(plan, cache)]), torch.inference_mode():
-        logits = _forward(lm, x, torch.ones_like(x), pos, head=True)
-    assert logits is not None
-    return logits[:, -1]
+    """Last-position logits [len(rows), V] of prompt ``a``, row r patched with ``rows[r]``."""
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        x = torch.tensor([list(a.ids)] * len(chunk), device=lm.device)
+        pos = torch.arange(len(a.ids), device=lm.device)[None].expand(len(chunk), -1)
+        with intervene(lm.sites, [_Patcher(chunk, cache)]), torch.inference_mode():
+            logits = _forward(lm, x, torch.ones_like(x), pos, head=True)
+        assert logits is not None
+        out.append(logits[:, -1])
+    return torch.cat(out)
 
 
 @dataclass(frozen=True)
 class Circuit:
     """A small set of sites whose joint patch restores most of the answer difference."""
 
-    nodes: list[str]  # seed 002 names: "input", "m{layer}" (and "a{layer}.h{head}")
-    sites: list[tuple[str, int, str]]  # (site, layer, group) patched together
+    nodes: list[str]  # seed 002 names: "input", "a{layer}.h{head}", "m{layer}"
+    sites: list[PatchSite]  # patched together, in the order they were chosen
     restored: float  # joint restored fraction
     target: float
 
     def to_json(self) -> dict[str, Any]:
         return {
             "nodes": self.nodes,
-            "sites": [{"site": s, "layer": la, "group": g} for s, la, g in self.sites],
+            "sites": [s.to_json() for s in self.sites],
             "restored": round(self.restored, 4),
             "target": self.target,
         }
+
+
+def _node_order(node: str) -> tuple[int, int, int]:
+    """Sort key: by layer, attention heads before the MLP of the same layer, then head."""
+    if node == "input":
+        return (-1, 0, 0)
+    if node.startswith("m"):
+        return (int(node[1:]), 1, 0)
+    layer, head = node[1:].split(".h")
+    return (int(layer), 0, int(head))
+
+
+def circuit_candidates(patching: PatchingResult) -> list[tuple[float, PatchSite]]:
+    """Single MLP sites and single heads with their restored fraction, best first."""
+    cands = [
+        (float(v), PatchSite("mlp_hidden", la, g))
+        for (s, g), curve in patching.restored.items() if s == "mlp_hidden"
+        for la, v in zip(patching.layers, curve, strict=True) if np.isfinite(v)
+    ]  # fmt: skip
+    for g, grid in patching.heads.items():
+        for i, la in enumerate(patching.layers):
+            cands += [
+                (float(v), PatchSite("attn_heads", la, g, h))
+                for h, v in enumerate(grid[i])
+                if np.isfinite(v)
+            ]
+    return sorted(cands, key=lambda c: -c[0])
 
 
 def find_circuit(
@@ -968,33 +1116,28 @@ def find_circuit(
     goal: float = 0.8,
     max_sites: int = 6,
 ) -> Circuit | None:
-    """Greedily join the best MLP sites (by single-site restoration) until the joint patch of
-    them restores ``goal`` of the logit difference; ``None`` when ``max_sites`` do not suffice.
+    """Greedily join the best single sites (MLPs ``m{layer}`` and, where ``patching`` has
+    per-head results, attention heads ``a{layer}.h{head}``) by their single-site restoration
+    until the joint patch of them restores ``goal`` of the logit difference; ``None`` when
+    ``max_sites`` do not suffice.
     """
-    a = encode_prompt(lm, target, question, answer_prefix, placement)
-    b = encode_prompt(lm, source, question, answer_prefix, placement)
-    _, cache = _run_cached(lm, b.ids, ["mlp_hidden"])
-    ranked = sorted(
-        ((float(v), la, g) for (s, g), curve in patching.restored.items() if s == "mlp_hidden"
-         for la, v in zip(patching.layers, curve, strict=True) if np.isfinite(v)),
-        reverse=True,
-    )  # fmt: skip
-    chosen: list[tuple[int, str]] = []
-    plan: dict[tuple[Site, int], list[tuple[int, list[int], list[int]]]] = {}
-    denom = patching.ld_b - patching.ld_a
-    for _, layer, group in ranked[:max_sites]:
-        aligned = _group_positions(a, b, group)
+    needed: list[Site] = ["mlp_hidden", "attn_heads"] if patching.heads else ["mlp_hidden"]
+    runs = _clean_runs(lm, target, source, question, needed, answer_prefix, placement)
+    runs.token_a, runs.token_b = patching.token_a, patching.token_b
+    runs.ld_a, runs.ld_b = patching.ld_a, patching.ld_b
+    chosen: list[PatchSite] = []
+    row: list[_Patch] = []
+    for _, site in circuit_candidates(patching)[:max_sites]:
+        aligned = _group_positions(runs.a, runs.b, site.group)
         if isinstance(aligned, str):
             continue
-        chosen.append((layer, group))
-        plan.setdefault(("mlp_hidden", layer), []).append((0, *aligned))
-        logits = _patched_logits(lm, a, 1, plan, cache)[0]
-        tok_a, tok_b = patching.token_a, patching.token_b
-        joint = float((logits[tok_b] - logits[tok_a] - patching.ld_a) / denom)
+        cols = slice(None) if site.head is None else lm.sites.head_slice(site.head)
+        chosen.append(site)
+        row.append((site.site, site.layer, *aligned, cols))
+        joint = float(runs.restored(_patched_logits(lm, runs.a, [row], runs.cache))[0])
         if joint >= goal:
-            nodes = ["input", *[f"m{la}" for la in sorted({la for la, _ in chosen})]]
-            sites = [("mlp_hidden", la, g) for la, g in chosen]
-            return Circuit(nodes=nodes, sites=sites, restored=joint, target=goal)
+            nodes = sorted({s.node for s in chosen}, key=_node_order)
+            return Circuit(nodes=["input", *nodes], sites=chosen, restored=joint, target=goal)
     return None
 
 

@@ -262,6 +262,85 @@ def test_find_circuit_names_nodes_as_seed_002(llama: LoadedModel) -> None:
     assert c.to_json()["nodes"] == c.nodes
 
 
+def _o_proj_inputs(lm: LoadedModel, ids: tuple[int, ...], layer: int) -> torch.Tensor:
+    """The attention output projection's input [T, n_heads * head_dim] (read directly)."""
+    from personachat.hooks import registered
+
+    seen: list[torch.Tensor] = []
+    proj = lm.sites.attn_out[layer]  # type: ignore[index]
+    with torch.no_grad(), registered([(proj, "forward_pre", lambda m, a: seen.append(a[0]))]):
+        lm.model(torch.tensor([list(ids)]))
+    return seen[0][0]
+
+
+def _restored_with_o_proj_shift(
+    lm: LoadedModel, a: an.Prompt, layer: int, shift: torch.Tensor, r: an.PatchingResult
+) -> float:
+    """Restored fraction when ``shift`` [H] is added to o_proj's output at A's answer position."""
+    from personachat.hooks import registered
+
+    def add(module: torch.nn.Module, args: object, out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        out[0, a.answer_pos] += shift
+        return out
+
+    proj = lm.sites.attn_out[layer]  # type: ignore[index]
+    with torch.no_grad(), registered([(proj, "forward", add)]):
+        logits = lm.model(torch.tensor([list(a.ids)])).logits[0, -1]
+    ld = float(logits[r.token_b] - logits[r.token_a])
+    return (ld - r.ld_a) / (r.ld_b - r.ld_a)
+
+
+def test_head_patching_matches_a_direct_computation(llama: LoadedModel) -> None:
+    """Patching head h at the answer position = adding W_o[:, h] @ (B's head output - A's) to the
+    attention output there; patching every head of a layer = the layer's attention patch."""
+    r = an.activation_patching(
+        llama, STAR, COOK, QUESTIONS[0], answer_prefix=PREFIX,
+        sites=("residual", "mlp_hidden", "attn_heads"),
+    )  # fmt: skip
+    sites = llama.sites
+    assert sites.n_heads == 4 and set(r.heads) == set(an.GROUPS)
+    assert r.heads["answer"].shape == (sites.n_layers, 4)
+    a = an.encode_prompt(llama, STAR, QUESTIONS[0], PREFIX)
+    b = an.encode_prompt(llama, COOK, QUESTIONS[0], PREFIX)
+    for layer in (1, sites.n_layers - 1):
+        delta = _o_proj_inputs(llama, b.ids, layer)[b.answer_pos]
+        delta = delta - _o_proj_inputs(llama, a.ids, layer)[a.answer_pos]
+        w_o = sites.attn_out[layer].get_parameter("weight")  # type: ignore[index]
+        for h in range(4):
+            cols = sites.head_slice(h)
+            with torch.no_grad():
+                expected = _restored_with_o_proj_shift(
+                    llama, a, layer, w_o[:, cols] @ delta[cols], r
+                )
+            assert r.heads["answer"][layer, h] == pytest.approx(expected, abs=1e-4)
+        with torch.no_grad():
+            whole = _restored_with_o_proj_shift(llama, a, layer, w_o @ delta, r)
+        assert r.restored[("attn_heads", "answer")][layer] == pytest.approx(whole, abs=1e-4)
+        every_head = [an.PatchSite("attn_heads", layer, "answer", h) for h in range(4)]
+        joint = an.patch_restored(llama, STAR, COOK, QUESTIONS[0], every_head, answer_prefix=PREFIX)
+        assert joint == pytest.approx(whole, abs=1e-4)
+    # Some head at the last layer moves the answer (the fractions are not all ~0).
+    assert float(np.abs(r.heads["answer"][-1]).max()) > 0.01
+    (la, h, v), *_ = r.top_heads("answer", k=1)
+    assert r.heads["answer"][la, h] == v == pytest.approx(float(np.nanmax(r.heads["answer"])))
+
+
+def test_circuit_mixes_heads_and_mlps_and_reproduces(llama: LoadedModel) -> None:
+    r = an.activation_patching(llama, STAR, COOK, QUESTIONS[0], answer_prefix=PREFIX)
+    cands = an.circuit_candidates(r)
+    assert len(cands) == 3 * 3 + 3 * 3 * 4  # MLPs and heads, per layer and group
+    assert {c.site for _, c in cands} == {"mlp_hidden", "attn_heads"}
+    c = an.find_circuit(llama, STAR, COOK, QUESTIONS[0], r, answer_prefix=PREFIX, goal=0.5)
+    assert c is not None and c.nodes[0] == "input"
+    assert all(re.fullmatch(r"m\d+|a\d+\.h\d+", n) for n in c.nodes[1:])
+    assert set(c.nodes[1:]) == {s.node for s in c.sites}
+    again = an.patch_restored(llama, STAR, COOK, QUESTIONS[0], c.sites, answer_prefix=PREFIX)
+    assert again == pytest.approx(c.restored, abs=1e-5) and again >= 0.5
+    js = c.to_json()
+    assert [("head" in s) for s in js["sites"]] == [s.site == "attn_heads" for s in c.sites]
+
+
 def test_generated_answers_do_not_depend_on_batching(llama: LoadedModel) -> None:
     items = [an.PreferenceItem("capital", QUESTIONS[:2], PREFIX)]
     one = an.generate_answers(llama, [PIRATE, DEFAULT], items, max_new_tokens=5, batch_size=1)
