@@ -14,6 +14,7 @@ app's worker threads); the app's analysis tab can show them directly (``gr.Plot`
     probe_figure(probe)                  persona-probe accuracy by layer and token group
     collapse_figure(collapse)            per-preference modal share and divergence, answer grid
     patching_figure(patching)            restored answer difference by layer, site and group
+    heads_figure(patching)               restored answer difference per attention head (heatmap)
     contrasts_figure(contrasts)          strong/mild pairs, high/low bias, early/late placement
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +35,14 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from personachat import analysis as an
+from personachat.hooks import Site
 from personachat.model import LoadedModel
 from personachat.records import Persona, PersonaVector
 
 log = logging.getLogger(__name__)
 
-SITE_LABEL = {"residual": "residual", "mlp_hidden": "MLP"}
+SITE_LABEL = {"residual": "residual", "mlp_hidden": "MLP", "attn_heads": "attention"}
+HEAD_THRESHOLD = 0.2  # a head "carries the persona" when patching it alone restores this much
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,8 +169,9 @@ def patching_figure(patching: an.PatchingResult) -> Figure:
     fig = Figure(figsize=(6.5, 4))
     ax = fig.subplots()
     styles = {"persona": "tab:blue", "question": "tab:green", "answer": "tab:red"}
+    lines = {"residual": "-", "mlp_hidden": "--", "attn_heads": ":"}
     for (site, group), curve in patching.restored.items():
-        ls = "-" if site == "residual" else "--"
+        ls = lines.get(site, "-.")
         ax.plot(patching.layers, curve, ls, marker="o", color=styles.get(group), ms=3,
                 label=f"{SITE_LABEL.get(site, site)} @ {group}")  # fmt: skip
     ax.axhline(0, color="k", lw=0.5)
@@ -180,6 +185,34 @@ def patching_figure(patching: an.PatchingResult) -> Figure:
     )
     ax.legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def heads_figure(patching: an.PatchingResult) -> Figure:
+    """Heatmap per token group: fraction restored by patching one attention head [layer x head]."""
+    groups = list(patching.heads)
+    fig = Figure(figsize=(3.6 * max(1, len(groups)) + 0.8, 3.8))
+    axes = fig.subplots(1, max(1, len(groups)), squeeze=False)[0]
+    grids = [patching.heads[g] for g in groups]
+    lim = max([float(np.nanmax(np.abs(g))) for g in grids] + [1e-6])
+    for ax, group, grid in zip(axes, groups, grids, strict=False):
+        im = ax.imshow(grid, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+        n_layers, n_heads = grid.shape
+        for i in range(n_layers):
+            for h in range(n_heads):
+                ax.text(h, i, f"{grid[i, h]:.2f}", ha="center", va="center", fontsize=6)
+        ax.set_xticks(range(n_heads), [f"h{h}" for h in range(n_heads)], fontsize=7)
+        ax.set_yticks(range(n_layers), [str(la) for la in patching.layers], fontsize=7)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(f"one head patched @ {group}", fontsize=9)
+    if groups:
+        fig.colorbar(im, ax=list(axes), fraction=0.03)
+    fig.suptitle(
+        f"per-head patching {patching.source} -> {patching.target}: "
+        f"{patching.answer_a.strip()!r} vs {patching.answer_b.strip()!r}",
+        fontsize=9,
+    )
     return fig
 
 
@@ -211,6 +244,8 @@ def report_figures(r: ModelAnalysis) -> dict[str, Figure]:
     figs = {"collapse": collapse_figure(r.collapse), "probe": probe_figure(r.probe)}
     for i, p in enumerate(r.patching):
         figs[f"patching_{i}"] = patching_figure(p)
+        if p.heads:
+            figs[f"heads_{i}"] = heads_figure(p)
     if r.space is not None:
         figs["persona_space"] = persona_space_figure(r.space)
         figs["assistant_axis"] = axis_figure(r.space)
@@ -333,9 +368,12 @@ def analyze_model(
         model_id=lm.info.model_id, personas=list(personas), items=list(items), collapse=collapse,
         probe=probe, space=space, collapse_late=late, dataset=dataset, n_layers=lm.sites.n_layers,
     )  # fmt: skip
+    patch_sites: tuple[Site, ...] = ("residual", "mlp_hidden")
+    if lm.sites.attn_out is not None:
+        patch_sites += ("attn_heads",)
     for a, b, item in _patch_pairs(lm, personas, collapse, patch_items, n_patch):
         patch = an.activation_patching(
-            lm, a, b, item.questions[0], answer_prefix=item.answer_prefix
+            lm, a, b, item.questions[0], answer_prefix=item.answer_prefix, sites=patch_sites
         )
         result.patching.append(patch)
         if result.circuit is None and not patch.same_answer:
@@ -451,6 +489,40 @@ def patching_finding(p: an.PatchingResult) -> str:
     )
 
 
+def carrying_heads(
+    p: an.PatchingResult, group: str, threshold: float = HEAD_THRESHOLD
+) -> list[tuple[int, int, float]]:
+    """Heads whose single patch at ``group`` restores >= ``threshold``: (layer, head, value)."""
+    grid = p.heads.get(group)
+    if grid is None:
+        return []
+    return [t for t in p.top_heads(group, k=grid.size) if t[2] >= threshold]
+
+
+def heads_finding(p: an.PatchingResult) -> str:
+    """Which attention heads carry the persona into the answer, per token group."""
+    if not p.heads:
+        return f"Per-head patching {p.source} -> {p.target}: not run (no attention-head site)."
+    bits = []
+    for group in p.heads:
+        top = ", ".join(f"a{la}.h{h} {v:.2f}" for la, h, v in p.top_heads(group, k=3))
+        carry = carrying_heads(p, group)
+        names = ", ".join(f"a{la}.h{h}" for la, h, _ in carry) or "none"
+        bits.append(
+            f"at the {group}, heads restoring >= {HEAD_THRESHOLD:.1f}: {names} (top: {top})"
+        )
+    return f"Per-head patching {p.source} -> {p.target}: " + "; ".join(bits) + "."
+
+
+def circuit_finding(c: an.Circuit) -> str:
+    kinds = Counter("head" if s.site == "attn_heads" else "MLP" for s in c.sites)
+    parts = ", ".join(f"{n} {k}{'s' if n > 1 else ''}" for k, n in sorted(kinds.items()))
+    return (
+        f"Circuit: patching {len(c.sites)} site(s) together ({parts}) restores "
+        f"{c.restored:.2f} of the answer difference: nodes {c.nodes}."
+    )
+
+
 def handoff_layer(p: an.PatchingResult) -> int | None:
     """First layer where patching the answer position restores more than the persona span."""
     ans = p.restored.get(("residual", "answer"))
@@ -514,15 +586,14 @@ def findings(r: ModelAnalysis) -> list[str]:
     if r.collapse_late is not None:
         out.append(collapse_finding(r.collapse_late))
     out += [patching_finding(p) for p in r.patching]
+    out += [heads_finding(p) for p in r.patching if p.heads]
     if r.circuit is not None:
-        out.append(
-            f"Circuit: patching {len(r.circuit.sites)} MLP site(s) together restores "
-            f"{r.circuit.restored:.2f} of the answer difference: nodes {r.circuit.nodes}."
-        )
+        out.append(circuit_finding(r.circuit))
     elif r.patching:
+        what = "attention heads and MLPs" if any(p.heads for p in r.patching) else "MLPs"
         out.append(
-            "No small set of MLP sites restores >= 0.8 of the answer difference (attention heads "
-            "cannot be patched yet): the answer difference is not localised in MLPs."
+            f"No small set of single {what} restores >= 0.8 of the answer difference: it is "
+            "not localised in a few sites."
         )
     if r.space is not None:
         out.append(space_finding(r.space))
@@ -635,6 +706,21 @@ def _analysis_text(r: ModelAnalysis) -> list[str]:
         elif np.isfinite(c.late_own_kept) and c.late_own_kept < 0.5:
             text += " A persona stated late is mostly ignored: collapse toward the generic answer."
         lines.append(text)
+    for p in r.patching:
+        carry = carrying_heads(p, "answer")
+        if carry:
+            names = ", ".join(f"a{la}.h{h} ({v:.2f})" for la, h, v in carry)
+            lines.append(
+                f"- **Heads that carry the persona ({p.source} vs {p.target}).** Patching one "
+                f"head at the answer position restores >= {HEAD_THRESHOLD:.1f} for {names}: "
+                "these heads read the persona into the position that picks the answer."
+            )
+        elif p.heads:
+            lines.append(
+                f"- **No single head carries the persona ({p.source} vs {p.target}).** No head "
+                f"alone restores >= {HEAD_THRESHOLD:.1f} at the answer position: the persona "
+                "reaches it through several heads at once."
+            )
     if r.circuit is not None:
         lines.append(
             f"- **Localised.** The answer difference is carried by {r.circuit.nodes} "
@@ -694,13 +780,16 @@ def write_report(r: ModelAnalysis, out: str | Path) -> Path:
         f"features, stratified {r.probe.folds}-fold CV) decodes which of the "
         f"{len(r.probe.personas)} personas wrote the prompt from the residual stream at each "
         "layer, mean-pooled over the persona text, the question text, and the answer position.",
-        "- **Activation patching**: residual stream (block output) and MLP (input of the output "
-        "projection, which fixes the MLP output) of persona B's run are written into persona A's "
-        "run, one layer and token group at a time; the score is the fraction of the logit "
-        "difference between B's and A's first answer tokens that the patch restores (1 = A "
-        "answers like B).",
-        "- **Circuit**: MLP sites are joined greedily by their single-site score until their joint "
-        "patch restores 0.8; nodes are named as in seed 002 (`input`, `m{layer}`).",
+        "- **Activation patching**: residual stream (block output), MLP (input of the output "
+        "projection, which fixes the MLP output) and attention (input of the attention output "
+        "projection `o_proj`, whole or one head's slice of it) of persona B's run are written "
+        "into persona A's run, one layer (and head) and token group at a time; the score is the "
+        "fraction of the logit difference between B's and A's first answer tokens that the "
+        "patch restores (1 = A answers like B). A head *carries the persona* when patching it "
+        f"alone restores >= {HEAD_THRESHOLD:.1f}.",
+        "- **Circuit**: single heads and MLPs are joined greedily by their single-site score "
+        "until their joint patch restores 0.8; nodes are named as in seed 002 (`input`, "
+        "`a{layer}.h{head}`, `m{layer}`).",
         "- **Persona space**: cosine similarity of mean-centered persona vectors, PCA, and the "
         "assistant axis (mean of neutral personas minus mean of the others) with each persona's "
         "projection.",
@@ -763,6 +852,8 @@ def write_report(r: ModelAnalysis, out: str | Path) -> Path:
     md += ["### Activation patching", ""]
     for i, p in enumerate(r.patching):
         md += [patching_finding(p), "", _save(patching_figure(p), out, f"patching_{i}.png"), ""]
+        if p.heads:
+            md += [heads_finding(p), "", _save(heads_figure(p), out, f"heads_{i}.png"), ""]
     if not r.patching:
         md += ["No persona pair with different answers to patch.", ""]
     if r.circuit is not None:
@@ -803,9 +894,9 @@ def write_report(r: ModelAnalysis, out: str | Path) -> Path:
     md += [
         "## Next steps",
         "",
-        "- Per-head patching (`a{layer}.h{head}` nodes) once `personachat.hooks` offers an "
-        "attention-head site (the input of `o_proj`), to find the heads that move the persona "
-        "into the answer position.",
+        "- Path patching from the persona-carrying heads' sources (which persona tokens they "
+        "attend to) and ablating those heads on collapsed preferences, to test whether they "
+        "are the bottleneck.",
         "- Steer with the persona vector at the hand-off layer only on collapsed preferences and "
         "measure whether the persona's own answer appears (control vs collapse).",
         "- Repeat on instruction-tuned vs base variants of one family (cross-model comparison) "
@@ -849,7 +940,9 @@ def results_json(r: ModelAnalysis) -> dict[str, Any]:
         "patching": [
             {"target": p.target, "source": p.source, "question": p.question,
              "restored": {f"{s}@{g}": [round(float(v), 4) for v in c]
-                          for (s, g), c in p.restored.items()}}
+                          for (s, g), c in p.restored.items()},
+             "heads": {g: [[round(float(v), 4) for v in row] for row in grid]
+                       for g, grid in p.heads.items()}}
             for p in r.patching
         ],
         "circuit": r.circuit.to_json() if r.circuit else None,

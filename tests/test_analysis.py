@@ -378,9 +378,17 @@ def test_report_writes_every_section(llama: LoadedModel, tmp_path: Path) -> None
     assert r.comparison.model_a == r.comparison.model_b == "tiny-llama"
     assert -1.0 <= r.comparison.pearson <= 1.0 and len(r.comparison.personas) == 4
     pngs = ("collapse.png", "probe.png", "patching_0.png", "persona_space.png", "comparison.png")
+    pngs += ("heads_0.png",)  # the per-head heatmap of the forced pair
     for png in pngs:
         assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text
     assert "Probe (chance 0.25)" in text
+    forced = r.patching[-1]
+    assert rp.heads_finding(forced) in text and "Per-head patching cook -> star" in text
+    carry = rp.carrying_heads(forced, "answer")
+    assert all(v >= rp.HEAD_THRESHOLD for _, _, v in carry)
+    grid = forced.heads["answer"]
+    expected = [(la, h) for la in range(3) for h in range(4) if grid[la, h] >= 0.2]
+    assert sorted((la, h) for la, h, _ in carry) == expected
 
 
 # ---- the demo model's planted collapse ----------------------------------------------------------
