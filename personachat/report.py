@@ -200,7 +200,9 @@ def heads_figure(patching: an.PatchingResult) -> Figure:
         n_layers, n_heads = grid.shape
         for i in range(n_layers):
             for h in range(n_heads):
-                ax.text(h, i, f"{grid[i, h]:.2f}", ha="center", va="center", fontsize=6)
+                color = "white" if abs(grid[i, h]) > 0.6 * lim else "black"
+                ax.text(h, i, f"{grid[i, h]:.2f}", ha="center", va="center", fontsize=6,
+                        color=color)  # fmt: skip
         ax.set_xticks(range(n_heads), [f"h{h}" for h in range(n_heads)], fontsize=7)
         ax.set_yticks(range(n_layers), [str(la) for la in patching.layers], fontsize=7)
         ax.set_xlabel("head")
