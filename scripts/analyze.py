@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from personachat import analysis as an
+from personachat import report as an_report
 from personachat.model import LoadedModel, load_model
-from personachat.records import Persona, PersonaVector
-from personachat.report import analyze_model, demo_preferences, findings, write_report
+from personachat.records import PersonaVector
+from personachat.report import analyze_model, findings, write_report
 
 log = logging.getLogger("analyze")
 
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     a = p.parse_args(argv)
     dataset = a.dataset
     if dataset == "auto":
-        dataset = "demo" if Path(a.model).name == "demo" else "personas"
+        dataset = an_report.default_dataset(a.model)
     out = a.out or str(Path("store/reports") / Path(a.model).name)
     personas = tuple(x.strip() for x in a.personas.split(",") if x.strip()) if a.personas else None
     return Config(
@@ -70,22 +70,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )  # fmt: skip
 
 
-def load_personas(cfg: Config) -> tuple[list[Persona], list[an.PreferenceItem]]:
-    if cfg.dataset == "demo":
-        from personachat.demo import demo_personas
-
-        personas, items = demo_personas(), demo_preferences(forced=cfg.forced)
-    else:
-        from personachat.datasets import load_dataset
-
-        personas, items = list(load_dataset(cfg.dataset).personas), an.default_preferences()
-    if cfg.personas:
-        known = {p.name: p for p in personas}
-        missing = [n for n in cfg.personas if n not in known]
-        if missing:
-            raise SystemExit(f"unknown personas {missing}; known: {sorted(known)}")
-        personas = [known[n] for n in cfg.personas]
-    return personas, items
+def load_personas(cfg: Config) -> an_report.AnalysisInputs:
+    try:
+        return an_report.analysis_inputs(cfg.dataset, cfg.personas, forced=cfg.forced)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
 
 
 def stored_vectors(
@@ -96,37 +85,25 @@ def stored_vectors(
         return []
     from personachat.store import Store
 
-    store = Store(store_root, read_only=True)
-    model_ids = [m.model_id for m in store.models()]
-    candidates = [lm.info.model_id, Path(lm.info.model_id).name]
-    model_id = next((m for m in candidates if m in model_ids), None)
-    if model_id is None:
-        log.warning("store %s has no model %s (has %s)", store_root, candidates, model_ids)
-        return []
-    out = []
-    for name in names:
-        entries = store.vectors(model_id, name)
-        if entries:
-            e = next((x for x in entries if x.positions == "response_avg"), entries[0])
-            out.append(store.load_vector(model_id, name, positions=e.positions, method=e.method))
-    log.info("loaded %d stored vectors of %s", len(out), model_id)
-    return out
+    with Store(store_root, read_only=True) as store:
+        ids = [lm.info.model_id, Path(lm.info.model_id).name]
+        return an_report.stored_vectors(store, ids, names)
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = parse_args(argv)
-    personas, items = load_personas(cfg)
+    inputs = load_personas(cfg)
+    personas = inputs.personas
     lm = load_model(cfg.model)
     names = [p.name for p in personas]
     compare = None
     if cfg.compare_model:
         other = load_model(cfg.compare_model)
         compare = (other, stored_vectors(cfg.store, other, names))
-    patch_items = demo_preferences(forced=True) if cfg.dataset == "demo" else None
     result = analyze_model(
-        lm, personas, items, vectors=stored_vectors(cfg.store, lm, names), compare=compare,
-        patch_items=patch_items,
+        lm, personas, inputs.items, vectors=stored_vectors(cfg.store, lm, names), compare=compare,
+        patch_items=inputs.patch_items,
         n_patch=cfg.n_patch, threshold=cfg.threshold, max_new_tokens=cfg.max_new_tokens,
         dataset=cfg.dataset,
     )  # fmt: skip
