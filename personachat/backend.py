@@ -6,14 +6,17 @@ vectors and neuron sets from the store into a ``ChatEngine``. ``refresh()`` drop
 catalog so personas registered (or removed) by a script show up without a restart.
 
 Per-session values never live here: every call takes the session's ``Settings`` and returns
-plain results (``Step``, ``Readout``), so sessions cannot see each other's steering.
+plain results (``Step``, ``Readout``, ``AnalysisView``), so sessions cannot see each other's
+steering. ``analyze(model_id)`` runs the persona analysis (``personachat.report``) of a model once
+and keeps the result for every session until the store's vectors of that model change.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -72,6 +75,21 @@ class Step:
     dropped: int = 0  # oldest turns left out so the conversation fits the model's context
 
 
+@dataclass(frozen=True, eq=False)
+class AnalysisView:
+    """A model's persona analysis as the page shows it: findings and rendered figures."""
+
+    model_id: str
+    dataset: str
+    personas: tuple[str, ...]
+    findings: tuple[str, ...]
+    figures: dict[str, np.ndarray]  # file stem (``report.report_figures``) -> RGB image
+    seconds: float  # how long the analysis took when it ran
+
+
+Progress = Callable[[float, str], None]
+
+
 def unit_name(units: str) -> str:
     """The runtime's name for the page's units."""
     return "calibrated" if units == "x residual norm" else "raw"
@@ -88,6 +106,9 @@ class Backend:
         self._engines: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._store: Any = None
         self._lock = threading.RLock()
+        # (model id, personas, vector signature) -> AnalysisView; one analysis runs at a time
+        self._analyses: dict[tuple[Any, ...], AnalysisView] = {}
+        self._analysis_lock = threading.Lock()
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -458,6 +479,57 @@ class Backend:
         return (
             f"Registered {len(result.vectors)} vectors{found} for `{lm.info.model_id}` ({best}, …)."
         )
+
+    # -- persona analysis (personachat.report) ------------------------------------------------
+
+    def analyze(
+        self, model_id: str, progress: Progress | None = None, personas: Sequence[str] = ()
+    ) -> AnalysisView:
+        """The persona analysis of ``model_id`` (collapse, probe, patching, persona space) on the
+        personas and questions ``scripts/analyze.py`` picks for it (``personas`` narrows them),
+        with the store's vectors of the model. Computed once and shared by every session until
+        the store's vectors of the model change; other sessions wait for a running analysis."""
+        from personachat import report
+
+        say = progress or (lambda fraction, text: None)
+        say(0.0, f"loading {model_id}")
+        lm = self.lm(model_id)
+        store_id = self.store_id(model_id)
+        dataset = "demo" if self.is_demo(model_id) else report.default_dataset(model_id)
+        inputs = report.analysis_inputs(dataset, list(personas) or None)
+        if len(inputs.personas) < 2:
+            raise ValueError(
+                f"the analysis compares personas: {len(inputs.personas)} given, pick at least 2"
+            )
+        names = [p.name for p in inputs.personas]
+        key = (model_id, tuple(names), self._signature(store_id, ""))
+        with self._analysis_lock:
+            cached = self._analyses.get(key)
+            if cached is not None:
+                say(1.0, "done (computed earlier)")
+                return cached
+            say(0.05, f"analysing {len(names)} personas of {store_id} ({dataset} questions)")
+            start = time.perf_counter()
+            vectors = report.stored_vectors(self.store(), [store_id], names)
+            result = report.analyze_model(
+                lm, inputs.personas, inputs.items, vectors=vectors,
+                patch_items=inputs.patch_items, dataset=dataset,
+            )  # fmt: skip
+            say(0.9, "drawing the figures")
+            from personachat.views import figure_image
+
+            figures = {k: figure_image(f) for k, f in report.report_figures(result).items()}
+            view = AnalysisView(
+                model_id=store_id,
+                dataset=dataset,
+                personas=tuple(names),
+                findings=tuple(report.findings(result)),
+                figures=figures,
+                seconds=time.perf_counter() - start,
+            )
+            self._analyses[key] = view
+            say(1.0, "done")
+            return view
 
     # -- generation ---------------------------------------------------------------------------
 

@@ -167,3 +167,24 @@ def pca_map_image(
         ax.text(0.5, 0.5, "register at least two personas", ha="center", transform=ax.transAxes)
     ax.set_title(title, fontsize=9)
     return _to_image(fig)
+
+
+def figure_image(fig: Any) -> np.ndarray:
+    """A matplotlib ``Figure`` (built without pyplot, e.g. ``report.report_figures``) as RGB."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def findings_markdown(
+    model_id: str, dataset: str, personas: Sequence[str], findings: Sequence[str], seconds: float
+) -> str:
+    """The analysis findings as a Markdown list under a line saying what was analysed."""
+    head = (
+        f"**Persona analysis of `{model_id}`**: {len(personas)} personas "
+        f"({', '.join(personas)}), {dataset} questions; computed in {seconds:.1f} s."
+    )
+    return head + "\n\n" + "\n".join(f"- {line}" for line in findings)

@@ -159,3 +159,23 @@ def test_other_endpoints_answer(served: tuple[Any, Backend]) -> None:
     assert client.predict(api_name="/stop") == "Nothing is generating."
     endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {"/chat", "/retry", "/undo", "/clear", "/tokens", "/persona_map"} <= endpoints
+
+
+def test_analysis_endpoint_answers_with_findings_and_figures(served: tuple[Any, Backend]) -> None:
+    from PIL import Image
+
+    from personachat import report
+
+    client, backend = served
+    dataset = "demo" if backend.is_demo(CONFIG.model) else report.default_dataset(CONFIG.model)
+    names = [p.name for p in report.analysis_inputs(dataset).personas[:3]]
+    text, *images = client.predict(model_id=CONFIG.model, personas=names, api_name="/analysis")
+    assert text.startswith("**Persona analysis of") and f"({', '.join(names)})" in text
+    assert "preference questions (placement early" in text
+    collapse = images[0]  # ui.ANALYSIS_FIGURES starts with the collapse figure
+    assert collapse["visible"] is True
+    with Image.open(collapse["value"]) as image:
+        assert image.size[0] > 300 and image.size[1] > 150
+    text, *images = client.predict(model_id=CONFIG.model, personas=["nobody"], api_name="/analysis")
+    assert text.startswith("⚠ The analysis of") and "unknown personas ['nobody']" in text
+    assert all(u["visible"] is False and u.get("value") is None for u in images)

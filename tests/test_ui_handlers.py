@@ -514,3 +514,40 @@ def test_app_exits_non_zero_naming_what_is_missing(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert app.main(["--model", "no-org/no-such-model", "--store", str(tmp_path)]) == 2
     assert "'no-org/no-such-model' is not in the Hugging Face cache" in capsys.readouterr().err
+
+
+DEMO = "store/models/demo"
+ANALYSED = ["default", "pirate", "philosopher", "scientist"]  # only the pirate has own answers
+
+
+@pytest.mark.skipif(not (ROOT / DEMO / "config.json").is_file(), reason="no bundled demo model")
+def test_analysis_tab_finds_the_planted_collapse_on_the_demo_model() -> None:
+    from personachat import analysis as an
+    from personachat import report
+
+    backend = Backend(DEMO, ROOT / "store")  # the shipped store, read only
+    text, *images = Handlers(backend).analysis(DEMO, ANALYSED)
+    assert text.startswith(f"**Persona analysis of `{DEMO}`**: 4 personas")
+    # the collapse line is the model's own computation, and it finds what demo.py planted
+    inputs = report.analysis_inputs("demo", ANALYSED)
+    lm = backend.lm(DEMO)
+    collapse = an.persona_collapse(lm, inputs.personas, inputs.items, progress=False)
+    assert f"- {report.collapse_finding(collapse)}" in text
+    assert "Collapse on 7 of 7 preference questions (placement early" in text
+    assert "personas with an answer of their own somewhere: pirate." in text
+    assert "Patching pirate -> " in text and "Circuit: patching" in text
+    shown = {key: u for (key, _), u in zip(ui.ANALYSIS_FIGURES, images, strict=True)}
+    for key in ("collapse", "probe", "persona_space", "assistant_axis", "patching_0", "heads_0"):
+        image = shown[key]["value"]
+        assert shown[key]["visible"] is True, key
+        assert image.dtype == np.uint8 and image.shape[0] > 150 and image.shape[2] == 3, key
+        assert image.std() > 10, key  # a drawn figure, not a blank canvas
+    # a second session reuses the result; a bad persona list says what is wrong, page goes on
+    assert backend.analyze(DEMO, personas=ANALYSED) is backend.analyze(DEMO, personas=ANALYSED)
+    text, *images = Handlers(backend).analysis(DEMO, ["pirate", "nobody"])
+    assert text.startswith(f"⚠ The analysis of `{DEMO}` failed: ValueError: unknown personas")
+    assert "['nobody']" in text and all(u["visible"] is False for u in images)
+    text, *_ = Handlers(backend).analysis("/no/such/model")
+    assert text.startswith("⚠ The analysis of `/no/such/model` failed")
+    assert "analysis" in {fn.api_name for fn in build_ui(backend).fns.values()}
+    backend.close()
