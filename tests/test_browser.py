@@ -5,7 +5,7 @@ demo model and store/; ``PERSONACHAT_MODEL`` / ``PERSONACHAT_STORE`` override th
 app), then does what a person would: send a message and watch the reply stream in, pick a
 persona and a strength and see the reply change, see the coloured per-token projections,
 ablate a neuron set, stop a long generation. It asserts no request leaves localhost and saves
-``docs/screenshot.png`` for the README. Skipped only when /usr/bin/chromium is missing.
+``tests/screenshots/app.png`` for the README. Skipped only when /usr/bin/chromium is missing.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
-SCREENSHOT = ROOT / "docs" / "screenshot.png"
+SCREENSHOT = ROOT / "tests" / "screenshots" / "app.png"
 ARGS = [
     "--no-sandbox",
     "--disable-gpu",
