@@ -64,3 +64,15 @@ def test_scripts_docstring_gives_the_command_and_help_works() -> None:
         out, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, f"{name} --help failed: {err[-500:]}"
         assert "usage:" in out and len(out.splitlines()) > 3, f"{name} --help says too little"
+
+
+def test_top_level_is_as_the_product_owner_asked() -> None:
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    if not tracked:  # not a git checkout (an unpacked archive): nothing to compare
+        return
+    top = {path.split("/")[0] for path in tracked}
+    allowed = {"app.py", "personachat", "store", "scripts", "tests", "requirements.txt"}
+    allowed |= {"README.md", ".ci", "pyproject.toml", ".gitignore"}
+    assert top <= allowed, f"unexpected top-level entries: {sorted(top - allowed)}"
