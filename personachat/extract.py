@@ -460,6 +460,47 @@ def load(cfg: ModelConfig, dist: Dist | None = None) -> LoadedModel:
     return load_model(cfg.model, dtype=cfg.dtype, device=device, templates=cfg.templates)
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """Where the scripts' results go and how the work runs (their shared options)."""
+
+    store: Path | None
+    out: Path | None
+    batch_size: int
+    generation: GenerationConfig
+    cache_dir: Path | None
+    progress: bool
+
+
+def add_run_args(parser: argparse.ArgumentParser, *, out_help: str) -> None:
+    """The output and run options shared by the extraction scripts."""
+    parser.add_argument(
+        "--store", type=Path, help="store folder (default: $PERSONACHAT_STORE or store/)"
+    )
+    parser.add_argument("--no-store", action="store_true", help="do not register in the store")
+    parser.add_argument("--out", type=Path, help=out_help)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="for generated responses")
+    parser.add_argument("--seed", type=int, default=0, help="for generated responses")
+    parser.add_argument(
+        "--cache-dir", type=Path, help="response cache (default ~/.cache/personachat)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+    from personachat.store import default_store_root
+
+    return RunOptions(
+        store=None if args.no_store else (args.store or default_store_root()),
+        out=args.out,
+        batch_size=args.batch_size,
+        generation=GenerationConfig(max_new_tokens=args.max_new_tokens, seed=args.seed),
+        cache_dir=args.cache_dir,
+        progress=not args.quiet,
+    )
+
+
 def parse_list(text: str | None) -> list[str] | None:
     """``"a,b"`` -> ``["a", "b"]``; ``None``/``""``/``"all"`` -> ``None``."""
     if not text or text.strip() == "all":

@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from personachat.activations import Dist
 from personachat.datasets import load_dataset
 from personachat.extract import (
+    RunOptions,
     add_model_args,
+    add_run_args,
     check_layers,
     extract_vectors,
     format_summary,
@@ -35,11 +37,11 @@ from personachat.extract import (
     parse_layers,
     parse_list,
     register_results,
+    run_options,
     save_results,
     select_personas,
 )
 from personachat.records import MEAN_BASELINE, POSITIONS
-from personachat.responses import GenerationConfig
 
 
 @dataclass(frozen=True)
@@ -49,12 +51,7 @@ class Config:
     positions: list[str]
     baseline: str
     layers: list[int] | None
-    store: Path | None
-    out: Path | None
-    batch_size: int
-    generation: GenerationConfig
-    cache_dir: Path | None
-    progress: bool
+    run: RunOptions
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,35 +65,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--positions", default="response_avg", help=f"comma list of {POSITIONS}")
     p.add_argument("--baseline", default="default", help=f"a persona name or {MEAN_BASELINE!r}")
     p.add_argument("--layers", default="all", help="'all', '12', '0-5' or '0-5,9'")
-    p.add_argument(
-        "--store", type=Path, help="store folder (default: $PERSONACHAT_STORE or store/)"
-    )
-    p.add_argument("--no-store", action="store_true", help="do not register in the store")
-    p.add_argument("--out", type=Path, help="folder for the summary, vectors and plots")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=64, help="for generated responses")
-    p.add_argument("--seed", type=int, default=0, help="for generated responses")
-    p.add_argument("--cache-dir", type=Path, help="response cache (default ~/.cache/personachat)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_args(p, out_help="folder for the summary, vectors and plots")
     return p
 
 
 def config(args: argparse.Namespace) -> Config:
-    from personachat.store import default_store_root
-
-    store = None if args.no_store else (args.store or default_store_root())
     return Config(
         dataset=args.dataset,
         personas=parse_list(args.personas),
         positions=parse_list(args.positions) or ["response_avg"],
         baseline=args.baseline,
         layers=parse_layers(args.layers),
-        store=store,
-        out=args.out,
-        batch_size=args.batch_size,
-        generation=GenerationConfig(max_new_tokens=args.max_new_tokens, seed=args.seed),
-        cache_dir=args.cache_dir,
-        progress=not args.quiet,
+        run=run_options(args),
     )
 
 
@@ -117,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg.positions,
             cfg.baseline,
             cfg.layers,
-            cfg.batch_size,
-            cfg.progress,
-            generation=cfg.generation,
-            cache_dir=cfg.cache_dir,
+            cfg.run.batch_size,
+            cfg.run.progress,
+            generation=cfg.run.generation,
+            cache_dir=cfg.run.cache_dir,
             dist=dist,
         )
     except (ValueError, LookupError, RuntimeError, OSError) as err:
@@ -129,15 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     if not dist.is_main:
         return 0
     print(format_summary(result.summary))
-    if cfg.out is not None:
-        for path in save_results(result, dataset, cfg.out, lm.info.model_id):
+    if cfg.run.out is not None:
+        for path in save_results(result, dataset, cfg.run.out, lm.info.model_id):
             print(f"wrote {path}")
-    if cfg.store is not None:
+    if cfg.run.store is not None:
         from personachat.store import Store
 
-        with Store(cfg.store) as store:
+        with Store(cfg.run.store) as store:
             register_results(store, lm, dataset.select(result.personas).personas, result)
-        print(f"registered {len(result.vectors)} vectors in {cfg.store}")
+        print(f"registered {len(result.vectors)} vectors in {cfg.run.store}")
     return 0
 
 

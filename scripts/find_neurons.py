@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from personachat.activations import Dist
 from personachat.datasets import load_dataset
 from personachat.extract import (
+    RunOptions,
     add_model_args,
+    add_run_args,
     check_layers,
     find_neurons,
     load,
@@ -36,9 +38,9 @@ from personachat.extract import (
     parse_layers,
     parse_list,
     register_results,
+    run_options,
 )
 from personachat.records import NEURON_SITES, POSITIONS, NeuronSet
-from personachat.responses import GenerationConfig
 
 
 @dataclass(frozen=True)
@@ -50,12 +52,7 @@ class Config:
     method: str
     k: int
     positions: str
-    store: Path | None
-    out: Path | None
-    batch_size: int
-    generation: GenerationConfig
-    cache_dir: Path | None
-    progress: bool
+    run: RunOptions
 
 
 def parser() -> argparse.ArgumentParser:
@@ -71,22 +68,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="effect", choices=("effect", "attribution"))
     p.add_argument("--k", type=int, default=32, help="units kept per pair")
     p.add_argument("--positions", default="response_avg", choices=POSITIONS, help="for effect")
-    p.add_argument(
-        "--store", type=Path, help="store folder (default: $PERSONACHAT_STORE or store/)"
-    )
-    p.add_argument("--no-store", action="store_true", help="do not register in the store")
-    p.add_argument("--out", type=Path, help="folder for neurons.json")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=64, help="for generated responses")
-    p.add_argument("--seed", type=int, default=0, help="for generated responses")
-    p.add_argument("--cache-dir", type=Path, help="response cache (default ~/.cache/personachat)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_args(p, out_help="folder for neurons.json")
     return p
 
 
 def config(args: argparse.Namespace) -> Config:
-    from personachat.store import default_store_root
-
     return Config(
         dataset=args.dataset,
         pairs=parse_list(args.pairs),
@@ -95,12 +81,7 @@ def config(args: argparse.Namespace) -> Config:
         method=args.method,
         k=args.k,
         positions=args.positions,
-        store=None if args.no_store else (args.store or default_store_root()),
-        out=args.out,
-        batch_size=args.batch_size,
-        generation=GenerationConfig(max_new_tokens=args.max_new_tokens, seed=args.seed),
-        cache_dir=args.cache_dir,
-        progress=not args.quiet,
+        run=run_options(args),
     )
 
 
@@ -136,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg.k,
             dataset=dataset,
             positions=cfg.positions,
-            batch_size=cfg.batch_size,
-            progress=cfg.progress,
-            generation=cfg.generation,
-            cache_dir=cfg.cache_dir,
+            batch_size=cfg.run.batch_size,
+            progress=cfg.run.progress,
+            generation=cfg.run.generation,
+            cache_dir=cfg.run.cache_dir,
             dist=dist,
         )
     except (ValueError, LookupError, RuntimeError, OSError) as err:
@@ -149,19 +130,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for s in sets:
         print(describe(s))
-    if cfg.out is not None:
-        cfg.out.mkdir(parents=True, exist_ok=True)
+    if cfg.run.out is not None:
+        cfg.run.out.mkdir(parents=True, exist_ok=True)
         rows = [{**asdict(s), "created_at": str(s.created_at)} for s in sets]
-        (cfg.out / "neurons.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
-        print(f"wrote {cfg.out / 'neurons.json'}")
-    if cfg.store is not None:
+        (cfg.run.out / "neurons.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+        print(f"wrote {cfg.run.out / 'neurons.json'}")
+    if cfg.run.store is not None:
         from personachat.store import Store
 
         names = {n for p in pairs for n in (p.high, p.low)}
-        with Store(cfg.store) as store:
+        with Store(cfg.run.store) as store:
             personas = [p for p in dataset.personas if p.name in names]
             register_results(store, lm, personas, neurons=sets)
-        print(f"registered {len(sets)} neuron sets in {cfg.store}")
+        print(f"registered {len(sets)} neuron sets in {cfg.run.store}")
     return 0
 
 

@@ -30,7 +30,9 @@ from personachat.activations import Dist
 from personachat.datasets import PersonaDataset, load_dataset
 from personachat.extract import (
     ExtractionResult,
+    RunOptions,
     add_model_args,
+    add_run_args,
     check_layers,
     extract_pairs,
     extract_vectors,
@@ -41,11 +43,11 @@ from personachat.extract import (
     parse_layers,
     parse_list,
     register_results,
+    run_options,
     save_results,
 )
 from personachat.model import LoadedModel
 from personachat.records import MEAN_BASELINE, NeuronSet
-from personachat.responses import GenerationConfig
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,7 @@ class Config:
     neurons: str | None
     neuron_site: str
     k: int
-    store: Path | None
-    out: Path | None
-    batch_size: int
-    generation: GenerationConfig
-    cache_dir: Path | None
-    progress: bool
+    run: RunOptions
 
 
 def parser() -> argparse.ArgumentParser:
@@ -78,22 +75,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--neurons", choices=("effect", "attribution"), help="also find neurons")
     p.add_argument("--neuron-site", default="mlp_hidden", choices=("mlp_hidden", "gate"))
     p.add_argument("--k", type=int, default=32, help="neurons kept per pair")
-    p.add_argument(
-        "--store", type=Path, help="store folder (default: $PERSONACHAT_STORE or store/)"
-    )
-    p.add_argument("--no-store", action="store_true", help="do not register in the store")
-    p.add_argument("--out", type=Path, help="folder for summaries and plots")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=64, help="for generated responses")
-    p.add_argument("--seed", type=int, default=0, help="for generated responses")
-    p.add_argument("--cache-dir", type=Path, help="response cache (default ~/.cache/personachat)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_args(p, out_help="folder for summaries and plots")
     return p
 
 
 def config(args: argparse.Namespace) -> Config:
-    from personachat.store import default_store_root
-
     return Config(
         datasets=parse_list(args.datasets) or [],
         positions=parse_list(args.positions) or ["response_avg"],
@@ -102,12 +88,7 @@ def config(args: argparse.Namespace) -> Config:
         neurons=args.neurons,
         neuron_site=args.neuron_site,
         k=args.k,
-        store=None if args.no_store else (args.store or default_store_root()),
-        out=args.out,
-        batch_size=args.batch_size,
-        generation=GenerationConfig(max_new_tokens=args.max_new_tokens, seed=args.seed),
-        cache_dir=args.cache_dir,
-        progress=not args.quiet,
+        run=run_options(args),
     )
 
 
@@ -123,7 +104,7 @@ def baseline_for(dataset: PersonaDataset, baseline: str) -> str | None:
 def run_one(
     lm: LoadedModel, dataset: PersonaDataset, cfg: Config, dist: Dist
 ) -> tuple[ExtractionResult, list[NeuronSet]]:
-    gen, cache = cfg.generation, cfg.cache_dir
+    gen, cache = cfg.run.generation, cfg.run.cache_dir
     base = baseline_for(dataset, cfg.baseline)
     if base is None:
         result = extract_pairs(
@@ -132,8 +113,8 @@ def run_one(
             None,
             cfg.positions,
             cfg.layers,
-            cfg.batch_size,
-            cfg.progress,
+            cfg.run.batch_size,
+            cfg.run.progress,
             generation=gen,
             cache_dir=cache,
             dist=dist,
@@ -146,8 +127,8 @@ def run_one(
             cfg.positions,
             base,
             cfg.layers,
-            cfg.batch_size,
-            cfg.progress,
+            cfg.run.batch_size,
+            cfg.run.progress,
             generation=gen,
             cache_dir=cache,
             dist=dist,
@@ -161,8 +142,8 @@ def run_one(
             cfg.neuron_site,
             cfg.neurons,
             cfg.k,
-            batch_size=cfg.batch_size,
-            progress=cfg.progress,
+            batch_size=cfg.run.batch_size,
+            progress=cfg.run.progress,
             generation=gen,
             cache_dir=cache,
             dist=dist,
@@ -193,20 +174,20 @@ def main(argv: list[str] | None = None) -> int:
     for lm, dataset, result, _ in results:
         title = f"{lm.info.model_id} / {dataset.name}"
         print(f"\n== {title}\n{format_summary(result.summary)}")
-        if cfg.out is not None:
-            folder = cfg.out / re.sub(r"[^A-Za-z0-9_.-]+", "_", lm.info.model_id) / dataset.name
+        if cfg.run.out is not None:
+            folder = cfg.run.out / re.sub(r"[^A-Za-z0-9_.-]+", "_", lm.info.model_id) / dataset.name
             save_results(result, dataset, folder, title)
             print(f"wrote {folder}")
-    if cfg.store is not None:
+    if cfg.run.store is not None:
         from personachat.store import Store
 
-        with Store(cfg.store) as store:
+        with Store(cfg.run.store) as store:
             for lm, dataset, result, neurons in results:
                 personas = dataset.select(result.personas).personas if result.personas else ()
                 register_results(store, lm, personas, result, neurons)
         n_vec = sum(len(r[2].vectors) for r in results)
         n_neu = sum(len(r[3]) for r in results)
-        print(f"registered {n_vec} vectors and {n_neu} neuron sets in {cfg.store}")
+        print(f"registered {n_vec} vectors and {n_neu} neuron sets in {cfg.run.store}")
     return 0
 
 
