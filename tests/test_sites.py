@@ -116,17 +116,19 @@ def test_gate_site_is_gate_projection_output(arch: str) -> None:
     torch.testing.assert_close(cap.seen[("mlp_hidden", 0)], expected)
 
 
+class _Mystery(nn.Module):
+    """A tiny model's decoder under an unknown architecture name, at an unusual attribute."""
+
+    def __init__(self, lm: LoadedModel, decoder: nn.Module) -> None:
+        super().__init__()
+        self.backbone = decoder
+        self.config = lm.model.config.__class__(**lm.model.config.to_dict())
+        self.config.model_type = "mystery"
+
+
 def test_unknown_architecture_is_guessed() -> None:
     lm = tiny_model("llama")
-
-    class Wrapper(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.backbone = lm.model.model
-            self.config = lm.model.config.__class__(**lm.model.config.to_dict())
-            self.config.model_type = "mystery"
-
-    sites = resolve_sites(Wrapper())
+    sites = resolve_sites(_Mystery(lm, lm.model.model))
     assert sites.templates.layers == "backbone.layers"
     assert sites.templates.mlp_down == "mlp.down_proj"
     assert sites.templates.gate == "mlp.gate_proj"
@@ -269,15 +271,7 @@ def test_attn_heads_site_without_projection_says_what_to_set() -> None:
 
 def test_attention_output_is_guessed_for_unknown_architectures() -> None:
     lm = tiny_model("gpt2")
-
-    class Wrapper(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.backbone = lm.model.transformer
-            self.config = lm.model.config.__class__(**lm.model.config.to_dict())
-            self.config.model_type = "mystery"
-
-    sites = resolve_sites(Wrapper())
+    sites = resolve_sites(_Mystery(lm, lm.model.transformer))
     assert sites.templates.attn_out == "attn.c_proj"
     assert sites.templates.mlp_down == "mlp.c_proj"
     assert sites.n_heads == 4 and sites.head_dim == 8
