@@ -1,24 +1,32 @@
-"""The one owner of PyTorch hooks: register in ``try``, remove in ``finally``, scope per request.
+"""The one owner of hooks into a model: attach in ``try``, remove in ``finally``, scope per request.
 
-No other module in PersonaChat calls ``register_forward_hook`` or its siblings. Everything that
-reads or changes a model's internals goes through ``intervene``:
+No other module in PersonaChat calls ``register_forward_hook``, its siblings, or replaces a
+module's ``forward``. Everything that reads or changes a model's internals goes through
+``intervene``:
 
     with intervene(sites, [steer, ablate, readout]):
         model.generate(...)
 
-``intervene`` registers one hook per site that a handler asks for and removes every one of them
+``intervene`` attaches the handlers at each site they ask for and detaches every one of them
 when the block exits, normally, by an exception, or by a cancelled generation; the model is left
-with exactly the hooks it had before. Hooks are global to a module, so each ``intervene`` call
-makes a fresh token and adds it to a ``ContextVar``: a hook acts only when the forward pass runs
-in a context holding its token (nested blocks add theirs, so both act). Two chat sessions
-generating in two threads on one shared model therefore never see each other's settings. Work
-handed to a worker thread must carry its context (``contextvars.copy_context().run``), as the
-chat engine does.
+as it was. A site's module gets one dispatching ``forward`` (an instance attribute over the
+class's method, restored when its last attachment goes) rather than a PyTorch forward hook: a
+module with hooks takes PyTorch's slow call path, which on a dispatch-bound model costs several
+times more per call (``scripts/bench_runtime.py`` prints both side by side).
+
+Attachments are global to a module, so each ``intervene`` call makes a fresh token and adds it
+to a ``ContextVar``: a handler acts only when the forward pass runs in a context holding its
+token (nested blocks add theirs, so both act). Two chat sessions generating in two threads on
+one shared model therefore never see each other's settings. Work handed to a worker thread must
+carry its context (``contextvars.copy_context().run``), as the chat engine does.
+
+``registered`` is the plain PyTorch-hook helper, for raw one-off captures (tests use it).
 """
 
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, Protocol
@@ -61,14 +69,26 @@ def with_residual(output: Any, hidden: torch.Tensor) -> Any:
     return (hidden, *output[1:])
 
 
+Detach = Callable[[], None]
+
 _ACTIVE: contextvars.ContextVar[frozenset[object]] = contextvars.ContextVar(
     "personachat_active_interventions", default=frozenset()
 )
 
 
 def hook_count(model: nn.Module) -> int:
-    """Number of forward and forward-pre hooks on ``model`` and all its submodules."""
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    """Hooks and attached interventions on ``model`` and its submodules (a leak check).
+
+    Counts PyTorch forward and forward-pre hooks, ``intervene``'s attachments, and 1 for a
+    module whose forward is still replaced with no attachment left (which should never be).
+    """
+    total = 0
+    for m in model.modules():
+        total += len(m._forward_hooks) + len(m._forward_pre_hooks)
+        dispatch = m.__dict__.get(_DISPATCH)
+        if dispatch is not None:
+            total += len(dispatch) or 1
+    return total
 
 
 @contextmanager
@@ -113,34 +133,86 @@ def _site_module(sites: ModelSites, site: Site, layer: int) -> nn.Module:
     return sites.gates[layer]
 
 
-def _make_hook(
-    token: object, site: Site, layer: int, chain: Sequence[Handler]
-) -> tuple[Literal["forward", "forward_pre"], Callable[..., Any]]:
-    def apply(x: torch.Tensor) -> torch.Tensor | None:
-        changed = None
-        for handler in chain:
-            new = handler(site, layer, x)
+Attachment = tuple[object, Site, int, tuple[Handler, ...]]  # token, site, layer, handlers
+
+
+def _run(entries: tuple[Attachment, ...], x: torch.Tensor) -> torch.Tensor | None:
+    """Run the handlers of the entries active in this context; the new tensor, or None."""
+    active = _ACTIVE.get()
+    changed = None
+    for token, site, layer, chain in entries:
+        if token in active:
+            for handler in chain:
+                new = handler(site, layer, x)
+                if new is not None:
+                    x = changed = new
+    return changed
+
+
+class _Dispatch:
+    """A module's ``forward`` while interventions are attached to it.
+
+    It calls the forward it replaced and, for each attachment whose token is active in the
+    calling context, runs that attachment's handlers on the input (``before``) or the output
+    (``after``), in the order attached. Attachments are tuples swapped whole under ``_LOCK``, so
+    a forward pass in one thread never sees a half-updated list from another.
+    """
+
+    __slots__ = ("after", "before", "had_own", "original")
+
+    def __init__(self, module: nn.Module) -> None:
+        self.had_own = "forward" in module.__dict__  # someone else's wrapper (accelerate's)
+        self.original: Callable[..., Any] = module.forward
+        self.before: tuple[Attachment, ...] = ()
+        self.after: tuple[Attachment, ...] = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.before:
+            new = _run(self.before, args[0])
             if new is not None:
-                x = changed = new
-        return changed
+                args = (new, *args[1:])
+        out = self.original(*args, **kwargs)
+        if self.after:
+            new = _run(self.after, residual_of(out))
+            if new is not None:
+                out = with_residual(out, new)
+        return out
 
-    if site in _INPUT_SITES:
+    def __len__(self) -> int:
+        return len(self.before) + len(self.after)
 
-        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-            if token not in _ACTIVE.get():
-                return None
-            new = apply(args[0])
-            return None if new is None else (new, *args[1:])
 
-        return "forward_pre", pre_hook
+_LOCK = threading.Lock()
+_DISPATCH = "_personachat_dispatch"  # the module attribute holding its _Dispatch
 
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        if token not in _ACTIVE.get():
-            return None
-        new = apply(residual_of(output))
-        return None if new is None else with_residual(output, new)
 
-    return "forward", hook
+def _attach(module: nn.Module, entry: Attachment) -> Detach:
+    """Run ``entry``'s handlers at ``module``'s input or output; returns the undo function."""
+    site = entry[1]
+    with _LOCK:
+        found: _Dispatch | None = module.__dict__.get(_DISPATCH)
+        dispatch = found if found is not None else _Dispatch(module)
+        if found is None:
+            module.__dict__[_DISPATCH] = dispatch
+            module.__dict__["forward"] = dispatch
+        if site in _INPUT_SITES:
+            dispatch.before = (*dispatch.before, entry)
+        else:
+            dispatch.after = (*dispatch.after, entry)
+
+    def detach() -> None:  # idempotent, like a RemovableHandle
+        with _LOCK:
+            dispatch.before = tuple(e for e in dispatch.before if e is not entry)
+            dispatch.after = tuple(e for e in dispatch.after if e is not entry)
+            if len(dispatch) or module.__dict__.get("forward") is not dispatch:
+                return  # still in use, or wrapped again by someone else: stay a pass-through
+            if dispatch.had_own:
+                module.__dict__["forward"] = dispatch.original
+            else:
+                del module.__dict__["forward"]
+            del module.__dict__[_DISPATCH]
+
+    return detach
 
 
 @contextmanager
@@ -155,15 +227,16 @@ def intervene(sites: ModelSites, handlers: Sequence[Handler]) -> Iterator[None]:
     for handler in handlers:
         for key in handler.wants():
             wanted.setdefault(key, []).append(handler)
-    specs = []
-    for (site, layer), chain in sorted(wanted.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        kind, fn = _make_hook(token, site, layer, chain)
-        specs.append((_site_module(sites, site, layer), kind, fn))
+    detaches: list[Detach] = []
     reset = _ACTIVE.set(_ACTIVE.get() | {token})
     try:
-        with registered(specs):
-            yield
+        for (site, layer), chain in sorted(wanted.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            module = _site_module(sites, site, layer)
+            detaches.append(_attach(module, (token, site, layer, tuple(chain))))
+        yield
     finally:
+        for detach in reversed(detaches):
+            detach()
         try:
             _ACTIVE.reset(reset)
         except ValueError:  # exited from another context (a generator closed elsewhere)

@@ -8,8 +8,9 @@ Measures, on random models (no download):
   vectors at every layer) against a plain decode step, on a dispatch-bound tiny model
   (24 layers, hidden 64; goal <= 1.03x) and on a random Qwen2.5-0.5B-shaped model (goal
   <= 1.01x);
-- the same decode step with empty handlers at the same sites: the floor that hook dispatch
-  alone costs (PyTorch's hooked call path plus ``personachat.hooks``' wrapper);
+- the same decode step with empty handlers at the same sites: the floor that attaching
+  alone costs (``personachat.hooks``' dispatching forward), and with empty PyTorch forward
+  hooks there instead (PyTorch's hooked call path), the design ``hooks`` replaced;
 - a side-by-side pair (unsteered + steered rows in one batch) against one steered reply, through
   ``ChatEngine`` on the tiny model (goal <= 1.25x; two separate runs would cost 2x).
 
@@ -28,15 +29,16 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
 from personachat.chat import ChatEngine, GenerationSettings
-from personachat.hooks import Handler, Site, intervene
+from personachat.hooks import Handler, Site, intervene, registered
 from personachat.interventions import AblationSpec, SteeringSpec, build_plan
 from personachat.model import LoadedModel, wrap_model
 from personachat.records import PersonaVector
@@ -100,14 +102,28 @@ class EmptyHandler:
         return None
 
 
+def torch_hooks(lm: LoadedModel, keys: Sequence[tuple[Site, int]]) -> AbstractContextManager[Any]:
+    """Empty PyTorch forward hooks at the same sites: what ``intervene`` would cost with them."""
+    specs: list[tuple[torch.nn.Module, Literal["forward", "forward_pre"], Callable[..., Any]]] = []
+    for site, layer in keys:
+        if site == "residual":
+            specs.append((lm.sites.layers[layer], "forward", lambda m, a, o: None))
+        else:
+            specs.append((lm.sites.mlp_down[layer], "forward_pre", lambda m, a: None))
+    return registered(specs)
+
+
 def decode_pairs(
-    lm: LoadedModel, handlers: Callable[[], Sequence[Handler]], steps: int
+    lm: LoadedModel,
+    handlers: Callable[[], Sequence[Handler]],
+    steps: int,
+    around: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> tuple[list[float], list[float]]:
     """CPU seconds of ``steps`` plain and hooked decode steps, alternating step by step.
 
     Two greedy decodes run side by side, each with its own KV cache: a plain one and one under
-    ``handlers()`` (hooks registered outside the timed region). Their steps alternate, A/B then
-    B/A. Time is this thread's CPU time (one intra-op thread), so other processes on a shared
+    ``handlers()`` (and inside ``around()`` if given; both set up outside the timed region).
+    Their steps alternate, A/B then B/A. Time is this thread's CPU time (one intra-op thread), so other processes on a shared
     machine do not count.
     """
     ids = torch.arange(3, 11).unsqueeze(0)
@@ -117,7 +133,8 @@ def decode_pairs(
 
     def step(out: Any, chain: list[Handler], sink: list[float]) -> Any:
         nxt = out.logits[:, -1:].argmax(-1)
-        with intervene(lm.sites, chain):
+        ctx = around() if around is not None and sink is stacked else nullcontext()
+        with intervene(lm.sites, chain), ctx:
             start = time.thread_time()
             out = lm.model(nxt, past_key_values=out.past_key_values, use_cache=True)
             sink.append(time.thread_time() - start)
@@ -147,8 +164,10 @@ def decode_rows(name: str, lm: LoadedModel, goal: float, steps: int) -> list[Row
     decode_pairs(lm, stack, 4)  # warm up
     plain, stacked = decode_pairs(lm, stack, steps)
     plain_again, empty = decode_pairs(lm, lambda: [EmptyHandler(keys)], steps)
+    plain_torch, hooked = decode_pairs(lm, list, steps, around=lambda: torch_hooks(lm, keys))
     ratio = statistics.median(b / a for a, b in zip(plain, stacked, strict=True))
     floor = statistics.median(b / a for a, b in zip(plain_again, empty, strict=True))
+    torch_floor = statistics.median(b / a for a, b in zip(plain_torch, hooked, strict=True))
     return [
         (
             f"{name}: plain decode step (CPU ms)",
@@ -162,9 +181,14 @@ def decode_rows(name: str, lm: LoadedModel, goal: float, steps: int) -> list[Row
         ),
         (f"{name}: full stack / plain (paired ratio)", ratio, f"goal <= {goal:.2f}"),
         (
-            f"{name}: {len(keys)} empty hooks / plain (paired ratio)",
+            f"{name}: {len(keys)} empty handlers / plain (paired ratio)",
             floor,
             "floor: same sites, handlers do nothing",
+        ),
+        (
+            f"{name}: {len(keys)} empty PyTorch hooks / plain (paired ratio)",
+            torch_floor,
+            "what forward hooks would cost there",
         ),
     ]
 

@@ -137,6 +137,83 @@ def test_handles_are_safe_to_remove_twice(llama: LoadedModel) -> None:
     assert hook_count(llama.model) == before
 
 
+def _replaced_forwards(lm: LoadedModel) -> list[str]:
+    return [name for name, m in lm.model.named_modules() if "forward" in m.__dict__]
+
+
+def test_failure_while_attaching_detaches_what_was_attached(llama: LoadedModel) -> None:
+    before = hook_count(llama.model)
+    n = llama.info.n_layers
+    with pytest.raises(ValueError, match="layer"):
+        with intervene(llama.sites, [Add([0, 1], torch.zeros(32)), Add([n + 5], torch.zeros(32))]):
+            pass
+    assert hook_count(llama.model) == before
+    assert _replaced_forwards(llama) == []
+    with torch.no_grad():  # and the model still runs plain
+        torch.testing.assert_close(
+            llama.model(**_prompt(llama)).logits, _fresh_logits(llama), rtol=0, atol=0
+        )
+
+
+def _fresh_logits(lm: LoadedModel) -> torch.Tensor:
+    with torch.no_grad():
+        return lm.model(**_prompt(lm)).logits
+
+
+def test_an_existing_forward_wrapper_keeps_working_and_is_restored(llama: LoadedModel) -> None:
+    """A module whose forward is already replaced (as accelerate's hooks do) gets it back."""
+    layer = llama.sites.layers[1]
+    calls = []
+    original = layer.forward
+
+    def theirs(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    layer.forward = theirs
+    try:
+        vec = torch.randn(32)
+        rec = Record(2)
+        with torch.no_grad():
+            ref = llama.model(**_prompt(llama), output_hidden_states=True).hidden_states[2]
+            with intervene(llama.sites, [Add([1], vec), rec]):
+                llama.model(**_prompt(llama))
+        assert len(calls) == 2  # their wrapper ran under ours, once per forward
+        torch.testing.assert_close(rec.seen[1], ref + vec, rtol=0, atol=1e-5)
+        assert layer.__dict__["forward"] is theirs
+    finally:
+        del layer.forward
+    assert _replaced_forwards(llama) == []
+
+
+def test_attaching_and_detaching_while_other_threads_run(llama: LoadedModel) -> None:
+    """Sessions entering and leaving blocks on one model never disturb a running forward."""
+    ids = _prompt(llama)
+    vec = torch.randn(32) * 0.1
+    with torch.no_grad():
+        plain = llama.model(**ids).logits
+        with intervene(llama.sites, [Add([0, 1], vec)]):
+            steered = llama.model(**ids).logits
+    errors: list[str] = []
+
+    def churn(steer: bool) -> None:
+        for _ in range(40):
+            handlers = [Add([0, 1], vec)] if steer else [Add([2], vec * 0)]
+            with torch.no_grad(), intervene(llama.sites, handlers):
+                got = llama.model(**ids).logits
+            want = steered if steer else plain
+            if not torch.allclose(got, want, atol=1e-5):
+                errors.append("mismatch")
+
+    threads = [threading.Thread(target=churn, args=(i % 2 == 0,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert _replaced_forwards(llama) == []
+
+
 def test_cancelled_generation_leaves_no_hooks(llama: LoadedModel) -> None:
     before = hook_count(llama.model)
     calls = 0
