@@ -10,6 +10,8 @@ Formats:
   ``"pirate=1, cynic=-0.5"``; empty means 1.0 for each persona.
 - layer strengths: ``"8-12:4, 13:2"`` (layer or inclusive range, colon, strength) or ``"all:2"``.
 - neurons: ``"3:12, 3:40-45, 4:7"`` (layer:index or layer:first-last).
+- last n prompt tokens: a whole number >= 0; 0 or empty steers the whole prompt.
+- layers to project a direction out of: ``"all"`` or ``"0-2, 5"`` (layers only, no strengths).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ MAX_NEURONS = 4096
 UNITS = ("raw", "x residual norm")
 PRESETS = ("best layer", "band", "all layers", "custom")
 ABLATION_MODES = ("off", "zero", "mean")
+NO_DIRECTION = "none"  # the direction dropdown's "project nothing out"
+DIRECTION_FIELD = "Direction layers"
 
 Units = Literal["raw", "x residual norm"]
 
@@ -52,6 +56,9 @@ class Settings:
     ablation: Literal["off", "zero", "mean"] = "off"
     side_by_side: bool = False
     vectors_from: str = ""  # which stored vectors (positions kind); "" = the preferred kind
+    last_n: int | None = None  # positions "prompt": steer only its last n tokens (None: all)
+    direction: str = ""  # the persona whose direction is projected out ("": none)
+    direction_layers: tuple[int, ...] = ()
 
     @property
     def steering(self) -> bool:
@@ -60,6 +67,10 @@ class Settings:
     @property
     def ablating(self) -> bool:
         return self.ablation != "off" and bool(self.neuron_sets or self.neurons)
+
+    @property
+    def projecting(self) -> bool:
+        return bool(self.direction) and bool(self.direction_layers)
 
     def blend(self) -> dict[str, float]:
         return dict(zip(self.personas, self.weights, strict=True))
@@ -127,9 +138,11 @@ def parse_weights(text: str | None, personas: Sequence[str]) -> tuple[float, ...
     )
 
 
-def parse_layer_spec(text: str | None, n_layers: int) -> dict[int, float]:
+def parse_layer_spec(
+    text: str | None, n_layers: int, field: str = "Strength per layer"
+) -> dict[int, float]:
     """``"8-12:4, 13:2"`` -> ``{8: 4.0, ..., 12: 4.0, 13: 2.0}`` (the runtime's grammar); empty
-    text is an empty dict (no steering)."""
+    text is an empty dict (no steering). Errors start with ``field``."""
     from personachat.interventions import InterventionError
     from personachat.interventions import parse_layer_spec as runtime_parse
 
@@ -138,7 +151,52 @@ def parse_layer_spec(text: str | None, n_layers: int) -> dict[int, float]:
     try:
         return runtime_parse(str(text), n_layers)
     except InterventionError as err:
-        raise InputError(f"Strength per layer: {err}.") from None
+        raise InputError(f"{field}: {err}.") from None
+
+
+_LAYERS = re.compile(r"all|\d+(\s*-\s*\d+)?", re.IGNORECASE)
+
+
+def parse_layers(text: str | None, n_layers: int, field: str) -> tuple[int, ...]:
+    """``"all"`` or ``"0-2, 5"`` -> the layers, sorted; the layer-spec grammar without strengths.
+    Empty text or a strength (``"1:2"``) is an ``InputError`` starting with ``field``."""
+    items = [item.strip() for item in (text or "").split(",") if item.strip()]
+    if not items:
+        raise InputError(
+            f"{field} is empty: type 'all' or layers and ranges, e.g. '0-2, 5' "
+            f"(the model has layers 0..{n_layers - 1})."
+        )
+    for item in items:
+        if ":" in item:
+            raise InputError(
+                f"{field}: {item!r} gives a strength, but a direction is projected out "
+                "completely; list layers only, e.g. 'all' or '0-2, 5'."
+            )
+        if not _LAYERS.fullmatch(item):
+            raise InputError(
+                f"{field}: cannot read {item!r}; write 'all', a layer or a range, e.g. '0-2, 5'."
+            )
+    return tuple(sorted(parse_layer_spec(", ".join(items), n_layers, field)))
+
+
+def format_layers(layers: Sequence[int]) -> str:
+    """The compact spec of a set of layers: ``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    runs = format_layer_spec(dict.fromkeys(layers, 1.0)).split(", ")
+    return ", ".join(run.partition(":")[0] for run in runs if run)
+
+
+def parse_last_n(value: object) -> int | None:
+    """The page's "last n prompt tokens": a whole number >= 0; 0 or empty is None (all)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    problem = "Last n prompt tokens must be a whole number, 0 or more (0 = the whole prompt)"
+    try:
+        number = float(str(value).strip()) if not isinstance(value, int | float) else float(value)
+    except ValueError:
+        raise InputError(f"{problem}; got {value!r}.") from None
+    if not math.isfinite(number) or number < 0 or number != int(number):
+        raise InputError(f"{problem}; got {value!r}.")
+    return int(number) or None
 
 
 def format_layer_spec(strengths: dict[int, float]) -> str:
@@ -241,8 +299,14 @@ def parse_settings(
     ablation: str,
     side_by_side: bool,
     vectors_from: str = "",
+    last_n: object = 0,
+    direction: str | None = "",
+    direction_layers: str | None = "all",
 ) -> Settings:
-    """Check every input against ``limits``; the first problem raises ``InputError``."""
+    """Check every input against ``limits``; the first problem raises ``InputError``.
+
+    ``last_n`` counts only with ``positions="prompt"``. ``direction`` ("none" or empty: none)
+    is checked by the runtime, whose error lists the known personas."""
     picked = check_personas(personas, limits.personas)
     strengths = parse_layer_spec(layer_spec, limits.n_layers)
     if picked and not strengths:
@@ -254,6 +318,9 @@ def parse_settings(
         raise InputError(f"unknown units {units!r}; choose {' or '.join(UNITS)}.")
     if ablation not in ABLATION_MODES:
         raise InputError(f"unknown ablation {ablation!r}; choose {', '.join(ABLATION_MODES)}.")
+    tail = parse_last_n(last_n)
+    projected = "" if (direction or "").strip() in ("", NO_DIRECTION) else str(direction).strip()
+    layers = parse_layers(direction_layers, limits.n_layers, DIRECTION_FIELD) if projected else ()
     return Settings(
         personas=picked,
         weights=parse_weights(weights, picked),
@@ -269,4 +336,7 @@ def parse_settings(
         ablation=ablation,  # type: ignore[arg-type]
         side_by_side=bool(side_by_side),
         vectors_from=vectors_from or "",
+        last_n=tail if positions == "prompt" else None,
+        direction=projected,
+        direction_layers=layers,
     )
