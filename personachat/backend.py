@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from personachat.session import Limits, Settings, format_layer_spec
+from personachat.session import Limits, Settings, format_layer_spec, format_layers
 
 log = logging.getLogger(__name__)
 
@@ -322,8 +322,14 @@ class Backend:
         return text
 
     def settings_summary(self, model_id: str, settings: Settings) -> str:
-        """What this turn does to the model: the blend (with interference) and the ablation."""
+        """What this turn does to the model: the blend (with interference), where it is added
+        when only the last prompt tokens, the projected-out direction and the ablation."""
         parts = [self.blend_summary(model_id, settings)] if settings.steering else []
+        if settings.steering and settings.last_n is not None:
+            parts.append(f"Added at the last {settings.last_n} prompt tokens.")
+        if settings.projecting:
+            layers = format_layers(settings.direction_layers)
+            parts.append(f"Projecting {settings.direction}'s direction out at layers {layers}.")
         if settings.ablating:
             sets = self.engine(model_id, settings.vectors_from).neuron_sets
             units = sum(len(sets[label]) for label in settings.neuron_sets) + len(settings.neurons)
@@ -543,7 +549,12 @@ class Backend:
         """Check the request now (raising before anything runs), then return an iterator that
         streams the reply to ``messages`` under ``settings``."""
         from personachat.chat import GenerationSettings
-        from personachat.interventions import AblationSpec, SteeringSpec, build_ablation
+        from personachat.interventions import (
+            AblationSpec,
+            DirectionSpec,
+            SteeringSpec,
+            build_ablation,
+        )
 
         engine = self.engine(model_id, settings.vectors_from)
         lm = engine.lm
@@ -557,7 +568,11 @@ class Backend:
                 layers=format_layer_spec(dict(settings.layer_strengths)),
                 units=unit_name(settings.units),  # type: ignore[arg-type]
                 positions=settings.positions,  # type: ignore[arg-type]
+                last_n=settings.last_n,
             )
+        direction = None
+        if settings.projecting:
+            direction = DirectionSpec(settings.direction, format_layers(settings.direction_layers))
         ablation, extra = None, []
         if settings.ablating:
             mode = settings.ablation
@@ -578,6 +593,7 @@ class Backend:
             ),
             steering=steering,
             ablation=ablation,
+            direction=direction,
             readout=readout,
             side_by_side=settings.side_by_side,
             stop=stop,

@@ -30,6 +30,7 @@ from personachat import views
 from personachat.backend import AnalysisView, Backend, Readout, Step
 from personachat.session import (
     ABLATION_MODES,
+    NO_DIRECTION,
     PRESETS,
     UNITS,
     InputError,
@@ -127,7 +128,8 @@ class Handlers:
 
     def load(self, model_id: str | None) -> tuple[Any, ...]:
         """(Re)load the page's model view. Returns (model info, persona choices, neuron-set
-        choices, extraction offer, layer slider, vector kinds, extraction dataset, status)."""
+        choices, extraction offer, layer slider, vector kinds, extraction dataset, direction
+        choices, status)."""
         model_id = (model_id or self.backend.default_model).strip()
         try:
             info = self.backend.describe(model_id)
@@ -148,6 +150,7 @@ class Handlers:
                 gr.update(),
                 gr.update(),
                 gr.update(),
+                gr.update(choices=[NO_DIRECTION], value=NO_DIRECTION),
                 message,
             )
         offer = not personas and self.backend.can_extract(model_id)
@@ -159,14 +162,20 @@ class Handlers:
             gr.update(maximum=max(n_layers - 1, 1), value=min(n_layers - 1, n_layers // 2)),
             gr.update(choices=kinds, value=kinds[0] if kinds else None),
             gr.update(value="demo" if self.backend.is_demo(model_id) else "personas"),
+            gr.update(choices=[NO_DIRECTION, *personas], value=NO_DIRECTION),
             f"Model `{model_id}` ready: {len(personas)} personas, {len(sets)} neuron sets."
             + (" No persona vectors yet: extract them under 'Model and store'." if offer else ""),
         )
 
     def refresh(
-        self, model_id: str | None, personas: list[str] | None, vectors_from: str | None = None
+        self,
+        model_id: str | None,
+        personas: list[str] | None,
+        vectors_from: str | None = None,
+        direction: str | None = None,
     ) -> tuple[Any, ...]:
-        """Re-read the store (new personas registered by a script, removed ones gone)."""
+        """Re-read the store (new personas registered by a script, removed ones gone). Returns
+        (persona choices, neuron-set choices, direction choices, status)."""
         model_id = (model_id or self.backend.default_model).strip()
         try:
             self.backend.refresh()
@@ -174,13 +183,17 @@ class Handlers:
             sets = self.backend.neuron_set_names(model_id)
         except Exception as err:  # the store or the model failed: say so, keep the page
             gr.Warning(f"Cannot re-read the store: {err}")
-            return gr.update(), gr.update(), f"⚠ Cannot re-read the store: {err}"
+            return gr.update(), gr.update(), gr.update(), f"⚠ Cannot re-read the store: {err}"
         kept = [p for p in personas or [] if p in known]
         gone = sorted(set(personas or []) - set(known))
         note = f" No longer in the store: {', '.join(gone)}." if gone else ""
         return (
             gr.update(choices=known, value=kept),
             gr.update(choices=sets),
+            gr.update(
+                choices=[NO_DIRECTION, *known],
+                value=direction if direction in known else NO_DIRECTION,
+            ),
             f"Store re-read: {len(known)} personas for `{model_id}`.{note}",
         )
 
@@ -202,9 +215,9 @@ class Handlers:
         except Exception as err:
             log.exception("extraction failed")
             gr.Warning(f"Extraction failed: {err}")
-            return (*[gr.update()] * 7, f"⚠ Extraction failed: {err}")
+            return (*[gr.update()] * 8, f"⚠ Extraction failed: {err}")
         loaded = self.load(model_id)
-        return (*loaded[:7], summary)
+        return (*loaded[:8], summary)
 
     # -- personas and strength ------------------------------------------------------------
 
@@ -271,6 +284,9 @@ class Handlers:
         ablation: str = "off",
         side_by_side: bool = False,
         vectors_from: str | None = None,
+        last_n: object = 0,
+        direction: str | None = NO_DIRECTION,
+        direction_layers: str | None = "all",
     ) -> Settings:
         return parse_settings(
             self.backend.limits(model_id, vectors_from or ""),
@@ -288,6 +304,9 @@ class Handlers:
             ablation=ablation,
             side_by_side=side_by_side,
             vectors_from=vectors_from or "",
+            last_n=last_n,
+            direction=direction,
+            direction_layers=direction_layers,
         )
 
     # -- chat ----------------------------------------------------------------------------------
@@ -340,10 +359,17 @@ class Handlers:
         vectors_from: str | None = None,
         view_layer: float = 0,
         inside: Inside | None = None,
+        last_n: float | str | None = 0,
+        direction: str | None = NO_DIRECTION,
+        direction_layers: str | None = "all",
         request: gr.Request | None = None,
     ) -> Iterator[tuple[Any, ...]]:
         """Send ``message`` and stream the (steered) reply; yields
-        (history, side_history, message box, status, tokens html, inside state)."""
+        (history, side_history, message box, status, tokens html, inside state).
+
+        ``last_n`` (0: all) narrows ``positions="prompt"`` to the prompt's last tokens;
+        ``direction`` names a persona whose direction is projected out of the residual stream
+        at ``direction_layers`` ("none": nothing is)."""
         history = list(history or [])
         side = list(side_history or [])
         model_id = (model_id or self.backend.default_model).strip()
@@ -365,6 +391,9 @@ class Handlers:
                 ablation,
                 side_by_side,
                 vectors_from,
+                last_n,
+                direction,
+                direction_layers,
             )
         except Exception as err:
             yield self._refuse(err, history, side, message, inside)
@@ -392,6 +421,9 @@ class Handlers:
         vectors_from: str | None = None,
         view_layer: float = 0,
         inside: Inside | None = None,
+        last_n: float | str | None = 0,
+        direction: str | None = NO_DIRECTION,
+        direction_layers: str | None = "all",
         request: gr.Request | None = None,
     ) -> Iterator[tuple[Any, ...]]:
         """Drop the last reply and generate it again with the current settings."""
@@ -420,6 +452,9 @@ class Handlers:
             vectors_from,
             view_layer,
             inside,
+            last_n,
+            direction,
+            direction_layers,
             request,
         )
 
@@ -711,6 +746,11 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
                             label="Add at tokens",
                             elem_id="positions",
                         )
+                        last_n = gr.Number(
+                            value=0,
+                            label="Last n prompt tokens (with 'prompt'; 0 = the whole prompt)",
+                            elem_id="last-n",
+                        )
                 with gr.Accordion("Generation", open=False):
                     system_prompt = gr.Textbox(label="System prompt", lines=2, elem_id="system")
                     with gr.Row():
@@ -738,6 +778,21 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
                     ablation = gr.Radio(
                         list(ABLATION_MODES), value="off", label="Ablate", elem_id="ablation"
                     )
+                with gr.Accordion("Directional ablation", open=False):
+                    with gr.Row():
+                        direction = gr.Dropdown(
+                            choices=[NO_DIRECTION],
+                            value=NO_DIRECTION,
+                            allow_custom_value=True,  # checked against the store by the runtime
+                            label="Project out the direction of",
+                            elem_id="direction",
+                        )
+                        direction_layers = gr.Textbox(
+                            value="all",
+                            label="Direction layers",
+                            placeholder="all, or layers and ranges, e.g. 0-2, 5",
+                            elem_id="direction-layers",
+                        )
             with gr.Column(scale=3, min_width=420):
                 with gr.Row():
                     chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chat")
@@ -836,6 +891,9 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
             vectors_from,
             view_layer,
             inside,
+            last_n,  # new inputs go last, so API calls by position keep working
+            direction,
+            direction_layers,
         ]
         chat_out = [chatbot, side_chat, message, status, tokens_view, inside]
         load_out = [
@@ -846,6 +904,7 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
             view_layer,
             vectors_from,
             dataset,
+            direction,
             status,
         ]
 
@@ -853,8 +912,8 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
         model.input(h.load, [model], load_out, api_visibility="private")
         refresh_btn.click(
             h.refresh,
-            [model, personas, vectors_from],
-            [personas, neuron_sets, status],
+            [model, personas, vectors_from, direction],
+            [personas, neuron_sets, direction, status],
             api_name="refresh",
         )
         extract_btn.click(
@@ -872,8 +931,8 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
         )
         vectors_from.input(
             h.refresh,
-            [model, personas, vectors_from],
-            [personas, neuron_sets, status],
+            [model, personas, vectors_from, direction],
+            [personas, neuron_sets, direction, status],
             api_visibility="private",
         )
         preset_in = [model, personas, preset, strength, vectors_from]

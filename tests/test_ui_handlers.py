@@ -23,7 +23,7 @@ import torch
 from personachat import ui
 from personachat.backend import Backend, residual_mean
 from personachat.chat import ChatEngine, GenerationSettings
-from personachat.interventions import AblationSpec, SteeringSpec
+from personachat.interventions import AblationSpec, DirectionSpec, SteeringSpec
 from personachat.model import LoadedModel
 from personachat.prompts import format_chat, persona_messages
 from personachat.records import LayerMetrics, NeuronSet, Persona, PersonaMeans, PersonaVector
@@ -142,9 +142,11 @@ USER = [{"role": "user", "content": "Tell me about the ocean."}]
 
 
 def test_load_offers_the_registered_personas_sets_and_kinds(h: Handlers) -> None:
-    info, personas, sets, offer, slider, kinds, dataset, status = h.load(MODEL)
+    info, personas, sets, offer, slider, kinds, dataset, direction, status = h.load(MODEL)
     assert dataset["value"] == "personas"  # not the bundled demo model
     assert personas["choices"] == ["landlubber", "pirate", "poet"]
+    assert direction["choices"] == ["none", "landlubber", "pirate", "poet"]
+    assert direction["value"] == "none"
     assert sets["choices"] == [SET]
     assert kinds["choices"] == ["question_span"] and kinds["value"] == "question_span"
     assert offer["visible"] is False
@@ -225,6 +227,102 @@ def test_side_by_side_shows_the_unsteered_reply_of_the_same_batch(
     assert history[-1]["content"] == steered.text != plain.text
 
 
+def test_last_n_prompt_tokens_match_the_engine(h: Handlers, engine: ChatEngine) -> None:
+    steer = {"personas": ["pirate"], "layer_spec": "0-2:8", "positions": "prompt"}
+    n = 3  # of the 20 prompt tokens
+    steps = chat(h, last_n=n, **steer)
+    last = engine.reply(
+        USER,
+        GenerationSettings(max_new_tokens=12),
+        steering=SteeringSpec({"pirate": 1.0}, "0-2:8", positions="prompt", last_n=n),
+    )
+    whole = engine.reply(
+        USER,
+        GenerationSettings(max_new_tokens=12),
+        steering=SteeringSpec({"pirate": 1.0}, "0-2:8", positions="prompt"),
+    )
+    assert engine.prompt_ids(USER).shape[1] == 20
+    assert steps[-1][0][-1]["content"] == last.text != whole.text
+    assert "Added at the last 3 prompt tokens." in steps[-1][3]
+    # 0 (or empty) is the whole prompt, and so is any n beyond its length
+    for whole_prompt in (0, None, 20, 100):
+        assert chat(h, last_n=whole_prompt, **steer)[-1][0][-1]["content"] == whole.text
+    # the other positions ignore it
+    everywhere = engine.reply(
+        USER, GenerationSettings(max_new_tokens=12), steering=SteeringSpec({"pirate": 1.0}, "0-2:8")
+    )
+    ignored = chat(h, last_n=n, **{**steer, "positions": "all"})[-1]
+    assert ignored[0][-1]["content"] == everywhere.text and "Added at the last" not in ignored[3]
+
+
+def test_directional_ablation_matches_the_engine(h: Handlers, engine: ChatEngine) -> None:
+    steps = chat(h, direction="pirate", direction_layers="1-2")
+    expected = engine.reply(
+        USER,
+        GenerationSettings(max_new_tokens=12),
+        direction=DirectionSpec("pirate", "1-2"),
+        readout=["landlubber", "pirate", "poet"],
+    )
+    plain = engine.reply(USER, GenerationSettings(max_new_tokens=12))
+    history, _, _, status, _, inside = steps[-1]
+    assert history[-1]["content"] == expected.text != plain.text
+    assert status == "Done. Projecting pirate's direction out at layers 1-2."
+    # the readout comes after the projection: nothing of pirate (or its exact opposite) is
+    # left at layers 1 and 2, all of it at layer 0
+    assert inside.personas == ("landlubber", "pirate", "poet")
+    assert inside.projections is not None and expected.readout is not None
+    want = np.nan_to_num(expected.readout.projections.numpy())
+    np.testing.assert_allclose(inside.projections, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(inside.projections[:-1, 1:, :2], 0.0, atol=1e-4)
+    assert np.abs(inside.projections[:-1, 0, 1]).min() > 1e-3
+    every = chat(h, direction="pirate")[-1][0][-1]["content"]  # the default layers: all
+    projected = engine.reply(
+        USER, GenerationSettings(max_new_tokens=12), direction=DirectionSpec("pirate", "all")
+    )
+    assert every == projected.text
+    assert chat(h, direction="none", direction_layers="junk")[-1][0][-1]["content"] == plain.text
+
+
+def test_directional_ablation_with_steering_side_by_side(h: Handlers, engine: ChatEngine) -> None:
+    """Row 0 of the batch stays unsteered and unablated; row 1 gets both."""
+    steps = chat(
+        h,
+        personas=["poet"],
+        layer_spec="1:4",
+        positions="prompt",
+        last_n=5,
+        direction="pirate",
+        direction_layers="0, 2",
+        side_by_side=True,
+    )
+    history, side, _, status, _, _ = steps[-1]
+    both = engine.reply(
+        USER,
+        GenerationSettings(max_new_tokens=12),
+        steering=SteeringSpec({"poet": 1.0}, "1:4", positions="prompt", last_n=5),
+        direction=DirectionSpec("pirate", "0, 2"),
+    )
+    steered = engine.reply(
+        USER,
+        GenerationSettings(max_new_tokens=12),
+        steering=SteeringSpec({"poet": 1.0}, "1:4", positions="prompt", last_n=5),
+    )
+    plain = engine.reply(USER, GenerationSettings(max_new_tokens=12))
+    assert history[-1]["content"] == both.text
+    assert side == [*USER, {"role": "assistant", "content": plain.text}]
+    assert len({both.text, steered.text, plain.text}) == 3
+    assert status == (
+        "Done. Blend 1·poet at 1:4 (raw). Added at the last 5 prompt tokens. "
+        "Projecting pirate's direction out at layers 0, 2."
+    )
+    alone = chat(h, direction="pirate", direction_layers="0, 2", side_by_side=True)[-1]
+    projected = engine.reply(
+        USER, GenerationSettings(max_new_tokens=12), direction=DirectionSpec("pirate", "0, 2")
+    )
+    assert alone[0][-1]["content"] == projected.text != plain.text
+    assert alone[1][-1]["content"] == plain.text
+
+
 @pytest.mark.parametrize("mode", ["zero", "mean"])
 def test_ablating_a_neuron_set_matches_the_engine(
     h: Handlers, engine: ChatEngine, mode: Literal["zero", "mean"]
@@ -266,6 +364,14 @@ BAD_INPUTS = [
     ({"temperature": "hot"}, "temperature must be a number"),
     ({"max_new_tokens": 100000}, "max tokens must be between 1 and 512"),
     ({"neurons": "1:3", "ablation": "mean"}, "mean ablation of typed neurons needs baseline"),
+    ({"positions": "prompt", "last_n": -1}, "Last n prompt tokens must be a whole number, 0 or"),
+    ({"positions": "prompt", "last_n": 2.5}, "Last n prompt tokens must be a whole number"),
+    ({"last_n": "few"}, "Last n prompt tokens must be a whole number, 0 or more (0 = the whole"),
+    ({"direction": "kraken"}, "unknown persona 'kraken'; known personas: landlubber, pirate, poet"),
+    ({"direction": "pirate", "direction_layers": ""}, "Direction layers is empty"),
+    ({"direction": "pirate", "direction_layers": "1:2"}, "'1:2' gives a strength"),
+    ({"direction": "pirate", "direction_layers": "top"}, "Direction layers: cannot read 'top'"),
+    ({"direction": "pirate", "direction_layers": "0-5"}, "layer 5 in '0-5' is out of range"),
 ]
 
 
@@ -295,8 +401,10 @@ def test_a_persona_removed_while_the_page_is_open(h: Handlers, store_root: Path)
         with pytest.warns(UserWarning, match="persona poet is not in the store"):
             steps = chat(h, personas=["poet"], layer_spec="1:2")
         assert "Known: landlubber, pirate" in steps[0][3]
-        personas, _, status = h.refresh(MODEL, ["poet", "pirate"])
+        personas, _, direction, status = h.refresh(MODEL, ["poet", "pirate"], None, "poet")
         assert personas["value"] == ["pirate"] and "No longer in the store: poet" in status
+        assert direction["choices"] == ["none", "landlubber", "pirate"]
+        assert direction["value"] == "none"  # poet's direction can no longer be projected out
     finally:
         with Store(store_root) as store:
             store.register_vectors([poet])
@@ -463,6 +571,7 @@ def test_extract_registers_vectors_for_a_model_without_any(tmp_path: Path) -> No
     assert h.load(MODEL)[3]["visible"] is True  # no vectors: extraction is offered
     out = h.extract(MODEL, "personas", "question_span", ["cynic", "jester"])
     assert out[1]["choices"] == ["cynic", "jester"] and out[3]["visible"] is False
+    assert out[7]["choices"] == ["none", "cynic", "jester"]
     assert out[-1].startswith(f"Registered 2 vectors for `{MODEL}`")
     with Store(tmp_path, read_only=True) as store:
         assert {e.persona for e in store.vectors(MODEL)} == {"cynic", "jester"}
