@@ -82,13 +82,17 @@ class AblationSpec:
     """MLP units to ablate: a registered neuron set and/or typed ``"layer:index"`` lists.
 
     ``neurons`` reads like ``"3:12,3:40,5:7"`` (``"3:10-19"`` is a range of indices). ``mode``
-    ``"mean"`` sets each unit to the baseline mean stored with the neuron set.
+    ``"mean"`` sets each unit to the baseline mean stored with the neuron set. ``positions``
+    (and ``last_n``) choose the tokens it acts on, as for steering: sets found by the
+    ``patching`` method are meant for ``mode="mean", positions="prompt"``.
     """
 
     neuron_set: str | None = None
     neurons: str = ""
     mode: AblationMode = "zero"
     top_k: int | None = None
+    positions: PositionMode = "all"
+    last_n: int | None = None
 
 
 @dataclass(frozen=True)
@@ -281,6 +285,24 @@ def _window(mode: PositionMode, last_n: int | None, prompt_len: int) -> tuple[in
     return first, prompt_len
 
 
+class _Window:
+    """The positions of each forward a handler acts on: all, the prompt (or its last n tokens),
+    or the generated tokens; ``span`` is the slice of this forward's positions, or ``None``."""
+
+    def __init__(self, mode: PositionMode, last_n: int | None, prompt_len: int | None) -> None:
+        self.mode: PositionMode = mode
+        self.last_n = last_n
+        self._cursor = _Cursor(prompt_len)
+
+    def span(self, layer: int, length: int) -> tuple[int, int] | None:
+        if self.mode == "all":
+            return 0, length
+        start, end, prompt_len = self._cursor.advance(layer, length)
+        first, last = _window(self.mode, self.last_n, prompt_len)
+        lo, hi = max(first, start), min(last, end)
+        return None if lo >= hi else (lo - start, hi - start)
+
+
 # --------------------------------------------------------------------------- handlers
 
 
@@ -303,8 +325,7 @@ class Steer:
             for layer, d in deltas.items()
         }
         self.positions: PositionMode = positions
-        self.last_n = last_n
-        self._cursor = _Cursor(prompt_len)
+        self._window = _Window(positions, last_n, prompt_len)
 
     def wants(self) -> Iterable[tuple[Site, int]]:
         return [("residual", layer) for layer in sorted(self.deltas)]
@@ -318,15 +339,14 @@ class Steer:
             )
         if self.positions == "all":
             return x + delta
-        start, end, prompt_len = self._cursor.advance(layer, x.shape[1])
-        first, last = _window(self.positions, self.last_n, prompt_len)
-        lo, hi = max(first, start), min(last, end)
-        if lo >= hi:
+        span = self._window.span(layer, x.shape[1])
+        if span is None:
             return None
-        if lo == start and hi == end:
+        lo, hi = span
+        if lo == 0 and hi == x.shape[1]:
             return x + delta
         out = x.clone()
-        out[:, lo - start : hi - start] += delta
+        out[:, lo:hi] += delta
         return out
 
 
@@ -353,6 +373,7 @@ class Ablate:
 
     One fused op per call: ``x * keep`` (zero) or ``fill + x * keep`` (mean), where ``keep`` is
     0 at ablated units of ablated rows and 1 elsewhere, so untouched units pass through exactly.
+    ``positions`` limits it to the prompt (or its last ``last_n`` tokens) or the generated tokens.
     """
 
     def __init__(
@@ -364,8 +385,12 @@ class Ablate:
         site: Site = "mlp_hidden",
         rows: torch.Tensor | None = None,
         dtype: torch.dtype = torch.float32,
+        positions: PositionMode = "all",
+        last_n: int | None = None,
+        prompt_len: int | None = None,
     ) -> None:
         self.indices = dict(indices)
+        self._window = None if positions == "all" else _Window(positions, last_n, prompt_len)
         self.site: Site = site
         self.keep: dict[int, torch.Tensor] = {}
         self.fill: dict[int, torch.Tensor] | None = None if values is None else {}
@@ -387,6 +412,19 @@ class Ablate:
         return [(self.site, layer) for layer in sorted(self.indices)]
 
     def __call__(self, site: Site, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        if self._window is None:
+            return self._ablate(layer, x)
+        span = self._window.span(layer, x.shape[1])
+        if span is None:
+            return None
+        lo, hi = span
+        if lo == 0 and hi == x.shape[1]:
+            return self._ablate(layer, x)
+        out = x.clone()
+        out[:, lo:hi] = self._ablate(layer, x[:, lo:hi])
+        return out
+
+    def _ablate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         keep = self.keep[layer]
         if self.fill is None:
             return x * keep
@@ -524,6 +562,13 @@ def _row_tensor(rows: Sequence[float] | None, device: torch.device) -> torch.Ten
     return torch.tensor([float(v) for v in rows], device=device)
 
 
+def _check_positions(positions: str, last_n: int | None) -> None:
+    if positions not in POSITION_MODES:
+        raise InterventionError(f"unknown positions {positions!r}; use one of {POSITION_MODES}")
+    if last_n is not None and last_n < 1:
+        raise InterventionError(f"last_n must be at least 1, got {last_n}")
+
+
 def build_steer(
     lm: LoadedModel,
     vectors: Mapping[str, PersonaVector],
@@ -537,12 +582,7 @@ def build_steer(
         raise InterventionError("the steering blend is empty; name at least one persona")
     if spec.units not in UNITS:
         raise InterventionError(f"unknown units {spec.units!r}; use one of {UNITS}")
-    if spec.positions not in POSITION_MODES:
-        raise InterventionError(
-            f"unknown positions {spec.positions!r}; use one of {POSITION_MODES}"
-        )
-    if spec.last_n is not None and spec.last_n < 1:
-        raise InterventionError(f"last_n must be at least 1, got {spec.last_n}")
+    _check_positions(spec.positions, spec.last_n)
     _check_finite(spec.strength, "steering strength")
     terms: list[tuple[str, float, PersonaVector]] = []
     for persona, weight in spec.blend.items():
@@ -591,10 +631,12 @@ def build_ablation(
     neuron_sets: Mapping[str, NeuronSet],
     *,
     rows: Sequence[bool] | None = None,
+    prompt_len: int | None = None,
 ) -> Ablate:
     """Validate ``spec`` and group its units by layer."""
     if spec.mode not in ABLATION_MODES:
         raise InterventionError(f"unknown ablation mode {spec.mode!r}; use one of {ABLATION_MODES}")
+    _check_positions(spec.positions, spec.last_n)
     n_layers, width = lm.info.n_layers, lm.info.mlp_width
     units: dict[tuple[int, int], float] = {}
     site: Site = "mlp_hidden"
@@ -650,7 +692,17 @@ def build_ablation(
             for layer, items in by_layer.items()
         }
     mask = None if rows is None else torch.tensor([bool(r) for r in rows], device=device)
-    return Ablate(indices, values, width=width, site=site, rows=mask, dtype=dtype)
+    return Ablate(
+        indices,
+        values,
+        width=width,
+        site=site,
+        rows=mask,
+        dtype=dtype,
+        positions=spec.positions,
+        last_n=spec.last_n,
+        prompt_len=prompt_len,
+    )
 
 
 def site_device(lm: LoadedModel, site: Site, layer: int) -> torch.device:
@@ -737,7 +789,9 @@ def build_plan(
         handlers.append(build_directional(lm, vectors, direction, rows=on))
     if ablation is not None:
         mask = None if rows is None else [float(r) != 0.0 for r in rows]
-        handlers.append(build_ablation(lm, ablation, neuron_sets or {}, rows=mask))
+        handlers.append(
+            build_ablation(lm, ablation, neuron_sets or {}, rows=mask, prompt_len=prompt_len)
+        )
     if readout:
         plan.readout = build_readout(lm, vectors, readout)
         handlers.append(plan.readout)

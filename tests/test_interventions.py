@@ -246,6 +246,62 @@ def test_ablated_neurons_are_zero_or_mean_at_down_proj_input(arch: str) -> None:
     torch.testing.assert_close(got[..., 0], clean[..., 0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    ("positions", "last_n", "prompt_ablated", "decode_ablated"),
+    [
+        ("prompt", None, "all", False),
+        ("prompt", 2, "last2", False),
+        ("generated", None, "none", True),
+    ],
+)
+def test_ablation_positions(
+    llama: LoadedModel,
+    positions: str,
+    last_n: int | None,
+    prompt_ablated: str,
+    decode_ablated: bool,
+) -> None:
+    """Mean ablation at prompt positions (or its last n) or generated ones, and nowhere else."""
+    ids = ids_for(llama)
+    n = ids.shape[1]
+    nset = NeuronSet(llama.info.model_id, "s", "mlp_hidden", [1], [5], [1.0], means=[0.75])
+    spec = AblationSpec(neuron_set="s", mode="mean", positions=positions, last_n=last_n)  # type: ignore[arg-type]
+
+    def run(prefill: list, decode: list) -> list[torch.Tensor]:
+        cap = Capture([("mlp_hidden", 1)])
+        with torch.no_grad():
+            with intervene(llama.sites, [*prefill, cap]):
+                out = llama.model(ids, use_cache=True)
+            with intervene(llama.sites, [*decode, cap]):
+                llama.model(
+                    torch.tensor([[7]]), past_key_values=out.past_key_values, use_cache=True
+                )
+        return cap.seen[("mlp_hidden", 1)]
+
+    def ablate() -> list:
+        return [build_ablation(llama, spec, {"s": nset}, prompt_len=n)]
+
+    clean = run([], [])
+    same = ablate()  # one handler for both phases: it counts the positions it has seen
+    both = run(same, same)
+    got = both[0][0], both[1][0, 0]
+    hit = torch.zeros(n, dtype=torch.bool)
+    hit[:] = prompt_ablated == "all"
+    if prompt_ablated == "last2":
+        hit[-2:] = True
+    prefill, clean_prefill = got[0], clean[0][0]
+    assert torch.all(prefill[hit, 5] == 0.75)
+    torch.testing.assert_close(prefill[~hit], clean_prefill[~hit], rtol=0, atol=0)
+    torch.testing.assert_close(prefill[:, :5], clean_prefill[:, :5], rtol=0, atol=0)
+    # the decode step: ablated there, or exactly what it is after an ablated prefill alone
+    untouched = run(ablate(), [])[1][0, 0]
+    if decode_ablated:
+        assert got[1][5] == 0.75 and torch.equal(got[1][:5], untouched[:5])
+    else:
+        torch.testing.assert_close(got[1], untouched, rtol=0, atol=0)
+        assert untouched[5] != 0.75
+
+
 def test_directional_ablation_removes_the_direction(llama: LoadedModel) -> None:
     vecs = vectors_for(llama, ["cynic"])
     ids = ids_for(llama)
