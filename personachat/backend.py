@@ -326,7 +326,8 @@ class Backend:
         when only the last prompt tokens, the projected-out direction and the ablation."""
         parts = [self.blend_summary(model_id, settings)] if settings.steering else []
         if settings.steering and settings.last_n is not None:
-            parts.append(f"Added at the last {settings.last_n} prompt tokens.")
+            n = settings.last_n
+            parts.append(f"Added at the last {'prompt token' if n == 1 else f'{n} prompt tokens'}.")
         if settings.projecting:
             layers = format_layers(settings.direction_layers)
             parts.append(f"Projecting {settings.direction}'s direction out at layers {layers}.")

@@ -244,6 +244,7 @@ def test_last_n_prompt_tokens_match_the_engine(h: Handlers, engine: ChatEngine) 
     assert engine.prompt_ids(USER).shape[1] == 20
     assert steps[-1][0][-1]["content"] == last.text != whole.text
     assert "Added at the last 3 prompt tokens." in steps[-1][3]
+    assert "Added at the last prompt token." in chat(h, last_n=1, **steer)[-1][3]
     # 0 (or empty) is the whole prompt, and so is any n beyond its length
     for whole_prompt in (0, None, 20, 100):
         assert chat(h, last_n=whole_prompt, **steer)[-1][0][-1]["content"] == whole.text
