@@ -18,7 +18,7 @@ import pytest
 
 from personachat.backend import Backend
 from personachat.chat import ChatEngine, GenerationSettings
-from personachat.interventions import AblationSpec, SteeringSpec
+from personachat.interventions import AblationSpec, DirectionSpec, SteeringSpec
 from personachat.model import load_model
 from personachat.store import Store
 from personachat.ui import CSS, build_ui
@@ -128,6 +128,49 @@ def test_chat_endpoint_with_steering_matches_the_python_api(
     assert text(side[-1]) == plain.text != steered.text
     assert box == "" and status.startswith(f"Done. Blend 1·{persona} at 1-2:4 (raw).")
     assert 'class="pc-tok pc-reply"' in tokens_html
+
+
+def test_last_n_and_directional_ablation_over_the_api(
+    served: tuple[Any, Backend], engine: tuple[ChatEngine, str, str]
+) -> None:
+    client, _ = served
+    chat_engine, persona, _ = engine
+    other = next(p for p in sorted(chat_engine.vectors) if p != persona)
+    history, side, _, status, _ = call_chat(
+        client,
+        personas=[persona],
+        layer_spec="1-2:4",
+        last_n=3,
+        direction=other,
+        direction_layers="0-1",
+        side_by_side=True,
+    )
+    messages = [{"role": "user", "content": QUESTION}]
+    expected = chat_engine.reply(
+        messages,
+        GenerationSettings(max_new_tokens=40),
+        steering=SteeringSpec({persona: 1.0}, layers="1-2:4", positions="prompt", last_n=3),
+        direction=DirectionSpec(other, "0-1"),
+    )
+    plain = chat_engine.reply(messages, GenerationSettings(max_new_tokens=40))
+    assert text(history[-1]) == expected.text
+    assert text(side[-1]) == plain.text  # the other row: neither steered nor ablated
+    assert "Added at the last 3 prompt tokens." in status
+    assert f"Projecting {other}'s direction out at layers 0-1." in status
+    out = call_chat(client, direction="no_such_persona")
+    assert out[0] == [] and out[3].startswith("⚠ unknown persona 'no_such_persona'; known")
+    # the new parameters come last, with defaults: calls that leave them out keep working
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for name in ("/chat", "/retry"):
+        tail = [
+            (p["parameter_name"], p["parameter_has_default"], p["parameter_default"])
+            for p in api[name]["parameters"][-3:]
+        ]
+        assert tail == [
+            ("last_n", True, 0),
+            ("direction", True, "none"),
+            ("direction_layers", True, "all"),
+        ]
 
 
 def test_ablation_and_bad_input_over_the_api(
