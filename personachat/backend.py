@@ -477,7 +477,7 @@ class Backend:
         wanted = list(neuron_personas) or chosen
         pairs = [p for p in data.pairs if wanted is None or p.high in wanted or p.low in wanted]
         if neurons and pairs:
-            sets = find_neurons(lm, pairs, method="attribution", k=32, dataset=data)
+            sets = find_neurons(lm, pairs, method="patching", k=32, dataset=data)
         with Store(self.store_path) as store:
             register_results(store, lm, data.personas, result, sets)
         self.refresh()

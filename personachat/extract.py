@@ -27,7 +27,13 @@ from personachat.activations import Capture, CaptureSpec, Dist, build_samples, c
 from personachat.datasets import ContrastPair, DatasetError, PersonaDataset
 from personachat.hooks import Site
 from personachat.model import LoadedModel, load_model
-from personachat.neurons import attribution_sums, neuron_sets, standardized_effect
+from personachat.neurons import (
+    attribution_sums,
+    neuron_sets,
+    patching_scores,
+    patching_sums,
+    standardized_effect,
+)
 from personachat.records import (
     MEAN_BASELINE,
     NEURON_METHODS,
@@ -40,6 +46,8 @@ from personachat.records import (
 from personachat.responses import GenerationConfig, ensure_responses
 from personachat.sites import LAYER_CONVENTION, SiteTemplates, templates_from_args
 from personachat.vectors import baseline_samples, difference_of_means, layer_metrics, project
+
+REPLY_METHODS = ("attribution", "patching")  # neuron methods that need the personas' replies
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +236,7 @@ def extract_vectors(
                     n_samples=int(counts[i]),
                     metrics=metrics,
                     created_at=now,
+                    baseline_mean=_expand(means[p][neg_personas].mean(0), chosen, n_layers),
                 )
                 result.vectors.append(vector)
                 best = metrics.best_layer
@@ -276,7 +285,8 @@ def find_neurons(
     """Top-``k`` MLP units per contrast pair (and per kind of pairs) by ``method`` at ``site``.
 
     ``pairs`` is a dataset (all its pairs) or pairs from ``dataset``. ``positions`` chooses the
-    pooling of the ``effect`` method; ``attribution`` always uses the persona's own reply.
+    pooling of the ``effect`` method; ``attribution`` always uses the persona's own reply, and
+    ``patching`` the last prompt token and the first tokens of the replies.
     """
     dist = dist or Dist()
     if isinstance(pairs, PersonaDataset):
@@ -290,7 +300,7 @@ def find_neurons(
     if site not in NEURON_SITES:
         raise ValueError(f"unknown neuron site {site!r}; use one of {NEURON_SITES}")
     if method not in NEURON_METHODS or method == "imported":
-        raise ValueError(f"unknown method {method!r}; use 'effect' or 'attribution'")
+        raise ValueError(f"unknown method {method!r}; use 'effect', 'attribution' or 'patching'")
     if site == "gate" and lm.sites.gates is None:
         raise ValueError(
             f"{lm.sites.architecture} has no separate gate projection; use --site mlp_hidden"
@@ -300,12 +310,13 @@ def find_neurons(
     chosen = check_layers(lm, layers)
     names = list(dict.fromkeys(n for p in pair_list for n in (p.high, p.low)))
     data = dataset.select(names)
-    kinds = ("response_avg",) if method == "attribution" else _positions(positions)
+    kinds = ("response_avg",) if method in REPLY_METHODS else _positions(positions)
     if "response_avg" in kinds:
         data = ensure_responses(
             lm, data, names, generation, cache_dir=cache_dir, progress=progress, dist=dist
         )
-    samples = _neuron_samples(lm, data, kinds, max_tokens, dist)
+    # patching aligns every persona's reply to each question, so it splits questions itself
+    samples = _neuron_samples(lm, data, kinds, max_tokens, Dist() if method == "patching" else dist)
     site_name: Site = "gate" if site == "gate" else "mlp_hidden"
     scores: dict[str, torch.Tensor] = {}
     means: dict[str, torch.Tensor] = {}
@@ -333,6 +344,25 @@ def find_neurons(
                     mean[h], sq[h], int(cap.counts[h]), mean[lo], sq[lo], int(cap.counts[lo])
                 ).float()
                 means[pair.name] = ((mean[h] + mean[lo]) / 2).float()
+    elif method == "patching":
+        index = [(names.index(p.high), names.index(p.low)) for p in pair_list]
+        products, diffs, act_sums, count = patching_sums(
+            lm,
+            samples,
+            index,
+            site_name,
+            chosen,
+            len(names),
+            batch_size=batch_size,
+            progress=progress and dist.is_main,
+            dist=dist,
+        )
+        products, diffs = dist.all_reduce(products), dist.all_reduce(diffs)
+        act_sums, count = dist.all_reduce(act_sums), dist.all_reduce(count)
+        pair_scores = patching_scores(products, diffs, count)
+        for j, pair in enumerate(pair_list):
+            scores[pair.name] = pair_scores[j]
+            means[pair.name] = (act_sums[index[j][1]] / count.clamp(min=1)).float()
     else:
         attr, acts, counts = attribution_sums(
             lm,
@@ -350,7 +380,8 @@ def find_neurons(
             h, lo = names.index(pair.high), names.index(pair.low)
             scores[pair.name] = (attr_mean[h] - attr_mean[lo]).float()
             means[pair.name] = ((act_mean[h] + act_mean[lo]) / 2).float()
-    source = f"dataset {dataset.name} sha256 {dataset.sha256[:12]}; positions {','.join(kinds)}"
+    where = "last prompt token" if method == "patching" else ",".join(kinds)
+    source = f"dataset {dataset.name} sha256 {dataset.sha256[:12]}; positions {where}"
     sets = neuron_sets(
         model_id=lm.info.model_id,
         site=site,

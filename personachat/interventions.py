@@ -97,10 +97,21 @@ class AblationSpec:
 
 @dataclass(frozen=True)
 class DirectionSpec:
-    """Project ``persona``'s direction out of the residual stream at ``layers`` (spec or preset)."""
+    """Ablate ``persona``'s direction in the residual stream at ``layers`` (spec or preset).
+
+    ``mode="mean"`` moves the stream's component along the direction to the baseline persona's
+    mean level there (``x - (x.u - m) u``): the persona's own push is removed and nothing else.
+    ``mode="zero"`` projects the component out entirely (``x - (x.u) u``), which, where the
+    baseline itself sits far from zero along the direction, moves the stream as much as the
+    persona does (on the demo model it brings the persona out). ``positions`` and ``last_n``
+    choose the tokens, as for steering.
+    """
 
     persona: str
     layers: str = "all"
+    mode: AblationMode = "mean"
+    positions: PositionMode = "all"
+    last_n: int | None = None
 
 
 # --------------------------------------------------------------------------- parsing
@@ -351,18 +362,43 @@ class Steer:
 
 
 class DirectionalAblation:
-    """Remove the component along unit directions: ``x - (x . u) u`` at each chosen layer."""
+    """Set the component along unit directions to a level: ``x - (x . u - m) u`` per layer.
 
-    def __init__(self, units: Mapping[int, torch.Tensor], rows: torch.Tensor | None = None) -> None:
+    ``m`` is the baseline's mean level (mean ablation) or 0 (the direction projected out).
+    """
+
+    def __init__(
+        self,
+        units: Mapping[int, torch.Tensor],
+        levels: Mapping[int, float] | None = None,
+        rows: torch.Tensor | None = None,
+        *,
+        positions: PositionMode = "all",
+        last_n: int | None = None,
+        prompt_len: int | None = None,
+    ) -> None:
         self.units = dict(units)
+        self.levels = dict(levels or {})
         self.rows = rows  # 1 where a row is ablated, 0 where it is left alone
+        self._window = None if positions == "all" else _Window(positions, last_n, prompt_len)
 
     def wants(self) -> Iterable[tuple[Site, int]]:
         return [("residual", layer) for layer in sorted(self.units)]
 
     def __call__(self, site: Site, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        if self._window is None:
+            return self._ablate(layer, x)
+        span = self._window.span(layer, x.shape[1])
+        if span is None:
+            return None
+        lo, hi = span
+        out = x.clone()
+        out[:, lo:hi] = self._ablate(layer, x[:, lo:hi])
+        return out
+
+    def _ablate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         unit = self.units[layer]
-        coef = x @ unit  # [B, T]
+        coef = x @ unit - self.levels.get(layer, 0.0)  # [B, T]
         if self.rows is not None:
             coef = coef * self.rows.to(coef)[:, None]
         return x - coef.unsqueeze(-1) * unit
@@ -727,14 +763,41 @@ def build_directional(
     spec: DirectionSpec,
     *,
     rows: Sequence[float] | None = None,
+    prompt_len: int | None = None,
 ) -> DirectionalAblation:
+    """Validate ``spec``; mean mode needs the vector's baseline mean (``baseline_mean``)."""
+    if spec.mode not in ABLATION_MODES:
+        raise InterventionError(
+            f"unknown direction mode {spec.mode!r}; use one of {ABLATION_MODES}"
+        )
+    _check_positions(spec.positions, spec.last_n)
     vector = lookup(vectors, spec.persona)
     check_vector(lm, vector)
     layers = layer_strengths(spec.layers, 1.0, lm.info.n_layers, _best_layer(vector), 2)
     unit = unit_vectors(lm, vector)
+    levels: dict[int, float] = {}
+    if spec.mode == "mean":
+        base = vector.baseline_mean
+        if base is None:
+            raise InterventionError(
+                f"mean directional ablation of {spec.persona!r} needs its baseline "
+                f"{vector.baseline!r}'s mean activations, which were not registered with this "
+                "vector; re-extract it (scripts/extract_vectors.py registers them) or use "
+                "mode='zero'"
+            )
+        if tuple(base.shape) != tuple(vector.vector.shape):
+            raise InterventionError(
+                f"the baseline mean of {spec.persona!r} has shape {tuple(base.shape)}, the "
+                f"vector {tuple(vector.vector.shape)}"
+            )
+        levels = {layer: float(base[layer].float() @ unit[layer].float().cpu()) for layer in layers}
     return DirectionalAblation(
         {layer: unit[layer].to(site_device(lm, "residual", layer)) for layer in layers},
+        levels,
         rows=_row_tensor(rows, lm.device),
+        positions=spec.positions,
+        last_n=spec.last_n,
+        prompt_len=prompt_len,
     )
 
 
@@ -786,7 +849,7 @@ def build_plan(
         handlers.append(plan.steer)
     if direction is not None:
         on = None if rows is None else [1.0 if float(r) != 0.0 else 0.0 for r in rows]
-        handlers.append(build_directional(lm, vectors, direction, rows=on))
+        handlers.append(build_directional(lm, vectors, direction, rows=on, prompt_len=prompt_len))
     if ablation is not None:
         mask = None if rows is None else [float(r) != 0.0 for r in rows]
         handlers.append(

@@ -9,6 +9,15 @@ Two scoring methods (``records.NEURON_METHODS``):
   were zeroed, negated), averaged over the persona's samples; the pair's score is
   ``attr(high) - attr(low)``: units that support the high persona's replies more than the low
   persona's. Ranked by the signed score, largest first.
+- ``patching``: attribution patching at the decision: at the last prompt position (where the
+  reply's first token is chosen), ``(a_high - a_low) x d logodds / d a``, averaged over the
+  questions, where ``logodds`` is the high persona's log-odds of opening its reply the way it
+  does (any first token of its replies vs every other token). It estimates how much patching
+  the unit to its value under the low persona's prompt would take away. Only units the high
+  persona turns up (mean ``a_high - a_low > 0``) are kept. The set's means are the low persona's
+  values there, so ``AblationSpec(mode="mean", positions="prompt")`` is that patch. A model
+  whose style, once started, carries itself through the reply is steered by its first tokens:
+  units found over the whole reply then change nothing (see the demo model's card).
 
 Sets are labelled ``{pair or kind}.{site}.{method}`` (``teacher_student.gate.effect``).
 Cross-pair stability: for pairs of the same ``kind`` each unit's rank (0 = best) in every pair
@@ -24,7 +33,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from personachat.activations import Sample, pad_batch
+from personachat.activations import Dist, Sample, pad_batch
 from personachat.datasets import ContrastPair
 from personachat.hooks import Site
 from personachat.hooks import intervene as _intervene
@@ -153,17 +162,19 @@ class _Grab:
         return None
 
 
+def _logits(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head (and its soft-capping, where the model has one) on final hidden states."""
+    logits = lm.model.get_output_embeddings()(hidden).float()
+    cap = getattr(lm.model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def _reply_logprob(
     lm: LoadedModel, hidden: torch.Tensor, ids: torch.Tensor, pred: torch.Tensor
 ) -> torch.Tensor:
     """Summed log-prob of the tokens after the positions in ``pred`` [B, T] (bool)."""
     b, t = pred.nonzero(as_tuple=True)
-    head = lm.model.get_output_embeddings()
-    logits = head(hidden[b, t]).float()
-    cap = getattr(lm.model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    logp = torch.log_softmax(logits, dim=-1)
+    logp = torch.log_softmax(_logits(lm, hidden[b, t]), dim=-1)
     return logp.gather(1, ids[b, t + 1].unsqueeze(1)).sum()
 
 
@@ -217,3 +228,96 @@ def attribution_sums(
             bar.update(len(chunk))
     bar.close()
     return attr, acts, counts
+
+
+def _last_prompt_acts(
+    lm: LoadedModel, samples: Sequence[Sample], grab: _Grab, grad: bool
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Activations per layer [B, T, W] (left-padded: the prompt ends at -1), and the logits at
+    the last prompt position [B, V]."""
+    prompts = [Sample(s.persona, s.ids[: s.n_prompt], (), s.n_prompt) for s in samples]
+    batch = pad_batch(prompts, int(lm.tokenizer.pad_token_id or 0), "left", lm.device)
+    grab.acts.clear()
+    with torch.set_grad_enabled(grad):
+        out = lm.sites.base(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        )
+        logits = _logits(lm, out.last_hidden_state[:, -1])
+    return [grab.acts[layer] for layer in grab.layers], logits
+
+
+def patching_sums(
+    lm: LoadedModel,
+    samples: Sequence[Sample],
+    pairs: Sequence[tuple[int, int]],
+    site: Site,
+    layers: Sequence[int],
+    n_personas: int,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    dist: Dist | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sums over questions of the ``patching`` products [pairs, L, W], of ``a_high - a_low``
+    [pairs, L, W], of activations per persona [P, L, W], and the question count.
+
+    ``samples`` hold every persona's reply to every question, persona-major in the same question
+    order; ``pairs`` are (high, low) persona indices. Questions are split across processes.
+    """
+    dist = dist or Dist()
+    by_persona: list[list[Sample]] = [[] for _ in range(n_personas)]
+    for sample in samples:
+        by_persona[sample.persona].append(sample)
+    n_questions = len(by_persona[0])
+    if any(len(group) != n_questions for group in by_persona):
+        raise ValueError("patching needs every persona's reply to every question")
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    openers = {}
+    for high in {h for h, _ in pairs}:  # the ways the high persona opens its replies
+        mask = torch.zeros(vocab, dtype=torch.bool, device=lm.device)
+        mask[[s.ids[s.n_prompt] for s in by_persona[high]]] = True
+        openers[high] = mask
+    width = lm.sites.mlp_width
+    shape = (len(layers), width)
+    products = torch.zeros((len(pairs), *shape), dtype=torch.float64)
+    diffs = torch.zeros_like(products)
+    acts = torch.zeros((n_personas, *shape), dtype=torch.float64)
+    grab = _Grab(site, layers)
+    questions = dist.shard(list(range(n_questions)))
+    bar = tqdm(total=len(questions), desc="patching", disable=not progress, unit="question")
+    with _intervene(lm.sites, [grab]):
+        for start in range(0, len(questions), batch_size):
+            chunk = questions[start : start + batch_size]
+            seen: dict[int, torch.Tensor] = {}
+            grads: dict[int, torch.Tensor] = {}
+            for p in range(n_personas):
+                grad = p in openers
+                xs, logits = _last_prompt_acts(lm, [by_persona[p][q] for q in chunk], grab, grad)
+                seen[p] = torch.stack([x[:, -1].detach().double().cpu() for x in xs], 1)
+                if grad:
+                    logp = torch.log_softmax(logits, dim=-1)
+                    own = logp[:, openers[p]].logsumexp(-1)
+                    rest = logp[:, ~openers[p]].logsumexp(-1)
+                    g = torch.autograd.grad((own - rest).sum(), xs)
+                    grads[p] = torch.stack([gi[:, -1].double().cpu() for gi in g], 1)
+                acts[p] += seen[p].sum(0)
+            for j, (high, low) in enumerate(pairs):
+                diff = seen[high] - seen[low]
+                products[j] += (diff * grads[high]).sum(0)
+                diffs[j] += diff.sum(0)
+            bar.update(len(chunk))
+    bar.close()
+    count = torch.tensor(float(len(questions)), dtype=torch.float64)
+    return products, diffs, acts, count
+
+
+def patching_scores(
+    products: torch.Tensor, diffs: torch.Tensor, count: torch.Tensor
+) -> torch.Tensor:
+    """Mean patching effect per unit [pairs, L, W]; 0 where the high persona does not turn the
+    unit up (a unit the low persona drives would flip every persona, not this one)."""
+    n = count.clamp(min=1)
+    return torch.where(diffs / n > 0, products / n, torch.zeros_like(products)).float()

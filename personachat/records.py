@@ -13,7 +13,7 @@ import torch
 
 POSITIONS = ("response_avg", "prompt_last", "prompt_avg", "question_span")
 METHODS = ("diff_means", "imported")
-NEURON_METHODS = ("effect", "attribution", "imported")
+NEURON_METHODS = ("effect", "attribution", "patching", "imported")
 NEURON_SITES = ("mlp_hidden", "gate")
 MEAN_BASELINE = "mean"  # baseline name meaning "the mean of all personas"
 
@@ -73,6 +73,10 @@ class PersonaVector:
     n_samples: int = 0
     metrics: LayerMetrics | None = None
     created_at: datetime | None = None
+    # The baseline's raw mean activation [n_layers, hidden] at the same positions, when known:
+    # mean directional ablation moves the stream's component to the baseline's level. Not part
+    # of the vector's file; the store attaches it from its means table.
+    baseline_mean: torch.Tensor | None = None
 
     @property
     def n_layers(self) -> int:

@@ -75,6 +75,7 @@ from safetensors.torch import save as st_save
 
 from personachat.model import ModelInfo
 from personachat.records import (
+    MEAN_BASELINE,
     METHODS,
     NEURON_METHODS,
     NEURON_SITES,
@@ -1237,8 +1238,19 @@ class Store:
                     self.refresh()  # another process replaced it meanwhile
                     continue
                 raise
-            return vector_from_tensors(tensors, meta, source=str(self.root / entry.file))
+            vector = vector_from_tensors(tensors, meta, source=str(self.root / entry.file))
+            vector.baseline_mean = self._baseline_mean(model_id, vector)
+            return vector
         raise AssertionError("unreachable")
+
+    def _baseline_mean(self, model_id: str, vector: PersonaVector) -> torch.Tensor | None:
+        """The registered mean of the vector's baseline persona at its positions, if any."""
+        if vector.baseline == MEAN_BASELINE:
+            return None  # a mean over personas: which ones is not recorded
+        have = [e for e in self.means(model_id, vector.baseline) if e.positions == vector.positions]
+        if not have:
+            return None
+        return self.load_means(model_id, vector.baseline, positions=vector.positions).mean
 
     def load_means(
         self, model_id: str, persona: str, *, positions: str = "response_avg"

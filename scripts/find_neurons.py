@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", help="comma-separated pair names (default: all)")
     p.add_argument("--layers", default="all", help="'all', '15', '10-20' or '4,8'")
     p.add_argument("--site", default="mlp_hidden", choices=NEURON_SITES)
-    p.add_argument("--method", default="effect", choices=("effect", "attribution"))
+    p.add_argument("--method", default="effect", choices=("effect", "attribution", "patching"))
     p.add_argument("--k", type=int, default=32, help="units kept per pair")
     p.add_argument("--positions", default="response_avg", choices=POSITIONS, help="for effect")
     add_run_args(p, out_help="folder for neurons.json")

@@ -306,7 +306,7 @@ def test_directional_ablation_removes_the_direction(llama: LoadedModel) -> None:
     vecs = vectors_for(llama, ["cynic"])
     ids = ids_for(llama)
     clean = clean_residuals(llama, ids)[0]
-    plan = build_plan(llama, vecs, direction=DirectionSpec("cynic", layers="0"))
+    plan = build_plan(llama, vecs, direction=DirectionSpec("cynic", layers="0", mode="zero"))
     cap = Capture([("residual", 0)])
     with torch.no_grad(), intervene(llama.sites, [*plan.handlers, cap]):
         llama.model(ids)
@@ -314,6 +314,32 @@ def test_directional_ablation_removes_the_direction(llama: LoadedModel) -> None:
     got = cap.seen[("residual", 0)][0]
     assert float((got @ u).abs().max()) < 1e-4
     torch.testing.assert_close(got, clean - (clean @ u)[..., None] * u, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InterventionError, match=r"baseline 'default'.*mode='zero'"):
+        build_plan(llama, vecs, direction=DirectionSpec("cynic", layers="0"))  # no baseline mean
+
+
+def test_mean_directional_ablation_moves_the_component_to_the_baseline_level(
+    llama: LoadedModel,
+) -> None:
+    """At the last 2 prompt positions only, the component along u becomes the baseline's."""
+    vecs = vectors_for(llama, ["cynic"])
+    base = torch.randn(llama.info.n_layers, llama.info.hidden_size)
+    vecs["cynic"].baseline_mean = base
+    ids = ids_for(llama)
+    n = ids.shape[1]
+    clean = clean_residuals(llama, ids)[1]
+    spec = DirectionSpec("cynic", layers="1", positions="prompt", last_n=2)
+    plan = build_plan(llama, vecs, direction=spec, prompt_len=n)
+    cap = Capture([("residual", 1)])
+    with torch.no_grad(), intervene(llama.sites, [*plan.handlers, cap]):
+        llama.model(ids)
+    u = vecs["cynic"].vector[1] / vecs["cynic"].vector[1].norm()
+    level = float(base[1] @ u)
+    got = cap.seen[("residual", 1)][0][0]
+    want = clean[0].clone()
+    want[-2:] = clean[0][-2:] - ((clean[0][-2:] @ u) - level)[:, None] * u
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[-2:] @ u, torch.full((2,), level), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- readout
