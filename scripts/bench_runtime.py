@@ -123,8 +123,8 @@ def decode_pairs(
 
     Two greedy decodes run side by side, each with its own KV cache: a plain one and one under
     ``handlers()`` (and inside ``around()`` if given; both set up outside the timed region).
-    Their steps alternate, A/B then B/A. Time is this thread's CPU time (one intra-op thread), so other processes on a shared
-    machine do not count.
+    Their steps alternate, A/B then B/A. Time is this thread's CPU time (one intra-op thread),
+    so other processes on a shared machine do not count.
     """
     ids = torch.arange(3, 11).unsqueeze(0)
     hooked = list(handlers())
