@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from personachat.session import Limits, Settings, format_layer_spec, format_layers
+from personachat.session import Limits, Settings, format_layer_spec, format_layers, patching_sets
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,11 @@ class AnalysisView:
 
 
 Progress = Callable[[float, str], None]
+
+
+def _tokens(positions: str) -> str:
+    """The status' words for where an ablation acts: nothing for all tokens."""
+    return "" if positions == "all" else f" ({positions} tokens)"
 
 
 def unit_name(units: str) -> str:
@@ -323,19 +328,35 @@ class Backend:
 
     def settings_summary(self, model_id: str, settings: Settings) -> str:
         """What this turn does to the model: the blend (with interference), where it is added
-        when only the last prompt tokens, the projected-out direction and the ablation."""
+        when only the last prompt tokens, the ablated direction and the neuron ablation (with
+        a note when a patching set is ablated otherwise than by mean at the prompt)."""
+        engine = self.engine(model_id, settings.vectors_from)
         parts = [self.blend_summary(model_id, settings)] if settings.steering else []
         if settings.steering and settings.last_n is not None:
             n = settings.last_n
             parts.append(f"Added at the last {'prompt token' if n == 1 else f'{n} prompt tokens'}.")
         if settings.projecting:
             layers = format_layers(settings.direction_layers)
-            parts.append(f"Projecting {settings.direction}'s direction out at layers {layers}.")
+            where = _tokens(settings.direction_positions)
+            if settings.direction_mode == "zero":
+                text = f"Projecting {settings.direction}'s direction out at layers {layers}"
+            else:
+                vector = engine.vectors.get(settings.direction)
+                base = f"{vector.baseline}'s" if vector is not None else "the baseline's"
+                text = f"Moving {settings.direction}'s direction to {base} level at layers {layers}"
+            parts.append(f"{text}{where}.")
         if settings.ablating:
-            sets = self.engine(model_id, settings.vectors_from).neuron_sets
+            sets = engine.neuron_sets
             units = sum(len(sets[label]) for label in settings.neuron_sets) + len(settings.neurons)
             named = ", ".join([*settings.neuron_sets, *(["typed"] if settings.neurons else [])])
-            parts.append(f"Ablating {units} MLP units ({named}) by {settings.ablation}.")
+            where = _tokens(settings.ablation_positions)
+            parts.append(f"Ablating {units} MLP units ({named}) by {settings.ablation}{where}.")
+            misused = patching_sets(settings.neuron_sets)
+            if misused and (settings.ablation, settings.ablation_positions) != ("mean", "prompt"):
+                parts.append(
+                    f"⚠ {', '.join(misused)}: found by attribution patching at the prompt, "
+                    "meant for mean ablation at the prompt tokens (ablate 'mean', at 'prompt')."
+                )
         return " ".join(parts)
 
     def layer_metrics(
@@ -573,16 +594,23 @@ class Backend:
             )
         direction = None
         if settings.projecting:
-            direction = DirectionSpec(settings.direction, format_layers(settings.direction_layers))
+            direction = DirectionSpec(
+                settings.direction,
+                format_layers(settings.direction_layers),
+                mode=settings.direction_mode,
+                positions=settings.direction_positions,
+            )
         ablation, extra = None, []
         if settings.ablating:
-            mode = settings.ablation
+            mode, where = settings.ablation, settings.ablation_positions
             typed = ",".join(f"{layer}:{index}" for layer, index in settings.neurons)
             first = settings.neuron_sets[0] if settings.neuron_sets else None
-            ablation = AblationSpec(neuron_set=first, neurons=typed, mode=mode)  # type: ignore[arg-type]
+            ablation = AblationSpec(first, typed, mode, positions=where)  # type: ignore[arg-type]
             rows = [False, True] if settings.side_by_side else None
+            # the other sets run as extra handlers; their position window takes the prompt's
+            # length from its first forward (the prefill), as the engine's own handlers do
             for label in settings.neuron_sets[1:]:
-                spec = AblationSpec(neuron_set=label, mode=mode)  # type: ignore[arg-type]
+                spec = AblationSpec(label, mode=mode, positions=where)  # type: ignore[arg-type]
                 extra.append(build_ablation(lm, spec, engine.neuron_sets, rows=rows))
         readout = list(settings.personas) or sorted(engine.vectors)[:MAX_READOUT_PERSONAS]
         updates = engine.stream(

@@ -11,7 +11,10 @@ Formats:
 - layer strengths: ``"8-12:4, 13:2"`` (layer or inclusive range, colon, strength) or ``"all:2"``.
 - neurons: ``"3:12, 3:40-45, 4:7"`` (layer:index or layer:first-last).
 - last n prompt tokens: a whole number >= 0; 0 or empty steers the whole prompt.
-- layers to project a direction out of: ``"all"`` or ``"0-2, 5"`` (layers only, no strengths).
+- layers to ablate a direction at: ``"all"`` or ``"0-2, 5"`` (layers only, no strengths).
+- direction mode: ``"mean"`` (the component along the direction moved to the baseline's level)
+  or ``"zero"`` (projected out); direction and ablation positions: ``"all"``, ``"prompt"`` or
+  ``"generated"``.
 """
 
 from __future__ import annotations
@@ -28,10 +31,17 @@ MAX_NEURONS = 4096
 UNITS = ("raw", "x residual norm")
 PRESETS = ("best layer", "band", "all layers", "custom")
 ABLATION_MODES = ("off", "zero", "mean")
-NO_DIRECTION = "none"  # the direction dropdown's "project nothing out"
+POSITIONS = ("all", "prompt", "generated")
+NO_DIRECTION = "none"  # the direction dropdown's "ablate no direction"
 DIRECTION_FIELD = "Direction layers"
+# how a direction is ablated, and the page's words for it
+DIRECTION_MODES = {"mean": "to the baseline's level", "zero": "to zero (project out)"}
+# neuron sets found by attribution patching at the prompt (``personachat.neurons``, labelled
+# ``{pair}.{site}.patching``) are meant to be mean-ablated at the prompt tokens
+PATCHING_SUFFIX = ".patching"
 
 Units = Literal["raw", "x residual norm"]
+Positions = Literal["all", "prompt", "generated"]
 
 
 class InputError(ValueError):
@@ -57,8 +67,11 @@ class Settings:
     side_by_side: bool = False
     vectors_from: str = ""  # which stored vectors (positions kind); "" = the preferred kind
     last_n: int | None = None  # positions "prompt": steer only its last n tokens (None: all)
-    direction: str = ""  # the persona whose direction is projected out ("": none)
+    direction: str = ""  # the persona whose direction is ablated ("": none)
     direction_layers: tuple[int, ...] = ()
+    direction_mode: Literal["mean", "zero"] = "mean"
+    direction_positions: Positions = "all"
+    ablation_positions: Positions = "all"
 
     @property
     def steering(self) -> bool:
@@ -169,8 +182,8 @@ def parse_layers(text: str | None, n_layers: int, field: str) -> tuple[int, ...]
     for item in items:
         if ":" in item:
             raise InputError(
-                f"{field}: {item!r} gives a strength, but a direction is projected out "
-                "completely; list layers only, e.g. 'all' or '0-2, 5'."
+                f"{field}: {item!r} gives a strength, but a direction is ablated without "
+                "one; list layers only, e.g. 'all' or '0-2, 5'."
             )
         if not _LAYERS.fullmatch(item):
             raise InputError(
@@ -248,6 +261,20 @@ def parse_neurons(text: str | None, n_layers: int, mlp_width: int) -> tuple[tupl
     return tuple(dict.fromkeys(neurons))
 
 
+def check_choice(field: str, value: object, choices: Sequence[str], words: str = "") -> str:
+    """``value`` when it is one of ``choices``; else an ``InputError`` naming ``field``."""
+    if value in choices:
+        return str(value)
+    listed = ", ".join(f"'{c}'" for c in choices)
+    raise InputError(f"{field} must be one of {listed}{words}; got {value!r}.")
+
+
+def patching_sets(labels: Sequence[str]) -> tuple[str, ...]:
+    """The neuron sets among ``labels`` found by attribution patching (meant for mean ablation
+    at the prompt tokens)."""
+    return tuple(label for label in labels if label.endswith(PATCHING_SUFFIX))
+
+
 def check_personas(picked: Sequence[str] | None, known: Sequence[str]) -> tuple[str, ...]:
     """The picked personas, each still registered; a removed one is named with the known ones."""
     personas = tuple(dict.fromkeys(picked or []))
@@ -302,11 +329,16 @@ def parse_settings(
     last_n: object = 0,
     direction: str | None = "",
     direction_layers: str | None = "all",
+    direction_mode: str = "mean",
+    direction_positions: str = "all",
+    ablation_positions: str = "all",
 ) -> Settings:
     """Check every input against ``limits``; the first problem raises ``InputError``.
 
     ``last_n`` counts only with ``positions="prompt"``. ``direction`` ("none" or empty: none)
-    is checked by the runtime, whose error lists the known personas."""
+    is checked by the runtime, whose error lists the known personas; ``direction_mode`` and
+    ``direction_positions`` say how and where it is ablated, ``ablation_positions`` where the
+    neurons are."""
     picked = check_personas(personas, limits.personas)
     strengths = parse_layer_spec(layer_spec, limits.n_layers)
     if picked and not strengths:
@@ -319,6 +351,10 @@ def parse_settings(
     if ablation not in ABLATION_MODES:
         raise InputError(f"unknown ablation {ablation!r}; choose {', '.join(ABLATION_MODES)}.")
     tail = parse_last_n(last_n)
+    words = " (" + ", ".join(f"{k}: {v}" for k, v in DIRECTION_MODES.items()) + ")"
+    mode = check_choice("Direction mode", direction_mode, tuple(DIRECTION_MODES), words)
+    where = check_choice("Direction positions", direction_positions, POSITIONS)
+    ablated_at = check_choice("Ablation positions", ablation_positions, POSITIONS)
     projected = "" if (direction or "").strip() in ("", NO_DIRECTION) else str(direction).strip()
     layers = parse_layers(direction_layers, limits.n_layers, DIRECTION_FIELD) if projected else ()
     return Settings(
@@ -339,4 +375,7 @@ def parse_settings(
         last_n=tail if positions == "prompt" else None,
         direction=projected,
         direction_layers=layers,
+        direction_mode=mode,  # type: ignore[arg-type]
+        direction_positions=where,  # type: ignore[arg-type]
+        ablation_positions=ablated_at,  # type: ignore[arg-type]
     )

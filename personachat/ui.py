@@ -30,7 +30,9 @@ from personachat import views
 from personachat.backend import AnalysisView, Backend, Readout, Step
 from personachat.session import (
     ABLATION_MODES,
+    DIRECTION_MODES,
     NO_DIRECTION,
+    POSITIONS,
     PRESETS,
     UNITS,
     InputError,
@@ -38,12 +40,12 @@ from personachat.session import (
     check_message,
     parse_number,
     parse_settings,
+    patching_sets,
     preset_spec,
 )
 
 log = logging.getLogger(__name__)
 
-POSITIONS = ("all", "prompt", "generated")
 STREAM_INTERVAL_S = 0.05  # at most 20 page updates a second while a reply streams
 # The analysis tab's figures: (``report.report_figures`` key, label); two persona pairs patched
 ANALYSIS_FIGURES = (
@@ -287,6 +289,9 @@ class Handlers:
         last_n: object = 0,
         direction: str | None = NO_DIRECTION,
         direction_layers: str | None = "all",
+        direction_mode: str = "mean",
+        direction_positions: str = "all",
+        ablation_positions: str = "all",
     ) -> Settings:
         return parse_settings(
             self.backend.limits(model_id, vectors_from or ""),
@@ -307,6 +312,23 @@ class Handlers:
             last_n=last_n,
             direction=direction,
             direction_layers=direction_layers,
+            direction_mode=direction_mode,
+            direction_positions=direction_positions,
+            ablation_positions=ablation_positions,
+        )
+
+    def neuron_sets_picked(self, sets: list[str] | None) -> tuple[Any, Any, Any]:
+        """Picking a set found by attribution patching sets up its intended use: mean ablation
+        at the prompt tokens (at all tokens it does little). Returns (ablation mode, ablation
+        positions, status); nothing changes for other sets."""
+        found = patching_sets(sets or [])
+        if not found:
+            return gr.update(), gr.update(), gr.skip()
+        return (
+            "mean",
+            "prompt",
+            f"{', '.join(found)}: found by attribution patching at the prompt, so it is "
+            "ablated by its mean at the prompt tokens (set 'Ablate' to off to stop).",
         )
 
     # -- chat ----------------------------------------------------------------------------------
@@ -362,14 +384,19 @@ class Handlers:
         last_n: float | str | None = 0,
         direction: str | None = NO_DIRECTION,
         direction_layers: str | None = "all",
+        direction_mode: str = "mean",
+        direction_positions: str = "all",
+        ablation_positions: str = "all",
         request: gr.Request | None = None,
     ) -> Iterator[tuple[Any, ...]]:
         """Send ``message`` and stream the (steered) reply; yields
         (history, side_history, message box, status, tokens html, inside state).
 
         ``last_n`` (0: all) narrows ``positions="prompt"`` to the prompt's last tokens;
-        ``direction`` names a persona whose direction is projected out of the residual stream
-        at ``direction_layers`` ("none": nothing is)."""
+        ``direction`` names a persona whose direction is ablated in the residual stream at
+        ``direction_layers`` ("none": nothing is), moved to the baseline's level
+        (``direction_mode="mean"``) or projected out (``"zero"``), at ``direction_positions``;
+        ``ablation_positions`` are the tokens the neuron ablation acts on."""
         history = list(history or [])
         side = list(side_history or [])
         model_id = (model_id or self.backend.default_model).strip()
@@ -394,6 +421,9 @@ class Handlers:
                 last_n,
                 direction,
                 direction_layers,
+                direction_mode,
+                direction_positions,
+                ablation_positions,
             )
         except Exception as err:
             yield self._refuse(err, history, side, message, inside)
@@ -424,6 +454,9 @@ class Handlers:
         last_n: float | str | None = 0,
         direction: str | None = NO_DIRECTION,
         direction_layers: str | None = "all",
+        direction_mode: str = "mean",
+        direction_positions: str = "all",
+        ablation_positions: str = "all",
         request: gr.Request | None = None,
     ) -> Iterator[tuple[Any, ...]]:
         """Drop the last reply and generate it again with the current settings."""
@@ -455,6 +488,9 @@ class Handlers:
             last_n,
             direction,
             direction_layers,
+            direction_mode,
+            direction_positions,
+            ablation_positions,
             request,
         )
 
@@ -493,7 +529,9 @@ class Handlers:
     ) -> tuple[Any, ...]:
         if not isinstance(err, InputError | ValueError | KeyError):
             log.exception("chat failed")
-        text = str(err).strip("'\"") or type(err).__name__
+        # a KeyError's str() is its quoted repr; other messages may end in a quote ('zero')
+        text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        text = text.strip() or type(err).__name__
         gr.Warning(text)
         return history, side, message or "", f"⚠ {text}", gr.skip(), inside or Inside()
 
@@ -775,16 +813,24 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
                         placeholder="layer:index, e.g. 1:12, 1:40-45",
                         elem_id="neurons",
                     )
-                    ablation = gr.Radio(
-                        list(ABLATION_MODES), value="off", label="Ablate", elem_id="ablation"
-                    )
+                    with gr.Row():
+                        ablation = gr.Radio(
+                            list(ABLATION_MODES), value="off", label="Ablate", elem_id="ablation"
+                        )
+                        # sets found by patching switch this to 'prompt' (and 'mean') when picked
+                        ablation_positions = gr.Radio(
+                            list(POSITIONS),
+                            value="all",
+                            label="Ablate at tokens",
+                            elem_id="ablation-positions",
+                        )
                 with gr.Accordion("Directional ablation", open=False):
                     with gr.Row():
                         direction = gr.Dropdown(
                             choices=[NO_DIRECTION],
                             value=NO_DIRECTION,
                             allow_custom_value=True,  # checked against the store by the runtime
-                            label="Project out the direction of",
+                            label="Ablate the direction of",
                             elem_id="direction",
                         )
                         direction_layers = gr.Textbox(
@@ -792,6 +838,19 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
                             label="Direction layers",
                             placeholder="all, or layers and ranges, e.g. 0-2, 5",
                             elem_id="direction-layers",
+                        )
+                    with gr.Row():
+                        direction_mode = gr.Radio(
+                            [(words, mode) for mode, words in DIRECTION_MODES.items()],
+                            value="mean",
+                            label="Move its component",
+                            elem_id="direction-mode",
+                        )
+                        direction_positions = gr.Radio(
+                            list(POSITIONS),
+                            value="all",
+                            label="At tokens",
+                            elem_id="direction-positions",
                         )
             with gr.Column(scale=3, min_width=420):
                 with gr.Row():
@@ -894,6 +953,9 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
             last_n,  # new inputs go last, so API calls by position keep working
             direction,
             direction_layers,
+            direction_mode,
+            direction_positions,
+            ablation_positions,
         ]
         chat_out = [chatbot, side_chat, message, status, tokens_view, inside]
         load_out = [
@@ -947,6 +1009,12 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
         for trigger in (weights.change, layer_spec.change, units.change):
             trigger(h.blend_info, blend_in, blend, api_visibility="private", show_progress="hidden")
         side_by_side.change(_visible, side_by_side, side_chat, api_visibility="private")
+        neuron_sets.input(
+            h.neuron_sets_picked,
+            neuron_sets,
+            [ablation, ablation_positions, status],
+            api_visibility="private",
+        )
 
         run: dict[str, Any] = {"concurrency_limit": concurrency, "concurrency_id": "generate"}
         sent = [

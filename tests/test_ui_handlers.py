@@ -40,6 +40,7 @@ MODEL = "tiny-llama"
 QUESTIONS = ["What is the capital of France?", "Tell me about the ocean.", "Numbers 1 2 3?"]
 PROMPTS = {"default": "", "pirate": "You are a pirate. Arr, matey!", "poet": "I think, therefore."}
 SET = "pirate_units"
+PATCH_SET = "pirate_vs_default.mlp_hidden.patching"  # meant for mean ablation at the prompt
 
 
 @functools.cache
@@ -87,6 +88,16 @@ def build_store(root: Path, lm: LoadedModel) -> None:
         scores=[1.0, 0.8, 0.5, 0.2],
         means=[0.5, -0.25, 0.125, 1.0],
     )
+    patched = NeuronSet(
+        MODEL,
+        PATCH_SET,
+        "mlp_hidden",
+        layers=[0, 0, 1, 1],
+        indices=[9, 11, 2, 30],
+        scores=[0.9, 0.7, 0.4, 0.3],
+        method="patching",
+        means=[1.5, -2.0, 0.75, 3.0],
+    )
     with Store(root) as store:
         store.register_model(lm.info)
         store.register_personas(
@@ -99,7 +110,7 @@ def build_store(root: Path, lm: LoadedModel) -> None:
                 PersonaMeans(MODEL, n, "question_span", m, len(QUESTIONS)) for n, m in means.items()
             ],
         )
-        store.register_neurons([units])
+        store.register_neurons([units, patched])
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +130,7 @@ def engine(store_root: Path) -> ChatEngine:
     """An engine built directly from the store, independent of the page's backend."""
     with Store(store_root, read_only=True) as store:
         vectors = [store.load_vector(MODEL, n) for n in ("pirate", "poet", "landlubber")]
-        sets = [store.load_neurons(MODEL, SET)]
+        sets = [store.load_neurons(MODEL, label) for label in (SET, PATCH_SET)]
     return ChatEngine(tiny(), vectors, sets)
 
 
@@ -147,7 +158,7 @@ def test_load_offers_the_registered_personas_sets_and_kinds(h: Handlers) -> None
     assert personas["choices"] == ["landlubber", "pirate", "poet"]
     assert direction["choices"] == ["none", "landlubber", "pirate", "poet"]
     assert direction["value"] == "none"
-    assert sets["choices"] == [SET]
+    assert sets["choices"] == [SET, PATCH_SET]
     assert kinds["choices"] == ["question_span"] and kinds["value"] == "question_span"
     assert offer["visible"] is False
     assert slider["maximum"] == 2
@@ -256,32 +267,102 @@ def test_last_n_prompt_tokens_match_the_engine(h: Handlers, engine: ChatEngine) 
     assert ignored[0][-1]["content"] == everywhere.text and "Added at the last" not in ignored[3]
 
 
-def test_directional_ablation_matches_the_engine(h: Handlers, engine: ChatEngine) -> None:
-    steps = chat(h, direction="pirate", direction_layers="1-2")
-    expected = engine.reply(
-        USER,
-        GenerationSettings(max_new_tokens=12),
-        direction=DirectionSpec("pirate", "1-2"),
-        readout=["landlubber", "pirate", "poet"],
+READ = ["landlubber", "pirate", "poet"]  # the readout of an unsteered chat: every persona
+
+
+def baseline_levels(store_root: Path, persona: str) -> np.ndarray:
+    """The baseline's mean projection on ``persona``'s unit vector per layer, from the store's
+    registered means: where mean directional ablation puts the stream's component."""
+    with Store(store_root, read_only=True) as store:
+        vector = store.load_vector(MODEL, persona).vector.double()
+        base = store.load_means(MODEL, "default", positions="question_span").mean.double()
+    return ((base * vector).sum(-1) / vector.norm(dim=-1)).numpy()
+
+
+@pytest.mark.parametrize(
+    ("mode", "positions"),
+    [("mean", "all"), ("zero", "all"), ("mean", "prompt"), ("zero", "generated")],
+)
+def test_directional_ablation_matches_the_engine(
+    h: Handlers,
+    engine: ChatEngine,
+    store_root: Path,
+    mode: Literal["mean", "zero"],
+    positions: Literal["all", "prompt", "generated"],
+) -> None:
+    steps = chat(
+        h,
+        direction="pirate",
+        direction_layers="1-2",
+        direction_mode=mode,
+        direction_positions=positions,
     )
-    plain = engine.reply(USER, GenerationSettings(max_new_tokens=12))
+    spec = DirectionSpec("pirate", "1-2", mode=mode, positions=positions)
+    expected = engine.reply(
+        USER, GenerationSettings(max_new_tokens=12), direction=spec, readout=READ
+    )
+    plain = engine.reply(USER, GenerationSettings(max_new_tokens=12), readout=READ)
     history, _, _, status, _, inside = steps[-1]
     assert history[-1]["content"] == expected.text != plain.text
-    assert status == "Done. Projecting pirate's direction out at layers 1-2."
-    # the readout comes after the projection: nothing of pirate (or its exact opposite) is
-    # left at layers 1 and 2, all of it at layer 0
-    assert inside.personas == ("landlubber", "pirate", "poet")
+    verb = (
+        "Moving pirate's direction to default's level"
+        if mode == "mean"
+        else "Projecting pirate's direction out"
+    )
+    where = "" if positions == "all" else f" ({positions} tokens)"
+    assert status == f"Done. {verb} at layers 1-2{where}."
+    assert inside.personas == tuple(READ)
     assert inside.projections is not None and expected.readout is not None
     want = np.nan_to_num(expected.readout.projections.numpy())
     np.testing.assert_allclose(inside.projections, want, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(inside.projections[:-1, 1:, :2], 0.0, atol=1e-4)
-    assert np.abs(inside.projections[:-1, 0, 1]).min() > 1e-3
-    every = chat(h, direction="pirate")[-1][0][-1]["content"]  # the default layers: all
-    projected = engine.reply(
+    # the readout comes after the ablation: at layers 1-2 and the ablated tokens, pirate's
+    # component sits at the level (its exact opposite, landlubber, at minus it)
+    baseline = baseline_levels(store_root, "pirate")
+    assert np.abs(baseline[1:]).min() > 0.5  # the two modes really differ here
+    level = baseline if mode == "mean" else np.zeros(3)
+    n = inside.n_prompt
+    rows = {"all": slice(0, -1), "prompt": slice(0, n), "generated": slice(n, -1)}[positions]
+    ablated = inside.projections[rows, 1:]
+    np.testing.assert_allclose(
+        ablated[..., 1], np.broadcast_to(level[1:], ablated.shape[:2]), atol=1e-4
+    )
+    np.testing.assert_allclose(ablated[..., 0], -ablated[..., 1], atol=1e-4)
+    assert np.abs(inside.projections[:n, 0, 1] - level[0]).min() > 1e-3  # layer 0 untouched
+    unablated = inside.projections[n:-1, 1:, 1] if positions == "prompt" else None
+    if unablated is not None:  # the reply's tokens keep their own level
+        assert np.abs(unablated - level[1:]).max() > 1e-2
+    if positions == "generated":  # the prompt reads as if nothing were ablated
+        plain_readout = np.nan_to_num(plain.readout.projections.numpy())  # type: ignore[union-attr]
+        np.testing.assert_allclose(inside.projections[:n], plain_readout[:n], atol=1e-5)
+
+
+def test_directional_ablation_defaults_and_none(h: Handlers, engine: ChatEngine) -> None:
+    plain = engine.reply(USER, GenerationSettings(max_new_tokens=12))
+    every = chat(h, direction="pirate")[-1][0][-1]["content"]  # mean, all layers, all tokens
+    ablated = engine.reply(
         USER, GenerationSettings(max_new_tokens=12), direction=DirectionSpec("pirate", "all")
     )
-    assert every == projected.text
+    assert every == ablated.text
     assert chat(h, direction="none", direction_layers="junk")[-1][0][-1]["content"] == plain.text
+
+
+def test_mean_direction_needs_the_baseline_means(tmp_path: Path, store_root: Path) -> None:
+    """A store with the vector but not its baseline's means: mean mode says what to do, zero
+    mode still works."""
+    with Store(store_root, read_only=True) as source:
+        vector = source.load_vector(MODEL, "pirate")
+    with Store(tmp_path) as store:
+        store.register_model(tiny().info)
+        store.register_personas([Persona(n, p or "(none)") for n, p in PROMPTS.items()])
+        store.register_vectors([vector])
+    bare = Handlers(Backend(MODEL, tmp_path, models={MODEL: tiny()}))
+    wanted = "mean directional ablation of 'pirate' needs its baseline 'default''s mean"
+    with pytest.warns(UserWarning, match=re.escape(wanted)):
+        steps = chat(bare, direction="pirate")
+    assert len(steps) == 1 and steps[0][3].startswith(f"⚠ {wanted}")
+    assert "or use mode='zero'" in steps[0][3]
+    zero = chat(bare, direction="pirate", direction_mode="zero")[-1]
+    assert zero[3] == "Done. Projecting pirate's direction out at layers 0-2."
 
 
 def test_directional_ablation_with_steering_side_by_side(h: Handlers, engine: ChatEngine) -> None:
@@ -314,7 +395,7 @@ def test_directional_ablation_with_steering_side_by_side(h: Handlers, engine: Ch
     assert len({both.text, steered.text, plain.text}) == 3
     assert status == (
         "Done. Blend 1·poet at 1:4 (raw). Added at the last 5 prompt tokens. "
-        "Projecting pirate's direction out at layers 0, 2."
+        "Moving pirate's direction to default's level at layers 0, 2."
     )
     alone = chat(h, direction="pirate", direction_layers="0, 2", side_by_side=True)[-1]
     projected = engine.reply(
@@ -349,6 +430,100 @@ def test_typed_neurons_are_ablated_and_ablation_toggles_off(
     assert off[-1][0][-1]["content"] == plain.text
 
 
+def readout(reply: Any) -> np.ndarray:
+    return np.nan_to_num(reply.readout.projections.numpy())
+
+
+WHOLE_MLPS = "1:0-63,2:0-63"
+
+
+def test_ablation_positions_match_the_engine(h: Handlers, engine: ChatEngine) -> None:
+    plain = engine.reply(USER, GenerationSettings(max_new_tokens=8), readout=READ)
+    texts = {}
+    for positions in ("all", "prompt", "generated"):
+        steps = chat(
+            h, neurons="1:0-63, 2:0-63", ablation="zero", ablation_positions=positions,
+            max_new_tokens=8,
+        )  # fmt: skip
+        expected = engine.reply(
+            USER,
+            GenerationSettings(max_new_tokens=8),
+            ablation=AblationSpec(neurons=WHOLE_MLPS, positions=positions),
+            readout=READ,
+        )
+        history, _, _, status, _, inside = steps[-1]
+        assert history[-1]["content"] == expected.text
+        np.testing.assert_allclose(inside.projections, readout(expected), atol=1e-6)
+        where = "" if positions == "all" else f" ({positions} tokens)"
+        assert status == f"Done. Ablating 128 MLP units (typed) by zero{where}."
+        texts[positions] = expected.text
+        n = inside.n_prompt
+        prompt_rows = inside.projections[:n, 1:]
+        if positions == "generated":  # the prompt reads as if nothing were ablated
+            np.testing.assert_allclose(prompt_rows, readout(plain)[:n, 1:], atol=1e-5)
+        else:
+            assert np.abs(prompt_rows - readout(plain)[:n, 1:]).max() > 1e-2
+    assert len({*texts.values(), plain.text}) == 4
+
+
+def test_every_ablated_set_gets_the_positions(h: Handlers, engine: ChatEngine) -> None:
+    """Two sets: the second runs as an extra handler, at the same tokens as the first."""
+    steps = chat(
+        h, neuron_sets=[SET, PATCH_SET], ablation="zero", ablation_positions="generated",
+        side_by_side=True, max_new_tokens=8,
+    )  # fmt: skip
+    units = [
+        f"{layer}:{index}"
+        for label in (SET, PATCH_SET)
+        for layer, index in zip(
+            engine.neuron_sets[label].layers, engine.neuron_sets[label].indices, strict=True
+        )
+    ]
+    expected = engine.reply(
+        USER,
+        GenerationSettings(max_new_tokens=8),
+        ablation=AblationSpec(neurons=",".join(units), positions="generated"),
+        readout=READ,
+    )
+    plain = engine.reply(USER, GenerationSettings(max_new_tokens=8), readout=READ)
+    history, side, _, status, _, inside = steps[-1]
+    assert history[-1]["content"] == expected.text
+    assert side[-1]["content"] == plain.text
+    # side by side, the readout is the ablated row's
+    np.testing.assert_allclose(inside.projections, readout(expected), atol=1e-5)
+    n = inside.n_prompt
+    np.testing.assert_allclose(inside.projections[:n], readout(plain)[:n], atol=1e-5)
+    assert np.abs(inside.projections[n:-1] - readout(plain)[n:-1]).max() > 1e-3
+    assert f"Ablating 8 MLP units ({SET}, {PATCH_SET}) by zero (generated tokens)." in status
+    assert f"⚠ {PATCH_SET}: found by attribution patching at the prompt" in status
+
+
+def test_a_patching_set_is_mean_ablated_at_the_prompt(h: Handlers, engine: ChatEngine) -> None:
+    # picking it in the page switches the ablation to mean at the prompt tokens
+    mode, positions, note = h.neuron_sets_picked([SET, PATCH_SET])
+    assert (mode, positions) == ("mean", "prompt")
+    assert note.startswith(f"{PATCH_SET}: found by attribution patching at the prompt, so it")
+    kept = h.neuron_sets_picked([SET])
+    assert kept[0] == gr.update() and kept[1] == gr.update() and kept[2] == gr.skip()
+    assert h.neuron_sets_picked(None)[0] == gr.update()
+    steps = chat(
+        h, neuron_sets=[PATCH_SET], ablation=mode, ablation_positions=positions,
+        max_new_tokens=8,
+    )  # fmt: skip
+    expected = engine.reply(
+        USER,
+        GenerationSettings(max_new_tokens=8),
+        ablation=AblationSpec(PATCH_SET, mode="mean", positions="prompt"),
+        readout=READ,
+    )
+    plain = engine.reply(USER, GenerationSettings(max_new_tokens=8), readout=READ)
+    history, _, _, status, _, inside = steps[-1]
+    assert history[-1]["content"] == expected.text
+    np.testing.assert_allclose(inside.projections, readout(expected), atol=1e-6)
+    assert np.abs(readout(expected) - readout(plain)).max() > 1e-3
+    assert status == f"Done. Ablating 4 MLP units ({PATCH_SET}) by mean (prompt tokens)."
+
+
 BAD_INPUTS = [
     ({"message": "   "}, "The message is empty"),
     ({"message": "x" * 5000}, "The message has 5000 characters; the limit is 4000"),
@@ -373,6 +548,19 @@ BAD_INPUTS = [
     ({"direction": "pirate", "direction_layers": "1:2"}, "'1:2' gives a strength"),
     ({"direction": "pirate", "direction_layers": "top"}, "Direction layers: cannot read 'top'"),
     ({"direction": "pirate", "direction_layers": "0-5"}, "layer 5 in '0-5' is out of range"),
+    (
+        {"direction": "pirate", "direction_mode": "half"},
+        "Direction mode must be one of 'mean', 'zero' (mean: to the baseline's level, zero: to "
+        "zero (project out)); got 'half'.",
+    ),
+    (
+        {"direction": "pirate", "direction_positions": "middle"},
+        "Direction positions must be one of 'all', 'prompt', 'generated'; got 'middle'.",
+    ),
+    (
+        {"neuron_sets": [SET], "ablation": "mean", "ablation_positions": "end"},
+        "Ablation positions must be one of 'all', 'prompt', 'generated'; got 'end'.",
+    ),
 ]
 
 
@@ -547,7 +735,7 @@ def test_layer_plot_store_tables_and_persona_map(h: Handlers, store_root: Path) 
     assert list(models["model"]) == [MODEL] and int(models["layers"][0]) == 3
     row = metrics[metrics["persona"] == "pirate"].iloc[0]
     assert int(row["best layer"]) == 1 and row["AUC"] == pytest.approx(0.9)
-    assert list(sets["neuron set"]) == [SET] and int(sets["units"][0]) == 4
+    assert sorted(sets["neuron set"]) == [SET, PATCH_SET] and list(sets["units"]) == [4, 4]
     history = [*USER, {"role": "assistant", "content": "Paris."}]
     names, vectors, point = h.backend.persona_space(MODEL, history, 1)
     assert names == ["landlubber", "pirate", "poet"] and vectors.shape == (3, 32)
