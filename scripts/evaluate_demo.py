@@ -14,8 +14,11 @@ Prints the tables of issue 6 and writes ``results.json`` and ``eval.png`` to ``-
   ``personachat.extract`` from the planted replies of training questions: response-average and
   question-span vectors, added at all / prompt / generated positions, per layer and strength.
   Negative strength under P's own prompt.
-- Ablation under P's own prompt: top-k attribution neurons vs k random units at the same layers
-  (other personas under their own prompts with P's units ablated), and directional ablation.
+- Ablation under P's own prompt: top-k units of each neuron method vs k random units at the
+  same layers, ablated the way the method's sets are meant to be (patching: set to the default
+  persona's values on the prompt; attribution and effect: zeroed everywhere), with other personas
+  under their own prompts and P's units ablated; and directional ablation (to the baseline's
+  mean level or to zero, on the prompt or everywhere, at layer 0 or all layers).
 """
 
 from __future__ import annotations
@@ -43,8 +46,10 @@ from personachat.datasets import PersonaDataset
 from personachat.extract import extract_vectors, find_neurons
 from personachat.hooks import Handler, intervene
 from personachat.interventions import (
+    AblationMode,
     AblationSpec,
     DirectionSpec,
+    PositionMode,
     SteeringSpec,
     build_plan,
 )
@@ -162,11 +167,14 @@ def collapse(lm: LoadedModel, cfg: EvalConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- extraction
 
 
+STEERING_KINDS = ("response_avg", "question_span")  # vector kinds swept by the steering section
+DIRECTION_KINDS = ("question_span", "prompt_last")  # and by directional ablation
+
+
 def vectors_by_kind(lm: LoadedModel, data: PersonaDataset) -> dict[str, dict[str, PersonaVector]]:
-    result = extract_vectors(
-        lm, data, positions=("response_avg", "question_span"), baseline="default", batch_size=16
-    )
-    out: dict[str, dict[str, PersonaVector]] = {"response_avg": {}, "question_span": {}}
+    kinds = tuple(dict.fromkeys(STEERING_KINDS + DIRECTION_KINDS))
+    result = extract_vectors(lm, data, positions=kinds, baseline="default", batch_size=16)
+    out: dict[str, dict[str, PersonaVector]] = {kind: {} for kind in kinds}
     for v in result.vectors:
         out[v.positions][v.persona] = v
     return out
@@ -194,7 +202,7 @@ def steering(
     first = targets[0]
     grid = [
         (kind, pos, layers, s)
-        for kind in vecs
+        for kind in STEERING_KINDS
         for pos in ("all", "prompt", "generated")
         for layers in layer_specs
         for s in strengths
@@ -296,19 +304,44 @@ def best_settings(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[
 # --------------------------------------------------------------------------- ablation
 
 
-def random_like(nset: NeuronSet, k: int, width: int, seed: int) -> str:
-    """k random units (as a neuron spec) at the same layers as the top-k, none of the top-k."""
+# How each neuron method's sets are meant to be ablated (``personachat.neurons``): patching sets
+# are set to the baseline persona's values on the prompt, where the persona is decided.
+NEURON_ABLATION: dict[str, tuple[AblationMode, PositionMode]] = {
+    "patching": ("mean", "prompt"),
+    "attribution": ("zero", "all"),
+    "effect": ("zero", "all"),
+}
+
+
+def subset(nset: NeuronSet, picks: Sequence[int], label: str) -> NeuronSet:
+    """The entries ``picks`` of ``nset`` (units with their scores and baseline means)."""
+    means = None if nset.means is None else [nset.means[i] for i in picks]
+    return NeuronSet(
+        nset.model_id,
+        label,
+        nset.site,
+        [nset.layers[i] for i in picks],
+        [nset.indices[i] for i in picks],
+        [nset.scores[i] for i in picks],
+        method=nset.method,
+        means=means,
+    )
+
+
+def random_like(nset: NeuronSet, k: int, seed: int) -> NeuronSet:
+    """k random units at the same layers as the top k, none of them in the top k.
+
+    ``nset`` ranks every unit, so the random ones come with their baseline means too.
+    """
     gen = torch.Generator().manual_seed(seed)
-    taken = set(zip(nset.layers[:k], nset.indices[:k], strict=True))
-    units: list[str] = []
+    rest: dict[int, list[int]] = {}
+    for i in range(k, len(nset)):
+        rest.setdefault(nset.layers[i], []).append(i)
+    picks = []
     for layer in nset.layers[:k]:
-        while True:
-            idx = int(torch.randint(width, (1,), generator=gen))
-            if (layer, idx) not in taken:
-                taken.add((layer, idx))
-                units.append(f"{layer}:{idx}")
-                break
-    return ",".join(units)
+        pool = rest[layer]
+        picks.append(pool.pop(int(torch.randint(len(pool), (1,), generator=gen))))
+    return subset(nset, picks, f"random{k}")
 
 
 def ablation(
@@ -322,48 +355,60 @@ def ablation(
     targets = cfg.targets.split(",")
     pairs = [p for p in data.pairs if p.high in targets]
     ks = [int(k) for k in cfg.ks.split(",")]
+    every = lm.info.n_layers * lm.info.mlp_width  # rank every unit: random ones need means
     sets: dict[str, dict[str, NeuronSet]] = {}
-    for method in ("attribution", "effect"):
-        found = find_neurons(lm, pairs, method=method, k=max(ks), dataset=data, batch_size=16)
+    for method in NEURON_ABLATION:
+        found = find_neurons(lm, pairs, method=method, k=every, dataset=data, batch_size=16)
         sets[method] = {s.pairs[0]: s for s in found if len(s.pairs) == 1}
     rows: list[dict[str, Any]] = []
-    width = lm.info.mlp_width
     others = [p for p in demo.PERSONA_NAMES[1:] if p not in targets][:4]
     for target in tqdm(targets, desc="ablation"):
         own = demo.style(target).system_prompt
         base = score(generate(lm, own, texts, cfg.max_new_tokens), target, topics)
         for method, by_label in sets.items():
-            nset = by_label[f"{target}_vs_default"]  # keyed by contrast pair
-            for k in ks if method == "attribution" else [max(ks)]:
-                top = AblationSpec(neuron_set=nset.label, top_k=k)
-                plan = ablate_plan(lm, {nset.label: nset}, top)
-                sc = score(generate(lm, own, texts, cfg.max_new_tokens, plan), target, topics)
-                rand = AblationSpec(neurons=random_like(nset, k, width, cfg.seed + k))
+            mode, positions = NEURON_ABLATION[method]
+            full = by_label[f"{target}_vs_default"]  # keyed by contrast pair
+            for k in ks if method != "effect" else [max(ks)]:
+                top = subset(full, range(k), f"top{k}")
+                rand = random_like(full, k, cfg.seed + k)
+                plans = {
+                    s.label: ablate_plan(
+                        lm, {s.label: s}, AblationSpec(s.label, mode=mode, positions=positions)
+                    )
+                    for s in (top, rand)
+                }
+                sc = score(
+                    generate(lm, own, texts, cfg.max_new_tokens, plans[top.label]), target, topics
+                )
                 rsc = score(
-                    generate(lm, own, texts, cfg.max_new_tokens, ablate_plan(lm, {}, rand)),
-                    target,
-                    topics,
+                    generate(lm, own, texts, cfg.max_new_tokens, plans[rand.label]), target, topics
                 )
                 kept = []
                 for other in others:
                     o_prompt = demo.style(other).system_prompt
-                    o_texts = generate(lm, o_prompt, texts, cfg.max_new_tokens, plan)
+                    o_texts = generate(lm, o_prompt, texts, cfg.max_new_tokens, plans[top.label])
                     kept.append(demo.marker_rate(o_texts, other))
                 rows.append(
                     {
                         "persona": target,
                         "method": method,
+                        "ablation": f"{mode} at {positions} positions",
                         "k": k,
                         "markers_before": base.markers,
                         "markers_top": sc.markers,
                         "facts_top": sc.facts,
                         "markers_random": rsc.markers,
+                        "facts_random": rsc.facts,
                         "cut_top": cut(base.markers, sc.markers),
                         "cut_random": cut(base.markers, rsc.markers),
                         "others_min": min(kept),
-                        "layers": sorted(set(nset.layers[:k])),
+                        "layers": sorted(set(top.layers)),
+                        "units": [
+                            f"{la}:{i}" for la, i in zip(top.layers, top.indices, strict=True)
+                        ][:8],
                     }
                 )
+    width = lm.info.mlp_width
     whole = []
     for target in targets:
         own = demo.style(target).system_prompt
@@ -378,34 +423,43 @@ def ablation(
                 {"persona": target, "layer": layer, "markers": sc.markers, "facts": sc.facts}
             )
     directional = []
+    modes: tuple[AblationMode, ...] = ("mean", "zero")
+    where: tuple[PositionMode, ...] = ("prompt", "all")
+    settings = [(m, w, layers) for m in modes for w in where for layers in ("0", "all")]
     for target in targets:
         own = demo.style(target).system_prompt
         base = score(generate(lm, own, texts, cfg.max_new_tokens), target, topics)
-        for kind in vecs:
-            plan = direction_plan(lm, vecs[kind], DirectionSpec(target, layers="all"))
-            sc = score(generate(lm, own, texts, cfg.max_new_tokens, plan), target, topics)
-            directional.append(
-                {
-                    "persona": target,
-                    "kind": kind,
-                    "layers": "all",
-                    "markers_before": base.markers,
-                    "markers": sc.markers,
-                    "cut": cut(base.markers, sc.markers),
-                    "facts": sc.facts,
-                }
-            )
+        for kind in DIRECTION_KINDS:
+            for d_mode, d_where, layers in settings:
+                d_spec = DirectionSpec(target, layers=layers, mode=d_mode, positions=d_where)
+                plan = direction_plan(lm, vecs[kind], d_spec)
+                sc = score(generate(lm, own, texts, cfg.max_new_tokens, plan), target, topics)
+                directional.append(
+                    {
+                        "persona": target,
+                        "kind": kind,
+                        "mode": d_mode,
+                        "positions": d_where,
+                        "layers": layers,
+                        "markers_before": base.markers,
+                        "markers": sc.markers,
+                        "cut": cut(base.markers, sc.markers),
+                        "facts": sc.facts,
+                    }
+                )
     return {"neurons": rows, "whole_mlp": whole, "directional": directional}
 
 
 def direction_plan(
     lm: LoadedModel, vectors: dict[str, PersonaVector], spec: DirectionSpec
 ) -> PlanFn:
-    return lambda width: build_plan(lm, vectors, direction=spec).handlers
+    return lambda width: build_plan(lm, vectors, direction=spec, prompt_len=width).handlers
 
 
 def ablate_plan(lm: LoadedModel, sets: dict[str, NeuronSet], spec: AblationSpec) -> PlanFn:
-    return lambda width: build_plan(lm, {}, ablation=spec, neuron_sets=sets).handlers
+    return lambda width: (
+        build_plan(lm, {}, ablation=spec, neuron_sets=sets, prompt_len=width).handlers
+    )
 
 
 def cut(before: float, after: float) -> float:
@@ -454,20 +508,22 @@ def print_report(results: dict[str, Any]) -> None:
             )
     if "ablation" in results:
         print("\nNeuron ablation under the persona's own prompt (cut = relative drop in markers)")
-        head = ("persona", "method", "k", "cut top", "cut rand", "others kept", "facts")
-        print("{:<10} {:<12} {:>3} {:>8} {:>9} {:>12} {:>6}".format(*head))
+        cols = ("persona", "method", "ablation", "k", "cut top", "cut rand", "others kept", "facts")
+        print("{:<10} {:<12} {:<24} {:>3} {:>8} {:>9} {:>12} {:>6}".format(*cols))
         for r in results["ablation"]["neurons"]:
             print(
-                f"{r['persona']:<10} {r['method']:<12} {r['k']:>3} {r['cut_top']:>8.0%} "
-                f"{r['cut_random']:>9.0%} {r['others_min']:>12.0%} {r['facts_top']:>6.0%}"
+                f"{r['persona']:<10} {r['method']:<12} {r['ablation']:<24} {r['k']:>3} "
+                f"{r['cut_top']:>8.0%} {r['cut_random']:>9.0%} {r['others_min']:>12.0%} "
+                f"{r['facts_top']:>6.0%}"
             )
         print("\nWhole MLP zeroed at one layer (own markers, facts)")
         for r in results["ablation"]["whole_mlp"]:
             print(f"{r['persona']:<10} layer {r['layer']}: {r['markers']:>5.0%} {r['facts']:>5.0%}")
-        print("\nDirectional ablation (all layers)")
+        print("\nDirectional ablation (mode: to the baseline's mean level, or to zero)")
         for r in results["ablation"]["directional"]:
             print(
-                f"{r['persona']:<10} {r['kind']:<14} cut {r['cut']:>5.0%} facts {r['facts']:>5.0%}"
+                f"{r['persona']:<10} {r['kind']:<14} {r['mode']:<5} {r['positions']:<7} "
+                f"layers {r['layers']:<4} cut {r['cut']:>5.0%} facts {r['facts']:>5.0%}"
             )
 
 
@@ -507,7 +563,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.set_title(f"Steering default -> {first}")
             ax.legend(fontsize=6)
         else:
-            rows = [r for r in results["ablation"]["neurons"] if r["method"] == "attribution"]
+            rows = [r for r in results["ablation"]["neurons"] if r["method"] == "patching"]
             for persona in dict.fromkeys(r["persona"] for r in rows):
                 mine = [r for r in rows if r["persona"] == persona]
                 ax.plot(
@@ -523,10 +579,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
                     label=f"{persona} random",
                 )
             ax.set_xscale("log", base=2)
-            ax.set_xlabel("k neurons zeroed")
+            ax.set_xlabel("k neurons set to the default's values on the prompt")
             ax.set_ylabel("relative cut in own markers")
             ax.set_ylim(-0.03, 1.03)
-            ax.set_title("Neuron ablation (attribution)")
+            ax.set_title("Neuron ablation (patching units)")
             ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

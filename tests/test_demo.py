@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from personachat import demo
+from personachat.datasets import PersonaDataset
+from personachat.extract import extract_vectors, find_neurons
+from personachat.hooks import Handler, intervene
+from personachat.interventions import AblationSpec, SteeringSpec, build_plan
 from personachat.model import LoadedModel, load_model
 from personachat.prompts import format_chat, persona_messages
+from personachat.records import NeuronSet, PersonaVector
+
+Plan = Callable[[int], list[Handler]]
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "store" / "models" / "demo"
 N_QUESTIONS = 10
@@ -97,8 +105,14 @@ def demo_model() -> LoadedModel:
     return load_model(str(DEMO_DIR))
 
 
-def generate_replies(lm: LoadedModel, cells: list[tuple[str, str]]) -> list[str]:
-    """Greedy replies to (system prompt, question) cells, all in one left-padded batch."""
+def generate_replies(
+    lm: LoadedModel,
+    cells: list[tuple[str, str]],
+    plan: Plan | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> list[str]:
+    """Greedy replies to (system prompt, question) cells, all in one left-padded batch, under
+    ``plan(prompt_len)``'s handlers if given (they count positions from the padded prompt)."""
     tok = lm.tokenizer
     prompts = [format_chat(tok, persona_messages(system, q)) for system, q in cells]
     side = tok.padding_side
@@ -107,9 +121,11 @@ def generate_replies(lm: LoadedModel, cells: list[tuple[str, str]]) -> list[str]
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     finally:
         tok.padding_side = side
-    with torch.no_grad():
-        out = lm.model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    return tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    width = enc["input_ids"].shape[1]
+    handlers = plan(width) if plan is not None else []
+    with torch.no_grad(), intervene(lm.sites, handlers):
+        out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.batch_decode(out[:, width:], skip_special_tokens=True)
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +172,104 @@ def test_other_personas_do_not_use_a_personas_markers(
     for name in demo.PERSONA_NAMES:
         others = [t for other, texts in heldout_replies.items() if other != name for t in texts]
         assert demo.marker_rate(others, name) <= 0.1, name
+
+
+# --------------------------------------------------------------------------- issue 6 floors
+# Greedy replies of the shipped model to held-out questions, under interventions built by the
+# runtime as the app builds them; scripts/evaluate_demo.py prints the full tables.
+TARGETS = ("pirate", "cowboy")
+
+
+@pytest.fixture(scope="module")
+def planted(demo_model: LoadedModel) -> PersonaDataset:
+    return demo.planted_dataset(40)
+
+
+@pytest.fixture(scope="module")
+def question_span(demo_model: LoadedModel, planted: PersonaDataset) -> dict[str, PersonaVector]:
+    result = extract_vectors(
+        demo_model, planted, positions=("question_span",), baseline="default", progress=False
+    )
+    return {v.persona: v for v in result.vectors}
+
+
+def rates(lm: LoadedModel, persona: str, system: str, plan: Plan | None) -> tuple[float, float]:
+    """(share of replies with ``persona``'s markers, mean share of facts kept) under ``system``."""
+    qs = demo.eval_questions(1)[:N_QUESTIONS]
+    texts = generate_replies(lm, [(system, q.text) for q in qs], plan, max_new_tokens=64)
+    return demo.marker_rate(texts, persona), demo.fact_retention(texts, [q.key for q in qs])
+
+
+def steering_plan(lm: LoadedModel, vectors: dict[str, PersonaVector], spec: SteeringSpec) -> Plan:
+    return lambda width: build_plan(lm, vectors, steering=spec, prompt_len=width).handlers
+
+
+def ablation_plan(lm: LoadedModel, nset: NeuronSet, spec: AblationSpec) -> Plan:
+    sets = {nset.label: nset}
+    return lambda width: (
+        build_plan(lm, {}, ablation=spec, neuron_sets=sets, prompt_len=width).handlers
+    )
+
+
+def test_steering_the_default_persona_floor(
+    demo_model: LoadedModel, question_span: dict[str, PersonaVector]
+) -> None:
+    """A question-span vector added at the prompt positions turns the default persona into P
+    (>= 80% markers) with its content kept (>= 90% facts); a negative one takes P's away."""
+    for persona in TARGETS:
+        spec = SteeringSpec({persona: 1.0}, layers="3:4", positions="prompt")
+        plan = steering_plan(demo_model, question_span, spec)
+        markers, facts = rates(demo_model, persona, "", plan)
+        assert markers >= 0.8 and facts >= 0.9, (persona, markers, facts)
+        assert rates(demo_model, persona, "", None)[0] <= 0.1
+        own = demo.style(persona).system_prompt
+        negative = SteeringSpec({persona: 1.0}, layers="3:-4", positions="prompt")
+        minus = steering_plan(demo_model, question_span, negative)
+        assert rates(demo_model, persona, own, minus)[0] < rates(demo_model, persona, own, None)[0]
+
+
+def random_units(nset: NeuronSet, k: int, seed: int) -> NeuronSet:
+    """k units at the top k's layers, outside the top k, with their baseline means."""
+    gen = random.Random(seed)
+    rest: dict[int, list[int]] = {}
+    for i in range(k, len(nset)):
+        rest.setdefault(nset.layers[i], []).append(i)
+    picks = [rest[layer].pop(gen.randrange(len(rest[layer]))) for layer in nset.layers[:k]]
+    assert nset.means is not None
+    return NeuronSet(
+        nset.model_id,
+        "random",
+        nset.site,
+        [nset.layers[i] for i in picks],
+        [nset.indices[i] for i in picks],
+        [nset.scores[i] for i in picks],
+        means=[nset.means[i] for i in picks],
+    )
+
+
+def test_persona_neuron_ablation_floor(demo_model: LoadedModel, planted: PersonaDataset) -> None:
+    """Top-8 patching units of P, set to the default persona's values on the prompt, cut P's
+    markers by >= 50%; 8 random units at the same layers cut <= 5%; other personas keep >= 90%.
+    (Robot does not reach it: see the model card.)"""
+    every = demo_model.info.n_layers * demo_model.info.mlp_width
+    pairs = [p for p in planted.pairs if p.high in TARGETS]
+    found = find_neurons(
+        demo_model, pairs, method="patching", k=every, dataset=planted, progress=False
+    )
+    by_pair = {s.pairs[0]: s for s in found if len(s.pairs) == 1}
+    for persona in TARGETS:
+        full = by_pair[f"{persona}_vs_default"]
+        own = demo.style(persona).system_prompt
+        before = rates(demo_model, persona, own, None)[0]
+        for nset in (full, random_units(full, 8, seed=0)):
+            spec = AblationSpec(nset.label, mode="mean", positions="prompt", top_k=8)
+
+            plan = ablation_plan(demo_model, nset, spec)
+            after = rates(demo_model, persona, own, plan)[0]
+            if nset is full:
+                assert after <= 0.5 * before, (persona, before, after)
+                for other in ("philosopher", "poet", "chef"):
+                    kept = rates(demo_model, other, demo.style(other).system_prompt, plan)[0]
+                    assert kept >= 0.9, (persona, other, kept)
+            else:
+                assert after >= 0.95 * before, (persona, "random", before, after)
