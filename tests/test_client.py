@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from gradio_client.exceptions import AppError
 
 from personachat.backend import Backend
 from personachat.chat import ChatEngine, GenerationSettings
@@ -156,20 +157,43 @@ def test_last_n_and_directional_ablation_over_the_api(
     assert text(history[-1]) == expected.text
     assert text(side[-1]) == plain.text  # the other row: neither steered nor ablated
     assert "Added at the last 3 prompt tokens." in status
-    assert f"Projecting {other}'s direction out at layers 0-1." in status
+    baseline = chat_engine.vectors[other].baseline
+    assert f"Moving {other}'s direction to {baseline}'s level at layers 0-1." in status
+    # projected out at the prompt tokens only
+    history, _, _, status, _ = call_chat(
+        client,
+        direction=persona,
+        direction_layers="all",
+        direction_mode="zero",
+        direction_positions="prompt",
+    )
+    projected = chat_engine.reply(
+        messages,
+        GenerationSettings(max_new_tokens=40),
+        direction=DirectionSpec(persona, "all", mode="zero", positions="prompt"),
+    )
+    assert text(history[-1]) == projected.text
+    assert status.startswith(f"Done. Projecting {persona}'s direction out at layers 0-")
+    assert status.endswith(" (prompt tokens).")
     out = call_chat(client, direction="no_such_persona")
     assert out[0] == [] and out[3].startswith("⚠ unknown persona 'no_such_persona'; known")
+    # a value outside a radio's choices is refused by Gradio before the handler runs
+    with pytest.raises(AppError, match=r"'half' .* not in the list of choices: \['mean', 'zero'\]"):
+        call_chat(client, direction=persona, direction_mode="half")
     # the new parameters come last, with defaults: calls that leave them out keep working
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     for name in ("/chat", "/retry"):
         tail = [
             (p["parameter_name"], p["parameter_has_default"], p["parameter_default"])
-            for p in api[name]["parameters"][-3:]
+            for p in api[name]["parameters"][-6:]
         ]
         assert tail == [
             ("last_n", True, 0),
             ("direction", True, "none"),
             ("direction_layers", True, "all"),
+            ("direction_mode", True, "mean"),
+            ("direction_positions", True, "all"),
+            ("ablation_positions", True, "all"),
         ]
 
 
@@ -187,6 +211,18 @@ def test_ablation_and_bad_input_over_the_api(
         ablation=AblationSpec(label, mode="zero"),
     )
     assert text(history[-1]) == expected.text
+    history, _, _, status, _ = call_chat(
+        client, neuron_sets=[label], ablation="mean", ablation_positions="prompt"
+    )
+    at_prompt = chat_engine.reply(
+        [{"role": "user", "content": QUESTION}],
+        GenerationSettings(max_new_tokens=40),
+        ablation=AblationSpec(label, mode="mean", positions="prompt"),
+    )
+    assert text(history[-1]) == at_prompt.text
+    assert status.endswith(f"({label}) by mean (prompt tokens).")
+    with pytest.raises(AppError, match=r"'end' .* choices: \['all', 'prompt', 'generated'\]"):
+        call_chat(client, neuron_sets=[label], ablation="mean", ablation_positions="end")
     out = call_chat(client, personas=["no_such_persona"], layer_spec="1:2")
     assert out[0] == [] and out[3].startswith("⚠ persona no_such_persona is not in the store")
 
