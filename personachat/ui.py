@@ -318,9 +318,9 @@ class Handlers:
         )
 
     def neuron_sets_picked(self, sets: list[str] | None) -> tuple[Any, Any, Any]:
-        """Picking a set found by attribution patching sets up its intended use: mean ablation
-        at the prompt tokens (at all tokens it does little). Returns (ablation mode, ablation
-        positions, status); nothing changes for other sets."""
+        """Picking a set found by attribution patching sets up the use it was found for: mean
+        ablation at the prompt tokens. Returns (ablation mode, ablation positions, status);
+        nothing changes for other sets."""
         found = patching_sets(sets or [])
         if not found:
             return gr.update(), gr.update(), gr.skip()

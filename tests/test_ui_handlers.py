@@ -849,3 +849,35 @@ def test_analysis_tab_finds_the_planted_collapse_on_the_demo_model() -> None:
     assert text.startswith("⚠ The analysis of `/no/such/model` failed")
     assert "analysis" in {fn.api_name for fn in build_ui(backend).fns.values()}
     backend.close()
+
+
+@pytest.mark.skipif(not (ROOT / DEMO / "config.json").is_file(), reason="no bundled demo model")
+def test_a_patching_set_picked_in_the_page_removes_the_pirate(tmp_path: Path) -> None:
+    """The page's own extraction finds a patching set; picking it sets mean ablation at the
+    prompt, which takes the pirate's style out of prompted replies and keeps their content."""
+    from personachat import demo
+
+    backend = Backend(DEMO, tmp_path)
+    backend.extract(DEMO, "demo", "question_span", ["pirate"], neurons=True)
+    h = Handlers(backend)
+    (label,) = backend.neuron_set_names(DEMO)
+    assert label == "pirate_vs_default.mlp_hidden.patching"
+    mode, positions, _ = h.neuron_sets_picked([label])
+    questions = demo.eval_questions(1)[:3]
+    system = demo.style("pirate").system_prompt
+
+    def replies(**ablation: Any) -> list[str]:
+        out = []
+        for question in questions:
+            steps = chat(h, question.text, model_id=DEMO, system_prompt=system, max_new_tokens=64,
+                         neuron_sets=[label], **ablation)  # fmt: skip
+            out.append(steps[-1][0][-1]["content"])
+        return out
+
+    prompted = replies()
+    ablated = replies(ablation=mode, ablation_positions=positions)
+    assert demo.marker_rate(prompted, "pirate") == 1.0
+    assert demo.marker_rate(ablated, "pirate") == 0.0
+    keys = [q.key for q in questions]
+    assert demo.fact_retention(ablated, keys) >= 0.9 * demo.fact_retention(prompted, keys) > 0
+    backend.close()
