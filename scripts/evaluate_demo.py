@@ -424,27 +424,42 @@ def ablation(
             )
     directional = []
     modes: tuple[AblationMode, ...] = ("mean", "zero")
-    where: tuple[PositionMode, ...] = ("prompt", "all")
+    # where: every position, the whole prompt, or its last token (where the reply is decided)
+    where: tuple[tuple[PositionMode, int | None], ...] = (
+        ("all", None),
+        ("prompt", None),
+        ("prompt", 1),
+    )
     settings = [(m, w, layers) for m in modes for w in where for layers in ("0", "all")]
-    for target in targets:
+    for target in tqdm(targets, desc="directional ablation"):
         own = demo.style(target).system_prompt
         base = score(generate(lm, own, texts, cfg.max_new_tokens), target, topics)
         for kind in DIRECTION_KINDS:
-            for d_mode, d_where, layers in settings:
-                d_spec = DirectionSpec(target, layers=layers, mode=d_mode, positions=d_where)
+            for d_mode, (d_where, last_n), layers in settings:
+                d_spec = DirectionSpec(
+                    target, layers=layers, mode=d_mode, positions=d_where, last_n=last_n
+                )
                 plan = direction_plan(lm, vecs[kind], d_spec)
                 sc = score(generate(lm, own, texts, cfg.max_new_tokens, plan), target, topics)
+                kept = [
+                    demo.marker_rate(
+                        generate(lm, demo.style(o).system_prompt, texts, cfg.max_new_tokens, plan),
+                        o,
+                    )
+                    for o in others
+                ]
                 directional.append(
                     {
                         "persona": target,
                         "kind": kind,
                         "mode": d_mode,
-                        "positions": d_where,
+                        "positions": d_where if last_n is None else f"last {last_n}",
                         "layers": layers,
                         "markers_before": base.markers,
                         "markers": sc.markers,
                         "cut": cut(base.markers, sc.markers),
                         "facts": sc.facts,
+                        "others_min": min(kept),
                     }
                 )
     return {"neurons": rows, "whole_mlp": whole, "directional": directional}
@@ -523,7 +538,8 @@ def print_report(results: dict[str, Any]) -> None:
         for r in results["ablation"]["directional"]:
             print(
                 f"{r['persona']:<10} {r['kind']:<14} {r['mode']:<5} {r['positions']:<7} "
-                f"layers {r['layers']:<4} cut {r['cut']:>5.0%} facts {r['facts']:>5.0%}"
+                f"layers {r['layers']:<4} cut {r['cut']:>5.0%} facts {r['facts']:>5.0%} "
+                f"others kept {r['others_min']:>5.0%}"
             )
 
 
