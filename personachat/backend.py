@@ -37,7 +37,8 @@ PREFERRED_POSITIONS = ("question_span", "prompt_last", "response_avg", "prompt_a
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_ID = "store/models/demo"  # the bundled demo model's id in the store (relative to the repo)
-DEMO_NEURON_PERSONAS = ("pirate",)  # persona neurons found on the first start (attribution is slow)
+DEMO_NEURON_PERSONAS: tuple[str, ...] = ()  # first start: persona neurons of every pair
+DEMO_POSITIONS = "question_span,response_avg,prompt_last"  # the kinds registered on first start
 
 
 def _folder(model_id: str) -> Path | None:
@@ -138,9 +139,9 @@ class Backend:
 
     def register_demo(self) -> str | None:
         """On the first start with the bundled demo model and a store without its vectors:
-        extract and register them (both kinds) with the pirate's persona neurons (progress bars
-        on the terminal; ~20 s on 2 busy CPU cores; more neurons: the page's extraction box or
-        scripts/find_neurons.py). None when nothing was needed."""
+        extract and register them (the ``DEMO_POSITIONS`` kinds) with the persona neurons of
+        every pair (attribution patching; progress bars on the terminal; ~20 s on 2 busy CPU
+        cores). None when nothing was needed."""
         if not self.is_demo(self.default_model):
             return None
         if self.store().vectors(DEMO_ID) and self.store().neuron_sets(DEMO_ID):
@@ -148,7 +149,7 @@ class Backend:
         return self.extract(
             self.default_model,
             DEMO_DATASET,
-            "question_span,response_avg",
+            DEMO_POSITIONS,
             neurons=True,
             neuron_personas=DEMO_NEURON_PERSONAS,
         )
@@ -476,7 +477,7 @@ class Backend:
     ) -> str:
         """Extract vectors for ``model_id`` from a built-in dataset (all its personas, or the
         ``personas`` named plus the baseline) and register them in the store; with ``neurons``,
-        also the top-32 MLP units of each contrast pair (attribution) of those personas.
+        also the top-32 MLP units of each contrast pair (attribution patching) of those personas.
         ``neuron_personas`` narrows the pairs to those of the personas named. ``demo`` is the
         bundled demo model's own corpus (planted replies: no generation)."""
         from personachat.datasets import DatasetError, builtin_names, load_dataset

@@ -744,7 +744,7 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
                         )
                         extract_neurons = gr.Checkbox(
                             value=False,
-                            label="Also find persona neurons (attribution, top 32 per pair)",
+                            label="Also find persona neurons (patching, top 32 per pair)",
                             elem_id="extract-neurons",
                         )
                         extract_btn = gr.Button("Extract and register", elem_id="extract")

@@ -361,7 +361,8 @@ def ablation(
         found = find_neurons(lm, pairs, method=method, k=every, dataset=data, batch_size=16)
         sets[method] = {s.pairs[0]: s for s in found if len(s.pairs) == 1}
     rows: list[dict[str, Any]] = []
-    others = [p for p in demo.PERSONA_NAMES[1:] if p not in targets][:4]
+    # other personas checked under their own prompts: four, non-targets first
+    pool = [p for p in demo.PERSONA_NAMES[1:] if p not in targets] + targets
     for target in tqdm(targets, desc="ablation"):
         own = demo.style(target).system_prompt
         base = score(generate(lm, own, texts, cfg.max_new_tokens), target, topics)
@@ -384,7 +385,7 @@ def ablation(
                     generate(lm, own, texts, cfg.max_new_tokens, plans[rand.label]), target, topics
                 )
                 kept = []
-                for other in others:
+                for other in [p for p in pool if p != target][:4]:
                     o_prompt = demo.style(other).system_prompt
                     o_texts = generate(lm, o_prompt, texts, cfg.max_new_tokens, plans[top.label])
                     kept.append(demo.marker_rate(o_texts, other))
@@ -446,7 +447,7 @@ def ablation(
                         generate(lm, demo.style(o).system_prompt, texts, cfg.max_new_tokens, plan),
                         o,
                     )
-                    for o in others
+                    for o in [p for p in pool if p != target][:4]
                 ]
                 directional.append(
                     {
