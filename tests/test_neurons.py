@@ -152,3 +152,80 @@ def test_bad_neuron_requests(llama: LoadedModel) -> None:
         find_neurons(llama, DATASET, [0], "residual", "effect", 4, progress=False)
     with pytest.raises(ValueError, match="out of range"):
         find_neurons(llama, DATASET, [3], "mlp_hidden", "effect", 4, progress=False)
+
+
+class _SetUnit:
+    """Records the site at the last position and, optionally, sets one unit there to a value."""
+
+    def __init__(self, layers: list[int], unit: tuple[int, int] | None, value: float = 0.0) -> None:
+        self.layers, self.unit, self.value = layers, unit, value
+        self.seen: dict[int, torch.Tensor] = {}
+
+    def wants(self) -> Iterable[tuple[Site, int]]:
+        return [("mlp_hidden", la) for la in self.layers]
+
+    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        self.seen[layer] = x[0, -1].detach().clone()
+        if self.unit is None or self.unit[0] != layer:
+            return None
+        out = x.clone()
+        out[0, -1, self.unit[1]] = self.value
+        return out
+
+
+def _opener_logodds(lm: LoadedModel, persona: str, i: int, handler: _SetUnit) -> float:
+    """Log-odds at the last prompt token of opening with any first token of pirate's replies."""
+    openers = sorted({_ids(lm, "pirate", q)[0][_ids(lm, "pirate", q)[1]] for q in range(3)})
+    ids, n_prompt = _ids(lm, persona, i)
+    with torch.no_grad(), intervene(lm.sites, [handler]):
+        logits = lm.model(input_ids=torch.tensor([ids[:n_prompt]])).logits[0, -1].double()
+    logp = torch.log_softmax(logits, -1)
+    rest = torch.ones_like(logp, dtype=torch.bool)
+    rest[openers] = False
+    return float(logp[openers].logsumexp(0) - logp[rest].logsumexp(0))
+
+
+def test_patching_equals_a_finite_difference_towards_the_low_persona() -> None:
+    """Score = mean over questions of (a_high - a_low) x d logodds / d a at the last prompt token:
+    the slope of the log-odds when the unit moves from its high value towards its low value."""
+    base = _cached_tiny("gpt2")
+    lm = wrap_model(copy.deepcopy(base.model).double(), base.tokenizer, "tiny-gpt2-f64")
+    width = lm.info.mlp_width
+    sets = find_neurons(lm, DATASET, [0, 1], "mlp_hidden", "patching", 2 * width, progress=False)
+    pirate = sets[0]
+    assert pirate.label == "pirate_default.mlp_hidden.patching" and pirate.means is not None
+    acts = {}
+    for persona in ("pirate", "default"):
+        rows = []
+        for i in range(3):
+            rec = _SetUnit([0, 1], None)
+            _opener_logodds(lm, persona, i, rec)
+            rows.append(torch.stack([rec.seen[0], rec.seen[1]]))
+        acts[persona] = torch.stack(rows)  # [question, layer, unit]
+    position = {
+        (la, ix): j for j, (la, ix) in enumerate(zip(pirate.layers, pirate.indices, strict=True))
+    }
+    diff = acts["pirate"] - acts["default"]
+    eps = 1e-4
+    checked = 0
+    for j in range(6):  # the top units, and units the pirate does not turn up score 0
+        layer, index = pirate.layers[j], pirate.indices[j]
+        slopes = []
+        for i in range(3):
+            a_h, d = float(acts["pirate"][i, layer, index]), float(diff[i, layer, index])
+            up = _opener_logodds(lm, "pirate", i, _SetUnit([0, 1], (layer, index), a_h + eps * d))
+            down = _opener_logodds(lm, "pirate", i, _SetUnit([0, 1], (layer, index), a_h - eps * d))
+            slopes.append((up - down) / (2 * eps))
+        want = sum(slopes) / 3 if float(diff[:, layer, index].mean()) > 0 else 0.0
+        assert abs(pirate.scores[j] - want) < 1e-5 * max(1.0, abs(want)), (
+            j,
+            pirate.scores[j],
+            want,
+        )
+        checked += abs(want) > 1e-4
+        # the stored mean is the low persona's value there: what mean ablation patches in
+        low = float(acts["default"][:, layer, index].mean())
+        assert abs(pirate.means[j] - low) < 1e-6 * max(1.0, abs(low))  # stored as float32
+    assert checked >= 3
+    down_units = (diff.mean(0) <= 0).nonzero().tolist()
+    assert down_units and all(pirate.scores[position[(la, ix)]] == 0.0 for la, ix in down_units)
