@@ -337,12 +337,15 @@ class Steer:
         }
         self.positions: PositionMode = positions
         self._window = _Window(positions, last_n, prompt_len)
+        self._plain = positions == "all" and rows is None  # every position of every row
 
     def wants(self) -> Iterable[tuple[Site, int]]:
         return [("residual", layer) for layer in sorted(self.deltas)]
 
     def __call__(self, site: Site, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         delta = self.deltas[layer]
+        if self._plain:
+            return x + delta
         if self.rows is not None and x.shape[0] != delta.shape[0]:
             raise InterventionError(
                 f"steering has {delta.shape[0]} row coefficients but the batch has "
@@ -449,6 +452,8 @@ class Ablate:
 
     def __call__(self, site: Site, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         if self._window is None:
+            if self.fill is None:
+                return x * self.keep[layer]
             return self._ablate(layer, x)
         span = self._window.span(layer, x.shape[1])
         if span is None:
@@ -470,10 +475,11 @@ class Ablate:
 class Readout:
     """Projections of the residual stream onto unit persona vectors, per token and layer.
 
-    A prefill is projected at once (one ``[B, T, V]`` matmul per layer); single-token decode
-    steps only keep a reference to the block output and are projected ``flush_every`` at a
-    time, so a decode step costs a list append per layer. Everything stays on the device until
-    ``result()`` concatenates once into ``[B, tokens, layers, vectors]`` (float32, CPU).
+    A forward only keeps a reference to the block output (a fresh tensor, never changed in
+    place later), and ``flush_every`` of them are projected at once (one concatenation and one
+    ``[B, T, V]`` matmul per layer), so a decode step costs a list append per layer. Everything
+    stays on the device until ``result()`` concatenates once into ``[B, tokens, layers,
+    vectors]`` (float32, CPU).
     """
 
     def __init__(
@@ -495,14 +501,9 @@ class Readout:
 
     def __call__(self, site: Site, layer: int, x: torch.Tensor) -> None:
         stash = self._stash[layer]
-        if x.shape[1] == 1:
-            stash.append(x)  # block outputs are fresh tensors, never changed in place later
-            if len(stash) >= self.flush_every:
-                self._flush(layer)
-            return None
-        self._flush(layer)
-        self._parts[layer].append(x @ self.units[layer].T)
-        return None
+        stash.append(x)
+        if len(stash) >= self.flush_every:
+            self._flush(layer)
 
     def _flush(self, layer: int) -> None:
         stash = self._stash[layer]
