@@ -237,7 +237,7 @@ def run() -> list[Row]:
         tiny = tiny_model("qwen2", n_layers=24, hidden=64)
         rows = decode_rows("tiny 24x64", tiny, 1.03, steps=300)
         rows += pair_rows("tiny 24x64", tiny, tokens=16, reps=9)
-        rows += decode_rows("qwen2.5-0.5b-shaped", qwen05_shaped(), 1.01, steps=12)
+        rows += decode_rows("qwen2.5-0.5b-shaped", qwen05_shaped(), 1.01, steps=40)
     finally:
         torch.set_num_threads(threads)
     return rows
