@@ -12,7 +12,9 @@ when the block exits, normally, by an exception, or by a cancelled generation; t
 as it was. A site's module gets one dispatching ``forward`` (an instance attribute over the
 class's method, restored when its last attachment goes) rather than a PyTorch forward hook: a
 module with hooks takes PyTorch's slow call path, which on a dispatch-bound model costs several
-times more per call (``scripts/bench_runtime.py`` prints both side by side).
+times more per call (``scripts/bench_runtime.py`` prints both side by side). Since the
+handlers run inside the module's call, transformers' ``output_hidden_states`` (recorded by its
+own hooks around that call) includes what they changed.
 
 Attachments are global to a module, so each ``intervene`` call makes a fresh token and adds it
 to a ``ContextVar``: a handler acts only when the forward pass runs in a context holding its

@@ -282,3 +282,15 @@ def test_two_threads_at_once_get_their_solo_outputs() -> None:
             t.join()
         assert results == solo
     assert hook_count(lm.model) == 0
+
+
+def test_output_hidden_states_include_the_interventions(llama: LoadedModel) -> None:
+    """Handlers run inside the block's call, so transformers records the changed output."""
+    vec = torch.randn(32)
+    ids = _prompt(llama)
+    with torch.no_grad():
+        plain = llama.model(**ids, output_hidden_states=True).hidden_states
+        with intervene(llama.sites, [Add([0], vec)]):
+            steered = llama.model(**ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(steered[1], plain[1] + vec, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(steered[0], plain[0], rtol=0, atol=0)
