@@ -220,13 +220,18 @@ def test_chat_steer_readout_ablate_and_stop_in_a_real_browser(
         # 3. side by side + ablating a neuron set: the unsteered column shows the plain reply
         page.locator("#sbs input").check()
         page.get_by_text("Neurons", exact=True).click()
-        chosen = pick(page, "neuron-sets", persona, partial=True)
-        page.locator("#ablation").get_by_label("zero").check()
+        # the persona's patching set: picking it switches to its use, the default's values on
+        # the prompt (any set of the persona where there is none)
+        chosen = pick(page, "neuron-sets", f"{persona}_vs_default.mlp_hidden.patching")
+        if not chosen.endswith(".patching"):
+            chosen = pick(page, "neuron-sets", persona, partial=True)
+            page.locator("#ablation").get_by_label("zero").check()
         page.locator("#undo").click()
         page.wait_for_function("() => document.querySelectorAll('#chat .message').length === 0")
         send(page, QUESTION)
         status = page.locator("#status").inner_text()
-        assert f"({chosen}) by zero" in status, status
+        how = "by mean (prompt tokens)" if chosen.endswith(".patching") else "by zero"
+        assert f"({chosen}) {how}" in status, status
         side = page.locator("#side-chat .message.bot").last.inner_text().strip()
         assert side == plain[-1], "the unsteered column differs from the plain reply"
         page.locator("#heatmap img").wait_for(timeout=20000)
