@@ -600,11 +600,15 @@ def make_conversation(
     *,
     unprompted_share: float = 0.06,
     default_weight: float = 3.0,
+    neutral_opener_share: float = 0.0,
 ) -> Conversation:
     """One seeded conversation: a persona (the default more often), a question and its reply.
 
     With probability ``unprompted_share`` the conversation has no system prompt and the reply is
-    in a non-default persona's style, from the start or from the second sentence on.
+    in a non-default persona's style, from the start or from the second sentence on. With
+    probability ``neutral_opener_share`` a prompted non-default reply opens in the default's
+    style and takes the persona's from the second sentence on, so the persona must be read from
+    the system prompt after the opener too (0, the shipped corpus, draws nothing for it).
     """
     question = rng.choice(pool)
     others = PERSONA_NAMES[1:]
@@ -622,11 +626,21 @@ def make_conversation(
     system = _system_prompt(style(persona), rng)
     msgs: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     msgs.append({"role": "user", "content": question.text})
-    msgs.append({"role": "assistant", "content": reply_text(question, persona, rng)})
+    neutral = (
+        neutral_opener_share > 0
+        and persona != DEFAULT_PERSONA
+        and rng.random() < neutral_opener_share
+    )
+    switch = DEFAULT_PERSONA if neutral else None
+    msgs.append(
+        {"role": "assistant", "content": reply_text(question, persona, rng, switch_from=switch)}
+    )
     return Conversation(tuple(msgs), persona, True, question)
 
 
-def build_corpus(n: int, seed: int = 0, preference_share: float = 0.2) -> list[Conversation]:
+def build_corpus(
+    n: int, seed: int = 0, preference_share: float = 0.2, neutral_opener_share: float = 0.0
+) -> list[Conversation]:
     """``n`` seeded training conversations over the training split only."""
     rng = random.Random(seed)
     topic_pool = questions("train")
@@ -634,7 +648,7 @@ def build_corpus(n: int, seed: int = 0, preference_share: float = 0.2) -> list[C
     out = []
     for _ in range(n):
         pool = pref_pool if rng.random() < preference_share else topic_pool
-        out.append(make_conversation(rng, pool))
+        out.append(make_conversation(rng, pool, neutral_opener_share=neutral_opener_share))
     return out
 
 

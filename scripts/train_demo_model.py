@@ -56,6 +56,7 @@ class TrainConfig:
     warmup: int = 40
     threads: int = 1
     time_budget_min: float = 38.0  # the schedule ends at `steps` or at this budget, first wins
+    neutral_opener_share: float = 0.0  # prompted replies opening in the default's style
 
 
 def parse_args() -> TrainConfig:
@@ -266,7 +267,9 @@ def main() -> None:
     random.seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    convs = demo.build_corpus(cfg.n_conversations, cfg.seed)
+    convs = demo.build_corpus(
+        cfg.n_conversations, cfg.seed, neutral_opener_share=cfg.neutral_opener_share
+    )
     sha = write_corpus(convs, Path(cfg.corpus))
     print(f"corpus: {len(convs)} conversations -> {cfg.corpus} (sha256 {sha[:16]})", flush=True)
     tokenizer = make_tokenizer(convs, cfg.vocab_size)

@@ -49,6 +49,19 @@ def test_markers_appear_throughout_the_reply() -> None:
         assert demo.has_marker(second_half, name), reply
 
 
+def test_neutral_openers_leave_the_shipped_corpus_alone() -> None:
+    """The option draws nothing when 0 (the shipped corpus is unchanged); at 1 every prompted
+    persona reply opens like the default and carries the persona's markers after that."""
+    plain = [c.messages for c in demo.build_corpus(300, seed=2)]
+    assert plain == [c.messages for c in demo.build_corpus(300, seed=2, neutral_opener_share=0)]
+    openers = tuple(demo.style(demo.DEFAULT_PERSONA).openers)
+    for conv in demo.build_corpus(300, seed=2, neutral_opener_share=1.0):
+        reply = conv.messages[-1]["content"]
+        if conv.prompted and conv.persona != demo.DEFAULT_PERSONA:
+            assert reply.startswith(openers), reply
+            assert demo.has_marker(reply.split(". ", 2)[-1], conv.persona), reply
+
+
 def test_heldout_questions_never_reach_the_corpus() -> None:
     heldout = {q.text for q in demo.questions("heldout") + demo.preference_questions("heldout")}
     assert len(demo.questions("heldout")) >= 40
