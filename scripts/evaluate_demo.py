@@ -42,9 +42,10 @@ import torch
 from tqdm import tqdm
 
 from personachat import demo
+from personachat.chat import batch_replies
 from personachat.datasets import PersonaDataset
 from personachat.extract import extract_vectors, find_neurons
-from personachat.hooks import Handler, intervene
+from personachat.hooks import Handler
 from personachat.interventions import (
     AblationMode,
     AblationSpec,
@@ -54,7 +55,7 @@ from personachat.interventions import (
     build_plan,
 )
 from personachat.model import LoadedModel, load_model
-from personachat.prompts import format_chat, persona_messages
+from personachat.prompts import persona_messages
 from personachat.records import NeuronSet, PersonaVector
 
 PlanFn = Callable[[int], list[Handler]]
@@ -94,20 +95,9 @@ def generate(
     max_new_tokens: int,
     plan: PlanFn | None = None,
 ) -> list[str]:
-    """Greedy replies (left-padded batch); ``plan(prompt_len)`` gives the handlers, if any."""
-    tok = lm.tokenizer
-    prompts = [format_chat(tok, persona_messages(system_prompt, q)) for q in questions]
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tok.padding_side = side
-    width = enc["input_ids"].shape[1]
-    handlers = plan(width) if plan is not None else []
-    with torch.no_grad(), intervene(lm.sites, handlers):
-        out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-    return tok.batch_decode(out[:, width:], skip_special_tokens=True)
+    """Greedy replies (one left-padded batch); ``plan(prompt_len)`` gives the handlers."""
+    conversations = [persona_messages(system_prompt, q) for q in questions]
+    return batch_replies(lm, conversations, plan, max_new_tokens)
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from personachat import demo
+from personachat.chat import batch_replies
 from personachat.datasets import PersonaDataset
 from personachat.extract import extract_vectors, find_neurons
-from personachat.hooks import Handler, intervene
+from personachat.hooks import Handler
 from personachat.interventions import AblationSpec, DirectionSpec, SteeringSpec, build_plan
 from personachat.model import LoadedModel, load_model
 from personachat.prompts import format_chat, persona_messages
@@ -125,20 +126,9 @@ def generate_replies(
     max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> list[str]:
     """Greedy replies to (system prompt, question) cells, all in one left-padded batch, under
-    ``plan(prompt_len)``'s handlers if given (they count positions from the padded prompt)."""
-    tok = lm.tokenizer
-    prompts = [format_chat(tok, persona_messages(system, q)) for system, q in cells]
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tok.padding_side = side
-    width = enc["input_ids"].shape[1]
-    handlers = plan(width) if plan is not None else []
-    with torch.no_grad(), intervene(lm.sites, handlers):
-        out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-    return tok.batch_decode(out[:, width:], skip_special_tokens=True)
+    ``plan(prompt_len)``'s handlers if given."""
+    conversations = [persona_messages(system, q) for system, q in cells]
+    return batch_replies(lm, conversations, plan, max_new_tokens)
 
 
 @pytest.fixture(scope="module")
