@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -313,6 +313,21 @@ class _Window:
         lo, hi = max(first, start), min(last, end)
         return None if lo >= hi else (lo - start, hi - start)
 
+    def apply(
+        self, layer: int, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor | None:
+        """``fn`` on this forward's positions in the window (a copy of ``x`` with them
+        replaced); ``None`` when the window misses this forward."""
+        span = self.span(layer, x.shape[1])
+        if span is None:
+            return None
+        lo, hi = span
+        if lo == 0 and hi == x.shape[1]:
+            return fn(x)
+        out = x.clone()
+        out[:, lo:hi] = fn(x[:, lo:hi])
+        return out
+
 
 # --------------------------------------------------------------------------- handlers
 
@@ -353,15 +368,7 @@ class Steer:
             )
         if self.positions == "all":
             return x + delta
-        span = self._window.span(layer, x.shape[1])
-        if span is None:
-            return None
-        lo, hi = span
-        if lo == 0 and hi == x.shape[1]:
-            return x + delta
-        out = x.clone()
-        out[:, lo:hi] += delta
-        return out
+        return self._window.apply(layer, x, lambda t: t + delta)
 
 
 class DirectionalAblation:
@@ -391,13 +398,7 @@ class DirectionalAblation:
     def __call__(self, site: Site, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         if self._window is None:
             return self._ablate(layer, x)
-        span = self._window.span(layer, x.shape[1])
-        if span is None:
-            return None
-        lo, hi = span
-        out = x.clone()
-        out[:, lo:hi] = self._ablate(layer, x[:, lo:hi])
-        return out
+        return self._window.apply(layer, x, lambda t: self._ablate(layer, t))
 
     def _ablate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         unit = self.units[layer]
@@ -455,15 +456,7 @@ class Ablate:
             if self.fill is None:
                 return x * self.keep[layer]
             return self._ablate(layer, x)
-        span = self._window.span(layer, x.shape[1])
-        if span is None:
-            return None
-        lo, hi = span
-        if lo == 0 and hi == x.shape[1]:
-            return self._ablate(layer, x)
-        out = x.clone()
-        out[:, lo:hi] = self._ablate(layer, x[:, lo:hi])
-        return out
+        return self._window.apply(layer, x, lambda t: self._ablate(layer, t))
 
     def _ablate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         keep = self.keep[layer]
