@@ -29,6 +29,7 @@ from personachat.hooks import Site
 from personachat.model import LoadedModel, load_model
 from personachat.neurons import (
     attribution_sums,
+    exact_selection,
     neuron_sets,
     patching_scores,
     patching_sums,
@@ -47,7 +48,8 @@ from personachat.responses import GenerationConfig, ensure_responses
 from personachat.sites import LAYER_CONVENTION, SiteTemplates, templates_from_args
 from personachat.vectors import baseline_samples, difference_of_means, layer_metrics, project
 
-REPLY_METHODS = ("attribution", "patching")  # neuron methods that need the personas' replies
+REPLY_METHODS = ("attribution", "patching", "exact")  # neuron methods that need the replies
+DECISION_METHODS = ("patching", "exact")  # scored at the last prompt token, question by question
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +288,8 @@ def find_neurons(
 
     ``pairs`` is a dataset (all its pairs) or pairs from ``dataset``. ``positions`` chooses the
     pooling of the ``effect`` method; ``attribution`` always uses the persona's own reply, and
-    ``patching`` the last prompt token and the first tokens of the replies.
+    ``patching`` and ``exact`` the last prompt token and the first tokens of the replies
+    (``exact`` also checks each unit against every other persona of the dataset).
     """
     dist = dist or Dist()
     if isinstance(pairs, PersonaDataset):
@@ -300,7 +303,9 @@ def find_neurons(
     if site not in NEURON_SITES:
         raise ValueError(f"unknown neuron site {site!r}; use one of {NEURON_SITES}")
     if method not in NEURON_METHODS or method == "imported":
-        raise ValueError(f"unknown method {method!r}; use 'effect', 'attribution' or 'patching'")
+        raise ValueError(
+            f"unknown method {method!r}; use 'effect', 'attribution', 'patching' or 'exact'"
+        )
     if site == "gate" and lm.sites.gates is None:
         raise ValueError(
             f"{lm.sites.architecture} has no separate gate projection; use --site mlp_hidden"
@@ -309,6 +314,8 @@ def find_neurons(
         raise ValueError(f"k must be >= 1, got {k}")
     chosen = check_layers(lm, layers)
     names = list(dict.fromkeys(n for p in pair_list for n in (p.high, p.low)))
+    if method == "exact":  # every other persona of the dataset checks that a unit is specific
+        names += [n for n in dataset.persona_names if n not in names]
     data = dataset.select(names)
     kinds = ("response_avg",) if method in REPLY_METHODS else _positions(positions)
     if "response_avg" in kinds:
@@ -316,10 +323,12 @@ def find_neurons(
             lm, data, names, generation, cache_dir=cache_dir, progress=progress, dist=dist
         )
     # patching aligns every persona's reply to each question, so it splits questions itself
-    samples = _neuron_samples(lm, data, kinds, max_tokens, Dist() if method == "patching" else dist)
+    whole = method in DECISION_METHODS
+    samples = _neuron_samples(lm, data, kinds, max_tokens, Dist() if whole else dist)
     site_name: Site = "gate" if site == "gate" else "mlp_hidden"
     scores: dict[str, torch.Tensor] = {}
     means: dict[str, torch.Tensor] = {}
+    orders: dict[str, list[tuple[int, int]]] = {}
     if method == "effect":
         spec = CaptureSpec(
             layers=chosen, positions=kinds, site=site_name, spill=False, squares=True
@@ -363,6 +372,21 @@ def find_neurons(
         for j, pair in enumerate(pair_list):
             scores[pair.name] = pair_scores[j]
             means[pair.name] = (act_sums[index[j][1]] / count.clamp(min=1)).float()
+    elif method == "exact":
+        index = [(names.index(p.high), names.index(p.low)) for p in pair_list]
+        exact_scores, exact_orders, exact_means = exact_selection(
+            lm,
+            samples,
+            index,
+            site_name,
+            chosen,
+            len(names),
+            k=k,
+            progress=progress and dist.is_main,
+        )
+        for j, pair in enumerate(pair_list):
+            scores[pair.name], means[pair.name] = exact_scores[j], exact_means[j]
+            orders[pair.name] = exact_orders[j]
     else:
         attr, acts, counts = attribution_sums(
             lm,
@@ -380,7 +404,7 @@ def find_neurons(
             h, lo = names.index(pair.high), names.index(pair.low)
             scores[pair.name] = (attr_mean[h] - attr_mean[lo]).float()
             means[pair.name] = ((act_mean[h] + act_mean[lo]) / 2).float()
-    where = "last prompt token" if method == "patching" else ",".join(kinds)
+    where = "last prompt token" if whole else ",".join(kinds)
     source = f"dataset {dataset.name} sha256 {dataset.sha256[:12]}; positions {where}"
     sets = neuron_sets(
         model_id=lm.info.model_id,
@@ -392,6 +416,7 @@ def find_neurons(
         means=means,
         k=k,
         source=source,
+        orders=orders,
     )
     now = datetime.now(UTC)
     for s in sets:

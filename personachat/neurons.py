@@ -1,6 +1,6 @@
 """Score MLP units for contrast pairs, keep the top k, and measure their stability across pairs.
 
-Two scoring methods (``records.NEURON_METHODS``):
+Four scoring methods (``records.NEURON_METHODS``):
 
 - ``effect``: standardized effect of each unit's pooled activation, high persona vs low persona,
   over many prompts: (mean_high - mean_low) / pooled std (Cohen's d). Ranked by ``|d|``.
@@ -18,6 +18,14 @@ Two scoring methods (``records.NEURON_METHODS``):
   values there, so ``AblationSpec(mode="mean", positions="prompt")`` is that patch. A model
   whose style, once started, carries itself through the reply is steered by its first tokens:
   units found over the whole reply then change nothing (see the demo model's card).
+- ``exact``: exact activation patching at the same place, unit by unit: each unit set to the low
+  persona's mean there, the drop of the high persona's log-odds minus the mean drop of every
+  other persona's (their own openers, under their own prompts). The set's order is then chosen
+  greedily, units patched together, so that the high persona stops opening its way while no
+  other persona does (``exact_selection``). Slower (a forward per unit of the chosen layers) but
+  not fooled where the log-odds is far from linear in a unit, as in layer 0 of the demo model,
+  whose patching sets miss 7 of its 11 personas. Meant for ``AblationSpec(mode="mean",
+  positions="prompt", last_n=1)``.
 
 Sets are labelled ``{pair or kind}.{site}.{method}`` (``teacher_student.gate.effect``).
 Cross-pair stability: for pairs of the same ``kind`` each unit's rank (0 = best) in every pair
@@ -28,7 +36,8 @@ Gradients are taken with ``torch.autograd.grad`` on activations captured by a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -89,8 +98,13 @@ def neuron_sets(
     means: dict[str, torch.Tensor],
     k: int,
     source: str = "",
+    orders: dict[str, list[tuple[int, int]]] | None = None,
 ) -> list[NeuronSet]:
-    """One set per pair, plus one per kind with two or more pairs (units ranked across pairs)."""
+    """One set per pair, plus one per kind with two or more pairs (units ranked across pairs).
+
+    A pair's set holds its top ``k`` units by score, or ``orders[pair]`` where a method chose
+    them otherwise (``exact``: greedily, together).
+    """
     by_abs = method == "effect"
     rank_of = {p.name: ranks(scores[p.name], by_abs) for p in pairs}
     kinds: dict[str, list[ContrastPair]] = {}
@@ -126,7 +140,7 @@ def neuron_sets(
 
     for pair in pairs:
         group = kinds[pair.kind or pair.name]
-        units = top_units(scores[pair.name], k, by_abs)
+        units = (orders or {}).get(pair.name) or top_units(scores[pair.name], k, by_abs)
         out.append(make(pair.name, units, group, scores[pair.name], means[pair.name]))
     for kind, group in kinds.items():
         if len(group) < 2:
@@ -249,6 +263,14 @@ def _last_prompt_acts(
     return [grab.acts[layer] for layer in grab.layers], logits
 
 
+def _by_persona(samples: Sequence[Sample], n_personas: int) -> list[list[Sample]]:
+    """``samples`` grouped by persona index, each group in the samples' order."""
+    groups: list[list[Sample]] = [[] for _ in range(n_personas)]
+    for sample in samples:
+        groups[sample.persona].append(sample)
+    return groups
+
+
 def patching_sums(
     lm: LoadedModel,
     samples: Sequence[Sample],
@@ -268,9 +290,7 @@ def patching_sums(
     order; ``pairs`` are (high, low) persona indices. Questions are split across processes.
     """
     dist = dist or Dist()
-    by_persona: list[list[Sample]] = [[] for _ in range(n_personas)]
-    for sample in samples:
-        by_persona[sample.persona].append(sample)
+    by_persona = _by_persona(samples, n_personas)
     n_questions = len(by_persona[0])
     if any(len(group) != n_questions for group in by_persona):
         raise ValueError("patching needs every persona's reply to every question")
@@ -321,3 +341,267 @@ def patching_scores(
     unit up (a unit the low persona drives would flip every persona, not this one)."""
     n = count.clamp(min=1)
     return torch.where(diffs / n > 0, products / n, torch.zeros_like(products)).float()
+
+
+class _PatchLast:
+    """Sets chosen units at the last position of every row (left-padded prompts) to fixed values
+    and keeps the site's activations there; ``units`` is swapped between forwards."""
+
+    def __init__(self, site: Site, layers: Sequence[int]) -> None:
+        self.site = site
+        self.layers = list(layers)
+        self.units: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.seen: dict[int, torch.Tensor] = {}
+
+    def wants(self) -> Iterable[tuple[Site, int]]:
+        return [(self.site, layer) for layer in self.layers]
+
+    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        self.seen[layer] = x[:, -1].detach()
+        patch = self.units.get(layer)
+        if patch is None:
+            return None
+        index, values = patch
+        out = x.clone()
+        out[:, -1, index] = values.to(out.dtype)
+        return out
+
+
+class _Decision:
+    """Every persona's prompts in one left-padded batch, and each row's log-odds of opening the
+    way its own persona does, with chosen units patched (see ``exact_selection``)."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        by_persona: Sequence[Sequence[Sample]],
+        n_questions: int,
+        site: Site,
+        layers: Sequence[int],
+    ) -> None:
+        self.lm = lm
+        self.layers = list(layers)
+        self.n_personas, self.n_questions = len(by_persona), n_questions
+        prompts = [
+            Sample(s.persona, s.ids[: s.n_prompt], (), s.n_prompt)
+            for group in by_persona
+            for s in group[:n_questions]
+        ]
+        self.batch = pad_batch(prompts, int(lm.tokenizer.pad_token_id or 0), "left", lm.device)
+        vocab = lm.model.get_output_embeddings().weight.shape[0]
+        own = torch.zeros((self.n_personas, vocab), dtype=torch.bool, device=lm.device)
+        for p, group in enumerate(by_persona):  # the ways each persona opens its replies
+            own[p, [s.ids[s.n_prompt] for s in group]] = True
+        self.own = own.repeat_interleave(n_questions, 0)  # [rows, V]
+        self.patch = _PatchLast(site, layers)
+
+    def run(self, units: Sequence[tuple[int, int]], values: torch.Tensor) -> torch.Tensor:
+        """Log-odds [personas, questions] with ``units`` (layer slot, index) set to ``values``
+        [L, W] at the last prompt token."""
+        by_slot: dict[int, list[int]] = {}
+        for slot, index in units:
+            by_slot.setdefault(slot, []).append(index)
+        self.patch.units = {
+            self.layers[slot]: (
+                torch.tensor(idx, device=values.device),
+                values[slot, idx],
+            )
+            for slot, idx in by_slot.items()
+        }
+        out = self.lm.sites.base(
+            input_ids=self.batch.input_ids,
+            attention_mask=self.batch.attention_mask,
+            position_ids=self.batch.position_ids,
+            use_cache=False,
+        )
+        logp = torch.log_softmax(_logits(self.lm, out.last_hidden_state[:, -1]).double(), -1)
+        own = logp.masked_fill(~self.own, -torch.inf).logsumexp(-1)
+        rest = logp.masked_fill(self.own, -torch.inf).logsumexp(-1)
+        return (own - rest).view(self.n_personas, self.n_questions).cpu()
+
+    def run_units(
+        self, grid: Sequence[tuple[int, int]], values: torch.Tensor, picks: Sequence[int]
+    ) -> torch.Tensor:
+        """``run`` with the units ``grid[i]`` for ``i`` in ``picks``."""
+        return self.run([grid[i] for i in picks], values)
+
+    def activations(self) -> torch.Tensor:
+        """Mean activation per persona at the last prompt token [P, L, W], unpatched."""
+        self.run([], torch.zeros(0))
+        seen = torch.stack([self.patch.seen[layer].double().cpu() for layer in self.layers], 1)
+        return seen.view(self.n_personas, self.n_questions, *seen.shape[1:]).mean(1)
+
+
+# The greedy objectives of ``exact_selection``: how far other personas may sink below their
+# unpatched log-odds before it counts (a level), or None: only their distance below ``margin``
+# counts, wherever they started. The first keeps units that lower other personas out; the
+# second, more lenient, serves pairs where no unit is free of side effects.
+OBJECTIVES: tuple[float | None, ...] = (4.5, None)
+
+
+def _exact_loss(
+    logodds: torch.Tensor,
+    clean: torch.Tensor,
+    high: int,
+    others: Sequence[int],
+    margin: float,
+    weight: float,
+    level: float | None,
+) -> torch.Tensor:
+    """How far the high persona still opens its own way (log-odds above ``-margin``), plus
+    ``weight`` times the worst-hit other persona's loss: with a ``level``, how much further below
+    it its log-odds went than without the patch (``clean``); without, how far below ``margin``
+    it is. Softplus hinges averaged over the questions."""
+    hinge = torch.nn.functional.softplus
+    loss = hinge(logodds[high] + margin).mean()
+    if others:
+        rows = list(others)
+        if level is None:
+            harm = hinge(margin - logodds[rows]).mean(1)
+        else:
+            harm = (hinge(level - logodds[rows]) - hinge(level - clean[rows])).mean(1)
+        loss = loss + weight * harm.max().clamp(min=0)
+    return loss
+
+
+def _flips(logodds: torch.Tensor, high: int, others: Sequence[int], margin: float) -> bool:
+    """Whether the high persona opens otherwise on >= 3/4 of the questions while every other
+    persona still opens its own way, with log-odds above ``margin / 2``, on >= 95% of them (the
+    neuron floor at the decision, with room for questions not seen here)."""
+    if float((logodds[high] < 0).double().mean()) < 0.75:
+        return False
+    return all(float((logodds[o] > margin / 2).double().mean()) >= 0.95 for o in others)
+
+
+def exact_selection(
+    lm: LoadedModel,
+    samples: Sequence[Sample],
+    pairs: Sequence[tuple[int, int]],
+    site: Site,
+    layers: Sequence[int],
+    n_personas: int,
+    *,
+    k: int,
+    n_questions: int = 16,
+    greedy: int = 16,
+    candidates: int = 32,
+    margin: float = 2.0,
+    weight: float = 2.0,
+    spare: float = 0.1,
+    progress: bool = True,
+) -> tuple[list[torch.Tensor], list[list[tuple[int, int]]], list[torch.Tensor]]:
+    """Per pair: the units' specific effects [L, W], the chosen order of the top ``k`` and the
+    low persona's values [L, W] (what the set's mean ablation patches in).
+
+    Exact activation patching at the last prompt token, where the first token of the reply is
+    chosen. One unit at a time is set to the low persona's mean there, over the first
+    ``n_questions`` questions of every persona under its own prompt. A unit's effect on persona
+    ``p`` is the drop of ``p``'s log-odds of opening its reply its own way; its score for the pair
+    is the effect on the high persona minus the mean effect on the other personas (not the low
+    one). Units are then picked greedily among the ``candidates`` best (by score and by effect),
+    patched together, minimising ``_exact_loss``: the high persona must stop opening its way
+    while the other personas keep theirs. The greedy run stops once ``_flips`` holds on these
+    questions (the high persona opens otherwise on 3/4 of them, every other persona keeps its
+    opener, with log-odds above ``margin / 2``, on 95%) or after ``greedy`` picks. Each
+    objective of ``OBJECTIVES`` is tried; the fewest picks that got there are kept (else the
+    first objective's). The set then goes on by score, units that alone lower another persona's
+    log-odds by more than ``spare`` coming last: the greedy picks are the set's core (2 to 16
+    units on the demo model), and longer prefixes add little.
+    Costs one forward of every persona's prompts per unit of ``layers`` (per distinct low
+    persona) and per greedy candidate.
+    """
+    by_persona = _by_persona(samples, n_personas)
+    count = min(len(group) for group in by_persona)
+    if count == 0:
+        raise ValueError("exact patching needs every persona's reply to some question")
+    decision = _Decision(lm, by_persona, min(n_questions, count), site, layers)
+    width = lm.sites.mlp_width
+    n_units = len(layers) * width
+    grid = [(slot, index) for slot in range(len(layers)) for index in range(width)]
+    with torch.inference_mode(), _intervene(lm.sites, [decision.patch]):
+        acts = decision.activations()
+        clean = decision.run([], acts[0])
+        base = clean.mean(1)
+        effects: dict[int, torch.Tensor] = {}  # per low persona: [L, W, P]
+        lows = sorted({low for _, low in pairs})
+        bar = tqdm(
+            total=len(lows) * n_units, desc="exact patching", disable=not progress, unit="unit"
+        )
+        for low in lows:
+            values = acts[low].to(lm.device)
+            eff = torch.zeros((n_units, n_personas), dtype=torch.float64)
+            for i, unit in enumerate(grid):
+                eff[i] = base - decision.run([unit], values).mean(1)
+                bar.update(1)
+            effects[low] = eff.view(len(layers), width, n_personas)
+        bar.close()
+        scores, orders, means = [], [], []
+        for high, low in tqdm(pairs, desc="greedy units", disable=not progress, unit="pair"):
+            eff, values = effects[low], acts[low].to(lm.device)
+            others = [p for p in range(n_personas) if p not in (high, low)]
+            score = eff[..., high] - (eff[..., others].mean(-1) if others else 0.0)
+            flat_score, flat_eff = score.flatten(), eff[..., high].flatten()
+            pool = list(
+                dict.fromkeys(
+                    torch.argsort(flat_score, descending=True, stable=True)[
+                        : candidates // 2
+                    ].tolist()
+                    + torch.argsort(flat_eff, descending=True, stable=True)[:candidates].tolist()
+                )
+            )[:candidates]
+            tries = []  # (got there, picks) per objective
+            for level in OBJECTIVES:
+                picked, met = _greedy(
+                    partial(decision.run_units, grid, values),
+                    pool,
+                    min(greedy, k),
+                    partial(
+                        _exact_loss,
+                        clean=clean,
+                        high=high,
+                        others=others,
+                        margin=margin,
+                        weight=weight,
+                        level=level,
+                    ),
+                    partial(_flips, high=high, others=others, margin=margin),
+                )
+                tries.append((met, picked))
+            reached = [picked for met, picked in tries if met]
+            chosen = min(reached, key=len) if reached else tries[0][1]
+            # then by score, units that alone lower another persona's log-odds by more than
+            # ``spare`` last, so that a longer prefix of the set still spares the others
+            harm = eff[..., others].amax(-1).flatten() if others else torch.zeros_like(flat_score)
+            taken = set(chosen)
+            by_score = torch.argsort(flat_score, descending=True, stable=True).tolist()
+            rest = [i for i in by_score if i not in taken and harm[i] <= spare]
+            rest += [i for i in by_score if i not in taken and harm[i] > spare]
+            orders.append([grid[i] for i in (chosen + rest)[:k]])
+            scores.append(score.float())
+            means.append(acts[low].float())
+    return scores, orders, means
+
+
+def _greedy(
+    run: Callable[[Sequence[int]], torch.Tensor],
+    pool: Sequence[int],
+    steps: int,
+    loss: Callable[[torch.Tensor], torch.Tensor],
+    done: Callable[[torch.Tensor], bool],
+) -> tuple[list[int], bool]:
+    """Up to ``steps`` units of ``pool``, each the one whose addition gives the lowest ``loss``
+    of ``run(units)``; stops early once ``done``. Returns the picks and whether it got there."""
+    chosen: list[int] = []
+    for _ in range(min(steps, len(pool))):
+        best: tuple[float, int] | None = None
+        for i in pool:
+            if i in chosen:
+                continue
+            value = float(loss(run([*chosen, i])))
+            if best is None or value < best[0]:
+                best = (value, i)
+        assert best is not None
+        chosen.append(best[1])
+        if done(run(chosen)):
+            return chosen, True
+    return chosen, False

@@ -13,7 +13,7 @@ import torch
 
 POSITIONS = ("response_avg", "prompt_last", "prompt_avg", "question_span")
 METHODS = ("diff_means", "imported")
-NEURON_METHODS = ("effect", "attribution", "patching", "imported")
+NEURON_METHODS = ("effect", "attribution", "patching", "exact", "imported")
 NEURON_SITES = ("mlp_hidden", "gate")
 MEAN_BASELINE = "mean"  # baseline name meaning "the mean of all personas"
 

@@ -7,8 +7,11 @@
 
 (``--multi_gpu`` also works on CPU-only machines: torchrun + gloo; ``--cpu`` needs mpirun.)
 
-Methods: ``effect`` (difference of means over the pooled std across prompts) and
-``attribution`` (activation x gradient of the log-prob of the persona's own reply). Each pair
+Methods: ``effect`` (difference of means over the pooled std across prompts),
+``attribution`` (activation x gradient of the log-prob of the persona's own reply),
+``patching`` (attribution patching of the first reply token at the last prompt token) and
+``exact`` (exact patching there, unit by unit, then a greedy persona-specific set; a forward per
+unit, so pick ``--layers`` on large models). See ``personachat.neurons``. Each pair
 gets a set labelled ``{pair}.{site}.{method}``; pairs of the same kind (role, gender) also get a
 set of the units that rank high across them, with their rank in every pair. Sets go to the store
 (``--store``; ``--no-store`` to skip) and, with ``--out``, to ``neurons.json``.
@@ -65,7 +68,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", help="comma-separated pair names (default: all)")
     p.add_argument("--layers", default="all", help="'all', '15', '10-20' or '4,8'")
     p.add_argument("--site", default="mlp_hidden", choices=NEURON_SITES)
-    p.add_argument("--method", default="effect", choices=("effect", "attribution", "patching"))
+    p.add_argument(
+        "--method", default="effect", choices=("effect", "attribution", "patching", "exact")
+    )
     p.add_argument("--k", type=int, default=32, help="units kept per pair")
     p.add_argument("--positions", default="response_avg", choices=POSITIONS, help="for effect")
     add_run_args(p, out_help="folder for neurons.json")

@@ -73,7 +73,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="auto", help=f"auto, a persona name or {MEAN_BASELINE!r}")
     p.add_argument("--layers", default="all", help="'all', '12', '0-5' or '0-5,9'")
     p.add_argument(
-        "--neurons", choices=("effect", "attribution", "patching"), help="also find neurons"
+        "--neurons",
+        choices=("effect", "attribution", "patching", "exact"),
+        help="also find neurons",
     )
     p.add_argument("--neuron-site", default="mlp_hidden", choices=("mlp_hidden", "gate"))
     p.add_argument("--k", type=int, default=32, help="neurons kept per pair")

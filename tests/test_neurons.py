@@ -173,9 +173,11 @@ class _SetUnit:
         return out
 
 
-def _opener_logodds(lm: LoadedModel, persona: str, i: int, handler: _SetUnit) -> float:
-    """Log-odds at the last prompt token of opening with any first token of pirate's replies."""
-    openers = sorted({_ids(lm, "pirate", q)[0][_ids(lm, "pirate", q)[1]] for q in range(3)})
+def _opener_logodds(
+    lm: LoadedModel, persona: str, i: int, handler: _SetUnit, own: str = "pirate"
+) -> float:
+    """Log-odds at the last prompt token of opening with any first token of ``own``'s replies."""
+    openers = sorted({_ids(lm, own, q)[0][_ids(lm, own, q)[1]] for q in range(3)})
     ids, n_prompt = _ids(lm, persona, i)
     with torch.no_grad(), intervene(lm.sites, [handler]):
         logits = lm.model(input_ids=torch.tensor([ids[:n_prompt]])).logits[0, -1].double()
@@ -229,3 +231,53 @@ def test_patching_equals_a_finite_difference_towards_the_low_persona() -> None:
     assert checked >= 3
     down_units = (diff.mean(0) <= 0).nonzero().tolist()
     assert down_units and all(pirate.scores[position[(la, ix)]] == 0.0 for la, ix in down_units)
+
+
+def test_exact_effects_equal_patching_each_unit_by_hand() -> None:
+    """Score = (drop of pirate's own-opener log-odds) - (drop of chef's), each unit set to the
+    default's mean at the last prompt token; the first unit of the set is the greedy best."""
+    base = _cached_tiny("gpt2")
+    lm = wrap_model(copy.deepcopy(base.model).double(), base.tokenizer, "tiny-gpt2-f64")
+    width = lm.info.mlp_width
+    sets = find_neurons(lm, DATASET, [0, 1], "mlp_hidden", "exact", 2 * width, progress=False)
+    pirate = sets[0]
+    assert pirate.label == "pirate_default.mlp_hidden.exact" and pirate.means is not None
+    units = list(zip(pirate.layers, pirate.indices, strict=True))
+    assert len(set(units)) == 2 * width  # every unit, greedy picks first, then by score
+    low = []
+    for i in range(3):
+        rec = _SetUnit([0, 1], None)
+        _opener_logodds(lm, "default", i, rec)
+        low.append(torch.stack([rec.seen[0], rec.seen[1]]))
+    mean = torch.stack(low).mean(0)  # the default's mean at the last prompt token [layer, unit]
+    clean = {
+        p: [_opener_logodds(lm, p, i, _SetUnit([0, 1], None), own=p) for i in range(3)]
+        for p in ("pirate", "chef")
+    }
+
+    def patched(p: str, layer: int, index: int) -> list[float]:
+        value = float(mean[layer, index])
+        return [
+            _opener_logodds(lm, p, i, _SetUnit([0, 1], (layer, index), value), own=p)
+            for i in range(3)
+        ]
+
+    def drop(p: str, layer: int, index: int) -> float:
+        return sum(c - v for c, v in zip(clean[p], patched(p, layer, index), strict=True)) / 3
+
+    by_score = sorted(range(len(units)), key=lambda j: -pirate.scores[j])
+    for j in [*range(4), *by_score[:4]]:
+        layer, index = pirate.layers[j], pirate.indices[j]
+        want = drop("pirate", layer, index) - drop("chef", layer, index)
+        assert abs(pirate.scores[j] - want) < 1e-6 * max(1.0, abs(want)), (j, pirate.scores[j])
+        assert abs(pirate.means[j] - float(mean[layer, index])) < 1e-6  # stored as float32
+
+    def loss(layer: int, index: int) -> float:  # neurons._exact_loss: margin 2, weight 2,
+        hinge = torch.nn.functional.softplus  # the first objective (level 4.5)
+        high = hinge(torch.tensor(patched("pirate", layer, index)) + 2).mean()
+        chef = torch.tensor(patched("chef", layer, index))
+        harm = (hinge(4.5 - chef) - hinge(4.5 - torch.tensor(clean["chef"]))).mean()
+        return float(high + 2 * harm.clamp(min=0))
+
+    first = loss(*units[0])  # the best of the candidates, which include the 16 best by score
+    assert all(first <= loss(*units[j]) + 1e-9 for j in by_score[:16])
