@@ -24,7 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from personachat.session import Limits, Settings, format_layer_spec, format_layers, patching_sets
+from personachat.session import (
+    LAST_PROMPT_TOKEN,
+    Limits,
+    Settings,
+    format_layer_spec,
+    format_layers,
+    meant_positions,
+    patching_sets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +101,14 @@ Progress = Callable[[float, str], None]
 
 def _tokens(positions: str) -> str:
     """The status' words for where an ablation acts: nothing for all tokens."""
+    if positions == LAST_PROMPT_TOKEN:
+        return f" ({positions})"
     return "" if positions == "all" else f" ({positions} tokens)"
+
+
+def _window(positions: str) -> tuple[str, int | None]:
+    """The runtime's (positions, last_n) for a page choice of where to ablate neurons."""
+    return ("prompt", 1) if positions == LAST_PROMPT_TOKEN else (positions, None)
 
 
 def unit_name(units: str) -> str:
@@ -352,12 +367,14 @@ class Backend:
             named = ", ".join([*settings.neuron_sets, *(["typed"] if settings.neurons else [])])
             where = _tokens(settings.ablation_positions)
             parts.append(f"Ablating {units} MLP units ({named}) by {settings.ablation}{where}.")
-            misused = patching_sets(settings.neuron_sets)
-            if misused and (settings.ablation, settings.ablation_positions) != ("mean", "prompt"):
-                parts.append(
-                    f"⚠ {', '.join(misused)}: found by attribution patching at the prompt, "
-                    "meant for mean ablation at the prompt tokens (ablate 'mean', at 'prompt')."
-                )
+            for label in patching_sets(settings.neuron_sets):
+                meant = meant_positions(label)
+                if (settings.ablation, settings.ablation_positions) != ("mean", meant):
+                    parts.append(
+                        f"⚠ {label}: found by patching at the prompt, meant for mean ablation "
+                        f"at the {meant if meant != 'prompt' else 'prompt tokens'} "
+                        f"(ablate 'mean', at '{meant}')."
+                    )
         return " ".join(parts)
 
     def layer_metrics(
@@ -603,15 +620,26 @@ class Backend:
             )
         ablation, extra = None, []
         if settings.ablating:
-            mode, where = settings.ablation, settings.ablation_positions
+            mode, (where, last_n) = settings.ablation, _window(settings.ablation_positions)
             typed = ",".join(f"{layer}:{index}" for layer, index in settings.neurons)
             first = settings.neuron_sets[0] if settings.neuron_sets else None
-            ablation = AblationSpec(first, typed, mode, positions=where)  # type: ignore[arg-type]
+            ablation = AblationSpec(
+                first,
+                typed,
+                mode,  # type: ignore[arg-type]
+                positions=where,  # type: ignore[arg-type]
+                last_n=last_n,
+            )
             rows = [False, True] if settings.side_by_side else None
             # the other sets run as extra handlers; their position window takes the prompt's
             # length from its first forward (the prefill), as the engine's own handlers do
             for label in settings.neuron_sets[1:]:
-                spec = AblationSpec(label, mode=mode, positions=where)  # type: ignore[arg-type]
+                spec = AblationSpec(
+                    label,
+                    mode=mode,  # type: ignore[arg-type]
+                    positions=where,  # type: ignore[arg-type]
+                    last_n=last_n,
+                )
                 extra.append(build_ablation(lm, spec, engine.neuron_sets, rows=rows))
         readout = list(settings.personas) or sorted(engine.vectors)[:MAX_READOUT_PERSONAS]
         updates = engine.stream(

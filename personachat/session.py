@@ -32,13 +32,17 @@ UNITS = ("raw", "x residual norm")
 PRESETS = ("best layer", "band", "all layers", "custom")
 ABLATION_MODES = ("off", "zero", "mean")
 POSITIONS = ("all", "prompt", "generated")
+# neuron ablation may also act on the last prompt token alone, where exact sets were found
+LAST_PROMPT_TOKEN = "last prompt token"
+ABLATION_POSITIONS = ("all", "prompt", LAST_PROMPT_TOKEN, "generated")
 NO_DIRECTION = "none"  # the direction dropdown's "ablate no direction"
 DIRECTION_FIELD = "Direction layers"
 # how a direction is ablated, and the page's words for it
 DIRECTION_MODES = {"mean": "to the baseline's level", "zero": "to zero (project out)"}
-# neuron sets found by attribution patching at the prompt (``personachat.neurons``, labelled
-# ``{pair}.{site}.patching``) are meant to be mean-ablated at the prompt tokens
-PATCHING_SUFFIX = ".patching"
+# neuron sets found by patching at the prompt (``personachat.neurons``, labelled
+# ``{pair}.{site}.patching`` or ``.exact``) are meant to be mean-ablated there: at the prompt
+# tokens (attribution patching) or at the last prompt token (exact patching)
+MEANT_POSITIONS = {".patching": "prompt", ".exact": LAST_PROMPT_TOKEN}
 
 Units = Literal["raw", "x residual norm"]
 Positions = Literal["all", "prompt", "generated"]
@@ -71,7 +75,7 @@ class Settings:
     direction_layers: tuple[int, ...] = ()
     direction_mode: Literal["mean", "zero"] = "mean"
     direction_positions: Positions = "all"
-    ablation_positions: Positions = "all"
+    ablation_positions: str = "all"  # one of ABLATION_POSITIONS
 
     @property
     def steering(self) -> bool:
@@ -270,9 +274,15 @@ def check_choice(field: str, value: object, choices: Sequence[str], words: str =
 
 
 def patching_sets(labels: Sequence[str]) -> tuple[str, ...]:
-    """The neuron sets among ``labels`` found by attribution patching (meant for mean ablation
-    at the prompt tokens)."""
-    return tuple(label for label in labels if label.endswith(PATCHING_SUFFIX))
+    """The neuron sets among ``labels`` found by patching at the prompt (attribution or exact
+    patching; meant for mean ablation there, see ``meant_positions``)."""
+    return tuple(label for label in labels if meant_positions(label))
+
+
+def meant_positions(label: str) -> str:
+    """Where a neuron set is meant to be mean-ablated (an ``ABLATION_POSITIONS`` choice), or
+    "" for sets with no such place."""
+    return next((v for k, v in MEANT_POSITIONS.items() if label.endswith(k)), "")
 
 
 def check_personas(picked: Sequence[str] | None, known: Sequence[str]) -> tuple[str, ...]:
@@ -354,7 +364,7 @@ def parse_settings(
     words = " (" + ", ".join(f"{k}: {v}" for k, v in DIRECTION_MODES.items()) + ")"
     mode = check_choice("Direction mode", direction_mode, tuple(DIRECTION_MODES), words)
     where = check_choice("Direction positions", direction_positions, POSITIONS)
-    ablated_at = check_choice("Ablation positions", ablation_positions, POSITIONS)
+    ablated_at = check_choice("Ablation positions", ablation_positions, ABLATION_POSITIONS)
     projected = "" if (direction or "").strip() in ("", NO_DIRECTION) else str(direction).strip()
     layers = parse_layers(direction_layers, limits.n_layers, DIRECTION_FIELD) if projected else ()
     return Settings(
@@ -377,5 +387,5 @@ def parse_settings(
         direction_layers=layers,
         direction_mode=mode,  # type: ignore[arg-type]
         direction_positions=where,  # type: ignore[arg-type]
-        ablation_positions=ablated_at,  # type: ignore[arg-type]
+        ablation_positions=ablated_at,
     )

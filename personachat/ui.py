@@ -30,6 +30,7 @@ from personachat import views
 from personachat.backend import AnalysisView, Backend, Readout, Step
 from personachat.session import (
     ABLATION_MODES,
+    ABLATION_POSITIONS,
     DIRECTION_MODES,
     NO_DIRECTION,
     POSITIONS,
@@ -38,6 +39,7 @@ from personachat.session import (
     InputError,
     Settings,
     check_message,
+    meant_positions,
     parse_number,
     parse_settings,
     patching_sets,
@@ -318,17 +320,19 @@ class Handlers:
         )
 
     def neuron_sets_picked(self, sets: list[str] | None) -> tuple[Any, Any, Any]:
-        """Picking a set found by attribution patching sets up the use it was found for: mean
+        """Picking a set found by patching at the prompt sets up the use it was found for: mean
         ablation at the prompt tokens. Returns (ablation mode, ablation positions, status);
         nothing changes for other sets."""
         found = patching_sets(sets or [])
         if not found:
             return gr.update(), gr.update(), gr.skip()
+        where = meant_positions(found[-1])  # the last one picked decides
+        words = "prompt tokens" if where == "prompt" else where
         return (
             "mean",
-            "prompt",
-            f"{', '.join(found)}: found by attribution patching at the prompt, so it is "
-            "ablated by its mean at the prompt tokens (set 'Ablate' to off to stop).",
+            where,
+            f"{', '.join(found)}: found by patching at the prompt, so it is "
+            f"ablated by its mean at the {words} (set 'Ablate' to off to stop).",
         )
 
     # -- chat ----------------------------------------------------------------------------------
@@ -817,9 +821,9 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
                         ablation = gr.Radio(
                             list(ABLATION_MODES), value="off", label="Ablate", elem_id="ablation"
                         )
-                        # sets found by patching switch this to 'prompt' (and 'mean') when picked
+                        # sets found by patching switch this (and 'mean') to where they act
                         ablation_positions = gr.Radio(
-                            list(POSITIONS),
+                            list(ABLATION_POSITIONS),
                             value="all",
                             label="Ablate at tokens",
                             elem_id="ablation-positions",

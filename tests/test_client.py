@@ -221,7 +221,8 @@ def test_ablation_and_bad_input_over_the_api(
     )
     assert text(history[-1]) == at_prompt.text
     assert status.endswith(f"({label}) by mean (prompt tokens).")
-    with pytest.raises(AppError, match=r"'end' .* choices: \['all', 'prompt', 'generated'\]"):
+    choices = r"\['all', 'prompt', 'last prompt token', 'generated'\]"
+    with pytest.raises(AppError, match=rf"'end' .* choices: {choices}"):
         call_chat(client, neuron_sets=[label], ablation="mean", ablation_positions="end")
     out = call_chat(client, personas=["no_such_persona"], layer_spec="1:2")
     assert out[0] == [] and out[3].startswith("⚠ persona no_such_persona is not in the store")

@@ -41,6 +41,7 @@ QUESTIONS = ["What is the capital of France?", "Tell me about the ocean.", "Numb
 PROMPTS = {"default": "", "pirate": "You are a pirate. Arr, matey!", "poet": "I think, therefore."}
 SET = "pirate_units"
 PATCH_SET = "pirate_vs_default.mlp_hidden.patching"  # meant for mean ablation at the prompt
+EXACT_SET = "pirate_vs_default.mlp_hidden.exact"  # ... at the last prompt token
 
 
 @functools.cache
@@ -98,6 +99,16 @@ def build_store(root: Path, lm: LoadedModel) -> None:
         method="patching",
         means=[1.5, -2.0, 0.75, 3.0],
     )
+    exact = NeuronSet(
+        MODEL,
+        EXACT_SET,
+        "mlp_hidden",
+        layers=[0, 1, 2, 2],
+        indices=[4, 8, 15, 16],
+        scores=[0.8, 0.6, 0.2, 0.1],
+        method="exact",
+        means=[2.0, -1.5, 1.25, -3.0],
+    )
     with Store(root) as store:
         store.register_model(lm.info)
         store.register_personas(
@@ -110,7 +121,7 @@ def build_store(root: Path, lm: LoadedModel) -> None:
                 PersonaMeans(MODEL, n, "question_span", m, len(QUESTIONS)) for n, m in means.items()
             ],
         )
-        store.register_neurons([units, patched])
+        store.register_neurons([units, exact, patched])
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +141,7 @@ def engine(store_root: Path) -> ChatEngine:
     """An engine built directly from the store, independent of the page's backend."""
     with Store(store_root, read_only=True) as store:
         vectors = [store.load_vector(MODEL, n) for n in ("pirate", "poet", "landlubber")]
-        sets = [store.load_neurons(MODEL, label) for label in (SET, PATCH_SET)]
+        sets = [store.load_neurons(MODEL, label) for label in (SET, EXACT_SET, PATCH_SET)]
     return ChatEngine(tiny(), vectors, sets)
 
 
@@ -158,7 +169,7 @@ def test_load_offers_the_registered_personas_sets_and_kinds(h: Handlers) -> None
     assert personas["choices"] == ["landlubber", "pirate", "poet"]
     assert direction["choices"] == ["none", "landlubber", "pirate", "poet"]
     assert direction["value"] == "none"
-    assert sets["choices"] == [SET, PATCH_SET]
+    assert sets["choices"] == [SET, EXACT_SET, PATCH_SET]
     assert kinds["choices"] == ["question_span"] and kinds["value"] == "question_span"
     assert offer["visible"] is False
     assert slider["maximum"] == 2
@@ -495,14 +506,14 @@ def test_every_ablated_set_gets_the_positions(h: Handlers, engine: ChatEngine) -
     np.testing.assert_allclose(inside.projections[:n], readout(plain)[:n], atol=1e-5)
     assert np.abs(inside.projections[n:-1] - readout(plain)[n:-1]).max() > 1e-3
     assert f"Ablating 8 MLP units ({SET}, {PATCH_SET}) by zero (generated tokens)." in status
-    assert f"⚠ {PATCH_SET}: found by attribution patching at the prompt" in status
+    assert f"⚠ {PATCH_SET}: found by patching at the prompt" in status
 
 
 def test_a_patching_set_is_mean_ablated_at_the_prompt(h: Handlers, engine: ChatEngine) -> None:
     # picking it in the page switches the ablation to mean at the prompt tokens
     mode, positions, note = h.neuron_sets_picked([SET, PATCH_SET])
     assert (mode, positions) == ("mean", "prompt")
-    assert note.startswith(f"{PATCH_SET}: found by attribution patching at the prompt, so it")
+    assert note.startswith(f"{PATCH_SET}: found by patching at the prompt, so it")
     kept = h.neuron_sets_picked([SET])
     assert kept[0] == gr.update() and kept[1] == gr.update() and kept[2] == gr.skip()
     assert h.neuron_sets_picked(None)[0] == gr.update()
@@ -522,6 +533,38 @@ def test_a_patching_set_is_mean_ablated_at_the_prompt(h: Handlers, engine: ChatE
     np.testing.assert_allclose(inside.projections, readout(expected), atol=1e-6)
     assert np.abs(readout(expected) - readout(plain)).max() > 1e-3
     assert status == f"Done. Ablating 4 MLP units ({PATCH_SET}) by mean (prompt tokens)."
+
+
+def test_an_exact_set_is_mean_ablated_at_the_last_prompt_token(
+    h: Handlers, engine: ChatEngine
+) -> None:
+    mode, positions, note = h.neuron_sets_picked([EXACT_SET])
+    assert (mode, positions) == ("mean", "last prompt token")
+    assert note.startswith(f"{EXACT_SET}: found by patching at the prompt, so it is ablated by")
+    steps = chat(
+        h, neuron_sets=[EXACT_SET], ablation=mode, ablation_positions=positions,
+        max_new_tokens=8,
+    )  # fmt: skip
+    expected = engine.reply(
+        USER,
+        GenerationSettings(max_new_tokens=8),
+        ablation=AblationSpec(EXACT_SET, mode="mean", positions="prompt", last_n=1),
+        readout=READ,
+    )
+    plain = engine.reply(USER, GenerationSettings(max_new_tokens=8), readout=READ)
+    history, _, _, status, _, inside = steps[-1]
+    assert history[-1]["content"] == expected.text
+    np.testing.assert_allclose(inside.projections, readout(expected), atol=1e-6)
+    n = inside.n_prompt  # untouched before the last prompt token, moved from it on
+    np.testing.assert_allclose(inside.projections[: n - 1], readout(plain)[: n - 1], atol=1e-6)
+    assert np.abs(readout(expected)[n - 1] - readout(plain)[n - 1]).max() > 1e-3
+    assert status == f"Done. Ablating 4 MLP units ({EXACT_SET}) by mean (last prompt token)."
+    # elsewhere it is flagged, with where it is meant to act
+    steps = chat(h, neuron_sets=[EXACT_SET], ablation="mean", ablation_positions="prompt")
+    assert steps[-1][3].endswith(
+        f"⚠ {EXACT_SET}: found by patching at the prompt, meant for mean ablation at the last "
+        "prompt token (ablate 'mean', at 'last prompt token')."
+    )
 
 
 BAD_INPUTS = [
@@ -559,7 +602,8 @@ BAD_INPUTS = [
     ),
     (
         {"neuron_sets": [SET], "ablation": "mean", "ablation_positions": "end"},
-        "Ablation positions must be one of 'all', 'prompt', 'generated'; got 'end'.",
+        "Ablation positions must be one of 'all', 'prompt', 'last prompt token', 'generated'; "
+        "got 'end'.",
     ),
 ]
 
@@ -735,7 +779,8 @@ def test_layer_plot_store_tables_and_persona_map(h: Handlers, store_root: Path) 
     assert list(models["model"]) == [MODEL] and int(models["layers"][0]) == 3
     row = metrics[metrics["persona"] == "pirate"].iloc[0]
     assert int(row["best layer"]) == 1 and row["AUC"] == pytest.approx(0.9)
-    assert sorted(sets["neuron set"]) == [SET, PATCH_SET] and list(sets["units"]) == [4, 4]
+    assert sorted(sets["neuron set"]) == [SET, EXACT_SET, PATCH_SET]
+    assert list(sets["units"]) == [4, 4, 4]
     history = [*USER, {"role": "assistant", "content": "Paris."}]
     names, vectors, point = h.backend.persona_space(MODEL, history, 1)
     assert names == ["landlubber", "pirate", "poet"] and vectors.shape == (3, 32)
