@@ -15,10 +15,12 @@ Prints the tables of issue 6 and writes ``results.json`` and ``eval.png`` to ``-
   question-span vectors, added at all / prompt / generated positions, per layer and strength.
   Negative strength under P's own prompt.
 - Ablation under P's own prompt: top-k units of each neuron method vs k random units at the
-  same layers, ablated the way the method's sets are meant to be (patching: set to the default
-  persona's values on the prompt; attribution and effect: zeroed everywhere), with other personas
-  under their own prompts and P's units ablated; and directional ablation (to the baseline's
-  mean level or to zero, on the prompt or everywhere, at layer 0 or all layers).
+  same layers, ablated the way the method's sets are meant to be (exact: set to the default
+  persona's values at the last prompt token, and on the whole prompt; patching: on the prompt;
+  attribution and effect: zeroed everywhere), with ``--others`` other personas under their own
+  prompts and P's units ablated; and directional ablation (to the baseline's mean level or to
+  zero, on the prompt or everywhere, at layer 0 or all layers). ``--methods`` and ``--parts``
+  narrow it; ``--merge results.json`` keeps what this run does not redo.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,10 @@ class EvalConfig:
     seed: int = 0
     threads: int = 2
     only: str = ""
+    methods: str = "exact,patching,attribution,effect"  # neuron methods to ablate
+    others: int = 4  # other personas checked under each ablation (10: all of them)
+    parts: str = "neurons,whole_mlp,directional"  # what the ablation section measures
+    merge: str = ""  # a results.json whose sections this run does not redo are kept
 
 
 def parse_args() -> EvalConfig:
@@ -294,12 +301,14 @@ def best_settings(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[
 # --------------------------------------------------------------------------- ablation
 
 
-# How each neuron method's sets are meant to be ablated (``personachat.neurons``): patching sets
-# are set to the baseline persona's values on the prompt, where the persona is decided.
-NEURON_ABLATION: dict[str, tuple[AblationMode, PositionMode]] = {
-    "patching": ("mean", "prompt"),
-    "attribution": ("zero", "all"),
-    "effect": ("zero", "all"),
+# How each neuron method's sets are meant to be ablated (``personachat.neurons``): exact and
+# patching sets are set to the baseline persona's values on the prompt, where the persona is
+# decided (exact sets at its last token, where they were chosen, and on the whole prompt too).
+NEURON_ABLATION: dict[str, tuple[tuple[AblationMode, PositionMode, int | None], ...]] = {
+    "exact": (("mean", "prompt", 1), ("mean", "prompt", None)),
+    "patching": (("mean", "prompt", None),),
+    "attribution": (("zero", "all", None),),
+    "effect": (("zero", "all", None),),
 }
 
 
@@ -346,44 +355,45 @@ def ablation(
     pairs = [p for p in data.pairs if p.high in targets]
     ks = [int(k) for k in cfg.ks.split(",")]
     every = lm.info.n_layers * lm.info.mlp_width  # rank every unit: random ones need means
+    methods, parts = cfg.methods.split(","), cfg.parts.split(",")
+    unknown = [m for m in methods if m not in NEURON_ABLATION]
+    if unknown:
+        raise SystemExit(f"unknown neuron methods {unknown}; choose from {list(NEURON_ABLATION)}")
     sets: dict[str, dict[str, NeuronSet]] = {}
-    for method in NEURON_ABLATION:
+    for method in methods if "neurons" in parts else []:
         found = find_neurons(lm, pairs, method=method, k=every, dataset=data, batch_size=16)
         sets[method] = {s.pairs[0]: s for s in found if len(s.pairs) == 1}
     rows: list[dict[str, Any]] = []
-    # other personas checked under their own prompts: four, non-targets first
+    # other personas checked under their own prompts: cfg.others of them, non-targets first
     pool = [p for p in demo.PERSONA_NAMES[1:] if p not in targets] + targets
-    for target in tqdm(targets, desc="ablation"):
+    neuron_settings = [(m, how) for m in methods for how in NEURON_ABLATION[m]]
+    for target in tqdm(targets if "neurons" in parts else [], desc="ablation"):
         own = demo.style(target).system_prompt
         base = score(generate(lm, own, texts, cfg.max_new_tokens), target, topics)
-        for method, by_label in sets.items():
-            mode, positions = NEURON_ABLATION[method]
-            full = by_label[f"{target}_vs_default"]  # keyed by contrast pair
+        for method, (mode, positions, n_last) in neuron_settings:
+            full = sets[method][f"{target}_vs_default"]  # keyed by contrast pair
             for k in ks if method != "effect" else [max(ks)]:
                 top = subset(full, range(k), f"top{k}")
                 rand = random_like(full, k, cfg.seed + k)
-                plans = {
-                    s.label: ablate_plan(
-                        lm, {s.label: s}, AblationSpec(s.label, mode=mode, positions=positions)
-                    )
-                    for s in (top, rand)
-                }
+                how = partial(AblationSpec, mode=mode, positions=positions, last_n=n_last)
+                plans = {s.label: ablate_plan(lm, {s.label: s}, how(s.label)) for s in (top, rand)}
                 sc = score(
                     generate(lm, own, texts, cfg.max_new_tokens, plans[top.label]), target, topics
                 )
                 rsc = score(
                     generate(lm, own, texts, cfg.max_new_tokens, plans[rand.label]), target, topics
                 )
-                kept = []
-                for other in [p for p in pool if p != target][:4]:
+                others: dict[str, float] = {}
+                for other in [p for p in pool if p != target][: cfg.others]:
                     o_prompt = demo.style(other).system_prompt
                     o_texts = generate(lm, o_prompt, texts, cfg.max_new_tokens, plans[top.label])
-                    kept.append(demo.marker_rate(o_texts, other))
+                    others[other] = demo.marker_rate(o_texts, other)
+                placed = f"last {n_last} prompt" if n_last else positions
                 rows.append(
                     {
                         "persona": target,
                         "method": method,
-                        "ablation": f"{mode} at {positions} positions",
+                        "ablation": f"{mode} at {placed} positions",
                         "k": k,
                         "markers_before": base.markers,
                         "markers_top": sc.markers,
@@ -392,7 +402,8 @@ def ablation(
                         "facts_random": rsc.facts,
                         "cut_top": cut(base.markers, sc.markers),
                         "cut_random": cut(base.markers, rsc.markers),
-                        "others_min": min(kept),
+                        "others_min": min(others.values()),
+                        "others": others,
                         "layers": sorted(set(top.layers)),
                         "units": [
                             f"{la}:{i}" for la, i in zip(top.layers, top.indices, strict=True)
@@ -401,7 +412,7 @@ def ablation(
                 )
     width = lm.info.mlp_width
     whole = []
-    for target in targets:
+    for target in targets if "whole_mlp" in parts else []:
         own = demo.style(target).system_prompt
         for layer in range(lm.info.n_layers):
             spec = AblationSpec(neurons=f"{layer}:0-{width - 1}")
@@ -422,7 +433,7 @@ def ablation(
         ("prompt", 1),
     )
     settings = [(m, w, layers) for m in modes for w in where for layers in ("0", "all")]
-    for target in tqdm(targets, desc="directional ablation"):
+    for target in tqdm(targets if "directional" in parts else [], desc="directional ablation"):
         own = demo.style(target).system_prompt
         base = score(generate(lm, own, texts, cfg.max_new_tokens), target, topics)
         for kind in DIRECTION_KINDS:
@@ -437,7 +448,7 @@ def ablation(
                         generate(lm, demo.style(o).system_prompt, texts, cfg.max_new_tokens, plan),
                         o,
                     )
-                    for o in [p for p in pool if p != target][:4]
+                    for o in [p for p in pool if p != target][: cfg.others]
                 ]
                 directional.append(
                     {
@@ -453,7 +464,8 @@ def ablation(
                         "others_min": min(kept),
                     }
                 )
-    return {"neurons": rows, "whole_mlp": whole, "directional": directional}
+    out = {"neurons": rows, "whole_mlp": whole, "directional": directional}
+    return {part: out[part] for part in parts}
 
 
 def direction_plan(
@@ -516,17 +528,17 @@ def print_report(results: dict[str, Any]) -> None:
         print("\nNeuron ablation under the persona's own prompt (cut = relative drop in markers)")
         cols = ("persona", "method", "ablation", "k", "cut top", "cut rand", "others kept", "facts")
         print("{:<10} {:<12} {:<24} {:>3} {:>8} {:>9} {:>12} {:>6}".format(*cols))
-        for r in results["ablation"]["neurons"]:
+        for r in results["ablation"].get("neurons", []):
             print(
                 f"{r['persona']:<10} {r['method']:<12} {r['ablation']:<24} {r['k']:>3} "
                 f"{r['cut_top']:>8.0%} {r['cut_random']:>9.0%} {r['others_min']:>12.0%} "
                 f"{r['facts_top']:>6.0%}"
             )
         print("\nWhole MLP zeroed at one layer (own markers, facts)")
-        for r in results["ablation"]["whole_mlp"]:
+        for r in results["ablation"].get("whole_mlp", []):
             print(f"{r['persona']:<10} layer {r['layer']}: {r['markers']:>5.0%} {r['facts']:>5.0%}")
         print("\nDirectional ablation (mode: to the baseline's mean level, or to zero)")
-        for r in results["ablation"]["directional"]:
+        for r in results["ablation"].get("directional", []):
             print(
                 f"{r['persona']:<10} {r['kind']:<14} {r['mode']:<5} {r['positions']:<7} "
                 f"layers {r['layers']:<4} cut {r['cut']:>5.0%} facts {r['facts']:>5.0%} "
@@ -570,7 +582,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.set_title(f"Steering default -> {first}")
             ax.legend(fontsize=6)
         else:
-            rows = [r for r in results["ablation"]["neurons"] if r["method"] == "patching"]
+            rows = [
+                r
+                for r in results["ablation"].get("neurons", [])
+                if r["method"] == "exact" and r["ablation"].startswith("mean at last 1")
+            ]
             for persona in dict.fromkeys(r["persona"] for r in rows):
                 mine = [r for r in rows if r["persona"] == persona]
                 ax.plot(
@@ -586,10 +602,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
                     label=f"{persona} random",
                 )
             ax.set_xscale("log", base=2)
-            ax.set_xlabel("k neurons set to the default's values on the prompt")
+            ax.set_xlabel("k neurons set to the default's values at the last prompt token")
             ax.set_ylabel("relative cut in own markers")
             ax.set_ylim(-0.03, 1.03)
-            ax.set_title("Neuron ablation (patching units)")
+            ax.set_title("Neuron ablation (exact units; others kept: see results.json)")
             ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -609,6 +625,11 @@ def main() -> None:
     qs = demo.eval_questions(1)[: cfg.n_questions]
     start = time.monotonic()
     results: dict[str, Any] = {"config": asdict(cfg), "questions": [q.text for q in qs]}
+    old: dict[str, Any] = {}
+    if cfg.merge:  # keep the sections (and parts) this run does not redo, and their config
+        old = json.loads(Path(cfg.merge).read_text())
+        results.update({k: v for k, v in old.items() if k not in (*sections, "config")})
+        results["merged_config"] = old["config"]
     if "conditioning" in sections:
         results["conditioning"] = conditioning(lm, demo.eval_questions(1), cfg)
     if "collapse" in sections:
@@ -623,7 +644,12 @@ def main() -> None:
         if "steering" in sections:
             results["steering"] = steering(lm, vecs, qs, cfg)
         if "ablation" in sections:
-            results["ablation"] = ablation(lm, data, vecs, qs, cfg)
+            new, prev = ablation(lm, data, vecs, qs, cfg), old.get("ablation", {})
+            if "neurons" in new and "neurons" in prev:  # other methods' rows stay
+                redone = cfg.methods.split(",")
+                kept = [r for r in prev["neurons"] if r["method"] not in redone]
+                new["neurons"] = kept + new["neurons"]
+            results["ablation"] = {**prev, **new}
     results["seconds"] = time.monotonic() - start
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, out / "eval.png")
