@@ -42,6 +42,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from personachat import demo
@@ -582,34 +584,43 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.set_title(f"Steering default -> {first}")
             ax.legend(fontsize=6)
         else:
-            rows = [
-                r
-                for r in results["ablation"].get("neurons", [])
-                if r["method"] == "exact" and r["ablation"].startswith("mean at last 1")
-            ]
-            for persona in dict.fromkeys(r["persona"] for r in rows):
-                mine = [r for r in rows if r["persona"] == persona]
-                ax.plot(
-                    [r["k"] for r in mine],
-                    [r["cut_top"] for r in mine],
-                    marker="o",
-                    label=f"{persona} top-k",
-                )
-                ax.plot(
-                    [r["k"] for r in mine],
-                    [r["cut_random"] for r in mine],
-                    ls="--",
-                    label=f"{persona} random",
-                )
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("k neurons set to the default's values at the last prompt token")
-            ax.set_ylabel("relative cut in own markers")
-            ax.set_ylim(-0.03, 1.03)
-            ax.set_title("Neuron ablation (exact units; others kept: see results.json)")
-            ax.legend(fontsize=6)
+            ablation_panel(fig, ax, results["ablation"].get("neurons", []))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def ablation_panel(fig: Figure, ax: Axes, neuron_rows: Sequence[dict[str, Any]]) -> None:
+    """Exact units at the last prompt token: the cut in each persona's own markers (cell) per k,
+    with the worst random cut and the fewest markers another persona kept in the title."""
+    rows = [
+        r
+        for r in neuron_rows
+        if r["method"] == "exact" and r["ablation"].startswith("mean at last 1")
+    ]
+    if not rows:
+        ax.set_axis_off()
+        return
+    personas = list(dict.fromkeys(r["persona"] for r in rows))
+    ks = sorted({r["k"] for r in rows})
+    cell = {(r["persona"], r["k"]): r["cut_top"] for r in rows}
+    grid = [[cell.get((p, k), float("nan")) for k in ks] for p in personas]
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    for i, line in enumerate(grid):
+        for j, value in enumerate(line):
+            color = "black" if value > 0.6 else "white"
+            ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(range(len(ks)), [str(k) for k in ks])
+    ax.set_yticks(range(len(personas)), personas, fontsize=7)
+    ax.set_xlabel("k exact units set to the default's values at the last prompt token")
+    worst_random = max(r["cut_random"] for r in rows)
+    kept = min(r["others_min"] for r in rows)
+    ax.set_title(
+        f"Neuron ablation: cut in own markers\n(k random units cut at most {worst_random:.0%}; "
+        f"other personas keep at least {kept:.0%})",
+        fontsize=10,
+    )
 
 
 def main() -> None:
