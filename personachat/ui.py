@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -565,7 +566,7 @@ class Handlers:
         yield history, side, "", f"Generating… {status}".strip(), gr.skip(), gr.skip()
         step: Step | None = None
         try:
-            shown = 0.0
+            shown = -math.inf  # the first token always shows (monotonic may start near 0)
             for step in steps:
                 history[-1] = {"role": "assistant", "content": step.text}
                 if settings.side_by_side:
