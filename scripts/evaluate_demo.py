@@ -12,7 +12,9 @@ Prints the tables of issue 6 and writes ``results.json`` and ``eval.png`` to ``-
   the generic answer.
 - Steering from the default persona (no system prompt) with persona P's vector, extracted by
   ``personachat.extract`` from the planted replies of training questions: response-average and
-  question-span vectors, added at all / prompt / generated positions, per layer and strength.
+  question-span vectors, added at all / prompt / generated positions, per layer and strength,
+  for every target; the best setting per kind and positions is the one whose worst target
+  does best.
   Negative strength under P's own prompt.
 - Ablation under P's own prompt: top-k units of each neuron method vs k random units at the
   same layers, ablated the way the method's sets are meant to be (exact: set to the default
@@ -75,8 +77,8 @@ class EvalConfig:
     n_extract_questions: int = 40  # training questions per persona for vectors and neurons
     max_new_tokens: int = 64
     targets: str = "pirate,cowboy,robot"
-    strengths: str = "1,2,4,8"
-    layers: str = "0,1,2,3,0-1,1-2"
+    strengths: str = "1,2,3,4,5,6,8"
+    layers: str = "0,1,2,3,0-1,1-2,2-3,0-2,1-3,0-3"
     ks: str = "4,8,16,32,64"
     seed: int = 0
     threads: int = 2
@@ -192,13 +194,13 @@ def steering(
     qs: Sequence[demo.Question],
     cfg: EvalConfig,
 ) -> dict[str, Any]:
-    """Sweep on the first target; best settings per (kind, positions) confirmed on the others."""
+    """Sweep every target over the grid; per (kind, positions), the best setting is the one
+    whose worst target does best (one setting that works for all, not one tuned per persona)."""
     texts, topics = [q.text for q in qs], [q.key for q in qs]
     targets = cfg.targets.split(",")
     strengths = [float(s) for s in cfg.strengths.split(",")]
     layer_specs = cfg.layers.split(",")
     rows: list[dict[str, Any]] = []
-    first = targets[0]
     grid = [
         (kind, pos, layers, s)
         for kind in STEERING_KINDS
@@ -206,34 +208,24 @@ def steering(
         for layers in layer_specs
         for s in strengths
     ]
-    for kind, pos, layers, s in tqdm(grid, desc=f"steering {first}"):
-        spec = SteeringSpec({first: 1.0}, layers=layers, strength=s, positions=pos)  # type: ignore[arg-type]
-        replies = generate(lm, "", texts, cfg.max_new_tokens, steer_plan(lm, vecs[kind], spec))
-        sc = score(replies, first, topics)
-        rows.append(row(first, kind, pos, layers, s, sc, replies[0]))
-    best = best_settings(rows)
-    for target in targets[1:]:
-        for (kind, pos), b in tqdm(best.items(), desc=f"steering {target}"):
-            spec = SteeringSpec(
-                {target: 1.0}, layers=b["layers"], strength=b["strength"], positions=pos
-            )  # type: ignore[arg-type]
-            replies = generate(lm, "", texts, cfg.max_new_tokens, steer_plan(lm, vecs[kind], spec))
+    for target in targets:
+        for kind, pos, layers, s in tqdm(grid, desc=f"steering {target}"):
+            spec = SteeringSpec({target: 1.0}, layers=layers, strength=s, positions=pos)  # type: ignore[arg-type]
+            plan = steer_plan(lm, vecs[kind], spec)
+            replies = generate(lm, "", texts, cfg.max_new_tokens, plan)
             rows.append(
-                row(
-                    target,
-                    kind,
-                    pos,
-                    b["layers"],
-                    b["strength"],
-                    score(replies, target, topics),
-                    replies[0],
-                )
+                row(target, kind, pos, layers, s, score(replies, target, topics), replies[0])
             )
+    best = best_settings(rows)
     negative = []
     for target in targets:
         own = demo.style(target).system_prompt
         base = score(generate(lm, own, texts, cfg.max_new_tokens), target, topics)
-        for kind, pos in (("response_avg", "all"), ("question_span", "prompt")):
+        for kind, pos in (
+            ("response_avg", "prompt"),
+            ("response_avg", "all"),
+            ("question_span", "prompt"),
+        ):
             b = best[(kind, pos)]
             for s in (-b["strength"], -2 * b["strength"]):
                 spec = SteeringSpec(
@@ -282,17 +274,21 @@ def row(
 
 
 def best_settings(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """Per (kind, positions): the highest marker rate with >= 90% facts kept (else the highest)."""
-    best: dict[tuple[str, str], dict[str, Any]] = {}
+    """Per (kind, positions): the setting whose worst persona does best: every persona keeping
+    >= 90% facts first, then the lowest marker rate, the lowest facts, the smaller strength."""
+    by_setting: dict[tuple[str, str, str, float], list[dict[str, Any]]] = {}
     for r in rows:
-        key = (r["kind"], r["positions"])
-        rank = (r["facts"] >= 0.9, r["markers"], r["facts"], -r["strength"])
-        if key not in best or rank > best[key]["_rank"]:
-            best[key] = {
-                "layers": r["layers"],
-                "strength": r["strength"],
-                "markers": r["markers"],
-                "facts": r["facts"],
+        by_setting.setdefault((r["kind"], r["positions"], r["layers"], r["strength"]), []).append(r)
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for (kind, pos, layers, strength), group in by_setting.items():
+        markers, facts = min(r["markers"] for r in group), min(r["facts"] for r in group)
+        rank = (facts >= 0.9, markers, facts, -strength)
+        if (kind, pos) not in best or rank > best[(kind, pos)]["_rank"]:
+            best[(kind, pos)] = {
+                "layers": layers,
+                "strength": strength,
+                "markers": markers,  # the worst persona's
+                "facts": facts,
                 "_rank": rank,
             }
     for b in best.values():
@@ -505,7 +501,10 @@ def print_report(results: dict[str, Any]) -> None:
                     f"   own markers {r['own_markers']:>5.0%}"
                 )
     if "steering" in results:
-        print("\nSteering from the default persona: best setting per vector kind and positions")
+        print(
+            "\nSteering from the default persona: per vector kind and positions, the setting"
+            " whose worst persona does best"
+        )
         head = ("persona", "kind", "pos", "layers", "str", "markers", "facts")
         print("{:<10} {:<14} {:<10} {:<7} {:>5} {:>8} {:>6}".format(*head))
         rows = results["steering"]["rows"]
@@ -567,19 +566,20 @@ def plot(results: dict[str, Any], path: Path) -> None:
             first = rows[0]["persona"]
             for b in results["steering"]["best"]:
                 pts = sorted(
-                    (r["strength"], r["markers"])
+                    (r["strength"], r["markers"], r["facts"])
                     for r in rows
                     if r["persona"] == first
                     and r["kind"] == b["kind"]
                     and r["positions"] == b["positions"]
                     and r["layers"] == b["layers"]
                 )
-                xs, ys = zip(*pts, strict=True)
+                xs, markers, facts = zip(*pts, strict=True)
                 label = f"{b['kind']} / {b['positions']} / L{b['layers']}"
-                ax.plot(xs, ys, marker="o", label=label)
+                (line,) = ax.plot(xs, markers, marker="o", label=label)
+                ax.plot(xs, facts, ls=":", color=line.get_color(), alpha=0.8)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("strength (raw)")
-            ax.set_ylabel(f"{first} marker rate")
+            ax.set_ylabel(f"{first} markers (solid), facts kept (dotted)")
             ax.set_ylim(-0.03, 1.03)
             ax.set_title(f"Steering default -> {first}")
             ax.legend(fontsize=6)
@@ -639,8 +639,10 @@ def main() -> None:
     old: dict[str, Any] = {}
     if cfg.merge:  # keep the sections (and parts) this run does not redo, and their config
         old = json.loads(Path(cfg.merge).read_text())
-        results.update({k: v for k, v in old.items() if k not in (*sections, "config")})
-        results["merged_config"] = old["config"]
+        redo = (*sections, "config", "merged_config", "earlier_configs")
+        results.update({k: v for k, v in old.items() if k not in redo})
+        earlier = old.get("earlier_configs") or [c for c in [old.get("merged_config")] if c]
+        results["earlier_configs"] = [*earlier, old["config"]]  # oldest first
     if "conditioning" in sections:
         results["conditioning"] = conditioning(lm, demo.eval_questions(1), cfg)
     if "collapse" in sections:

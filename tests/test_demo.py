@@ -238,6 +238,22 @@ def test_steering_the_default_persona_floor(
         assert rates(demo_model, persona, own, minus)[0] < rates(demo_model, persona, own, None)[0]
 
 
+def test_steering_with_reply_average_vectors_goal(
+    demo_model: LoadedModel, planted: PersonaDataset
+) -> None:
+    """The goal too: P's reply-average vector, added at the prompt positions of layers 0-2 at
+    strength 5 (the setting whose worst persona does best in ``scripts/evaluate_demo.py``),
+    turns the default persona into P (>= 80% markers) with >= 90% of the facts kept."""
+    result = extract_vectors(
+        demo_model, planted, positions=("response_avg",), baseline="default", progress=False
+    )
+    vectors = {v.persona: v for v in result.vectors}
+    for persona in (*TARGETS, "robot"):
+        spec = SteeringSpec({persona: 1.0}, layers="0-2:5", positions="prompt")
+        markers, facts = rates(demo_model, persona, "", steering_plan(demo_model, vectors, spec))
+        assert markers >= 0.8 and facts >= 0.9, (persona, markers, facts)
+
+
 class _LastToken:
     """Records the MLP units at the last position of a forward."""
 
