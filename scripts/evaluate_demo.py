@@ -548,7 +548,9 @@ def print_report(results: dict[str, Any]) -> None:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    panels = [s for s in ("conditioning", "steering", "ablation") if s in results]
+    panels: list[str] = [s for s in ("conditioning", "steering", "ablation") if s in results]
+    if "steering" in results:
+        panels.insert(panels.index("steering") + 1, "steering_personas")
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.3), squeeze=False)
     for ax, name in zip(axes[0], panels, strict=True):
         if name == "conditioning":
@@ -583,11 +585,46 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.set_ylim(-0.03, 1.03)
             ax.set_title(f"Steering default -> {first}")
             ax.legend(fontsize=6)
+        elif name == "steering_personas":
+            steering_personas_panel(fig, ax, results["steering"]["rows"])
         else:
             ablation_panel(fig, ax, results["ablation"].get("neurons", []))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def steering_personas_panel(fig: Figure, ax: Axes, rows: Sequence[dict[str, Any]]) -> None:
+    """Per persona and (vector kind, positions): the best marker rate of any swept setting that
+    keeps >= 90% of the facts."""
+    personas = list(dict.fromkeys(r["persona"] for r in rows))
+    columns = [(k, p) for k in STEERING_KINDS for p in ("prompt", "all", "generated")]
+    grid = [
+        [
+            max(
+                (
+                    r["markers"]
+                    for r in rows
+                    if (r["persona"], r["kind"], r["positions"]) == (persona, kind, pos)
+                    and r["facts"] >= 0.9
+                ),
+                default=0.0,
+            )
+            for kind, pos in columns
+        ]
+        for persona in personas
+    ]
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    for i, line in enumerate(grid):
+        for j, value in enumerate(line):
+            color = "black" if value > 0.6 else "white"
+            ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=7, color=color)
+    short = {"response_avg": "reply avg", "question_span": "q-span"}
+    ax.set_xticks(range(len(columns)), [f"{short.get(k, k)}\n{p}" for k, p in columns], fontsize=7)
+    ax.set_yticks(range(len(personas)), personas, fontsize=7)
+    ax.set_xlabel("vector kind, positions steered")
+    ax.set_title("Steering default -> P: best markers\nkeeping >= 90% facts", fontsize=10)
 
 
 def ablation_panel(fig: Figure, ax: Axes, neuron_rows: Sequence[dict[str, Any]]) -> None:
