@@ -594,6 +594,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def percent_heatmap(fig: Figure, ax: Axes, grid: Sequence[Sequence[float]]) -> None:
+    """Shares in [0, 1] as coloured cells, each labelled with its percentage."""
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    for i, line in enumerate(grid):
+        for j, value in enumerate(line):
+            color = "black" if value > 0.6 else "white"
+            ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=7, color=color)
+
+
 def steering_personas_panel(fig: Figure, ax: Axes, rows: Sequence[dict[str, Any]]) -> None:
     """Per persona and (vector kind, positions): the best marker rate of any swept setting that
     keeps >= 90% of the facts."""
@@ -614,12 +624,7 @@ def steering_personas_panel(fig: Figure, ax: Axes, rows: Sequence[dict[str, Any]
         ]
         for persona in personas
     ]
-    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    for i, line in enumerate(grid):
-        for j, value in enumerate(line):
-            color = "black" if value > 0.6 else "white"
-            ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=7, color=color)
+    percent_heatmap(fig, ax, grid)
     short = {"response_avg": "reply avg", "question_span": "q-span"}
     ax.set_xticks(range(len(columns)), [f"{short.get(k, k)}\n{p}" for k, p in columns], fontsize=7)
     ax.set_yticks(range(len(personas)), personas, fontsize=7)
@@ -642,12 +647,7 @@ def ablation_panel(fig: Figure, ax: Axes, neuron_rows: Sequence[dict[str, Any]])
     ks = sorted({r["k"] for r in rows})
     cell = {(r["persona"], r["k"]): r["cut_top"] for r in rows}
     grid = [[cell.get((p, k), float("nan")) for k in ks] for p in personas]
-    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    for i, line in enumerate(grid):
-        for j, value in enumerate(line):
-            color = "black" if value > 0.6 else "white"
-            ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=7, color=color)
+    percent_heatmap(fig, ax, grid)
     ax.set_xticks(range(len(ks)), [str(k) for k in ks])
     ax.set_yticks(range(len(personas)), personas, fontsize=7)
     ax.set_xlabel("k exact units set to the default's values at the last prompt token")
@@ -658,6 +658,26 @@ def ablation_panel(fig: Figure, ax: Axes, neuron_rows: Sequence[dict[str, Any]])
         f"other personas keep at least {kept:.0%})",
         fontsize=10,
     )
+
+
+def carried_over(old: dict[str, Any], sections: Sequence[str]) -> dict[str, Any]:
+    """What an earlier ``results.json`` keeps when this run redoes ``sections``: the other
+    sections, and every earlier run's config (oldest first)."""
+    redo = (*sections, "config", "merged_config", "earlier_configs")
+    kept = {k: v for k, v in old.items() if k not in redo}
+    earlier = old.get("earlier_configs") or [c for c in [old.get("merged_config")] if c]
+    return {**kept, "earlier_configs": [*earlier, old["config"]]}
+
+
+def merged_ablation(prev: dict[str, Any], new: dict[str, Any], methods: str) -> dict[str, Any]:
+    """The ablation parts this run measured replace the earlier ones; in the neuron part, only
+    the rows of the methods redone (``methods``, comma-separated) are replaced."""
+    merged = {**prev, **new}
+    if "neurons" in new and "neurons" in prev:
+        redone = methods.split(",")
+        kept = [r for r in prev["neurons"] if r["method"] not in redone]
+        merged["neurons"] = kept + new["neurons"]
+    return merged
 
 
 def main() -> None:
@@ -676,10 +696,7 @@ def main() -> None:
     old: dict[str, Any] = {}
     if cfg.merge:  # keep the sections (and parts) this run does not redo, and their config
         old = json.loads(Path(cfg.merge).read_text())
-        redo = (*sections, "config", "merged_config", "earlier_configs")
-        results.update({k: v for k, v in old.items() if k not in redo})
-        earlier = old.get("earlier_configs") or [c for c in [old.get("merged_config")] if c]
-        results["earlier_configs"] = [*earlier, old["config"]]  # oldest first
+        results.update(carried_over(old, sections))
     if "conditioning" in sections:
         results["conditioning"] = conditioning(lm, demo.eval_questions(1), cfg)
     if "collapse" in sections:
@@ -694,12 +711,8 @@ def main() -> None:
         if "steering" in sections:
             results["steering"] = steering(lm, vecs, qs, cfg)
         if "ablation" in sections:
-            new, prev = ablation(lm, data, vecs, qs, cfg), old.get("ablation", {})
-            if "neurons" in new and "neurons" in prev:  # other methods' rows stay
-                redone = cfg.methods.split(",")
-                kept = [r for r in prev["neurons"] if r["method"] not in redone]
-                new["neurons"] = kept + new["neurons"]
-            results["ablation"] = {**prev, **new}
+            new = ablation(lm, data, vecs, qs, cfg)
+            results["ablation"] = merged_ablation(old.get("ablation", {}), new, cfg.methods)
     results["seconds"] = time.monotonic() - start
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, out / "eval.png")
