@@ -383,6 +383,7 @@ def find_neurons(
             len(names),
             k=k,
             progress=progress and dist.is_main,
+            dist=dist,
         )
         for j, pair in enumerate(pair_list):
             scores[pair.name], means[pair.name] = exact_scores[j], exact_means[j]

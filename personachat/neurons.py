@@ -489,6 +489,7 @@ def exact_selection(
     weight: float = 2.0,
     spare: float = 0.1,
     progress: bool = True,
+    dist: Dist | None = None,
 ) -> tuple[list[torch.Tensor], list[list[tuple[int, int]]], list[torch.Tensor]]:
     """Per pair: the units' specific effects [L, W], the chosen order of the top ``k`` and the
     low persona's values [L, W] (what the set's mean ablation patches in).
@@ -508,7 +509,8 @@ def exact_selection(
     log-odds by more than ``spare`` coming last: the greedy picks are the set's core (2 to 16
     units on the demo model), and longer prefixes add little.
     Costs one forward of every persona's prompts per unit of ``layers`` (per distinct low
-    persona) and per greedy candidate.
+    persona) and per greedy candidate. Under ``dist`` the units are shared out between the
+    processes and their effects summed; the greedy picks, cheap, run on every process alike.
     """
     by_persona = _by_persona(samples, n_personas)
     count = min(len(group) for group in by_persona)
@@ -518,6 +520,8 @@ def exact_selection(
     width = lm.sites.mlp_width
     n_units = len(layers) * width
     grid = [(slot, index) for slot in range(len(layers)) for index in range(width)]
+    dist = dist or Dist()
+    mine = range(dist.rank, n_units, dist.world)  # this process's share of the units
     with torch.inference_mode(), _intervene(lm.sites, [decision.patch]):
         acts = decision.activations()
         clean = decision.run([], acts[0])
@@ -525,15 +529,15 @@ def exact_selection(
         effects: dict[int, torch.Tensor] = {}  # per low persona: [L, W, P]
         lows = sorted({low for _, low in pairs})
         bar = tqdm(
-            total=len(lows) * n_units, desc="exact patching", disable=not progress, unit="unit"
+            total=len(lows) * len(mine), desc="exact patching", disable=not progress, unit="unit"
         )
         for low in lows:
             values = acts[low].to(lm.device)
             eff = torch.zeros((n_units, n_personas), dtype=torch.float64)
-            for i, unit in enumerate(grid):
-                eff[i] = base - decision.run([unit], values).mean(1)
+            for i in mine:
+                eff[i] = base - decision.run([grid[i]], values).mean(1)
                 bar.update(1)
-            effects[low] = eff.view(len(layers), width, n_personas)
+            effects[low] = dist.all_reduce(eff).view(len(layers), width, n_personas)
         bar.close()
         scores, orders, means = [], [], []
         for high, low in tqdm(pairs, desc="greedy units", disable=not progress, unit="pair"):

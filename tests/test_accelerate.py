@@ -68,3 +68,45 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     # only the main process wrote: one catalog, every vector once
     assert (tmp_path / "store2" / "catalog.duckdb").exists()
     assert log.count("registered 8 vectors") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
+def test_exact_neurons_shared_out_between_two_processes_equal_one(tmp_path: Path) -> None:
+    """``find_neurons.py --method exact`` under 2 processes patches half the units in each and
+    finds the same sets, scores and means as one process."""
+    lm = tiny_model("gpt2")
+    lm.model.save_pretrained(tmp_path / "model")
+    lm.tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "small.json").write_text(json.dumps(DATA))
+    script = str(ROOT / "scripts" / "find_neurons.py")
+    args = ["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "small.json")]
+    args += ["--method", "exact", "--k", "8", "--no-store", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines"]
+    launch += ["1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"]
+    launch += ["29518", script]
+    two = subprocess.Popen(
+        [*launch, *args, "--out", str(tmp_path / "two")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    one = subprocess.run(
+        [sys.executable, script, *args, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    log, _ = two.communicate(timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, log[-3000:]
+    sets_one = json.loads((tmp_path / "one" / "neurons.json").read_text())
+    sets_two = json.loads((tmp_path / "two" / "neurons.json").read_text())
+    assert [s["label"] for s in sets_one] == [s["label"] for s in sets_two]
+    assert any(s["label"].endswith(".exact") for s in sets_one)
+    for a, b in zip(sets_one, sets_two, strict=True):
+        assert (a["layers"], a["indices"]) == (b["layers"], b["indices"]), a["label"]
+        assert a["scores"] == b["scores"] and a["means"] == b["means"], a["label"]
