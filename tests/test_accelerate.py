@@ -18,29 +18,36 @@ from tests.test_extract_scripts import DATA
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
-def test_two_processes_equal_one(tmp_path: Path) -> None:
+def one_and_two(
+    tmp_path: Path,
+    script: str,
+    args: list[str],
+    one_args: list[str],
+    two_args: list[str],
+    port: int,
+) -> str:
+    """Run ``scripts/{script}.py`` on a tiny saved model and the small dataset, alone (with
+    ``one_args``) and under ``accelerate launch`` with 2 CPU processes (with ``two_args``), side
+    by side; both must succeed. Returns the 2-process log."""
     lm = tiny_model("gpt2")
     lm.model.save_pretrained(tmp_path / "model")
     lm.tokenizer.save_pretrained(tmp_path / "model")
     (tmp_path / "small.json").write_text(json.dumps(DATA))
-    script = str(ROOT / "scripts" / "extract_vectors.py")
-    args = ["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "small.json")]
-    args += ["--positions", "response_avg,prompt_last", "--baseline", "mean", "--quiet"]
+    path = str(ROOT / "scripts" / f"{script}.py")
+    common = ["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "small.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines"]
     launch += ["1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"]
-    launch += ["29517", script]
+    launch += [str(port), path]
     two = subprocess.Popen(
-        [*launch, *args, "--out", str(tmp_path / "two"), "--store", str(tmp_path / "store2")],
+        [*launch, *common, *args, *two_args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     one = subprocess.run(
-        [sys.executable, script, *args, "--out", str(tmp_path / "one"), "--no-store"],
+        [sys.executable, path, *common, *args, *one_args],
         env=env,
         capture_output=True,
         text=True,
@@ -49,6 +56,20 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     log, _ = two.communicate(timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, log[-3000:]
+    return log
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
+def test_two_processes_equal_one(tmp_path: Path) -> None:
+    log = one_and_two(
+        tmp_path,
+        "extract_vectors",
+        ["--positions", "response_avg,prompt_last", "--baseline", "mean", "--quiet"],
+        ["--out", str(tmp_path / "one"), "--no-store"],
+        ["--out", str(tmp_path / "two"), "--store", str(tmp_path / "store2")],
+        port=29517,
+    )
     assert "process 1/2: 6 samples" in log and "process 2/2: 6 samples" in log
     for kind in ("response_avg", "prompt_last"):
         a = load_file(str(tmp_path / "one" / f"vectors_{kind}.safetensors"))
@@ -75,34 +96,9 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
 def test_exact_neurons_shared_out_between_two_processes_equal_one(tmp_path: Path) -> None:
     """``find_neurons.py --method exact`` under 2 processes patches half the units in each and
     finds the same sets, scores and means as one process."""
-    lm = tiny_model("gpt2")
-    lm.model.save_pretrained(tmp_path / "model")
-    lm.tokenizer.save_pretrained(tmp_path / "model")
-    (tmp_path / "small.json").write_text(json.dumps(DATA))
-    script = str(ROOT / "scripts" / "find_neurons.py")
-    args = ["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "small.json")]
-    args += ["--method", "exact", "--k", "8", "--no-store", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines"]
-    launch += ["1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"]
-    launch += ["29518", script]
-    two = subprocess.Popen(
-        [*launch, *args, "--out", str(tmp_path / "two")],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    one = subprocess.run(
-        [sys.executable, script, *args, "--out", str(tmp_path / "one")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    log, _ = two.communicate(timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert two.returncode == 0, log[-3000:]
+    args = ["--method", "exact", "--k", "8", "--no-store", "--quiet"]
+    one = ["--out", str(tmp_path / "one")]
+    one_and_two(tmp_path, "find_neurons", args, one, ["--out", str(tmp_path / "two")], port=29518)
     sets_one = json.loads((tmp_path / "one" / "neurons.json").read_text())
     sets_two = json.loads((tmp_path / "two" / "neurons.json").read_text())
     assert [s["label"] for s in sets_one] == [s["label"] for s in sets_two]
