@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -178,8 +179,16 @@ MEMORY_SCRIPT = textwrap.dedent(
 
 def test_peak_memory_does_not_grow_with_samples() -> None:
     root = Path(__file__).resolve().parent.parent
+    # glibc keeps freed batch buffers in its heaps, so the high-water mark drifted by 0-17 MB from
+    # run to run; large blocks from mmap and one arena make it follow what is live (0.6 MB here)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1"}
     proc = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, cwd=root, timeout=120
+        [sys.executable, "-c", MEMORY_SCRIPT],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=120,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     *_, (n1, peak1, spill1), (n2, peak2, spill2) = json.loads(proc.stdout)
@@ -187,4 +196,4 @@ def test_peak_memory_does_not_grow_with_samples() -> None:
     assert spill1 == n1 * 2 * 4 * 256 * 4 and spill2 == n2 * 2 * 4 * 256 * 4
     # 8x the samples (after a warm-up run): keeping per-token activations would add
     # ~ 224 x 4 layers x 50 tokens x 256 x 4 B = 46 MB; pooled vectors in memory 1.8 MB
-    assert peak2 - peak1 < 12_000, (peak1, peak2)
+    assert peak2 - peak1 < 6_000, (peak1, peak2)
