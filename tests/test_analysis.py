@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from personachat import report as rp
 from personachat.model import LoadedModel
 from personachat.records import LayerMetrics, Persona, PersonaVector
 from personachat.tiny import tiny_model
+from tests.scripts import load_script
 
 QUESTIONS = ("What is the capital of France?", "Tell me about the ocean.", "What is history?")
 PREFIX = "The answer is"
@@ -417,14 +417,7 @@ def test_demo_collapse_finds_what_was_planted() -> None:
 
 
 def test_analyze_script_defaults() -> None:
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "analyze.py"
-    spec = importlib.util.spec_from_file_location("analyze_script", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
+    module = load_script("analyze")
     assert "python scripts/analyze.py --model store/models/demo" in (module.__doc__ or "")
     cfg = module.parse_args(["--model", "store/models/demo", "--personas", "default,pirate"])
     assert (cfg.dataset, cfg.out, cfg.personas) == (

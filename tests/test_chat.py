@@ -17,6 +17,7 @@ from personachat.interventions import AblationSpec, InterventionError, SteeringS
 from personachat.model import LoadedModel
 from personachat.records import PersonaVector
 from personachat.tiny import tiny_model
+from tests.scripts import load_script
 
 cached_tiny = functools.cache(tiny_model)
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,12 +265,7 @@ def test_sweep_rows_equal_separate_runs_at_each_strength() -> None:
 
 
 def test_steer_script_writes_a_jsonl_sweep(tmp_path: Path) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("steer_script", ROOT / "scripts" / "steer.py")
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("steer")
     out = tmp_path / "sweep.jsonl"
     argv = ["--tiny", "llama", "--personas", "pirate,cynic", "--prompt", "Hi", "--layers", "1:2"]
     assert (

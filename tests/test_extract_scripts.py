@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from safetensors.torch import load_file
 
 from personachat.store import Store
 from personachat.tiny import tiny_model
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ("extract_vectors", "find_neurons", "register_batch")
@@ -45,16 +43,6 @@ DATA = {
 }
 
 
-@functools.cache
-def _script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("scripts")
@@ -76,7 +64,7 @@ def test_help_shows_the_exact_command() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "python scripts/extract_vectors.py --model" in proc.stdout
     for name in SCRIPTS:  # the other parsers in-process (same code path as --help)
-        text = _script(name).parser().format_help()
+        text = load_script(name).parser().format_help()
         assert f"python scripts/{name}.py" in text and "accelerate launch" in text
         for flag in ("--model", "--layers", "--store", "--out", "--batch-size", "--device"):
             assert flag in text, (name, flag)
@@ -88,7 +76,7 @@ def test_extract_vectors_end_to_end(files: dict[str, Path]) -> None:
     argv = ["--model", str(files["model"]), "--dataset", str(files["data"]), "--quiet"]
     argv += ["--positions", "response_avg,question_span", "--personas", "pirate,teacher"]
     argv += ["--store", str(store_dir), "--out", str(out), "--batch-size", "3"]
-    assert _script("extract_vectors").main(argv) == 0
+    assert load_script("extract_vectors").main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [(r["persona"], r["positions"]) for r in summary] == [
         ("pirate", "response_avg"),
@@ -116,7 +104,8 @@ def test_find_neurons_and_batch_end_to_end(files: dict[str, Path]) -> None:
     store_dir, out = files["root"] / "store2", files["root"] / "out2"
     common = ["--model", str(files["model"]), "--dataset", str(files["data"]), "--quiet"]
     argv = [*common, "--site", "gate", "--method", "effect", "--k", "4", "--layers", "1-2"]
-    assert _script("find_neurons").main([*argv, "--store", str(store_dir), "--out", str(out)]) == 0
+    find_neurons = load_script("find_neurons")
+    assert find_neurons.main([*argv, "--store", str(store_dir), "--out", str(out)]) == 0
     rows = json.loads((out / "neurons.json").read_text())
     assert [r["label"] for r in rows] == [
         "teacher_student.gate.effect",
@@ -125,7 +114,7 @@ def test_find_neurons_and_batch_end_to_end(files: dict[str, Path]) -> None:
     ]
     assert all(set(r["layers"]) <= {1, 2} and len(r["indices"]) == 4 for r in rows)
     argv = [*common, "--store", str(store_dir), "--out", str(out), "--layers", "0,2"]
-    assert _script("register_batch").main([*argv, "--baseline", "auto"]) == 0
+    assert load_script("register_batch").main([*argv, "--baseline", "auto"]) == 0
     with Store(store_dir, read_only=True) as store:
         labels = {s.label for s in store.neuron_sets(str(files["model"]))}
         assert labels == {r["label"] for r in rows}
@@ -143,7 +132,7 @@ def test_find_neurons_and_batch_end_to_end(files: dict[str, Path]) -> None:
 def _bad(files: dict[str, Path], script: str, extra: list[str], message: str, capsys) -> None:  # type: ignore[no-untyped-def]
     out, store_dir = files["root"] / "bad_out", files["root"] / "bad_store"
     argv = ["--model", str(files["model"]), "--quiet", "--out", str(out), "--store", str(store_dir)]
-    assert _script(script).main([*argv, *extra]) == 2
+    assert load_script(script).main([*argv, *extra]) == 2
     err = capsys.readouterr().err
     assert message in err, err
     assert not out.exists() and not store_dir.exists()
