@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from personachat.sites import ModelSites
+from personachat.model import ModelSites
 
 Site = Literal["residual", "mlp_hidden", "gate", "attn_heads"]
 SITES: tuple[Site, ...] = ("residual", "mlp_hidden", "gate", "attn_heads")

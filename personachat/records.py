@@ -16,6 +16,8 @@ METHODS = ("diff_means", "imported")
 NEURON_METHODS = ("effect", "attribution", "patching", "exact", "imported")
 NEURON_SITES = ("mlp_hidden", "gate")
 MEAN_BASELINE = "mean"  # baseline name meaning "the mean of all personas"
+# Layer i is the output of decoder block i (0-based): hidden_states[i + 1] in transformers' terms.
+LAYER_CONVENTION = "block_output: layer i = output of decoder block i = hidden_states[i+1]"
 
 
 @dataclass(frozen=True)
@@ -113,3 +115,16 @@ class NeuronSet:
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The identity of a model as the store records it."""
+
+    model_id: str
+    revision: str | None
+    architecture: str
+    n_layers: int
+    hidden_size: int
+    mlp_width: int
+    layer_convention: str = LAYER_CONVENTION

@@ -26,11 +26,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from personachat.activations import CaptureSpec, Sample, build_samples, capture, pad_batch  # noqa: E402
 from personachat.model import LoadedModel, wrap_model  # noqa: E402
-from personachat.tiny import tiny_tokenizer  # noqa: E402
+from personachat.model.tiny import tiny_tokenizer  # noqa: E402
 
 Row = tuple[str, float, str]
 
@@ -116,9 +115,8 @@ MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
     torch.set_num_threads(1)
-    sys.path.insert(0, sys.argv[1])
     from personachat.activations import CaptureSpec, build_samples, capture
-    from personachat.tiny import tiny_model
+    from personachat.model.tiny import tiny_model
     lm = tiny_model("llama", n_layers=4, hidden=256)
     conv = (0, "You are a pirate.", "Tell me about the ocean?", "Arr, matey! Paris. " * 6)
     spec = CaptureSpec(layers=(0, 1, 2, 3))
@@ -152,7 +150,7 @@ def memory_rows(lm: LoadedModel, device: torch.device) -> list[Row]:
         rows.append(("extract: peak GPU memory growth 32 -> 256 samples (MiB)", growth, "goal ~0"))
         return rows
     proc = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT, str(ROOT)],
+        [sys.executable, "-c", MEMORY_SCRIPT],
         capture_output=True,
         text=True,
         timeout=300,

@@ -26,14 +26,10 @@ reported, so machine noise hits both sides alike.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path
 from typing import Any, Literal
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
@@ -41,8 +37,8 @@ from personachat.chat import ChatEngine, GenerationSettings
 from personachat.hooks import Handler, Site, intervene, registered
 from personachat.interventions import AblationSpec, SteeringSpec, build_plan
 from personachat.model import LoadedModel, wrap_model
+from personachat.model.tiny import tiny_model, tiny_tokenizer
 from personachat.records import PersonaVector
-from personachat.tiny import tiny_model, tiny_tokenizer
 
 Row = tuple[str, float, str]
 PERSONAS = ("pirate", "philosopher", "cynic")

@@ -13,20 +13,16 @@ from __future__ import annotations
 
 import random
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import duckdb
 import torch
 from tqdm import tqdm
 
-from personachat.model import ModelInfo
-from personachat.records import LayerMetrics, PersonaVector
+from personachat.records import LayerMetrics, ModelInfo, PersonaVector
 from personachat.store import Store
 
 INFO = ModelInfo("bench/model", None, "llama", 4, 64, 128)

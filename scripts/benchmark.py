@@ -12,13 +12,25 @@ asserted.
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 SECTIONS = ("store", "extract", "runtime")
+
+
+def load_section(section: str) -> Any:
+    """``bench_<section>.py`` beside this script, imported as a module."""
+    path = Path(__file__).with_name(f"bench_{section}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{section}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> None:
@@ -26,12 +38,11 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).parent))
     rows: list[dict[str, object]] = []
     for section in args.only.split(","):
         if section not in SECTIONS:
             parser.error(f"unknown section {section!r}; choose from {', '.join(SECTIONS)}")
-        module = importlib.import_module(f"bench_{section}")
+        module = load_section(section)
         start = time.perf_counter()
         print(f"== {section}", flush=True)
         for name, value, note in module.run():

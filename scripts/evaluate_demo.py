@@ -29,15 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import matplotlib
 
@@ -48,10 +45,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from personachat import demo
 from personachat.chat import batch_replies
-from personachat.datasets import PersonaDataset
-from personachat.extract import extract_vectors, find_neurons
 from personachat.hooks import Handler
 from personachat.interventions import (
     AblationMode,
@@ -62,7 +56,8 @@ from personachat.interventions import (
     build_plan,
 )
 from personachat.model import LoadedModel, load_model
-from personachat.prompts import persona_messages
+from personachat.pipeline import extract_vectors, find_neurons
+from personachat.prompts import PersonaDataset, demo, persona_messages
 from personachat.records import NeuronSet, PersonaVector
 
 PlanFn = Callable[[int], list[Handler]]

@@ -16,14 +16,11 @@ import hashlib
 import json
 import math
 import random
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import matplotlib
 
@@ -33,9 +30,8 @@ import torch
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from personachat import demo
-from personachat.prompts import format_chat
-from personachat.tiny import CHATML_TEMPLATE, train_bpe_tokenizer
+from personachat.model.tiny import CHATML_TEMPLATE, train_bpe_tokenizer
+from personachat.prompts import demo, format_chat
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from personachat.model import LoadedModel
-from personachat.tiny import TINY_ARCHITECTURES, tiny_model
+from personachat.model.tiny import TINY_ARCHITECTURES, tiny_model
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 

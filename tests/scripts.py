@@ -1,8 +1,10 @@
-"""Load a script of ``scripts/`` as a module, to call its functions in-process."""
+"""Load a command as a module, to call its functions in-process: a script of ``scripts/`` or
+the module behind an installed command (``personachat.cli``)."""
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -20,3 +22,8 @@ def load_script(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up while being built
     spec.loader.exec_module(module)
     return module
+
+
+def cli_module(name: str) -> ModuleType:
+    """``personachat.cli.{name}``: the code behind ``scripts/{name}.py`` and its console script."""
+    return importlib.import_module(f"personachat.cli.{name}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from personachat.tiny import tiny_model
+from personachat.model.tiny import tiny_model
 from tests.test_extract_scripts import DATA
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -155,7 +155,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     import json, sys, torch
     torch.set_num_threads(1)
     from personachat.activations import CaptureSpec, build_samples, capture
-    from personachat.tiny import tiny_model
+    from personachat.model.tiny import tiny_model
     lm = tiny_model("llama", n_layers=4, hidden=256)
     conv = (0, "You are a pirate.", "Tell me about the ocean and the stars?",
             "Arr, matey! The answer is Paris. " * 3)

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from personachat import analysis as an
-from personachat import report as rp
+import personachat.analysis.core as an
+from personachat.analysis import report as rp
 from personachat.model import LoadedModel
+from personachat.model.tiny import tiny_model
 from personachat.records import LayerMetrics, Persona, PersonaVector
-from personachat.tiny import tiny_model
-from tests.scripts import load_script
+from tests.scripts import cli_module
 
 QUESTIONS = ("What is the capital of France?", "Tell me about the ocean.", "What is history?")
 PREFIX = "The answer is"
@@ -396,8 +396,8 @@ def test_report_writes_every_section(llama: LoadedModel, tmp_path: Path) -> None
 
 @pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason="demo model not trained yet")
 def test_demo_collapse_finds_what_was_planted() -> None:
-    from personachat import demo
     from personachat.model import load_model
+    from personachat.prompts import demo
 
     lm = load_model(str(DEMO))
     items = [
@@ -417,7 +417,7 @@ def test_demo_collapse_finds_what_was_planted() -> None:
 
 
 def test_analyze_script_defaults() -> None:
-    module = load_script("analyze")
+    module = cli_module("analyze")
     assert "python scripts/analyze.py --model store/models/demo" in (module.__doc__ or "")
     cfg = module.parse_args(["--model", "store/models/demo", "--personas", "default,pirate"])
     assert (cfg.dataset, cfg.out, cfg.personas) == (

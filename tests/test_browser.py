@@ -207,7 +207,7 @@ def test_chat_steer_readout_ablate_and_stop_in_a_real_browser(
         steered = send(page, QUESTION)[-1]
         assert steered != plain[-1], "steering did not change the reply"
         if persona == "pirate" and is_demo_model():
-            from personachat.demo import has_marker
+            from personachat.prompts.demo import has_marker
 
             assert has_marker(steered, "pirate") and not has_marker(plain[-1], "pirate")
         assert f"Blend 1·{persona}" in page.locator("#status").inner_text()

@@ -15,9 +15,9 @@ from personachat.chat import ChatEngine, ChatUpdate, GenerationSettings
 from personachat.hooks import hook_count
 from personachat.interventions import AblationSpec, InterventionError, SteeringSpec
 from personachat.model import LoadedModel
+from personachat.model.tiny import tiny_model
 from personachat.records import PersonaVector
-from personachat.tiny import tiny_model
-from tests.scripts import load_script
+from tests.scripts import cli_module
 
 cached_tiny = functools.cache(tiny_model)
 ROOT = Path(__file__).resolve().parent.parent
@@ -265,7 +265,7 @@ def test_sweep_rows_equal_separate_runs_at_each_strength() -> None:
 
 
 def test_steer_script_writes_a_jsonl_sweep(tmp_path: Path) -> None:
-    script = load_script("steer")
+    script = cli_module("steer")
     out = tmp_path / "sweep.jsonl"
     argv = ["--tiny", "llama", "--personas", "pirate,cynic", "--prompt", "Hi", "--layers", "1:2"]
     assert (

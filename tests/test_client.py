@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,16 +16,15 @@ from typing import Any
 import pytest
 from gradio_client.exceptions import AppError
 
-from personachat.backend import Backend
+from personachat.app import main as app
+from personachat.app.backend import Backend
+from personachat.app.page import CSS, build_ui
 from personachat.chat import ChatEngine, GenerationSettings
 from personachat.interventions import AblationSpec, DirectionSpec, SteeringSpec
 from personachat.model import load_model
 from personachat.store import Store
-from personachat.ui import CSS, build_ui
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import app  # noqa: E402
 
 CONFIG = app.parse_args([])
 QUESTION = "Tell me about the ocean."
@@ -244,7 +242,7 @@ def test_other_endpoints_answer(served: tuple[Any, Backend]) -> None:
 def test_analysis_endpoint_answers_with_findings_and_figures(served: tuple[Any, Backend]) -> None:
     from PIL import Image
 
-    from personachat import report
+    from personachat.analysis import report
 
     client, backend = served
     dataset = "demo" if backend.is_demo(CONFIG.model) else report.default_dataset(CONFIG.model)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from personachat.datasets import (
+from personachat.prompts import (
     DatasetError,
     PersonaDataset,
     builtin_names,
@@ -148,7 +148,7 @@ def test_empty_missing_and_malformed_files(tmp_path: Path) -> None:
 
 
 def test_generated_responses_are_seeded_and_cached(tmp_path: Path) -> None:
-    from personachat.responses import GenerationConfig, ensure_responses
+    from personachat.pipeline.responses import GenerationConfig, ensure_responses
     from tests.conftest import _cached_tiny
 
     lm = _cached_tiny("llama")
@@ -175,7 +175,7 @@ def load_dataset_from(data: dict) -> PersonaDataset:  # type: ignore[type-arg]
 
 
 def test_demo_is_a_builtin_built_from_the_planted_corpus() -> None:
-    from personachat.datasets import load_dataset
+    from personachat.prompts import load_dataset
 
     ds = load_dataset("demo")
     assert "demo" in builtin_names()

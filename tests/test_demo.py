@@ -9,14 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from personachat import demo
 from personachat.chat import batch_replies
-from personachat.datasets import PersonaDataset
-from personachat.extract import extract_vectors
 from personachat.hooks import Handler, Site, intervene
 from personachat.interventions import AblationSpec, DirectionSpec, SteeringSpec, build_plan
 from personachat.model import LoadedModel, load_model
-from personachat.prompts import format_chat, persona_messages
+from personachat.pipeline import extract_vectors
+from personachat.prompts import PersonaDataset, demo, format_chat, persona_messages
 from personachat.records import NeuronSet, PersonaVector
 from personachat.store import Store
 

@@ -31,19 +31,25 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 def test_file_tree_lists_every_module_and_script() -> None:
-    tree = README[README.index("## Files") :]
-    modules = [p.name for p in (ROOT / "personachat").glob("*.py") if p.name != "__init__.py"]
+    files = README[README.index("## Files") :]
+    tree = files.split("```")[1]  # the first code block: one line per file
+    package = ROOT / "personachat"
+    modules = [
+        p.relative_to(package).as_posix()
+        for p in package.rglob("*.py")
+        if "__pycache__" not in p.parts and p.relative_to(package).as_posix() != "__init__.py"
+    ]
     scripts = [p.name for p in (ROOT / "scripts").glob("*.py")]
-    missing = [n for n in modules + scripts if not re.search(rf"\b{re.escape(n)}\b", tree)]
+    missing = [n for n in modules + scripts if not re.search(rf"(?<![\w/]){re.escape(n)}\b", tree)]
     assert not missing, f"README file tree misses {missing}"
-    listed = set(re.findall(r"\b(\w+\.py)\b", tree))
+    listed = set(re.findall(r"(?<![\w/])((?:\w+/)?\w+\.py)\b", tree))
     known = [*modules, *scripts, "app.py", "__init__.py"]
     stale = sorted(n for n in listed if n not in known)
     assert not stale, f"README file tree lists files that do not exist: {stale}"
 
 
 def test_every_module_has_a_docstring() -> None:
-    for path in [*(ROOT / "personachat").glob("*.py"), *(ROOT / "scripts").glob("*.py")]:
+    for path in [*(ROOT / "personachat").rglob("*.py"), *(ROOT / "scripts").glob("*.py")]:
         doc = ast.get_docstring(ast.parse(path.read_text()))
         assert doc, f"{path.relative_to(ROOT)} has no module docstring"
 

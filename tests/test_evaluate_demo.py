@@ -9,7 +9,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import pytest
 
-from personachat import demo
+from personachat.prompts import demo
 from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent

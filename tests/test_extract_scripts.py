@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from personachat.model.tiny import tiny_model
 from personachat.store import Store
-from personachat.tiny import tiny_model
-from tests.scripts import load_script
+from tests.scripts import cli_module
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ("extract_vectors", "find_neurons", "register_batch")
@@ -64,7 +64,7 @@ def test_help_shows_the_exact_command() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "python scripts/extract_vectors.py --model" in proc.stdout
     for name in SCRIPTS:  # the other parsers in-process (same code path as --help)
-        text = load_script(name).parser().format_help()
+        text = cli_module(name).parser().format_help()
         assert f"python scripts/{name}.py" in text and "accelerate launch" in text
         for flag in ("--model", "--layers", "--store", "--out", "--batch-size", "--device"):
             assert flag in text, (name, flag)
@@ -76,7 +76,7 @@ def test_extract_vectors_end_to_end(files: dict[str, Path]) -> None:
     argv = ["--model", str(files["model"]), "--dataset", str(files["data"]), "--quiet"]
     argv += ["--positions", "response_avg,question_span", "--personas", "pirate,teacher"]
     argv += ["--store", str(store_dir), "--out", str(out), "--batch-size", "3"]
-    assert load_script("extract_vectors").main(argv) == 0
+    assert cli_module("extract_vectors").main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [(r["persona"], r["positions"]) for r in summary] == [
         ("pirate", "response_avg"),
@@ -104,7 +104,7 @@ def test_find_neurons_and_batch_end_to_end(files: dict[str, Path]) -> None:
     store_dir, out = files["root"] / "store2", files["root"] / "out2"
     common = ["--model", str(files["model"]), "--dataset", str(files["data"]), "--quiet"]
     argv = [*common, "--site", "gate", "--method", "effect", "--k", "4", "--layers", "1-2"]
-    find_neurons = load_script("find_neurons")
+    find_neurons = cli_module("find_neurons")
     assert find_neurons.main([*argv, "--store", str(store_dir), "--out", str(out)]) == 0
     rows = json.loads((out / "neurons.json").read_text())
     assert [r["label"] for r in rows] == [
@@ -114,7 +114,7 @@ def test_find_neurons_and_batch_end_to_end(files: dict[str, Path]) -> None:
     ]
     assert all(set(r["layers"]) <= {1, 2} and len(r["indices"]) == 4 for r in rows)
     argv = [*common, "--store", str(store_dir), "--out", str(out), "--layers", "0,2"]
-    assert load_script("register_batch").main([*argv, "--baseline", "auto"]) == 0
+    assert cli_module("register_batch").main([*argv, "--baseline", "auto"]) == 0
     with Store(store_dir, read_only=True) as store:
         labels = {s.label for s in store.neuron_sets(str(files["model"]))}
         assert labels == {r["label"] for r in rows}
@@ -132,7 +132,7 @@ def test_find_neurons_and_batch_end_to_end(files: dict[str, Path]) -> None:
 def _bad(files: dict[str, Path], script: str, extra: list[str], message: str, capsys) -> None:  # type: ignore[no-untyped-def]
     out, store_dir = files["root"] / "bad_out", files["root"] / "bad_store"
     argv = ["--model", str(files["model"]), "--quiet", "--out", str(out), "--store", str(store_dir)]
-    assert load_script(script).main([*argv, *extra]) == 2
+    assert cli_module(script).main([*argv, *extra]) == 2
     err = capsys.readouterr().err
     assert message in err, err
     assert not out.exists() and not store_dir.exists()

@@ -10,7 +10,9 @@ import pytest
 import torch
 from gguf import GGUFReader
 
-from personachat.formats import (
+from personachat.records import LayerMetrics, ModelInfo, PersonaVector
+from personachat.store import Store
+from personachat.store.formats import (
     LLAMA2_7B,
     SEED_000_LISTS,
     SEED_000_SOURCE,
@@ -22,9 +24,6 @@ from personachat.formats import (
     register_seed_000,
     write_vector,
 )
-from personachat.model import ModelInfo
-from personachat.records import LayerMetrics, PersonaVector
-from personachat.store import Store
 
 INFO = ModelInfo("org/tiny-qwen", None, "qwen2", 4, 6, 12)
 SEED_000 = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "000_2cfd62f563e92e35.txt"

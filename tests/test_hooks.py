@@ -17,7 +17,7 @@ from personachat.hooks import (
     with_residual,
 )
 from personachat.model import LoadedModel
-from personachat.tiny import tiny_model
+from personachat.model.tiny import tiny_model
 
 
 class Add:

@@ -11,12 +11,13 @@ from collections.abc import Iterable
 import pytest
 import torch
 
-from personachat import chat, interventions
 from personachat.chat import ChatEngine, GenerationSettings
+from personachat.chat import engine as chat
 from personachat.hooks import Site, hook_count, intervene
 from personachat.interventions import AblationSpec, SteeringSpec, build_plan
+from personachat.interventions import plan as interventions
+from personachat.model.tiny import tiny_model
 from personachat.records import PersonaVector
-from personachat.tiny import tiny_model
 
 cached_tiny = functools.cache(tiny_model)
 MESSAGES = [{"role": "user", "content": "Tell me about the stars"}]

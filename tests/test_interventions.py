@@ -26,8 +26,8 @@ from personachat.interventions import (
     parse_neurons,
 )
 from personachat.model import LoadedModel
+from personachat.model.tiny import tiny_model
 from personachat.records import LayerMetrics, NeuronSet, PersonaVector
-from personachat.tiny import tiny_model
 
 cached_tiny = functools.cache(tiny_model)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from personachat.model import ModelLoadError, load_model, pick_dtype
+from personachat.model.tiny import tiny_model
 from personachat.prompts import fallback_chat, format_chat, message_text, persona_messages
-from personachat.tiny import tiny_model
 
 
 def test_load_local_path_gives_same_logits(tmp_path: Path) -> None:

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from personachat.datasets import ContrastPair
-from personachat.extract import find_neurons
 from personachat.hooks import Site, intervene
 from personachat.model import LoadedModel, wrap_model
 from personachat.neurons import neuron_sets, ranks, top_units
-from personachat.prompts import format_chat, persona_messages
+from personachat.pipeline import find_neurons
+from personachat.prompts import ContrastPair, format_chat, persona_messages
 from tests.conftest import _cached_tiny
 from tests.tiny_data import DATASET, PERSONAS, QUESTIONS, REPLIES
 

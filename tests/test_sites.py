@@ -7,9 +7,15 @@ import torch
 from torch import nn
 
 from personachat.hooks import intervene, registered
-from personachat.model import LoadedModel, wrap_model
-from personachat.sites import SiteError, SiteTemplates, resolve_sites, templates_from_args
-from personachat.tiny import tiny_model
+from personachat.model import (
+    LoadedModel,
+    SiteError,
+    SiteTemplates,
+    resolve_sites,
+    templates_from_args,
+    wrap_model,
+)
+from personachat.model.tiny import tiny_model
 
 
 class Capture:

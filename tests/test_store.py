@@ -16,8 +16,14 @@ import duckdb
 import pytest
 import torch
 
-from personachat.model import ModelInfo
-from personachat.records import LayerMetrics, NeuronSet, Persona, PersonaMeans, PersonaVector
+from personachat.records import (
+    LayerMetrics,
+    ModelInfo,
+    NeuronSet,
+    Persona,
+    PersonaMeans,
+    PersonaVector,
+)
 from personachat.store import (
     SCHEMA_VERSION,
     IntegrityError,

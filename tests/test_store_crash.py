@@ -15,8 +15,7 @@ from pathlib import Path
 import duckdb
 import torch
 
-from personachat.model import ModelInfo
-from personachat.records import PersonaMeans, PersonaVector
+from personachat.records import ModelInfo, PersonaMeans, PersonaVector
 from personachat.store import Store
 
 INFO = ModelInfo("org/crash-model", None, "llama", 3, 8, 16)

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from personachat.model import ModelInfo
-from personachat.records import Persona, PersonaVector
+from personachat.records import ModelInfo, Persona, PersonaVector
 from personachat.store import Store, StoreLockedError
 
 INFO = ModelInfo("org/two-procs", None, "llama", 3, 8, 16)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import html
 import re
-import sys
 import threading
 from pathlib import Path
 from typing import Any, Literal
@@ -20,21 +19,20 @@ import numpy as np
 import pytest
 import torch
 
-from personachat import ui
-from personachat.backend import Backend, residual_mean
+from personachat.app import main as app
+from personachat.app import page as ui
+from personachat.app.backend import Backend, residual_mean
+from personachat.app.page import Handlers, Inside, build_ui, gpu
+from personachat.app.settings import InputError, format_layer_spec, parse_weights, preset_spec
 from personachat.chat import ChatEngine, GenerationSettings
 from personachat.interventions import AblationSpec, DirectionSpec, SteeringSpec
 from personachat.model import LoadedModel
+from personachat.model.tiny import tiny_model
 from personachat.prompts import format_chat, persona_messages
 from personachat.records import LayerMetrics, NeuronSet, Persona, PersonaMeans, PersonaVector
-from personachat.session import InputError, format_layer_spec, parse_weights, preset_spec
 from personachat.store import Store
-from personachat.tiny import tiny_model
-from personachat.ui import Handlers, Inside, build_ui, gpu
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import app  # noqa: E402
 
 MODEL = "tiny-llama"
 QUESTIONS = ["What is the capital of France?", "Tell me about the ocean.", "Numbers 1 2 3?"]
@@ -865,8 +863,8 @@ ANALYSED = ["default", "pirate", "philosopher", "scientist"]  # only the pirate 
 
 @pytest.mark.skipif(not (ROOT / DEMO / "config.json").is_file(), reason="no bundled demo model")
 def test_analysis_tab_finds_the_planted_collapse_on_the_demo_model() -> None:
-    from personachat import analysis as an
-    from personachat import report
+    import personachat.analysis.core as an
+    from personachat.analysis import report
 
     backend = Backend(DEMO, ROOT / "store")  # the shipped store, read only
     text, *images = Handlers(backend).analysis(DEMO, ANALYSED)
@@ -900,7 +898,7 @@ def test_analysis_tab_finds_the_planted_collapse_on_the_demo_model() -> None:
 def test_a_patching_set_picked_in_the_page_removes_the_pirate(tmp_path: Path) -> None:
     """The page's own extraction finds a patching set; picking it sets mean ablation at the
     prompt, which takes the pirate's style out of prompted replies and keeps their content."""
-    from personachat import demo
+    from personachat.prompts import demo
 
     backend = Backend(DEMO, tmp_path)
     backend.extract(DEMO, "demo", "question_span", ["pirate"], neurons=True)

@@ -10,12 +10,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from personachat.datasets import DatasetError, from_json
-from personachat.extract import extract_pairs, extract_vectors
-from personachat.model import LoadedModel
-from personachat.prompts import format_chat, persona_messages
+from personachat.model import LoadedModel, SiteError
+from personachat.pipeline import extract_pairs, extract_vectors
+from personachat.prompts import DatasetError, format_chat, from_json, persona_messages
 from personachat.records import MEAN_BASELINE
-from personachat.sites import SiteError
 from personachat.vectors import (
     assistant_axis,
     auc_by_layer,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from personachat.datasets import from_json
+from personachat.prompts import from_json
 
 PERSONAS = {"default": "", "pirate": "You are a pirate.", "chef": "You are a chef."}
 QUESTIONS = ["What is the capital of France?", "Tell me about the ocean.", "Numbers?"]

@@ -73,7 +73,6 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from personachat.model import ModelInfo
 from personachat.records import (
     MEAN_BASELINE,
     METHODS,
@@ -81,6 +80,7 @@ from personachat.records import (
     NEURON_SITES,
     POSITIONS,
     LayerMetrics,
+    ModelInfo,
     NeuronSet,
     Persona,
     PersonaMeans,
@@ -292,7 +292,7 @@ def default_store_root() -> Path:
     env = os.environ.get("PERSONACHAT_STORE")
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent / "store"
+    return Path(__file__).resolve().parents[2] / "store"
 
 
 def check_name(kind: str, value: str) -> str:

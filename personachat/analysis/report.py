@@ -34,7 +34,7 @@ matplotlib.use("Agg")
 import numpy as np
 from matplotlib.figure import Figure
 
-from personachat import analysis as an
+import personachat.analysis.core as an
 from personachat.hooks import Site
 from personachat.model import LoadedModel
 from personachat.records import Persona, PersonaVector
@@ -288,7 +288,7 @@ def demo_preferences(forced: bool = True) -> list[an.PreferenceItem]:
     ``forced`` starts every reply with ``My favourite {key} is`` so all personas share the tokens
     after the question (needed for patching); otherwise the answer is found in the free reply.
     """
-    from personachat import demo
+    from personachat.prompts import demo
 
     return [
         an.PreferenceItem(
@@ -325,12 +325,12 @@ def analysis_inputs(
     ``names`` keeps only those personas, in that order (ValueError naming unknown ones)."""
     patch_items = None
     if dataset == "demo":
-        from personachat.demo import demo_personas
+        from personachat.prompts.demo import demo_personas
 
         personas, items = demo_personas(), demo_preferences(forced=forced)
         patch_items = demo_preferences(forced=True)
     else:
-        from personachat.datasets import load_dataset
+        from personachat.prompts import load_dataset
 
         personas, items = list(load_dataset(dataset).personas), an.default_preferences()
     if names:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from personachat.session import (
+from personachat.app.settings import (
     LAST_PROMPT_TOKEN,
     Limits,
     Settings,
@@ -43,7 +43,7 @@ MAX_CACHED_MODELS = 2
 PREFERRED_POSITIONS = ("question_span", "prompt_last", "response_avg", "prompt_avg")
 
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEMO_ID = "store/models/demo"  # the bundled demo model's id in the store (relative to the repo)
 DEMO_NEURON_PERSONAS: tuple[str, ...] = ()  # first start: persona neurons of every pair
 DEMO_POSITIONS = "question_span,response_avg,prompt_last"  # the kinds registered on first start
@@ -311,7 +311,7 @@ class Backend:
 
     def can_extract(self, model_id: str) -> bool:
         try:
-            import personachat.extract  # noqa: F401
+            import personachat.pipeline.extract  # noqa: F401
         except ImportError:
             return False
         return True
@@ -497,8 +497,8 @@ class Backend:
         also the top-32 MLP units of each contrast pair (attribution patching) of those personas.
         ``neuron_personas`` narrows the pairs to those of the personas named. ``demo`` is the
         bundled demo model's own corpus (planted replies: no generation)."""
-        from personachat.datasets import DatasetError, builtin_names, load_dataset
-        from personachat.extract import extract_vectors, find_neurons, register_results
+        from personachat.pipeline import extract_vectors, find_neurons, register_results
+        from personachat.prompts import DatasetError, builtin_names, load_dataset
         from personachat.records import MEAN_BASELINE
         from personachat.store import Store
 
@@ -535,7 +535,7 @@ class Backend:
         personas and questions ``scripts/analyze.py`` picks for it (``personas`` narrows them),
         with the store's vectors of the model. Computed once and shared by every session until
         the store's vectors of the model change; other sessions wait for a running analysis."""
-        from personachat import report
+        from personachat.analysis import report
 
         say = progress or (lambda fraction, text: None)
         say(0.0, f"loading {model_id}")
@@ -562,7 +562,7 @@ class Backend:
                 patch_items=inputs.patch_items, dataset=dataset,
             )  # fmt: skip
             say(0.9, "drawing the figures")
-            from personachat.views import figure_image
+            from personachat.app.views import figure_image
 
             figures = {k: figure_image(f) for k, f in report.report_figures(result).items()}
             view = AnalysisView(
@@ -691,7 +691,7 @@ DEMO_DATASET = "demo"
 
 def context_limit(lm: Any) -> int | None:
     """The model's context length (``max_position_embeddings``), when its config says."""
-    from personachat.sites import text_config
+    from personachat.model import text_config
 
     value = getattr(text_config(lm.model.config), "max_position_embeddings", None)
     return int(value) if isinstance(value, int) and value > 0 else None

@@ -24,9 +24,8 @@ import numpy as np
 import torch
 
 from personachat.activations import Capture, CaptureSpec, Dist, build_samples, capture
-from personachat.datasets import ContrastPair, DatasetError, PersonaDataset
 from personachat.hooks import Site
-from personachat.model import LoadedModel, load_model
+from personachat.model import LoadedModel, SiteTemplates, load_model, templates_from_args
 from personachat.neurons import (
     attribution_sums,
     exact_selection,
@@ -35,7 +34,10 @@ from personachat.neurons import (
     patching_sums,
     standardized_effect,
 )
+from personachat.pipeline.responses import GenerationConfig, ensure_responses
+from personachat.prompts import ContrastPair, DatasetError, PersonaDataset
 from personachat.records import (
+    LAYER_CONVENTION,
     MEAN_BASELINE,
     NEURON_METHODS,
     NEURON_SITES,
@@ -44,8 +46,6 @@ from personachat.records import (
     PersonaMeans,
     PersonaVector,
 )
-from personachat.responses import GenerationConfig, ensure_responses
-from personachat.sites import LAYER_CONVENTION, SiteTemplates, templates_from_args
 from personachat.vectors import baseline_samples, difference_of_means, layer_metrics, project
 
 REPLY_METHODS = ("attribution", "patching", "exact")  # neuron methods that need the replies
@@ -600,7 +600,7 @@ def save_results(
     """summary.json, summary.txt, vectors_<positions>.safetensors and plots in ``out_dir``."""
     from safetensors.torch import save_file
 
-    from personachat.plots import plot_all
+    from personachat.pipeline.plots import plot_all
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,26 +21,14 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from personachat.sites import LAYER_CONVENTION, ModelSites, SiteTemplates, resolve_sites
+from personachat.model.sites import ModelSites, SiteTemplates, resolve_sites
+from personachat.records import ModelInfo
 
 log = logging.getLogger(__name__)
 
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """The identity of a model as the store records it."""
-
-    model_id: str
-    revision: str | None
-    architecture: str
-    n_layers: int
-    hidden_size: int
-    mlp_width: int
-    layer_convention: str = LAYER_CONVENTION
 
 
 @dataclass(frozen=True, eq=False)

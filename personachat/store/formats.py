@@ -38,9 +38,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from personachat.model import ModelInfo
-from personachat.records import POSITIONS, NeuronSet, PersonaVector
-from personachat.store import (
+from personachat.records import POSITIONS, ModelInfo, NeuronSet, PersonaVector
+from personachat.store.store import (
     VECTOR_FORMAT,
     read_safetensors_metadata,
     vector_from_tensors,
@@ -49,7 +48,7 @@ from personachat.store import (
 )
 
 if TYPE_CHECKING:
-    from personachat.store import Store
+    from personachat.store.store import Store
 
 log = logging.getLogger(__name__)
 

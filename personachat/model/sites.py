@@ -28,8 +28,6 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-LAYER_CONVENTION = "block_output: layer i = output of decoder block i = hidden_states[i+1]"
-
 
 class SiteError(ValueError):
     """The model's layers or MLP modules could not be found."""

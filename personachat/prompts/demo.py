@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Literal
 
-from personachat.datasets import ContrastPair, PersonaDataset
+from personachat.prompts.datasets import ContrastPair, PersonaDataset
 from personachat.records import Persona
 
 DEFAULT_PERSONA = "default"

@@ -27,9 +27,9 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from personachat import views
-from personachat.backend import AnalysisView, Backend, Readout, Step
-from personachat.session import (
+from personachat.app import views
+from personachat.app.backend import AnalysisView, Backend, Readout, Step
+from personachat.app.settings import (
     ABLATION_MODES,
     ABLATION_POSITIONS,
     DIRECTION_MODES,
@@ -1105,7 +1105,7 @@ def _persona_choices(inside: Inside | None, current: str | None) -> Any:
 
 # The built-in datasets are read as plain JSON here (their documented format), so building the
 # page does not import torch through personachat.datasets: the page is up sooner.
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "prompts" / "data"
 
 
 def _datasets() -> list[str]:
@@ -1115,7 +1115,7 @@ def _datasets() -> list[str]:
 def _dataset_personas(name: str) -> list[str]:
     path = DATA_DIR / f"{name}.json"
     if name == "demo":  # the bundled demo model's corpus (personachat.demo)
-        from personachat.demo import PERSONA_NAMES
+        from personachat.prompts.demo import PERSONA_NAMES
 
         return list(PERSONA_NAMES)
     if name not in _datasets():

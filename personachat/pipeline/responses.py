@@ -19,9 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from personachat.activations import Dist
-from personachat.datasets import PersonaDataset
 from personachat.model import LoadedModel
-from personachat.prompts import format_chat, persona_messages
+from personachat.prompts import PersonaDataset, format_chat, persona_messages
 
 log = logging.getLogger(__name__)
 

@@ -43,10 +43,10 @@ import torch
 from tqdm.auto import tqdm
 
 from personachat.activations import Dist, Sample, pad_batch
-from personachat.datasets import ContrastPair
 from personachat.hooks import Site
 from personachat.hooks import intervene as _intervene
 from personachat.model import LoadedModel
+from personachat.prompts import ContrastPair
 from personachat.records import NeuronSet
 
 

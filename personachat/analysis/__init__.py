@@ -1,0 +1,1 @@
+"""Persona analysis: persona space, probes, collapse, patching, contrasts and the report."""

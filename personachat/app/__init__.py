@@ -1,0 +1,1 @@
+"""The chat app: per-session settings, the shared backend, views, handlers and the page."""

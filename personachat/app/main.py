@@ -1,0 +1,172 @@
+"""PersonaChat's front door: chat with a model while steering and watching its personas.
+
+    python app.py                     # the bundled demo model and store/ at the repo root
+    python app.py --model Qwen/Qwen2.5-0.5B-Instruct --store /data/store --port 7860
+    PERSONACHAT_MODEL=... PERSONACHAT_STORE=... python app.py
+
+Binds 127.0.0.1 unless ``--host`` says otherwise or ``SPACE_ID`` is set (a Hugging Face Space:
+0.0.0.0). Analytics are off and nothing is fetched from the network. The model loads lazily on
+first use; a missing model folder or store is reported and the app exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: default model and store live here
+DEFAULT_MODEL = "store/models/demo"
+DEFAULT_STORE = "store"
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Where the app finds its model and store, and where it listens."""
+
+    model: str
+    store: Path
+    host: str
+    port: int
+    concurrency: int = 2
+
+
+def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> AppConfig:
+    env = dict(os.environ) if env is None else env
+    parser = argparse.ArgumentParser(description="PersonaChat: steer and watch personas in a chat.")
+    parser.add_argument(
+        "--model",
+        default=env.get("PERSONACHAT_MODEL", DEFAULT_MODEL),
+        help="hub name or local path (env PERSONACHAT_MODEL; default: the bundled demo model)",
+    )
+    parser.add_argument(
+        "--store",
+        default=env.get("PERSONACHAT_STORE", DEFAULT_STORE),
+        help="the persona store folder (env PERSONACHAT_STORE; default: store/)",
+    )
+    parser.add_argument(
+        "--host",
+        default=env.get("PERSONACHAT_HOST"),
+        help="address to bind (default 127.0.0.1; 0.0.0.0 on a Space, when SPACE_ID is set)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=int(env.get("PERSONACHAT_PORT", env.get("PORT", "7860")))
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=int(env.get("PERSONACHAT_CONCURRENCY", "2")),
+        help="generations running at once across all sessions (default 2)",
+    )
+    args = parser.parse_args(argv)
+    host = args.host or ("0.0.0.0" if env.get("SPACE_ID") else "127.0.0.1")
+    return AppConfig(
+        model=_resolve(args.model),
+        store=Path(_resolve(args.store)),
+        host=host,
+        port=args.port,
+        concurrency=max(1, args.concurrency),
+    )
+
+
+def _resolve(path: str) -> str:
+    """A relative path missing here but present below the repo root (``python /x/app.py`` from
+    elsewhere) becomes absolute; existing paths and hub names stay as given."""
+    candidate = ROOT / path
+    if not Path(path).is_absolute() and not Path(path).exists() and candidate.exists():
+        return str(candidate)
+    return path
+
+
+def _looks_local(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or model.startswith("store/") or Path(model).exists()
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
+def _cached(model: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except Exception:  # not a valid repo id
+        return False
+
+
+def missing(config: AppConfig) -> list[str]:
+    """What must exist before the app can serve, each with how to make it."""
+    problems = []
+    model = Path(config.model).expanduser()
+    if _looks_local(config.model):
+        if not (model / "config.json").is_file():
+            problems.append(
+                f"model folder {model} has no config.json. Train the bundled demo model with "
+                "`python scripts/train_demo_model.py`, or pass --model NAME_OR_PATH."
+            )
+    elif _offline() and not _cached(config.model):
+        problems.append(
+            f"{config.model!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set, so it "
+            "cannot be downloaded. Pass a local folder (--model /path/to/model) or download it "
+            "first (hf download NAME)."
+        )
+    if not config.store.is_dir():
+        problems.append(
+            f"store folder {config.store} does not exist. Create it (mkdir -p {config.store}) "
+            "or pass --store PATH / PERSONACHAT_STORE."
+        )
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("personachat").setLevel(os.environ.get("PERSONACHAT_LOG", "INFO").upper())
+    config = parse_args(argv)
+    problems = missing(config)
+    if problems:
+        for problem in problems:
+            print(f"personachat: cannot start: {problem}", file=sys.stderr)
+        return 2
+    from personachat.app.backend import DEMO_ID, Backend
+    from personachat.app.page import CSS, build_ui, theme
+
+    backend = Backend(config.model, config.store)
+    if backend.is_demo(config.model) and not backend.store().vectors(DEMO_ID):
+        print(
+            "personachat: first start with the demo model: registering its persona vectors and "
+            f"neurons in {config.store} (once)",
+            flush=True,
+        )
+        print(f"personachat: {backend.register_demo()}", flush=True)
+    demo = build_ui(backend, concurrency=config.concurrency)
+    demo.queue(default_concurrency_limit=config.concurrency)
+    demo.launch(
+        server_name=config.host,
+        server_port=config.port,
+        css=CSS,
+        theme=theme(),
+        footer_links=["api"],
+        prevent_thread_lock=True,
+        quiet=True,
+    )
+    print(
+        f"PersonaChat on http://{config.host}:{config.port} (model {config.model}, "
+        f"store {config.store}); page ready in {time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
+    backend.warm_up()
+    demo.block_thread()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

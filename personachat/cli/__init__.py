@@ -1,0 +1,1 @@
+"""Command-line entry points: the code behind scripts/ and the personachat-* commands."""

@@ -1,0 +1,313 @@
+"""Inspect and manage the persona store from the shell: a thin CLI over ``personachat.store``.
+
+    python scripts/store.py list [--model M] [--personas | --models | --neurons]
+    python scripts/store.py show PERSONA [--model M]
+    python scripts/store.py remove PERSONA [--model M] [--method ...]
+    python scripts/store.py remove LABEL --neurons --model M
+    python scripts/store.py export PERSONA --model M --out pirate.gguf [--layers 10 12] [--scale 4]
+    python scripts/store.py import FILE... --model M [--persona P] [--layer L] [--layer-offset 1]
+    python scripts/store.py import seeds/000.txt --neurons --label teacher --layer 15 --model M
+    python scripts/store.py sql "SELECT persona, best_layer FROM vectors WHERE model_id = ?" -p M
+
+The store is ``--store DIR``, else ``$PERSONACHAT_STORE``, else ``store/`` at the repo root.
+Every command has ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+from tqdm import tqdm
+
+from personachat.records import NEURON_SITES, POSITIONS, ModelInfo
+from personachat.store import Store, StoreError, default_store_root
+from personachat.store.formats import (
+    KNOWN_MODELS,
+    parse_index_lists,
+    read_vector,
+    register_index_lists,
+    write_vector,
+)
+
+
+def table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Rows as a plain aligned text table."""
+    cells = [[str(c) for c in columns]] + [
+        ["" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row]
+        for row in rows
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def open_store(args: argparse.Namespace, *, write: bool) -> Store:
+    return Store(args.store, read_only=not write, lock_timeout=args.lock_timeout)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    store = open_store(args, write=False)
+    rows: list[tuple[Any, ...]]
+    if args.models:
+        rows = [
+            (m.model_id, m.architecture, m.n_layers, m.hidden_size, m.mlp_width, m.revision)
+            for m in store.models()
+        ]
+        print(table(["model", "arch", "layers", "hidden", "mlp_width", "revision"], rows))
+    elif args.personas:
+        rows = [(p.name, p.category, p.source, p.system_prompt[:60]) for p in store.personas()]
+        print(table(["persona", "category", "source", "system prompt"], rows))
+    elif args.neurons:
+        rows = [
+            (s.model_id, s.label, s.site, s.method, s.n_units, ",".join(s.pairs))
+            for s in store.neuron_sets(args.model)
+        ]
+        print(table(["model", "label", "site", "method", "units", "pairs"], rows))
+    else:
+        rows = [
+            (
+                *(v.model_id, v.persona, v.method, v.positions, v.baseline, v.best_layer),
+                *(v.n_samples, v.created_at.strftime("%Y-%m-%d %H:%M")),
+            )
+            for v in store.vectors(args.model)
+        ]
+        cols = ["model", "persona", "method", "positions", "baseline", "best", "n", "created"]
+        print(table(cols, rows))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store = open_store(args, write=False)
+    persona = store.persona(args.persona)
+    print(f"persona: {persona.name}\nsystem prompt: {persona.system_prompt}")
+    for key in ("description", "category", "source"):
+        if getattr(persona, key):
+            print(f"{key}: {getattr(persona, key)}")
+    for v in store.vectors(args.model, args.persona):
+        print(f"\n{v.model_id}  {v.method} {v.positions} baseline={v.baseline}  id={v.vector_id}")
+        print(f"  file {v.file}  sha256 {v.sha256}")
+        print(f"  dataset {v.dataset or '-'}  n_samples {v.n_samples}  best layer {v.best_layer}")
+        rows = store.layer_metrics(v.vector_id)
+        print(table(["layer", "auc", "separation", "norm", "resid_norm"], rows))
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    store = open_store(args, write=True)
+    if args.neurons:
+        if not args.model:
+            raise StoreError("remove --neurons needs --model")
+        store.remove_neurons(args.model, args.persona)
+        print(f"removed neuron set {args.persona!r} of {args.model}")
+        return 0
+    if args.model is None:
+        count = store.remove_persona(args.persona)
+    elif args.method or args.positions or args.baseline:
+        filters = {"method": args.method, "positions": args.positions, "baseline": args.baseline}
+        count = store.remove_vector(args.model, args.persona, **filters)
+    else:
+        count = store.remove_persona(args.persona, args.model)
+    print(f"removed {count} stored tensor(s) of {args.persona!r}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    store = open_store(args, write=False)
+    info = store.model(args.model)
+    vector = store.load_vector(
+        args.model,
+        args.persona,
+        positions=args.positions,
+        method=args.method,
+        baseline=args.baseline,
+    )
+    path = write_vector(vector, args.out, info=info, layers=args.layers, scale=args.scale)
+    print(f"wrote {path}")
+    return 0
+
+
+def model_info(store: Store, args: argparse.Namespace) -> ModelInfo:
+    """The registered model, a known one, or one described by --n-layers/--hidden-size/..."""
+    known = {m.model_id: m for m in store.models()}
+    if args.model in known:
+        return known[args.model]
+    info = KNOWN_MODELS.get(args.model)
+    if info is None:
+        sizes = (args.n_layers, args.hidden_size, args.mlp_width)
+        if None in sizes:
+            raise StoreError(
+                f"model {args.model!r} is not in the store and not built in "
+                f"({sorted(KNOWN_MODELS)}); pass --n-layers, --hidden-size and --mlp-width "
+                "(and --architecture) to register it without loading weights"
+            )
+        info = ModelInfo(args.model, None, args.architecture, *sizes)  # type: ignore[arg-type]
+    store.register_model(info)
+    return info
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    store = open_store(args, write=True)
+    info = model_info(store, args)
+    if args.neurons:
+        if args.layer is None or not args.label:
+            raise StoreError("import --neurons needs --layer and --label")
+        for path in args.files:
+            lists = parse_index_lists(Path(path).read_text())
+            source = args.source or str(path)
+            neurons = register_index_lists(
+                store, info, args.label, args.layer, lists, site=args.site, source=source
+            )
+            print(f"registered neuron set {neurons.label!r}: {len(neurons)} units from {path}")
+        return 0
+    vectors = [
+        read_vector(
+            path,
+            info,
+            args.persona,
+            layer=args.layer,
+            layer_offset=args.layer_offset,
+            positions=args.positions,
+            baseline=args.baseline,
+        )
+        for path in tqdm(args.files, desc="reading", unit="file")
+    ]
+    store.register_vectors(vectors)
+    for vector in vectors:
+        print(f"registered {vector.persona!r} for {info.model_id} from {vector.dataset}")
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    columns, rows = open_store(args, write=False).query(args.query, args.param)
+    if args.json:
+        print(json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str))
+    else:
+        print(table(columns, rows))
+    return 0
+
+
+def common_options(top: bool) -> argparse.ArgumentParser:
+    """--store and --lock-timeout, accepted before or after the command; only the top level
+    sets defaults (sub-commands suppress theirs so they do not overwrite a value given first)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--store",
+        default=None if top else argparse.SUPPRESS,
+        help=f"store directory (default: $PERSONACHAT_STORE or {default_store_root()})",
+    )
+    common.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=10.0 if top else argparse.SUPPRESS,
+        help="seconds to retry while another process holds the catalog (default 10)",
+    )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python scripts/store.py",
+        description="Inspect and manage the persona store.",
+        parents=[common_options(top=True)],
+    )
+    common = common_options(top=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "list", parents=[common], help="list vectors (default), models, personas or neuron sets"
+    )
+    p.description = "List stored vectors, or with a flag the models, personas or neuron sets."
+    p.add_argument("--model", help="only this model id")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--models", action="store_true", help="list registered models")
+    group.add_argument("--personas", action="store_true", help="list personas")
+    group.add_argument("--neurons", action="store_true", help="list neuron sets")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", parents=[common], help="a persona with its vectors and metrics")
+    p.description = "Show a persona, its vectors and their per-layer AUC, separation and norms."
+    p.add_argument("persona")
+    p.add_argument("--model", help="only this model id")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("remove", parents=[common], help="remove vectors, a persona or neurons")
+    p.description = (
+        "Remove a persona everywhere (no --model), its tensors for one model, matching vectors "
+        "(with --method/--positions/--baseline), or a neuron set (--neurons LABEL)."
+    )
+    p.add_argument("persona", help="persona name, or the neuron set label with --neurons")
+    p.add_argument("--model", help="model id")
+    p.add_argument("--method")
+    p.add_argument("--positions", choices=POSITIONS)
+    p.add_argument("--baseline")
+    p.add_argument("--neurons", action="store_true", help="remove the neuron set named PERSONA")
+    p.set_defaults(func=cmd_remove)
+
+    p = sub.add_parser("export", parents=[common], help="write a vector to .safetensors/.pt/.gguf")
+    p.description = (
+        "Export a stored vector. .safetensors keeps all provenance; .pt is persona_vectors' "
+        "[n_layers+1, hidden] layout; .gguf is a llama.cpp control vector (direction.<layer>)."
+    )
+    p.add_argument("persona")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, type=Path, help="output file; suffix picks the format")
+    p.add_argument("--positions", choices=POSITIONS)
+    p.add_argument("--method")
+    p.add_argument("--baseline")
+    p.add_argument("--layers", type=int, nargs="+", help="GGUF only: layers to include")
+    p.add_argument("--scale", type=float, default=1.0, help="GGUF only: multiply the vector")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", parents=[common], help="import vectors or neuron index lists")
+    p.description = (
+        "Import persona vectors (.safetensors, .npz, .pt loaded with weights_only=True, .gguf) "
+        "or, with --neurons, neuron index lists ('label: [1, 2, 3]' lines or JSON)."
+    )
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--model", required=True, help="model id the vectors belong to")
+    p.add_argument("--persona", help="persona name (default: from the file)")
+    p.add_argument("--layer", type=int, help="layer of a single-layer vector / neuron list")
+    p.add_argument(
+        "--layer-offset", type=int, default=0, help="1 if per-layer keys count hidden_states"
+    )
+    p.add_argument("--positions", choices=POSITIONS)
+    p.add_argument("--baseline", default="default")
+    p.add_argument("--neurons", action="store_true", help="files are neuron index lists")
+    p.add_argument("--label", help="neuron set label (with --neurons)")
+    p.add_argument("--site", choices=NEURON_SITES, default="gate")
+    p.add_argument("--source", help="where the lists come from (default: the file path)")
+    p.add_argument("--n-layers", type=int, help="register an unknown model: decoder layers")
+    p.add_argument("--hidden-size", type=int, help="register an unknown model: hidden size")
+    p.add_argument("--mlp-width", type=int, help="register an unknown model: MLP width")
+    p.add_argument("--architecture", default="unknown", help="model_type, e.g. llama")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("sql", parents=[common], help="run a read-only SQL query on the catalog")
+    p.description = "Run a read-only SQL query on the catalog; use ? and --param for values."
+    p.add_argument("query")
+    p.add_argument("-p", "--param", action="append", default=[], help="a value for a ? placeholder")
+    p.add_argument("--json", action="store_true", help="print JSON records")
+    p.set_defaults(func=cmd_sql)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (StoreError, ValueError, OSError, duckdb.Error) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

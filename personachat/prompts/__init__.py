@@ -1,0 +1,39 @@
+"""Persona prompts: chat rendering, persona datasets and the demo model's corpus."""
+
+from __future__ import annotations
+
+from personachat.prompts.builtins import builtin_names, load_builtin, load_dataset
+from personachat.prompts.chat import (
+    Message,
+    fallback_chat,
+    format_chat,
+    message_text,
+    persona_messages,
+    plain_messages,
+)
+from personachat.prompts.datasets import (
+    ContrastPair,
+    DatasetError,
+    PersonaDataset,
+    check_name,
+    from_json,
+    load_dataset_file,
+)
+
+__all__ = [
+    "ContrastPair",
+    "DatasetError",
+    "Message",
+    "PersonaDataset",
+    "builtin_names",
+    "check_name",
+    "fallback_chat",
+    "format_chat",
+    "from_json",
+    "load_builtin",
+    "load_dataset",
+    "load_dataset_file",
+    "message_text",
+    "persona_messages",
+    "plain_messages",
+]
