@@ -6,6 +6,7 @@ float32 on the CPU; ``[n_layers, hidden]`` follows the layer convention of ``per
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -18,6 +19,24 @@ NEURON_SITES = ("mlp_hidden", "gate")
 MEAN_BASELINE = "mean"  # baseline name meaning "the mean of all personas"
 # Layer i is the output of decoder block i (0-based): hidden_states[i + 1] in transformers' terms.
 LAYER_CONVENTION = "block_output: layer i = output of decoder block i = hidden_states[i+1]"
+
+# Names that become (parts of) file names: personas, baselines, datasets, pairs, neuron sets.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def check_name(
+    value: object, what: str = "name", where: str = "", *, error: type[ValueError] = ValueError
+) -> str:
+    """``value`` if it is safe as (part of) a file name, else ``error`` naming it and the rule:
+    1-100 letters, digits, '_', '.' or '-', starting with a letter or digit, without '..'."""
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value) or ".." in value:
+        prefix = f"{where}: " if where else ""
+        raise error(
+            f"{prefix}{what} {value!r} is not allowed: use 1-100 letters, digits, '_', '.' or "
+            "'-', starting with a letter or digit and without '..' (it becomes part of a file "
+            "name)"
+        )
+    return value
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+from personachat.activations import Recorder
 from personachat.hooks import (
     StopForward,
     hook_count,
@@ -31,19 +32,6 @@ class Add:
 
     def __call__(self, site, layer, x):  # type: ignore[no-untyped-def]
         return x + self.vec
-
-
-class Record:
-    """Records the residual stream at every layer (after earlier handlers)."""
-
-    def __init__(self, n_layers: int) -> None:
-        self.n, self.seen = n_layers, {}  # type: ignore[var-annotated]
-
-    def wants(self):  # type: ignore[no-untyped-def]
-        return [("residual", i) for i in range(self.n)]
-
-    def __call__(self, site, layer, x):  # type: ignore[no-untyped-def]
-        self.seen[layer] = x.detach().clone()
 
 
 class Boom:
@@ -73,13 +61,13 @@ def test_output_shapes_round_trip() -> None:
 def test_steer_adds_exactly_and_downstream_matches_manual(llama: LoadedModel) -> None:
     vec = torch.randn(32)
     ids = _prompt(llama)
-    rec = Record(3)
+    rec = Recorder.at("residual", range(3))
     with torch.no_grad():
         ref = llama.model(**ids, output_hidden_states=True).hidden_states
         # transformers records output_hidden_states before user hooks run: read with a handler.
         with intervene(llama.sites, [Add([0], vec), rec]):
             llama.model(**ids)
-        got = [None, rec.seen[0], rec.seen[1]]
+        got = [None, rec.get(0), rec.get(1)]
         # Manual: feed layer 0's output + vec through block 1 by hand.
         block1 = llama.sites.layers[1]
         pos = torch.arange(ids["input_ids"].shape[1])[None]
@@ -107,12 +95,12 @@ def test_counts_restored_normal_nested_and_exception(any_arch: LoadedModel) -> N
 def test_nested_blocks_both_act(llama: LoadedModel) -> None:
     a, b = torch.randn(32), torch.randn(32)
     ids = _prompt(llama)
-    rec = Record(1)
+    rec = Recorder.at("residual", range(1))
     with torch.no_grad():
         ref = llama.model(**ids, output_hidden_states=True).hidden_states[1]
         with intervene(llama.sites, [Add([0], a)]), intervene(llama.sites, [Add([0], b), rec]):
             llama.model(**ids)
-    got = rec.seen[0]
+    got = rec.get(0)
     torch.testing.assert_close(got, ref + a + b, rtol=0, atol=1e-5)
 
 
@@ -173,13 +161,13 @@ def test_an_existing_forward_wrapper_keeps_working_and_is_restored(llama: Loaded
     layer.forward = theirs
     try:
         vec = torch.randn(32)
-        rec = Record(2)
+        rec = Recorder.at("residual", range(2))
         with torch.no_grad():
             ref = llama.model(**_prompt(llama), output_hidden_states=True).hidden_states[2]
             with intervene(llama.sites, [Add([1], vec), rec]):
                 llama.model(**_prompt(llama))
         assert len(calls) == 2  # their wrapper ran under ours, once per forward
-        torch.testing.assert_close(rec.seen[1], ref + vec, rtol=0, atol=1e-5)
+        torch.testing.assert_close(rec.get(1), ref + vec, rtol=0, atol=1e-5)
         assert layer.__dict__["forward"] is theirs
     finally:
         del layer.forward

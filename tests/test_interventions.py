@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from personachat.hooks import Site, hook_count, intervene
+from personachat.activations import Recorder
+from personachat.hooks import hook_count, intervene
 from personachat.interventions import (
     AblationSpec,
     DirectionSpec,
@@ -30,20 +31,6 @@ from personachat.model.tiny import tiny_model
 from personachat.records import LayerMetrics, NeuronSet, PersonaVector
 
 cached_tiny = functools.cache(tiny_model)
-
-
-class Capture:
-    """Records what a site looks like at the point it sits in the handler chain."""
-
-    def __init__(self, keys: Iterable[tuple[Site, int]]) -> None:
-        self.keys = list(keys)
-        self.seen: dict[tuple[Site, int], list[torch.Tensor]] = {k: [] for k in self.keys}
-
-    def wants(self) -> Iterable[tuple[Site, int]]:
-        return self.keys
-
-    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> None:
-        self.seen[(site, layer)].append(x.detach().clone())
 
 
 def vectors_for(lm: LoadedModel, names: Iterable[str], seed: int = 0) -> dict[str, PersonaVector]:
@@ -69,10 +56,10 @@ def ids_for(lm: LoadedModel, text: str = "Tell me about the ocean and the stars"
 
 def clean_residuals(lm: LoadedModel, ids: torch.Tensor) -> list[torch.Tensor]:
     """Residual stream per layer without interventions (raw block outputs, via a capture)."""
-    cap = Capture(("residual", i) for i in range(lm.info.n_layers))
+    cap = Recorder([("residual", i) for i in range(lm.info.n_layers)], every=True)
     with torch.no_grad(), intervene(lm.sites, [cap]):
         lm.model(ids)
-    return [cap.seen[("residual", i)][0] for i in range(lm.info.n_layers)]
+    return [cap.history[("residual", i)][0] for i in range(lm.info.n_layers)]
 
 
 # ----------------------------------------------------------------------------- steering
@@ -85,14 +72,14 @@ def test_steered_layer_equals_clean_plus_strength_times_vector(any_arch: LoadedM
     clean = clean_residuals(lm, ids)
     steer, _, strengths = build_steer(lm, vecs, SteeringSpec({"pirate": 1.0}, layers="1:2.5"))
     assert strengths == {1: 2.5}
-    cap = Capture(("residual", i) for i in range(lm.info.n_layers))
+    cap = Recorder([("residual", i) for i in range(lm.info.n_layers)], every=True)
     with torch.no_grad(), intervene(lm.sites, [steer, cap]):
         lm.model(ids)
-    got = cap.seen[("residual", 1)][0]
+    got = cap.history[("residual", 1)][0]
     expected = clean[1] + 2.5 * vecs["pirate"].vector[1]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cap.seen[("residual", 0)][0], clean[0], rtol=0, atol=0)
-    assert not torch.allclose(cap.seen[("residual", 2)][0], clean[2], atol=1e-3)  # downstream
+    torch.testing.assert_close(cap.history[("residual", 0)][0], clean[0], rtol=0, atol=0)
+    assert not torch.allclose(cap.history[("residual", 2)][0], clean[2], atol=1e-3)  # downstream
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
@@ -150,10 +137,10 @@ def test_per_row_coefficients_in_one_batch() -> None:
     ids = ids_for(lm)
     clean = clean_residuals(lm, ids)[0]
     plan = build_plan(lm, vecs, steering=SteeringSpec({"pirate": 1.0}, layers="0:2"), rows=[0, 1])
-    cap = Capture([("residual", 0)])
+    cap = Recorder([("residual", 0)], every=True)
     with torch.no_grad(), intervene(lm.sites, [*plan.handlers, cap]):
         lm.model(ids.repeat(2, 1))
-    got = cap.seen[("residual", 0)][0]
+    got = cap.history[("residual", 0)][0]
     torch.testing.assert_close(got[0], clean[0], rtol=1e-5, atol=1e-5)  # batch of 2 vs 1
     torch.testing.assert_close(
         got[1], clean[0] + 2 * vecs["pirate"].vector[0], rtol=1e-5, atol=1e-5
@@ -164,14 +151,14 @@ def _two_phase(
     lm: LoadedModel, ids: torch.Tensor, prefill: list, decode: list
 ) -> list[torch.Tensor]:
     """Residual at layer 1 in a prefill and one cached decode step, with handlers per phase."""
-    cap = Capture([("residual", 1)])
+    cap = Recorder([("residual", 1)], every=True)
     with torch.no_grad():
         with intervene(lm.sites, [*prefill, cap]):
             out = lm.model(ids, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         with intervene(lm.sites, [*decode, cap]):
             lm.model(nxt, past_key_values=out.past_key_values, use_cache=True)
-    return cap.seen[("residual", 1)]
+    return cap.history[("residual", 1)]
 
 
 @pytest.mark.parametrize(
@@ -213,19 +200,20 @@ def test_ablated_neurons_are_zero_or_mean_at_down_proj_input(arch: str) -> None:
     lm = cached_tiny(arch)
     ids = ids_for(lm)
     width = lm.info.mlp_width
-    cap0 = Capture([("mlp_hidden", 1), ("mlp_hidden", 2)])
+    cap0 = Recorder([("mlp_hidden", 1), ("mlp_hidden", 2)], every=True)
     with torch.no_grad(), intervene(lm.sites, [cap0]):
         lm.model(ids)
-    clean = cap0.seen[("mlp_hidden", 1)][0]
+    clean = cap0.history[("mlp_hidden", 1)][0]
     zero = build_ablation(lm, AblationSpec(neurons=f"1:3,1:5-7,2:{width - 1}"), {})
-    cap = Capture([("mlp_hidden", 1), ("mlp_hidden", 2)])
+    cap = Recorder([("mlp_hidden", 1), ("mlp_hidden", 2)], every=True)
     with torch.no_grad(), intervene(lm.sites, [zero, cap]):
         lm.model(ids)
-    got = cap.seen[("mlp_hidden", 1)][0]
+    got = cap.history[("mlp_hidden", 1)][0]
     assert torch.equal(got[..., [3, 5, 6, 7]], torch.zeros_like(got[..., [3, 5, 6, 7]]))
     keep = [i for i in range(width) if i not in (3, 5, 6, 7)]
     torch.testing.assert_close(got[..., keep], clean[..., keep], rtol=0, atol=0)  # layer 1 input
-    assert torch.equal(cap.seen[("mlp_hidden", 2)][0][..., width - 1], torch.zeros(got.shape[:2]))
+    after = cap.history[("mlp_hidden", 2)][0]
+    assert torch.equal(after[..., width - 1], torch.zeros(got.shape[:2]))
     nset = NeuronSet(
         lm.info.model_id,
         "pirate-vs-default",
@@ -238,10 +226,10 @@ def test_ablated_neurons_are_zero_or_mean_at_down_proj_input(arch: str) -> None:
     mean = build_ablation(
         lm, AblationSpec(neuron_set="pirate-vs-default", mode="mean"), {"pirate-vs-default": nset}
     )
-    cap = Capture([("mlp_hidden", 1)])
+    cap = Recorder([("mlp_hidden", 1)], every=True)
     with torch.no_grad(), intervene(lm.sites, [mean, cap]):
         lm.model(ids)
-    got = cap.seen[("mlp_hidden", 1)][0]
+    got = cap.history[("mlp_hidden", 1)][0]
     assert torch.all(got[..., 4] == 0.25) and torch.all(got[..., 9] == -1.5)
     torch.testing.assert_close(got[..., 0], clean[..., 0], rtol=0, atol=0)
 
@@ -268,7 +256,7 @@ def test_ablation_positions(
     spec = AblationSpec(neuron_set="s", mode="mean", positions=positions, last_n=last_n)  # type: ignore[arg-type]
 
     def run(prefill: list, decode: list) -> list[torch.Tensor]:
-        cap = Capture([("mlp_hidden", 1)])
+        cap = Recorder([("mlp_hidden", 1)], every=True)
         with torch.no_grad():
             with intervene(llama.sites, [*prefill, cap]):
                 out = llama.model(ids, use_cache=True)
@@ -276,7 +264,7 @@ def test_ablation_positions(
                 llama.model(
                     torch.tensor([[7]]), past_key_values=out.past_key_values, use_cache=True
                 )
-        return cap.seen[("mlp_hidden", 1)]
+        return cap.history[("mlp_hidden", 1)]
 
     def ablate() -> list:
         return [build_ablation(llama, spec, {"s": nset}, prompt_len=n)]
@@ -307,11 +295,11 @@ def test_directional_ablation_removes_the_direction(llama: LoadedModel) -> None:
     ids = ids_for(llama)
     clean = clean_residuals(llama, ids)[0]
     plan = build_plan(llama, vecs, direction=DirectionSpec("cynic", layers="0", mode="zero"))
-    cap = Capture([("residual", 0)])
+    cap = Recorder([("residual", 0)], every=True)
     with torch.no_grad(), intervene(llama.sites, [*plan.handlers, cap]):
         llama.model(ids)
     u = vecs["cynic"].vector[0] / vecs["cynic"].vector[0].norm()
-    got = cap.seen[("residual", 0)][0]
+    got = cap.history[("residual", 0)][0]
     assert float((got @ u).abs().max()) < 1e-4
     torch.testing.assert_close(got, clean - (clean @ u)[..., None] * u, rtol=1e-5, atol=1e-5)
     with pytest.raises(InterventionError, match=r"baseline 'default'.*mode='zero'"):
@@ -330,12 +318,12 @@ def test_mean_directional_ablation_moves_the_component_to_the_baseline_level(
     clean = clean_residuals(llama, ids)[1]
     spec = DirectionSpec("cynic", layers="1", positions="prompt", last_n=2)
     plan = build_plan(llama, vecs, direction=spec, prompt_len=n)
-    cap = Capture([("residual", 1)])
+    cap = Recorder([("residual", 1)], every=True)
     with torch.no_grad(), intervene(llama.sites, [*plan.handlers, cap]):
         llama.model(ids)
     u = vecs["cynic"].vector[1] / vecs["cynic"].vector[1].norm()
     level = float(base[1] @ u)
-    got = cap.seen[("residual", 1)][0][0]
+    got = cap.history[("residual", 1)][0][0]
     want = clean[0].clone()
     want[-2:] = clean[0][-2:] - ((clean[0][-2:] @ u) - level)[:, None] * u
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from personachat.activations import Recorder
 from personachat.hooks import intervene, registered
 from personachat.model import (
     LoadedModel,
@@ -16,21 +17,6 @@ from personachat.model import (
     wrap_model,
 )
 from personachat.model.tiny import tiny_model
-
-
-class Capture:
-    """A handler that records the tensor at each wanted site and changes nothing."""
-
-    def __init__(self, keys: list[tuple[str, int]]) -> None:
-        self.keys = keys
-        self.seen: dict[tuple[str, int], torch.Tensor] = {}
-
-    def wants(self):  # type: ignore[no-untyped-def]
-        return self.keys
-
-    def __call__(self, site, layer, x):  # type: ignore[no-untyped-def]
-        self.seen[(site, layer)] = x.detach().clone()
-        return None
 
 
 def _ids(lm: LoadedModel) -> dict[str, torch.Tensor]:
@@ -51,17 +37,17 @@ def test_layer_convention_matches_hidden_states(any_arch: LoadedModel) -> None:
     """Layer i is hidden_states[i+1]; the last entry of hidden_states is the normed last layer."""
     ids = _ids(any_arch)
     n = any_arch.sites.n_layers
-    cap = Capture([("residual", i) for i in range(n)])
+    cap = Recorder([("residual", i) for i in range(n)])
     with torch.no_grad():
         ref = any_arch.model(**ids, output_hidden_states=True).hidden_states
         with intervene(any_arch.sites, [cap]):
             any_arch.model(**ids)
     for i in range(n - 1):
-        torch.testing.assert_close(cap.seen[("residual", i)], ref[i + 1], rtol=0, atol=1e-6)
+        torch.testing.assert_close(cap.acts[("residual", i)], ref[i + 1], rtol=0, atol=1e-6)
     final_norm = any_arch.sites.base.norm if hasattr(any_arch.sites.base, "norm") else None
     final_norm = final_norm or any_arch.sites.base.ln_f
     with torch.no_grad():
-        normed = final_norm(cap.seen[("residual", n - 1)])
+        normed = final_norm(cap.acts[("residual", n - 1)])
     torch.testing.assert_close(normed, ref[n], rtol=0, atol=1e-5)
 
 
@@ -72,9 +58,9 @@ def test_mlp_hidden_is_input_of_down_projection(any_arch: LoadedModel) -> None:
     layer, unit, delta = 1, 5, 0.75
     if hasattr(any_arch.sites.layers[layer], "post_feedforward_layernorm"):
         pytest.skip("a norm after the MLP makes the block output nonlinear in the MLP output")
-    cap = Capture([("residual", layer)])
+    cap = Recorder([("residual", layer)])
 
-    class Nudge(Capture):
+    class Nudge(Recorder):
         def __call__(self, site, layer_, x):  # type: ignore[no-untyped-def]
             if site == "mlp_hidden":
                 x = x.clone()
@@ -91,7 +77,7 @@ def test_mlp_hidden_is_input_of_down_projection(any_arch: LoadedModel) -> None:
     down = any_arch.sites.mlp_down[layer]
     weight = down.weight
     column = weight[:, unit] if isinstance(down, nn.Linear) else weight[unit, :]
-    diff = nudge.seen[("residual", layer)] - cap.seen[("residual", layer)]
+    diff = nudge.acts[("residual", layer)] - cap.acts[("residual", layer)]
     expected = (delta * column).expand_as(diff)
     torch.testing.assert_close(diff, expected, rtol=1e-4, atol=1e-5)
 
@@ -99,27 +85,27 @@ def test_mlp_hidden_is_input_of_down_projection(any_arch: LoadedModel) -> None:
 def test_mlp_hidden_feeds_the_down_projection(any_arch: LoadedModel) -> None:
     """What the down projection outputs is its weight applied to what the site saw."""
     ids = _ids(any_arch)
-    cap = Capture([("mlp_hidden", 2)])
+    cap = Recorder([("mlp_hidden", 2)])
     down = any_arch.sites.mlp_down[2]
     outs: list[torch.Tensor] = []
     with torch.no_grad(), intervene(any_arch.sites, [cap]):
         with registered([(down, "forward", lambda m, a, o: outs.append(o.detach()))]):
             any_arch.model(**ids)
-    torch.testing.assert_close(down(cap.seen[("mlp_hidden", 2)]).detach(), outs[0])
+    torch.testing.assert_close(down(cap.acts[("mlp_hidden", 2)]).detach(), outs[0])
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma2", "olmo2"])
 def test_gate_site_is_gate_projection_output(arch: str) -> None:
     """In a gated MLP the hidden units are act(gate) * up: the gate site is the gate's output."""
     lm = tiny_model(arch)
-    cap = Capture([("gate", 0), ("mlp_hidden", 0)])
+    cap = Recorder([("gate", 0), ("mlp_hidden", 0)])
     mlp = lm.sites.layers[0].mlp
     ups: list[torch.Tensor] = []
     with torch.no_grad(), intervene(lm.sites, [cap]):
         with registered([(mlp.up_proj, "forward", lambda m, a, o: ups.append(o.detach()))]):
             lm.model(**_ids(lm))
-    expected = mlp.act_fn(cap.seen[("gate", 0)]) * ups[0]
-    torch.testing.assert_close(cap.seen[("mlp_hidden", 0)], expected)
+    expected = mlp.act_fn(cap.acts[("gate", 0)]) * ups[0]
+    torch.testing.assert_close(cap.acts[("mlp_hidden", 0)], expected)
 
 
 class _Mystery(nn.Module):
@@ -193,11 +179,11 @@ def test_attn_heads_is_input_of_attention_output_projection(any_arch: LoadedMode
     layer = 1
     proj = any_arch.sites.attn_out[layer]  # type: ignore[index]
     inputs: list[torch.Tensor] = []
-    cap = Capture([("attn_heads", layer)])
+    cap = Recorder([("attn_heads", layer)])
     with torch.no_grad(), intervene(any_arch.sites, [cap]):
         with registered([(proj, "forward_pre", lambda m, a: inputs.append(a[0].detach()))]):
             any_arch.model(**ids)
-    seen = cap.seen[("attn_heads", layer)]
+    seen = cap.acts[("attn_heads", layer)]
     assert seen.shape[-1] == any_arch.sites.n_heads * any_arch.sites.head_dim  # type: ignore[operator]
     torch.testing.assert_close(seen, inputs[0], rtol=0, atol=0)
 
@@ -269,7 +255,7 @@ def test_attn_heads_site_without_projection_says_what_to_set() -> None:
     lm = tiny_model("llama")
     bare = replace(lm.sites, attn_out=None, n_heads=None, head_dim=None)
     with pytest.raises(ValueError, match=r"attn_out=\.\.\."):
-        with intervene(bare, [Capture([("attn_heads", 0)])]):
+        with intervene(bare, [Recorder([("attn_heads", 0)])]):
             pass
     with pytest.raises(SiteError, match="attn_out"):
         bare.head_slice(0)

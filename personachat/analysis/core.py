@@ -47,9 +47,11 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 from tqdm.auto import tqdm
 
-from personachat.hooks import Site, StopForward, intervene
+from personachat.activations import Recorder, pad, run_forward
+from personachat.hooks import Site, intervene
 from personachat.model import LoadedModel
 from personachat.prompts import Message, format_chat
+from personachat.prompts.tokens import tokenize
 from personachat.records import Persona, PersonaVector
 
 log = logging.getLogger(__name__)
@@ -294,11 +296,6 @@ def persona_messages_at(persona: Persona, question: str, placement: Placement) -
     return [{"role": "user", "content": text}]
 
 
-def _char_to_token(ends: Sequence[int], char: int) -> int:
-    """Index of the first token whose end offset is past ``char``."""
-    return next((i for i, end in enumerate(ends) if end > char), len(ends))
-
-
 def encode_prompt(
     lm: LoadedModel,
     persona: Persona,
@@ -316,72 +313,14 @@ def encode_prompt(
     special = not bool(getattr(tok, "chat_template", None))
     q_start = text.rfind(question)
     p_start = text.find(persona.system_prompt) if persona.system_prompt else -1
-    if getattr(tok, "is_fast", False):
-        enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        ends = [end for _, end in enc["offset_mapping"]]
-
-        def at(char: int) -> int:
-            return _char_to_token(ends, char)
-    else:
-        ids = list(tok(text, add_special_tokens=special)["input_ids"])
-
-        def at(char: int) -> int:
-            return len(tok(text[:char], add_special_tokens=special)["input_ids"])
-
+    tokens = tokenize(tok, text, add_special_tokens=special)
+    ids, at = tokens.ids, tokens.token_at
     q_span = (at(q_start), max(at(q_start + len(question) - 1) + 1, at(q_start) + 1))
     if p_start >= 0:
         p_span = (at(p_start), at(p_start + len(persona.system_prompt) - 1) + 1)
     else:
         p_span = (0, max(1, q_span[0]))
     return Prompt(ids=tuple(ids), persona_span=p_span, question_span=q_span)
-
-
-def pad_left(
-    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-    """(input_ids, attention_mask, position_ids, offsets) with left padding."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    pos = torch.zeros((len(prompts), width), dtype=torch.long)
-    offsets = []
-    for b, p in enumerate(prompts):
-        start = width - len(p)
-        ids[b, start:] = torch.tensor(list(p), dtype=torch.long)
-        mask[b, start:] = 1
-        pos[b, start:] = torch.arange(len(p))
-        offsets.append(start)
-    return ids.to(device), mask.to(device), pos.to(device), offsets
-
-
-class _Recorder:
-    """Keeps the activation at each wanted (site, layer); stops after the last when asked."""
-
-    def __init__(self, site: Site, layers: Sequence[int], stop: bool) -> None:
-        self.site, self.layers, self.stop = site, list(layers), stop
-        self.acts: dict[int, torch.Tensor] = {}
-
-    def wants(self) -> Iterable[tuple[Site, int]]:
-        return [(self.site, la) for la in self.layers]
-
-    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> torch.Tensor | None:
-        self.acts[layer] = x.detach().float()
-        if self.stop and layer == max(self.layers):
-            raise StopForward
-        return None
-
-
-def _forward(
-    lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, *, head: bool
-) -> torch.Tensor | None:
-    """Logits [B, T, V] (``head``) or None (base model only; a handler may stop it early)."""
-    module = lm.model if head else lm.sites.base
-    try:
-        out = module(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
-    except StopForward:
-        return None
-    return out.logits.float() if head else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,16 +364,16 @@ def collect_group_features(
     chosen = list(range(lm.sites.n_layers)) if layers is None else list(layers)
     out = np.zeros((len(prompts), len(GROUPS), len(chosen), lm.sites.hidden_size), np.float32)
     pad_id = int(lm.tokenizer.pad_token_id or 0)
-    rec = _Recorder("residual", chosen, stop=True)
+    rec = Recorder.at("residual", chosen, stop=True)
     starts = range(0, len(prompts), batch_size)
     with intervene(lm.sites, [rec]), torch.inference_mode():
         for start in tqdm(starts, desc="probe activations", disable=not progress):
             chunk = prompts[start : start + batch_size]
-            ids, mask, pos, offsets = pad_left([p.ids for p in chunk], pad_id, lm.device)
-            _forward(lm, ids, mask, pos, head=False)
+            batch = pad([p.ids for p in chunk], pad_id, "left", lm.device)
+            run_forward(lm, batch)
             for li, layer in enumerate(chosen):
-                acts = rec.acts[layer].cpu()
-                for b, (p, off) in enumerate(zip(chunk, offsets, strict=True)):
+                acts = rec.get(layer).cpu()
+                for b, (p, off) in enumerate(zip(chunk, batch.offsets, strict=True)):
                     for g, name in enumerate(GROUPS):
                         idx = [off + i for i in p.group(name)]
                         out[start + b, g, li] = acts[b, idx].mean(0).numpy()
@@ -653,7 +592,8 @@ def generate_answers(
     out: list[Answer] = []
     for start in tqdm(range(0, len(jobs), batch_size), desc="answers", disable=not progress):
         chunk = prompts[start : start + batch_size]
-        ids, mask, _, _ = pad_left([p.ids for p in chunk], pad_id, lm.device)
+        batch = pad([p.ids for p in chunk], pad_id, "left", lm.device)
+        ids, mask = batch.input_ids, batch.attention_mask
         with torch.inference_mode():
             gen = lm.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
@@ -892,14 +832,12 @@ def _run_cached(
     lm: LoadedModel, ids: Sequence[int], sites: Sequence[Site]
 ) -> tuple[torch.Tensor, dict[tuple[Site, int], torch.Tensor]]:
     """Last-position logits [V] and every layer's value at ``sites`` ([T, width]) for one prompt."""
-    recs = [_Recorder(s, range(lm.sites.n_layers), stop=False) for s in dict.fromkeys(sites)]
-    x = torch.tensor([list(ids)], device=lm.device)
-    pos = torch.arange(len(ids), device=lm.device)[None]
-    with intervene(lm.sites, recs), torch.inference_mode():
-        logits = _forward(lm, x, torch.ones_like(x), pos, head=True)
-    assert logits is not None
-    cache = {(r.site, la): t[0] for r in recs for la, t in r.acts.items()}
-    return logits[0, -1], cache
+    rec = Recorder([(s, layer) for s in dict.fromkeys(sites) for layer in range(lm.sites.n_layers)])
+    batch = pad([ids], 0, "left", lm.device)
+    with intervene(lm.sites, [rec]), torch.inference_mode():
+        out = run_forward(lm, batch, head=True)
+    cache = {key: value[0] for key, value in rec.acts.items()}
+    return out.logits[0, -1].float(), cache
 
 
 def _group_positions(a: Prompt, b: Prompt, group: str) -> tuple[list[int], list[int]] | str:
@@ -1050,11 +988,9 @@ def _patched_logits(
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        x = torch.tensor([list(a.ids)] * len(chunk), device=lm.device)
-        pos = torch.arange(len(a.ids), device=lm.device)[None].expand(len(chunk), -1)
+        batch = pad([a.ids] * len(chunk), 0, "left", lm.device)
         with intervene(lm.sites, [_Patcher(chunk, cache)]), torch.inference_mode():
-            logits = _forward(lm, x, torch.ones_like(x), pos, head=True)
-        assert logits is not None
+            logits = run_forward(lm, batch, head=True).logits.float()
         out.append(logits[:, -1])
     return torch.cat(out)
 

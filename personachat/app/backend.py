@@ -17,7 +17,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -605,7 +604,7 @@ class Backend:
         if settings.steering:
             steering = SteeringSpec(
                 blend=settings.blend(),
-                layers=format_layer_spec(dict(settings.layer_strengths)),
+                layers=dict(settings.layer_strengths),
                 units=unit_name(settings.units),  # type: ignore[arg-type]
                 positions=settings.positions,  # type: ignore[arg-type]
                 last_n=settings.last_n,
@@ -614,14 +613,14 @@ class Backend:
         if settings.projecting:
             direction = DirectionSpec(
                 settings.direction,
-                format_layers(settings.direction_layers),
+                settings.direction_layers,
                 mode=settings.direction_mode,
                 positions=settings.direction_positions,
             )
         ablation, extra = None, []
         if settings.ablating:
             mode, (where, last_n) = settings.ablation, _window(settings.ablation_positions)
-            typed = ",".join(f"{layer}:{index}" for layer, index in settings.neurons)
+            typed = list(settings.neurons)
             first = settings.neuron_sets[0] if settings.neuron_sets else None
             ablation = AblationSpec(
                 first,
@@ -717,34 +716,17 @@ def fit_context(
     return kept, dropped
 
 
-class _Capture:
-    """Keeps the mean residual of one layer and ends the forward there."""
-
-    def __init__(self, layer: int) -> None:
-        self.layer = layer
-        self.mean: np.ndarray | None = None
-
-    def wants(self) -> list[tuple[str, int]]:
-        return [("residual", self.layer)]
-
-    def __call__(self, site: str, layer: int, x: Any) -> None:
-        from personachat.hooks import StopForward
-
-        self.mean = x[0].float().mean(dim=0).cpu().numpy()
-        raise StopForward
-
-
 def residual_mean(lm: Any, messages: Sequence[dict[str, Any]], layer: int) -> np.ndarray:
     """The mean residual stream at ``layer`` over the tokens of ``messages`` (chat template)."""
     import torch
 
-    from personachat.hooks import StopForward, intervene
+    from personachat.activations import Recorder, pad, run_forward
+    from personachat.hooks import intervene
     from personachat.prompts import format_chat
 
     text = format_chat(lm.tokenizer, messages, add_generation_prompt=False)
     ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    capture = _Capture(layer)
-    with torch.no_grad(), intervene(lm.sites, [capture]), suppress(StopForward):  # type: ignore[list-item]
-        lm.sites.base(input_ids=ids.to(lm.device))
-    assert capture.mean is not None
-    return capture.mean
+    rec = Recorder.at("residual", [layer], stop=True)
+    with torch.no_grad(), intervene(lm.sites, [rec]):
+        run_forward(lm, pad([ids[0].tolist()], 0, "left", lm.device))
+    return rec.get(layer)[0].mean(dim=0).cpu().numpy()

@@ -161,7 +161,7 @@ def parse_layer_spec(
     """``"8-12:4, 13:2"`` -> ``{8: 4.0, ..., 12: 4.0, 13: 2.0}`` (the runtime's grammar); empty
     text is an empty dict (no steering). Errors start with ``field``."""
     from personachat.interventions import InterventionError
-    from personachat.interventions import parse_layer_spec as runtime_parse
+    from personachat.interventions.layers import parse_layer_spec as runtime_parse
 
     if not (text or "").strip():
         return {}
@@ -171,35 +171,28 @@ def parse_layer_spec(
         raise InputError(f"{field}: {err}.") from None
 
 
-_LAYERS = re.compile(r"all|\d+(\s*-\s*\d+)?", re.IGNORECASE)
-
-
 def parse_layers(text: str | None, n_layers: int, field: str) -> tuple[int, ...]:
     """``"all"`` or ``"0-2, 5"`` -> the layers, sorted; the layer-spec grammar without strengths.
     Empty text or a strength (``"1:2"``) is an ``InputError`` starting with ``field``."""
-    items = [item.strip() for item in (text or "").split(",") if item.strip()]
-    if not items:
+    from personachat.interventions import InterventionError
+    from personachat.interventions.layers import parse_layer_list
+
+    if not (text or "").strip():
         raise InputError(
             f"{field} is empty: type 'all' or layers and ranges, e.g. '0-2, 5' "
             f"(the model has layers 0..{n_layers - 1})."
         )
-    for item in items:
-        if ":" in item:
-            raise InputError(
-                f"{field}: {item!r} gives a strength, but a direction is ablated without "
-                "one; list layers only, e.g. 'all' or '0-2, 5'."
-            )
-        if not _LAYERS.fullmatch(item):
-            raise InputError(
-                f"{field}: cannot read {item!r}; write 'all', a layer or a range, e.g. '0-2, 5'."
-            )
-    return tuple(sorted(parse_layer_spec(", ".join(items), n_layers, field)))
+    try:
+        return tuple(parse_layer_list(str(text), n_layers))
+    except InterventionError as err:
+        raise InputError(f"{field}: {err}.") from None
 
 
 def format_layers(layers: Sequence[int]) -> str:
     """The compact spec of a set of layers: ``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
-    runs = format_layer_spec(dict.fromkeys(layers, 1.0)).split(", ")
-    return ", ".join(run.partition(":")[0] for run in runs if run)
+    from personachat.interventions.layers import format_layers as write
+
+    return write(layers)
 
 
 def parse_last_n(value: object) -> int | None:
@@ -218,23 +211,9 @@ def parse_last_n(value: object) -> int | None:
 
 def format_layer_spec(strengths: dict[int, float]) -> str:
     """The compact spec of ``strengths``, merging runs of equal strength: ``"1-3:4, 5:2"``."""
-    parts: list[str] = []
-    run: list[int] = []
-    for layer in sorted(strengths):
-        if run and layer == run[-1] + 1 and strengths[layer] == strengths[run[0]]:
-            run.append(layer)
-            continue
-        if run:
-            parts.append(_format_run(run, strengths[run[0]]))
-        run = [layer]
-    if run:
-        parts.append(_format_run(run, strengths[run[0]]))
-    return ", ".join(parts)
+    from personachat.interventions.layers import format_layer_spec as write
 
-
-def _format_run(run: list[int], strength: float) -> str:
-    layers = str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}"
-    return f"{layers}:{strength:g}"
+    return write(strengths)
 
 
 def preset_spec(preset: str, strength: float, best_layer: int, n_layers: int, band: int = 2) -> str:
@@ -253,7 +232,7 @@ def preset_spec(preset: str, strength: float, best_layer: int, n_layers: int, ba
 def parse_neurons(text: str | None, n_layers: int, mlp_width: int) -> tuple[tuple[int, int], ...]:
     """``"3:12, 3:40-45"`` -> ((3, 12), (3, 40), ..., (3, 45)), checked against the model."""
     from personachat.interventions import InterventionError
-    from personachat.interventions import parse_neurons as runtime_parse
+    from personachat.interventions.layers import parse_neurons as runtime_parse
 
     cleaned = ",".join(i.strip() for i in re.split(r"[,;\n]", text or "") if i.strip())
     try:

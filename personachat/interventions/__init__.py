@@ -2,27 +2,40 @@
 
 from __future__ import annotations
 
+from personachat.interventions.layers import (
+    format_layer_spec,
+    format_layers,
+    layer_strengths,
+    parse_layer_list,
+    parse_layer_spec,
+    parse_neurons,
+)
 from personachat.interventions.plan import (
-    POSITION_MODES,
-    UNITS,
-    AblationMode,
-    AblationSpec,
-    DirectionSpec,
     InterferenceReport,
-    InterventionError,
     Plan,
-    PositionMode,
-    SteeringSpec,
     blend_interference,
     build_ablation,
     build_plan,
     build_steer,
-    parse_layer_spec,
-    parse_neurons,
+)
+from personachat.interventions.specs import (
+    ABLATION_MODES,
+    POSITION_MODES,
+    PRESETS,
+    UNITS,
+    AblationMode,
+    AblationSpec,
+    DirectionSpec,
+    InterventionError,
+    PositionMode,
+    SteeringSpec,
+    Units,
 )
 
 __all__ = [
+    "ABLATION_MODES",
     "POSITION_MODES",
+    "PRESETS",
     "UNITS",
     "AblationMode",
     "AblationSpec",
@@ -32,10 +45,15 @@ __all__ = [
     "Plan",
     "PositionMode",
     "SteeringSpec",
+    "Units",
     "blend_interference",
     "build_ablation",
     "build_plan",
     "build_steer",
+    "format_layer_spec",
+    "format_layers",
+    "layer_strengths",
+    "parse_layer_list",
     "parse_layer_spec",
     "parse_neurons",
 ]

@@ -27,186 +27,28 @@ prompt) and each later forward is one generated token; handlers count positions 
 from __future__ import annotations
 
 import logging
-import math
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from personachat.hooks import Handler, Site
+from personachat.interventions.layers import check_neuron, layer_strengths, parse_neurons
+from personachat.interventions.specs import (
+    ABLATION_MODES,
+    POSITION_MODES,
+    UNITS,
+    AblationSpec,
+    DirectionSpec,
+    InterventionError,
+    PositionMode,
+    SteeringSpec,
+    check_finite,
+)
 from personachat.model import LoadedModel
 from personachat.records import NeuronSet, PersonaVector
 
 log = logging.getLogger(__name__)
-
-Units = Literal["raw", "calibrated"]
-PositionMode = Literal["all", "prompt", "generated"]
-AblationMode = Literal["zero", "mean"]
-PRESETS = ("best", "band", "all")
-UNITS = ("raw", "calibrated")
-POSITION_MODES = ("all", "prompt", "generated")
-ABLATION_MODES = ("zero", "mean")
-
-
-class InterventionError(ValueError):
-    """A steering, ablation or readout request does not fit the model; nothing was changed."""
-
-
-# --------------------------------------------------------------------------- specs
-
-
-@dataclass(frozen=True)
-class SteeringSpec:
-    """A blend of persona vectors added to the residual stream.
-
-    ``blend`` maps persona names to weights (``{"pirate": 0.7, "cynic": -0.3}``). ``layers`` is
-    a preset (``"best"``: the best layer of the largest-weight persona, ``"band"``: ``band``
-    layers either side of it, ``"all"``) scaled by ``strength``, or a layer spec such as
-    ``"8-12:4, 13:2"`` (layer or range, colon, strength; a bare layer takes ``strength``).
-    ``positions`` is where the sum is added; ``last_n`` limits ``"prompt"`` to its last tokens.
-    """
-
-    blend: Mapping[str, float]
-    layers: str = "best"
-    strength: float = 1.0
-    units: Units = "raw"
-    positions: PositionMode = "all"
-    last_n: int | None = None
-    band: int = 2
-
-
-@dataclass(frozen=True)
-class AblationSpec:
-    """MLP units to ablate: a registered neuron set and/or typed ``"layer:index"`` lists.
-
-    ``neurons`` reads like ``"3:12,3:40,5:7"`` (``"3:10-19"`` is a range of indices). ``mode``
-    ``"mean"`` sets each unit to the baseline mean stored with the neuron set. ``positions``
-    (and ``last_n``) choose the tokens it acts on, as for steering: sets found by the
-    ``patching`` method are meant for ``mode="mean", positions="prompt"``.
-    """
-
-    neuron_set: str | None = None
-    neurons: str = ""
-    mode: AblationMode = "zero"
-    top_k: int | None = None
-    positions: PositionMode = "all"
-    last_n: int | None = None
-
-
-@dataclass(frozen=True)
-class DirectionSpec:
-    """Ablate ``persona``'s direction in the residual stream at ``layers`` (spec or preset).
-
-    ``mode="mean"`` moves the stream's component along the direction to the baseline persona's
-    mean level there (``x - (x.u - m) u``): the persona's own push is removed and nothing else.
-    ``mode="zero"`` projects the component out entirely (``x - (x.u) u``), which, where the
-    baseline itself sits far from zero along the direction, moves the stream as much as the
-    persona does (on the demo model it brings the persona out). ``positions`` and ``last_n``
-    choose the tokens, as for steering.
-    """
-
-    persona: str
-    layers: str = "all"
-    mode: AblationMode = "mean"
-    positions: PositionMode = "all"
-    last_n: int | None = None
-
-
-# --------------------------------------------------------------------------- parsing
-
-_ITEM = re.compile(r"^\s*(\d+|all)\s*(?:-\s*(\d+))?\s*(?::\s*(\S+))?\s*$", re.IGNORECASE)
-
-
-def parse_layer_spec(spec: str, n_layers: int, default: float = 1.0) -> dict[int, float]:
-    """Parse ``"8-12:4, 13:2"`` into ``{8: 4.0, ..., 12: 4.0, 13: 2.0}``.
-
-    A bare ``"5"`` or ``"5-7"`` takes ``default``; ``"all:2"`` covers every layer; a later item
-    overrides an earlier one (``"all:1, 5:3"``).
-    """
-    out: dict[int, float] = {}
-    items = [item for item in spec.split(",") if item.strip()]
-    if not items:
-        raise InterventionError(
-            f"empty layer spec {spec!r}; write layers and strengths like '8-12:4, 13:2' or "
-            f"use a preset ({', '.join(PRESETS)})"
-        )
-    for item in items:
-        match = _ITEM.match(item)
-        if match is None:
-            raise InterventionError(
-                f"cannot read {item.strip()!r} in layer spec {spec!r}: write LAYER[:STRENGTH] or "
-                "FIRST-LAST[:STRENGTH], e.g. '8-12:4, 13:2'"
-            )
-        first, last, value = match.groups()
-        if first.lower() == "all":
-            if last is not None:
-                raise InterventionError(f"'all' in {spec!r} takes no range; write 'all:2'")
-            lo, hi = 0, n_layers - 1
-        else:
-            lo, hi = int(first), int(last if last is not None else first)
-        if lo > hi:
-            raise InterventionError(f"range {lo}-{hi} in {spec!r} runs backwards; write {hi}-{lo}")
-        if hi >= n_layers:
-            raise InterventionError(
-                f"layer {hi} in {spec!r} is out of range: the model has {n_layers} layers "
-                f"(0..{n_layers - 1})"
-            )
-        strength = default if value is None else _parse_float(value, item.strip(), spec)
-        for layer in range(lo, hi + 1):
-            out[layer] = strength
-    return out
-
-
-def _parse_float(text: str, item: str, spec: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise InterventionError(
-            f"strength {text!r} in {item!r} (spec {spec!r}) is not a number"
-        ) from None
-    _check_finite(value, f"strength in {item!r}")
-    return value
-
-
-def parse_neurons(spec: str, n_layers: int, mlp_width: int) -> list[tuple[int, int]]:
-    """Parse ``"3:12,3:40,5:7"`` (or ``"3:10-19"``) into ``[(layer, index), ...]``."""
-    out: list[tuple[int, int]] = []
-    for item in (part.strip() for part in spec.split(",")):
-        if not item:
-            continue
-        match = re.fullmatch(r"(\d+)\s*:\s*(\d+)(?:\s*-\s*(\d+))?", item)
-        if match is None:
-            raise InterventionError(
-                f"cannot read neuron {item!r} in {spec!r}: write LAYER:INDEX or "
-                "LAYER:FIRST-LAST, e.g. '3:12,3:40,5:7'"
-            )
-        layer, first = int(match[1]), int(match[2])
-        last = int(match[3]) if match[3] is not None else first
-        for index in range(first, last + 1):
-            _check_neuron(layer, index, n_layers, mlp_width)
-            out.append((layer, index))
-    return out
-
-
-def _check_neuron(layer: int, index: int, n_layers: int, mlp_width: int) -> None:
-    if not 0 <= layer < n_layers:
-        raise InterventionError(
-            f"neuron {layer}:{index}: layer {layer} is out of range: the model has {n_layers} "
-            f"layers (0..{n_layers - 1})"
-        )
-    if not 0 <= index < mlp_width:
-        raise InterventionError(
-            f"neuron {layer}:{index}: index {index} is beyond the MLP width {mlp_width} "
-            f"(indices 0..{mlp_width - 1})"
-        )
-
-
-def _check_finite(value: float, what: str) -> None:
-    if not math.isfinite(value):
-        raise InterventionError(f"{what} is {value}; give a finite number")
-
 
 # --------------------------------------------------------------------------- validation
 
@@ -243,24 +85,6 @@ def lookup(vectors: Mapping[str, PersonaVector], persona: str) -> PersonaVector:
         known = ", ".join(sorted(vectors)) or "none registered"
         raise InterventionError(f"unknown persona {persona!r}; known personas: {known}")
     return vectors[persona]
-
-
-def layer_strengths(
-    spec: str, strength: float, n_layers: int, best: int | None, band: int
-) -> dict[int, float]:
-    """Per-layer strengths from a preset (``best``, ``band``, ``all``) or a layer spec."""
-    name = spec.strip().lower()
-    if name in ("best", "band"):
-        if best is None:
-            raise InterventionError(
-                f"layer preset {name!r} needs layer metrics (AUC per layer), which this vector "
-                "lacks; give layers explicitly, e.g. '8-12:4, 13:2'"
-            )
-        lo, hi = (best, best) if name == "best" else (best - band, best + band)
-        return {layer: strength for layer in range(max(lo, 0), min(hi, n_layers - 1) + 1)}
-    if name == "all":
-        return dict.fromkeys(range(n_layers), strength)
-    return parse_layer_spec(spec, n_layers, default=strength)
 
 
 def _best_layer(vector: PersonaVector) -> int | None:
@@ -588,7 +412,7 @@ def _row_tensor(rows: Sequence[float] | None, device: torch.device) -> torch.Ten
     if rows is None:
         return None
     for value in rows:
-        _check_finite(float(value), "row coefficient")
+        check_finite(float(value), "row coefficient")
     return torch.tensor([float(v) for v in rows], device=device)
 
 
@@ -613,10 +437,10 @@ def build_steer(
     if spec.units not in UNITS:
         raise InterventionError(f"unknown units {spec.units!r}; use one of {UNITS}")
     _check_positions(spec.positions, spec.last_n)
-    _check_finite(spec.strength, "steering strength")
+    check_finite(spec.strength, "steering strength")
     terms: list[tuple[str, float, PersonaVector]] = []
     for persona, weight in spec.blend.items():
-        _check_finite(float(weight), f"weight of {persona!r}")
+        check_finite(float(weight), f"weight of {persona!r}")
         vector = lookup(vectors, persona)
         check_vector(lm, vector)
         terms.append((persona, float(weight), vector))
@@ -693,11 +517,15 @@ def build_ablation(
         count = len(nset) if spec.top_k is None else min(spec.top_k, len(nset))
         for i in range(count):
             layer, index = nset.layers[i], nset.indices[i]
-            _check_neuron(layer, index, n_layers, width)
+            check_neuron(layer, index, n_layers, width)
             value = float(nset.means[i]) if nset.means is not None else 0.0
-            _check_finite(value, f"baseline mean of neuron {layer}:{index} in {spec.neuron_set!r}")
+            check_finite(value, f"baseline mean of neuron {layer}:{index} in {spec.neuron_set!r}")
             units[(layer, index)] = value
-    typed = parse_neurons(spec.neurons, n_layers, width)
+    typed = (
+        parse_neurons(spec.neurons, n_layers, width)
+        if isinstance(spec.neurons, str)
+        else [check_neuron(int(la), int(i), n_layers, width) for la, i in spec.neurons]
+    )
     if typed and spec.mode == "mean":
         raise InterventionError(
             "mean ablation of typed neurons needs baseline means; ablate a registered neuron set "

@@ -42,7 +42,7 @@ from functools import partial
 import torch
 from tqdm.auto import tqdm
 
-from personachat.activations import Dist, Sample, pad_batch
+from personachat.activations import Dist, Recorder, Sample, pad_batch
 from personachat.hooks import Site
 from personachat.hooks import intervene as _intervene
 from personachat.model import LoadedModel
@@ -156,26 +156,6 @@ def neuron_sets(
     return out
 
 
-class _Grab:
-    """Keeps the activation tensors (in the autograd graph) at the wanted sites."""
-
-    def __init__(self, site: Site, layers: Sequence[int]) -> None:
-        self.site = site
-        self.layers = list(layers)
-        self.acts: dict[int, torch.Tensor] = {}
-
-    def wants(self) -> Iterable[tuple[Site, int]]:
-        return [(self.site, layer) for layer in self.layers]
-
-    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> torch.Tensor | None:
-        if not x.requires_grad:  # frozen weights: make this (earliest) site a leaf
-            x = x.detach().requires_grad_(True)
-            self.acts[layer] = x
-            return x
-        self.acts[layer] = x
-        return None
-
-
 def _logits(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
     """The LM head (and its soft-capping, where the model has one) on final hidden states."""
     logits = lm.model.get_output_embeddings()(hidden).float()
@@ -210,7 +190,7 @@ def attribution_sums(
     attr = torch.zeros((n_personas, len(layers), width), dtype=torch.float64)
     acts = torch.zeros_like(attr)
     counts = torch.zeros(n_personas, dtype=torch.int64)
-    grab = _Grab(site, layers)
+    grab = Recorder.at(site, layers, grad=True)
     pad_id = int(lm.tokenizer.pad_token_id or 0)
     bar = tqdm(total=len(samples), desc="attribution", disable=not progress, unit="sample")
     with _intervene(lm.sites, [grab]), torch.enable_grad():
@@ -220,7 +200,7 @@ def attribution_sums(
             pred = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
             for i, s in enumerate(chunk):
                 pred[i, s.n_prompt - 1 : len(s.ids) - 1] = True
-            grab.acts.clear()
+            grab.clear()
             out = lm.sites.base(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
@@ -228,7 +208,7 @@ def attribution_sums(
                 use_cache=False,
             )
             total = _reply_logprob(lm, out.last_hidden_state, batch.input_ids, pred)
-            tensors = [grab.acts[layer] for layer in layers]
+            tensors = [grab.get(layer) for layer in layers]
             grads = torch.autograd.grad(total, tensors)
             mask = batch.attention_mask.to(torch.float32)
             index = torch.tensor([s.persona for s in chunk])
@@ -245,13 +225,13 @@ def attribution_sums(
 
 
 def _last_prompt_acts(
-    lm: LoadedModel, samples: Sequence[Sample], grab: _Grab, grad: bool
+    lm: LoadedModel, samples: Sequence[Sample], grab: Recorder, grad: bool
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Activations per layer [B, T, W] (left-padded: the prompt ends at -1), and the logits at
     the last prompt position [B, V]."""
     prompts = [Sample(s.persona, s.ids[: s.n_prompt], (), s.n_prompt) for s in samples]
     batch = pad_batch(prompts, int(lm.tokenizer.pad_token_id or 0), "left", lm.device)
-    grab.acts.clear()
+    grab.clear()
     with torch.set_grad_enabled(grad):
         out = lm.sites.base(
             input_ids=batch.input_ids,
@@ -260,7 +240,7 @@ def _last_prompt_acts(
             use_cache=False,
         )
         logits = _logits(lm, out.last_hidden_state[:, -1])
-    return [grab.acts[layer] for layer in grab.layers], logits
+    return [grab.get(layer) for _, layer in grab.keys], logits
 
 
 def _by_persona(samples: Sequence[Sample], n_personas: int) -> list[list[Sample]]:
@@ -305,7 +285,7 @@ def patching_sums(
     products = torch.zeros((len(pairs), *shape), dtype=torch.float64)
     diffs = torch.zeros_like(products)
     acts = torch.zeros((n_personas, *shape), dtype=torch.float64)
-    grab = _Grab(site, layers)
+    grab = Recorder.at(site, layers, grad=True)
     questions = dist.shard(list(range(n_questions)))
     bar = tqdm(total=len(questions), desc="patching", disable=not progress, unit="question")
     with _intervene(lm.sites, [grab]):

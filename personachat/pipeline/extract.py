@@ -25,6 +25,7 @@ import torch
 
 from personachat.activations import Capture, CaptureSpec, Dist, build_samples, capture
 from personachat.hooks import Site
+from personachat.interventions import InterventionError, parse_layer_list
 from personachat.model import LoadedModel, SiteTemplates, load_model, templates_from_args
 from personachat.neurons import (
     attribution_sums,
@@ -566,18 +567,15 @@ def parse_list(text: str | None) -> list[str] | None:
 
 
 def parse_layers(text: str | None) -> list[int] | None:
-    """``"all"`` -> ``None``; ``"0-3,8"`` -> ``[0, 1, 2, 3, 8]``."""
+    """``"all"`` -> ``None``; ``"0-3,8"`` -> ``[0, 1, 2, 3, 8]`` (checked against the model
+    once it is loaded: ``check_layers``)."""
     items = parse_list(text)
     if items is None:
         return None
-    out: list[int] = []
     try:
-        for item in items:
-            lo, _, hi = item.partition("-")
-            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
-    except ValueError as err:
-        raise ValueError(f"bad --layers {text!r}: use 'all', '5', '0-3' or '0-3,8'") from err
-    return out
+        return parse_layer_list(",".join(items), None)
+    except InterventionError as err:
+        raise ValueError(f"bad --layers {text!r}: {err}; use 'all', '5', '0-3' or '0-3,8'") from err
 
 
 def format_summary(rows: Sequence[SummaryRow]) -> str:

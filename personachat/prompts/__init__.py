@@ -15,7 +15,6 @@ from personachat.prompts.datasets import (
     ContrastPair,
     DatasetError,
     PersonaDataset,
-    check_name,
     from_json,
     load_dataset_file,
 )
@@ -26,7 +25,6 @@ __all__ = [
     "Message",
     "PersonaDataset",
     "builtin_names",
-    "check_name",
     "fallback_chat",
     "format_chat",
     "from_json",

@@ -11,13 +11,13 @@ from pathlib import Path
 
 from personachat.prompts.datasets import (
     DATA_DIR,
-    NAME_RE,
     DatasetError,
     PersonaDataset,
     from_json,
     load_dataset_file,
 )
 from personachat.prompts.demo import planted_dataset
+from personachat.records import NAME_PATTERN
 
 GENERATED_BUILTINS = ("demo",)  # built from code: the demo model's planted corpus
 
@@ -28,7 +28,7 @@ def builtin_names() -> list[str]:
 
 def load_builtin(name: str) -> PersonaDataset:
     path = DATA_DIR / f"{name}.json"
-    if not NAME_RE.match(name) or not path.is_file():
+    if not NAME_PATTERN.fullmatch(name) or not path.is_file():
         raise DatasetError(f"no built-in dataset {name!r}; built-in: {builtin_names()}")
     data = json.loads(path.read_text(encoding="utf-8"))
     return from_json(data, name=name, source=f"builtin:{name}")
@@ -39,7 +39,7 @@ def load_dataset(name_or_path: str | Path) -> PersonaDataset:
     text = str(name_or_path)
     if text == "demo":
         return planted_dataset()
-    if NAME_RE.match(text) and (DATA_DIR / f"{text}.json").is_file():
+    if NAME_PATTERN.fullmatch(text) and (DATA_DIR / f"{text}.json").is_file():
         return load_builtin(text)
     if Path(text).suffix in {".json", ".jsonl"} or Path(text).exists():
         return load_dataset_file(text)

@@ -85,6 +85,7 @@ from personachat.records import (
     Persona,
     PersonaMeans,
     PersonaVector,
+    check_name,
 )
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,6 @@ CATALOG_FILE = "catalog.duckdb"
 GENERATION_FILE = "generation"
 VECTOR_FORMAT = "personachat.persona_vector/1"
 MEANS_FORMAT = "personachat.persona_means/1"
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 STALE_TMP_SECONDS = 24 * 3600
 WRITE_THREADS = 16
 METRIC_FIELDS = ("auc", "separation", "norm", "resid_norm")
@@ -293,16 +293,6 @@ def default_store_root() -> Path:
     if env:
         return Path(env).expanduser()
     return Path(__file__).resolve().parents[2] / "store"
-
-
-def check_name(kind: str, value: str) -> str:
-    """Return ``value`` if it is safe as (part of) a file name, else raise ``ValueError``."""
-    if not isinstance(value, str) or not SAFE_NAME.match(value) or ".." in value:
-        raise ValueError(
-            f"{kind} {value!r} is not allowed: use 1-100 letters, digits, '_', '-' or '.', "
-            "starting with a letter or digit and without '..' (it becomes part of a file name)"
-        )
-    return value
 
 
 def model_slug(model_id: str) -> str:
@@ -795,7 +785,7 @@ class Store:
         """Add or update personas (by name), in one transaction."""
         items = list(personas)
         for p in items:
-            check_name("persona name", p.name)
+            check_name(p.name, "persona name")
         if len({p.name for p in items}) != len(items):
             raise ValueError("register_personas got the same persona name twice")
         if not items:
@@ -899,8 +889,8 @@ class Store:
 
     def _prepare_vector(self, v: PersonaVector, models: dict[str, ModelInfo]) -> _Pending:
         what = f"persona {v.persona!r} (model {v.model_id!r})"
-        check_name("persona name", v.persona)
-        check_name("baseline", v.baseline)
+        check_name(v.persona, "persona name")
+        check_name(v.baseline, "baseline")
         if v.method not in METHODS:
             raise ValueError(f"vector of {what}: method {v.method!r} is not one of {METHODS}")
         if v.positions not in POSITIONS:
@@ -928,7 +918,7 @@ class Store:
 
     def _prepare_means(self, m: PersonaMeans, models: dict[str, ModelInfo]) -> _Pending:
         what = f"persona {m.persona!r} (model {m.model_id!r})"
-        check_name("persona name", m.persona)
+        check_name(m.persona, "persona name")
         if m.positions not in POSITIONS:
             raise ValueError(f"means of {what}: positions {m.positions!r} not one of {POSITIONS}")
         info = models.get(m.model_id)
@@ -1320,7 +1310,7 @@ class Store:
 
     def _check_neurons(self, s: NeuronSet, models: dict[str, ModelInfo]) -> ModelInfo:
         what = f"neuron set {s.label!r} (model {s.model_id!r})"
-        check_name("neuron set label", s.label)
+        check_name(s.label, "neuron set label")
         info = models.get(s.model_id)
         if info is None:
             raise UnknownError(
