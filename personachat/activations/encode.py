@@ -6,7 +6,8 @@ every position kind (``personachat.records.POSITIONS``):
 - ``response_avg``: the response tokens (teacher-forced);
 - ``prompt_last``: the last prompt token (the end of the assistant header);
 - ``prompt_avg``: every prompt token (system turn, user turn, assistant header);
-- ``question_span``: the user turn plus the assistant header.
+- ``question_span``: the user turn plus the assistant header (from the user's own text where
+  the system prompt is folded into the user turn; never system text).
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from personachat.prompts import format_chat, persona_messages
-from personachat.prompts.tokens import tokenize
+from personachat.prompts.render import prompt_spans
 from personachat.records import POSITIONS
 
 Span = tuple[int, int]
@@ -54,61 +54,18 @@ class Encoded:
         return spans[position]
 
 
-_HEADERS: dict[tuple[int, str], str] = {}
-
-
-def _user_header(tokenizer: PreTrainedTokenizerBase) -> str:
-    """The text a chat template puts before a user message's content (``<|im_start|>user\\n``)."""
-    key = (id(tokenizer), str(getattr(tokenizer, "chat_template", "")))
-    if key not in _HEADERS:
-        probe = [{"role": "system", "content": "S"}]
-        try:
-            ref = format_chat(tokenizer, [*probe, {"role": "user", "content": "Q?"}])
-            prefix = format_chat(tokenizer, probe, add_generation_prompt=False)
-            at = ref.rfind("Q?")
-            _HEADERS[key] = ref[len(prefix) : at] if ref.startswith(prefix) and at > 0 else ""
-        except Exception:  # a template that rejects system turns
-            _HEADERS[key] = ""
-    return _HEADERS[key]
-
-
-def _user_turn_start(
-    tokenizer: PreTrainedTokenizerBase, system: str, question: str, prompt: str
-) -> int:
-    """Character offset where the user turn (its role header included) starts in ``prompt``."""
-    if system:
-        try:
-            prefix = format_chat(
-                tokenizer, [{"role": "system", "content": system}], add_generation_prompt=False
-            )
-        except Exception:  # a template that rejects a lone system turn
-            prefix = ""
-        if prefix and prompt.startswith(prefix):
-            return len(prefix)
-    # No system turn (or a template that folds it in): find the question, step back over the
-    # user header.
-    header = _user_header(tokenizer)
-    at = prompt.rfind(question)
-    if at < 0:
-        return 0
-    if header and prompt[:at].endswith(header):
-        return at - len(header)
-    return at
-
-
 def encode(
     tokenizer: PreTrainedTokenizerBase, system: str, question: str, response: str | None
 ) -> Encoded:
-    """Tokenize ``system`` + ``question`` (+ ``response``) with the chat template, with spans."""
-    prompt = format_chat(tokenizer, persona_messages(system, question), add_generation_prompt=True)
-    text = prompt + (response or "")
-    user_char = _user_turn_start(tokenizer, system, question, prompt)
-    special = not bool(getattr(tokenizer, "chat_template", None))
-    tokens = tokenize(tokenizer, text, add_special_tokens=special)
-    ids = tokens.ids
-    n_prompt = tokens.token_at(len(prompt))
-    user_start = tokens.token_at(user_char)
-    return Encoded(ids=ids, n_prompt=max(1, n_prompt), user_start=min(user_start, n_prompt - 1))
+    """``system`` + ``question`` rendered by ``personachat.prompts.prompt_spans`` (the ids chat
+    feeds the model), then the response's own tokens, with the spans of the position kinds."""
+    spans = prompt_spans(tokenizer, system or None, question)
+    reply = tokenizer(response, add_special_tokens=False)["input_ids"] if response else []
+    return Encoded(
+        ids=[*spans.input_ids, *(int(i) for i in reply)],
+        n_prompt=len(spans.input_ids),
+        user_start=spans.question[0],
+    )
 
 
 def build_samples(

@@ -6,7 +6,6 @@ from personachat.prompts.builtins import builtin_names, load_builtin, load_datas
 from personachat.prompts.chat import (
     Message,
     fallback_chat,
-    format_chat,
     message_text,
     persona_messages,
     plain_messages,
@@ -18,13 +17,27 @@ from personachat.prompts.datasets import (
     from_json,
     load_dataset_file,
 )
+from personachat.prompts.render import (
+    PromptSpans,
+    RenderConditions,
+    SystemMode,
+    chat_spans,
+    encode_text,
+    format_chat,
+    prompt_spans,
+)
 
 __all__ = [
     "ContrastPair",
     "DatasetError",
     "Message",
     "PersonaDataset",
+    "PromptSpans",
+    "RenderConditions",
+    "SystemMode",
     "builtin_names",
+    "chat_spans",
+    "encode_text",
     "fallback_chat",
     "format_chat",
     "from_json",
@@ -34,4 +47,5 @@ __all__ = [
     "message_text",
     "persona_messages",
     "plain_messages",
+    "prompt_spans",
 ]

@@ -1,7 +1,7 @@
-"""Persona prompts and chat formatting: how a conversation becomes text for a model.
+"""Chat messages as plain data, and the plain-text fallback for tokenizers without a template.
 
-Chat formatting goes through the tokenizer's own chat template. A tokenizer without one gets a
-plain-text fallback, documented here and in the README::
+Rendering goes through ``personachat.prompts.render`` (the tokenizer's chat template). A
+tokenizer without one gets this plain-text fallback, documented here and in the README::
 
     System: {system prompt}
 
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
-
-from transformers import PreTrainedTokenizerBase
 
 Message = dict[str, Any]
 
@@ -51,22 +49,6 @@ def fallback_chat(messages: Sequence[Message], add_generation_prompt: bool) -> s
     if add_generation_prompt:
         turns.append("Assistant:")
     return "\n\n".join(turns)
-
-
-def format_chat(
-    tokenizer: PreTrainedTokenizerBase,
-    messages: Sequence[Message],
-    *,
-    add_generation_prompt: bool = True,
-) -> str:
-    """Render a conversation with the tokenizer's chat template (or the plain fallback)."""
-    clean = plain_messages(messages)
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            clean, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-        return str(text)
-    return fallback_chat(clean, add_generation_prompt)
 
 
 def persona_messages(system_prompt: str | None, question: str) -> list[Message]:
