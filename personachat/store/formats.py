@@ -39,7 +39,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from personachat.records import POSITIONS, ModelInfo, NeuronSet, PersonaVector
-from personachat.store.store import (
+from personachat.store.tensorfile import (
     VECTOR_FORMAT,
     read_safetensors_metadata,
     vector_from_tensors,
