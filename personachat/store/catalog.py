@@ -1,4 +1,4 @@
-"""The catalog's DuckDB side: attach the file briefly, retry a busy lock, and read from a snapshot.
+"""The catalog: brief DuckDB attachments, lock retries, a read snapshot.
 
 DuckDB lets one process hold a catalog file for writing, and then no other process may open it
 at all; attaching a file to an open in-memory connection is much cheaper than opening it. So

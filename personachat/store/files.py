@@ -1,4 +1,4 @@
-"""The store's tensor files: written crash-safe, read back checked, and leftovers recovered.
+"""Tensor files: crash-safe writes, checked reads, leftover recovery.
 
 A file on its way in is written to ``<final>.<pid>.tmp`` and fsynced *before* the catalog lock is
 taken (``staged``: threads writing in parallel share the file system's journal commits); under

@@ -1,4 +1,4 @@
-"""The registry of models and personas: what the store's tensors belong to."""
+"""Models and personas: the registry of what stored tensors belong to."""
 
 from __future__ import annotations
 

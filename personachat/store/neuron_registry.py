@@ -1,4 +1,4 @@
-"""The registry of neuron sets: ranked MLP units per (model, label), kept in the catalog only."""
+"""Neuron sets: ranked MLP units per (model, label), catalog rows only."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Check persona vectors and means against their model and turn them into files on their way in.
+"""Check vectors and means against their model; build their files.
 
 Every check runs before anything is written: names, method and positions, a 2-D float tensor of
 the model's [n_layers, hidden_size], finite values, and metrics of one value per layer. A check

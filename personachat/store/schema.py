@@ -1,4 +1,4 @@
-"""The catalog's schema: its tables, their rows as dataclasses, and the migrations that build them.
+"""The catalog's tables, their rows as dataclasses, and migrations.
 
 Tables (schema version ``SCHEMA_VERSION``, recorded in ``migrations``): ``models``, ``personas``,
 ``vectors``, ``vector_layer_metrics``, ``means``, ``neuron_sets``, ``neurons``, ``migrations``;

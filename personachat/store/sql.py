@@ -1,4 +1,4 @@
-"""SQL helpers for the catalog: one transaction, and one multi-row INSERT of columns as lists."""
+"""SQL helpers: one transaction, one multi-row INSERT from columns."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The persona store: a DuckDB catalog plus one safetensors file per tensor, crash-safe, queryable.
+"""The persona store's facade: catalog, tensor files and registries.
 
 Layout under the store root (``default_store_root()``: ``$PERSONACHAT_STORE`` or ``<repo>/store``)::
 

@@ -1,4 +1,4 @@
-"""The safetensors layout of the store's tensor files: tensor names and string metadata.
+"""The safetensors layout of stored tensors: tensor names, metadata.
 
 A persona-vector file holds ``vector`` [n_layers, hidden] and, with metrics, ``metrics.<field>``
 [n_layers]; a means file holds ``mean`` [n_layers, hidden]. Both carry string metadata naming the

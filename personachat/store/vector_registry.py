@@ -1,4 +1,4 @@
-"""The registry of persona vectors and raw means: rows in the catalog, tensors in files.
+"""Persona vectors and raw means: catalog rows plus checked files.
 
 A batch is written crash-safe: files staged and fsynced, then under the lock renamed and their
 rows committed in one transaction, the files of replaced rows deleted after the commit
