@@ -90,7 +90,7 @@ def run() -> list[tuple[str, float, str]]:
         rows.append(
             ("store: lookup p50 by (model, persona), 10,000 vectors", lookup, "ms (goal <= 1)")
         )
-        snap = reader._snap
+        snap = reader._catalog.snap
         assert snap is not None
         sql = "SELECT * FROM vectors WHERE model_id = ? AND persona = ?"
         by_sql = p50_ms(lambda: snap.execute(sql, [INFO.model_id, next(it)]).fetchall(), 500)

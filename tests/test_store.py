@@ -33,6 +33,7 @@ from personachat.store import (
     default_store_root,
     read_safetensors_metadata,
 )
+from personachat.store.vector_registry import VectorRegistry
 
 REPO = Path(__file__).resolve().parent.parent
 INFO = ModelInfo("org/tiny-llama", "rev1", "llama", 3, 8, 16)
@@ -238,7 +239,7 @@ def test_failed_transaction_leaves_no_file_and_no_row(
     def fail(*args: object) -> list[str]:
         raise RuntimeError("disk full (injected)")
 
-    monkeypatch.setattr(Store, "_insert_means", fail)
+    monkeypatch.setattr(VectorRegistry, "_insert_means", fail)
     means = PersonaMeans(INFO.model_id, "ninja", "response_avg", torch.randn(3, 8), 1)
     with pytest.raises(RuntimeError, match="injected"):
         store.register_vectors([vec("ninja", 2), vec("pirate", 3)], [means])

@@ -6,7 +6,7 @@
     python scripts/store.py remove LABEL --neurons --model M
     python scripts/store.py export PERSONA --model M --out pirate.gguf [--layers 10 12] [--scale 4]
     python scripts/store.py import FILE... --model M [--persona P] [--layer L] [--layer-offset 1]
-    python scripts/store.py import seeds/000.txt --neurons --label teacher --layer 15 --model M
+    python scripts/store.py import lists.txt --neurons --label teacher --layer 15 --model M
     python scripts/store.py sql "SELECT persona, best_layer FROM vectors WHERE model_id = ?" -p M
 
 The store is ``--store DIR``, else ``$PERSONACHAT_STORE``, else ``store/`` at the repo root.
@@ -220,10 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common = common_options(top=False)
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, summary, add in (
+        ("list", "list vectors (default), models, personas or neuron sets", add_list),
+        ("show", "a persona with its vectors and metrics", add_show),
+        ("remove", "remove vectors, a persona or neurons", add_remove),
+        ("export", "write a vector to .safetensors/.pt/.gguf", add_export),
+        ("import", "import vectors or neuron index lists", add_import),
+        ("sql", "run a read-only SQL query on the catalog", add_sql),
+    ):
+        add(sub.add_parser(name, parents=[common], help=summary))
+    return parser
 
-    p = sub.add_parser(
-        "list", parents=[common], help="list vectors (default), models, personas or neuron sets"
-    )
+
+def add_list(p: argparse.ArgumentParser) -> None:
     p.description = "List stored vectors, or with a flag the models, personas or neuron sets."
     p.add_argument("--model", help="only this model id")
     group = p.add_mutually_exclusive_group()
@@ -232,13 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--neurons", action="store_true", help="list neuron sets")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("show", parents=[common], help="a persona with its vectors and metrics")
+
+def add_show(p: argparse.ArgumentParser) -> None:
     p.description = "Show a persona, its vectors and their per-layer AUC, separation and norms."
     p.add_argument("persona")
     p.add_argument("--model", help="only this model id")
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("remove", parents=[common], help="remove vectors, a persona or neurons")
+
+def add_remove(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Remove a persona everywhere (no --model), its tensors for one model, matching vectors "
         "(with --method/--positions/--baseline), or a neuron set (--neurons LABEL)."
@@ -251,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--neurons", action="store_true", help="remove the neuron set named PERSONA")
     p.set_defaults(func=cmd_remove)
 
-    p = sub.add_parser("export", parents=[common], help="write a vector to .safetensors/.pt/.gguf")
+
+def add_export(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Export a stored vector. .safetensors keeps all provenance; .pt is persona_vectors' "
         "[n_layers+1, hidden] layout; .gguf is a llama.cpp control vector (direction.<layer>)."
@@ -266,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=1.0, help="GGUF only: multiply the vector")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", parents=[common], help="import vectors or neuron index lists")
+
+def add_import(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Import persona vectors (.safetensors, .npz, .pt loaded with weights_only=True, .gguf) "
         "or, with --neurons, neuron index lists ('label: [1, 2, 3]' lines or JSON)."
@@ -290,13 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--architecture", default="unknown", help="model_type, e.g. llama")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("sql", parents=[common], help="run a read-only SQL query on the catalog")
+
+def add_sql(p: argparse.ArgumentParser) -> None:
     p.description = "Run a read-only SQL query on the catalog; use ? and --param for values."
     p.add_argument("query")
     p.add_argument("-p", "--param", action="append", default=[], help="a value for a ? placeholder")
     p.add_argument("--json", action="store_true", help="print JSON records")
     p.set_defaults(func=cmd_sql)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

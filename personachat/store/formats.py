@@ -1,10 +1,11 @@
 """Import and export persona vectors and neuron index lists in other tools' file formats.
 
 Import (``read_vector``): ``.safetensors`` (ours, with full provenance, or any file with a
-``vector`` tensor or per-layer tensors), ``.npz`` (one array per layer, as seed 001's toolkit
-saves; read with ``allow_pickle=False``), ``.pt`` (a tensor ``[n_layers(+1), hidden]`` as
-safety-research/persona_vectors saves it; read with ``torch.load(weights_only=True)`` so a pickle
-that carries code is refused) and ``.gguf`` control vectors.
+``vector`` tensor or per-layer tensors), ``.npz`` (one array per layer, as the Persona Vector
+Analysis Toolkit's ``quick_persona_extract.py`` saves; read with ``allow_pickle=False``), ``.pt``
+(a tensor ``[n_layers(+1), hidden]`` as safety-research/persona_vectors saves it; read with
+``torch.load(weights_only=True)`` so a pickle that carries code is refused) and ``.gguf`` control
+vectors.
 Export (``write_vector``): ``.safetensors`` (the store's own file layout), ``.pt`` (persona_vectors
 layout) and llama.cpp control-vector ``.gguf`` (``direction.<layer>`` tensors, as llama.cpp and
 repeng read them).
@@ -19,7 +20,8 @@ rejects ``direction.0``, so layer 0 is not exported to GGUF. Per-layer keys in `
 
 Neuron index lists (``parse_index_lists``, ``neuron_set_from_index_lists``,
 ``register_index_lists``) turn published lists of unit indices into ``NeuronSet`` records with
-their source, e.g. the Llama-2-7B layer-15 gate_proj lists of seed 000 (``SEED_000_LISTS``).
+their source, e.g. the Llama-2-7B layer-15 gate_proj lists of the persona-llm-study README
+(``SEED_000_LISTS``).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from personachat.records import POSITIONS, ModelInfo, NeuronSet, PersonaVector
-from personachat.store.store import (
+from personachat.store.tensorfile import (
     VECTOR_FORMAT,
     read_safetensors_metadata,
     vector_from_tensors,
@@ -214,39 +216,17 @@ def read_vector(
         raise FormatError(f"cannot import {path}: use one of {VECTOR_SUFFIXES}")
     if not path.is_file():
         raise FormatError(f"cannot import {path}: no such file")
-    source = str(path)
     if suffix == ".safetensors":
         data = path.read_bytes()
         meta = read_safetensors_metadata(data)
         tensors = st_load(data)
         if meta.get("format") == VECTOR_FORMAT:
-            vec = vector_from_tensors(tensors, meta, source=source)
-            if vec.model_id != info.model_id:
-                log.warning(
-                    "%s was made for %r, imported for %r", path, vec.model_id, info.model_id
-                )
-            _stack_rows(vec.vector, info, source, None)  # shape check only
-            vec.model_id = info.model_id
-            if persona is not None:
-                vec.persona = persona
-            return vec
-        matrix = _from_mapping(tensors, info, source, layer, layer_offset)
+            return _read_own(tensors, meta, path, info, persona)
+        matrix = _from_mapping(tensors, info, str(path), layer, layer_offset)
     elif suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: torch.from_numpy(np.asarray(npz[k], dtype=np.float32)) for k in npz}
-        except ValueError as err:
-            raise FormatError(f"refusing {path}: it needs pickle to load ({err})") from err
-        matrix = _from_mapping(arrays, info, source, layer, layer_offset)
+        matrix = _read_npz(path, info, layer, layer_offset)
     elif suffix == ".pt":
-        obj = _load_pt(path)
-        if isinstance(obj, torch.Tensor):
-            matrix = _stack_rows(obj, info, source, layer)
-        elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            tensors = {str(k): v for k, v in obj.items()}
-            matrix = _from_mapping(tensors, info, source, layer, layer_offset)
-        else:
-            raise FormatError(f"{path} holds a {type(obj).__name__}, not a tensor or dict of them")
+        matrix = _read_pt(path, info, layer, layer_offset)
     else:
         matrix = _read_gguf(path, info)
     return PersonaVector(
@@ -259,6 +239,44 @@ def read_vector(
         dataset=f"imported:{path.name}",
         dataset_sha256=_sha256(path),
     )
+
+
+def _read_own(
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, str],
+    path: Path,
+    info: ModelInfo,
+    persona: str | None,
+) -> PersonaVector:
+    """A vector in the store's own file layout, with its provenance, imported for ``info``."""
+    source = str(path)
+    vec = vector_from_tensors(tensors, meta, source=source)
+    if vec.model_id != info.model_id:
+        log.warning("%s was made for %r, imported for %r", path, vec.model_id, info.model_id)
+    _stack_rows(vec.vector, info, source, None)  # shape check only
+    vec.model_id = info.model_id
+    if persona is not None:
+        vec.persona = persona
+    return vec
+
+
+def _read_npz(path: Path, info: ModelInfo, layer: int | None, layer_offset: int) -> torch.Tensor:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: torch.from_numpy(np.asarray(npz[k], dtype=np.float32)) for k in npz}
+    except ValueError as err:
+        raise FormatError(f"refusing {path}: it needs pickle to load ({err})") from err
+    return _from_mapping(arrays, info, str(path), layer, layer_offset)
+
+
+def _read_pt(path: Path, info: ModelInfo, layer: int | None, layer_offset: int) -> torch.Tensor:
+    obj = _load_pt(path)
+    if isinstance(obj, torch.Tensor):
+        return _stack_rows(obj, info, str(path), layer)
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        tensors = {str(k): v for k, v in obj.items()}
+        return _from_mapping(tensors, info, str(path), layer, layer_offset)
+    raise FormatError(f"{path} holds a {type(obj).__name__}, not a tensor or dict of them")
 
 
 def _read_gguf(path: Path, info: ModelInfo) -> torch.Tensor:
@@ -440,7 +458,8 @@ def register_index_lists(
 
 
 def register_seed_000(store: Store) -> list[NeuronSet]:
-    """Register the Llama-2-7B layer-15 gate_proj lists of seed 000 (no weights needed)."""
+    """Register the persona-llm-study README's Llama-2-7B layer-15 gate_proj lists (no weights
+    needed)."""
     return [
         register_index_lists(
             store, LLAMA2_7B, label, SEED_000_LAYER, lists, site="gate", source=SEED_000_SOURCE

@@ -1,0 +1,283 @@
+"""The catalog: brief DuckDB attachments, lock retries, a read snapshot.
+
+DuckDB lets one process hold a catalog file for writing, and then no other process may open it
+at all; attaching a file to an open in-memory connection is much cheaper than opening it. So
+nothing keeps the file open. Writes attach it read-write, run one transaction, detach, and
+replace ``generation`` (the change marker). Reads go to an in-memory *snapshot*: every table
+copied over one brief read-only ``ATTACH``, re-copied when the marker (``stat`` of ``generation``
+and of the catalog file) shows that another process wrote; the hot lookups use Python dicts built
+from it (``Index``). A busy lock is retried with jittered exponential backoff for
+``lock_timeout`` seconds, then ``StoreLockedError`` names the process DuckDB says holds it; a
+reader that still cannot get in serves its previous snapshot and tries again on the next call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from personachat.records import ModelInfo
+from personachat.store.errors import StoreError, StoreLockedError
+from personachat.store.schema import (
+    TABLES,
+    Entry,
+    VectorEntry,
+    check_version,
+    create_schema,
+    schema_version,
+)
+
+log = logging.getLogger(__name__)
+
+CATALOG_FILE = "catalog.duckdb"
+GENERATION_FILE = "generation"
+MODEL_COLUMNS = (
+    "model_id, revision, architecture, n_layers, hidden_size, mlp_width, layer_convention"
+)
+
+_ATTACH_LOCK = threading.RLock()  # serialises attachments of catalog files within this process
+
+
+def lock_holder(message: str) -> str:
+    """The process a DuckDB lock error names, or a sentence saying it named none."""
+    match = re.search(r"held in (.+?) \(PID (\d+)\)", message)
+    if match:
+        return f"{match.group(1)} (PID {match.group(2)})"
+    return "another process (DuckDB did not say which)"
+
+
+def tensor_files(conn: duckdb.DuckDBPyConnection) -> set[str]:
+    """The files (relative to the store root) that rows of ``vectors`` and ``means`` name."""
+    referenced = {r[0] for r in conn.execute("SELECT file FROM vectors").fetchall()}
+    referenced |= {r[0] for r in conn.execute("SELECT file FROM means").fetchall()}
+    return referenced
+
+
+@dataclass(frozen=True)
+class Index:
+    """Python lookups over one snapshot for the hot reads (a dict get beats a query)."""
+
+    models: dict[str, ModelInfo]
+    vectors: list[VectorEntry]  # by model, persona, then newest first
+    by_key: dict[tuple[str, str], list[VectorEntry]]  # (model_id, persona) -> vectors
+
+    @classmethod
+    def of(cls, snap: duckdb.DuckDBPyConnection) -> Index:
+        models = {
+            row[0]: ModelInfo(*row)
+            for row in snap.execute(
+                f"SELECT {MODEL_COLUMNS} FROM models ORDER BY model_id"
+            ).fetchall()
+        }
+        names = ", ".join(f.name for f in fields(VectorEntry))
+        vectors = [
+            VectorEntry(*row)
+            for row in snap.execute(
+                f"SELECT {names} FROM vectors "
+                "ORDER BY model_id, persona, created_at DESC, vector_id DESC"
+            ).fetchall()
+        ]
+        by_key: dict[tuple[str, str], list[VectorEntry]] = {}
+        for entry in vectors:
+            by_key.setdefault((entry.model_id, entry.persona), []).append(entry)
+        return cls(models, vectors, by_key)
+
+
+class Catalog:
+    """The catalog file ``catalog.duckdb`` under ``root``: writes, snapshot reads, user SQL."""
+
+    def __init__(self, root: Path, *, read_only: bool, lock_timeout: float) -> None:
+        self.root = root
+        self.path = root / CATALOG_FILE
+        self.read_only = read_only
+        self.lock_timeout = lock_timeout
+        self.lock = threading.RLock()
+        self.snap: duckdb.DuckDBPyConnection | None = None
+        self.snap_marker: tuple[Any, ...] | None = None
+        self.index = Index({}, [], {})
+
+    def close(self) -> None:
+        with self.lock:
+            if self.snap is not None:
+                self.snap.close()
+            self.snap = None
+            self.snap_marker = None
+
+    # --- locking and attachment ---------------------------------------------------------------
+
+    def attach(self, conn: duckdb.DuckDBPyConnection, *, read_only: bool) -> None:
+        """ATTACH the catalog as ``cat``, retrying a busy lock with backoff up to lock_timeout."""
+        path = str(self.path).replace("'", "''")
+        statement = f"ATTACH '{path}' AS cat" + (" (READ_ONLY)" if read_only else "")
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.002
+        while True:
+            try:
+                conn.execute(statement)
+                return
+            except duckdb.IOException as err:
+                if "lock" not in str(err).lower():
+                    raise
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StoreLockedError(
+                        f"store catalog {self.path} is locked by {lock_holder(str(err))}; "
+                        f"still locked after {self.lock_timeout:.1f}s of retries. Another "
+                        "process is writing or reading it: wait for it to finish, stop it, or "
+                        "raise lock_timeout"
+                    ) from err
+                time.sleep(min(remaining, delay * (0.5 + random.random())))
+                delay = min(delay * 2, 0.25)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection on which ``cat`` (the catalog, read-write) is the default database."""
+        if self.read_only:
+            raise StoreError(
+                f"Store({str(self.root)!r}, read-only) is read-only; open "
+                "Store(..., read_only=False) to write"
+            )
+        with self.lock, _ATTACH_LOCK:
+            conn = duckdb.connect()
+            try:
+                self.attach(conn, read_only=False)
+                conn.execute("USE cat")
+                try:
+                    yield conn
+                finally:
+                    conn.execute("USE memory")
+                    conn.execute("DETACH cat")
+            finally:
+                conn.close()
+            self._bump_generation()
+
+    def _bump_generation(self) -> None:
+        final = self.root / GENERATION_FILE
+        tmp = final.with_name(f".{GENERATION_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(f"{time.time_ns()} {os.getpid()}\n")
+        os.replace(tmp, final)
+
+    # --- the read snapshot ---------------------------------------------------------------------
+
+    def marker(self) -> tuple[Any, ...]:
+        """What changes when any process writes: inode, mtime and size of the two files."""
+        parts: list[Any] = []
+        for path in (self.root / GENERATION_FILE, self.path):
+            try:
+                st = os.stat(path)
+                parts.append((st.st_ino, st.st_mtime_ns, st.st_size))
+            except FileNotFoundError:
+                parts.append(None)
+        return tuple(parts)
+
+    def changed(self) -> bool:
+        """Whether the catalog changed since the snapshot was taken."""
+        return self.marker() != self.snap_marker
+
+    def refresh(self, *, force: bool = False) -> None:
+        """Re-read the catalog if another process changed it (reads call this themselves)."""
+        with self.lock:
+            marker = self.marker()
+            if not force and self.snap is not None and marker == self.snap_marker:
+                return
+            snap = duckdb.connect()
+            try:
+                if marker[1] is None:  # no catalog yet: an empty snapshot
+                    create_schema(snap)
+                else:
+                    self._copy(snap)
+            except StoreLockedError:
+                snap.close()
+                if self.snap is None:
+                    raise
+                log.warning("store %s stayed locked; serving the previous snapshot", self.root)
+                return
+            except BaseException:
+                snap.close()
+                raise
+            if self.snap is not None:
+                self.snap.close()
+            self.snap, self.snap_marker = snap, marker
+            self.index = Index.of(snap)
+
+    def current(self) -> Index:
+        """The index of an up-to-date snapshot."""
+        with self.lock:
+            self.refresh()
+            return self.index
+
+    def _copy(self, snap: duckdb.DuckDBPyConnection) -> None:
+        with _ATTACH_LOCK:
+            self.attach(snap, read_only=True)
+            try:
+                check_version(self.path, schema_version(snap, "cat"))
+                snap.begin()
+                for table in TABLES:
+                    snap.execute(f"CREATE TABLE memory.main.{table} AS SELECT * FROM cat.{table}")
+                snap.commit()
+            finally:
+                snap.execute("DETACH cat")
+
+    def rows(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a query on an up-to-date snapshot."""
+        with self.lock:
+            self.refresh()
+            assert self.snap is not None
+            return self.snap.execute(query, list(params)).fetchall()
+
+    def entries(self, cls: type[Entry], table: str, where: dict[str, Any]) -> list[Entry]:
+        """Rows of ``table`` as ``cls`` where the given columns equal the values that are not
+        None; by model, then label (neuron sets) or persona and newest first."""
+        names = [f.name for f in fields(cls)]
+        clauses = [f"{k} = ?" for k, v in where.items() if v is not None]
+        params = [v for v in where.values() if v is not None]
+        query = f"SELECT {', '.join(names)} FROM {table}"
+        if clauses:
+            query += " WHERE " + " AND ".join(clauses)
+        order = "label" if table == "neuron_sets" else "persona, created_at DESC"
+        return [cls(*row) for row in self.rows(f"{query} ORDER BY model_id, {order}", params)]
+
+    def model_map(self) -> dict[str, ModelInfo]:
+        """The registered models. Writers validate against this before every batch, so when the
+        snapshot is stale only ``models`` is read instead of re-copying the catalog."""
+        with self.lock:
+            if self.snap is not None and self.marker() == self.snap_marker:
+                return dict(self.index.models)
+            if not self.path.exists():
+                return {}
+            with _ATTACH_LOCK:
+                conn = duckdb.connect()
+                try:
+                    self.attach(conn, read_only=True)
+                    rows = conn.execute(f"SELECT {MODEL_COLUMNS} FROM cat.models").fetchall()
+                finally:
+                    conn.close()
+            return {row[0]: ModelInfo(*row) for row in rows}
+
+    # --- user SQL ------------------------------------------------------------------------------
+
+    def query(self, query: str, params: Sequence[Any] = ()) -> tuple[list[str], list[tuple]]:
+        """Run a read-only SQL query on the catalog file; returns (column names, rows)."""
+        if not self.path.exists():
+            raise StoreError(f"no catalog at {self.path}; register something first")
+        with self.lock, _ATTACH_LOCK:
+            conn = duckdb.connect()
+            try:
+                self.attach(conn, read_only=True)
+                conn.execute("USE cat")
+                cursor = conn.execute(query, list(params))
+                columns = [d[0] for d in cursor.description or []]
+                return columns, cursor.fetchall()
+            finally:
+                conn.close()

@@ -1,0 +1,112 @@
+"""The safetensors layout of stored tensors: tensor names, metadata.
+
+A persona-vector file holds ``vector`` [n_layers, hidden] and, with metrics, ``metrics.<field>``
+[n_layers]; a means file holds ``mean`` [n_layers, hidden]. Both carry string metadata naming the
+model, the persona and how the tensor was made (``format`` says which of the two it is).
+``personachat.store.formats`` writes and reads the same layout for export and import.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import torch
+
+from personachat.records import LayerMetrics, ModelInfo, PersonaMeans, PersonaVector
+from personachat.store.errors import IntegrityError
+from personachat.store.schema import as_utc
+
+VECTOR_FORMAT = "personachat.persona_vector/1"
+MEANS_FORMAT = "personachat.persona_means/1"
+METRIC_FIELDS = ("auc", "separation", "norm", "resid_norm")
+
+
+def vector_tensors(vector: PersonaVector, info: ModelInfo | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a persona-vector file: ``vector`` and, with metrics, ``metrics.<field>``."""
+    tensors = {"vector": vector.vector.detach().cpu().contiguous()}
+    if vector.metrics is not None:
+        for name in METRIC_FIELDS:
+            tensors[f"metrics.{name}"] = getattr(vector.metrics, name).detach().cpu().contiguous()
+    return tensors
+
+
+def vector_metadata(vector: PersonaVector, info: ModelInfo | None = None) -> dict[str, str]:
+    """String metadata naming the model and the vector."""
+    meta = {
+        "format": VECTOR_FORMAT,
+        "model_id": vector.model_id,
+        "persona": vector.persona,
+        "method": vector.method,
+        "positions": vector.positions,
+        "baseline": vector.baseline,
+        "dataset": vector.dataset,
+        "dataset_sha256": vector.dataset_sha256,
+        "n_samples": str(vector.n_samples),
+        "created_at": as_utc(vector.created_at).isoformat(),
+    }
+    if info is not None:
+        meta["model_revision"] = info.revision or ""
+        meta["architecture"] = info.architecture
+        meta["layer_convention"] = info.layer_convention
+    return meta
+
+
+def read_safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes (empty if none)."""
+    if len(data) < 8:
+        return {}
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    meta = header.get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def vector_from_tensors(
+    tensors: dict[str, torch.Tensor], meta: dict[str, str], *, source: str
+) -> PersonaVector:
+    """Rebuild a PersonaVector from a persona-vector file's tensors and metadata."""
+    if "vector" not in tensors:
+        raise IntegrityError(f"{source} has no 'vector' tensor (tensors: {sorted(tensors)})")
+    metrics = None
+    if all(f"metrics.{n}" in tensors for n in METRIC_FIELDS):
+        metrics = LayerMetrics(**{n: tensors[f"metrics.{n}"] for n in METRIC_FIELDS})
+    created = meta.get("created_at")
+    return PersonaVector(
+        model_id=meta.get("model_id", ""),
+        persona=meta.get("persona", ""),
+        vector=tensors["vector"],
+        method=meta.get("method", "imported"),
+        positions=meta.get("positions", "response_avg"),
+        baseline=meta.get("baseline", "default"),
+        dataset=meta.get("dataset", ""),
+        dataset_sha256=meta.get("dataset_sha256", ""),
+        n_samples=int(meta.get("n_samples", "0") or 0),
+        metrics=metrics,
+        created_at=datetime.fromisoformat(created) if created else None,
+    )
+
+
+def means_tensors(means: PersonaMeans) -> dict[str, torch.Tensor]:
+    """The tensor of a means file: ``mean``."""
+    return {"mean": means.mean.detach().cpu().contiguous()}
+
+
+def means_metadata(means: PersonaMeans, info: ModelInfo) -> dict[str, str]:
+    """String metadata naming the model and the persona whose mean activations these are."""
+    return {
+        "format": MEANS_FORMAT,
+        "model_id": means.model_id,
+        "model_revision": info.revision or "",
+        "persona": means.persona,
+        "positions": means.positions,
+        "n_samples": str(means.n_samples),
+        "dataset": means.dataset,
+        "dataset_sha256": means.dataset_sha256,
+        "layer_convention": info.layer_convention,
+    }
+
+
+def dtype_name(tensor: torch.Tensor) -> str:
+    """The dtype as the catalog records it: ``float32``, ``bfloat16``, ..."""
+    return str(tensor.dtype).removeprefix("torch.")
