@@ -2,7 +2,7 @@
 
 ``specs`` (what to do) -> ``layers`` (the layer grammar) -> ``positions`` (token windows) ->
 ``handlers`` (what runs in the hooks) and ``interference`` (how a blend's vectors relate) ->
-``plan`` (specs checked and built into handlers).
+``plan`` (specs checked and built into handlers) -> ``steering`` (``with steer(lm, vector):``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from personachat.interventions.specs import (
     SteeringSpec,
     Units,
 )
+from personachat.interventions.steering import steer
 
 __all__ = [
     "ABLATION_MODES",
@@ -55,4 +56,5 @@ __all__ = [
     "parse_layer_list",
     "parse_layer_spec",
     "parse_neurons",
+    "steer",
 ]
