@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from personachat.interventions import (
         SteeringSpec as SteeringSpec,
     )
+    from personachat.interventions import (
+        steer as steer,
+    )
     from personachat.model import (
         LoadedModel as LoadedModel,
     )
@@ -97,6 +100,7 @@ _EXPORTS = {
     "DirectionSpec": "interventions",
     "InterventionError": "interventions",
     "SteeringSpec": "interventions",
+    "steer": "interventions",
     "LoadedModel": "model",
     "ModelSites": "model",
     "SiteTemplates": "model",

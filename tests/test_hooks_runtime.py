@@ -15,7 +15,7 @@ from personachat.chat import ChatEngine, GenerationSettings
 from personachat.chat import engine as chat
 from personachat.hooks import Site, hook_count, intervene
 from personachat.interventions import AblationSpec, SteeringSpec, build_plan
-from personachat.interventions import plan as interventions
+from personachat.interventions.handlers import Ablate, Readout, Steer
 from personachat.model.tiny import tiny_model
 from personachat.records import PersonaVector
 
@@ -109,7 +109,7 @@ def test_cancelled_and_raising_generations_leave_nothing_behind() -> None:
     assert threading.active_count() == threads_before
     gc.collect()
     assert all(ref() is None for ref in refs)
-    for kind in (interventions.Steer, interventions.Readout, interventions.Ablate, chat._Job):
+    for kind in (Steer, Readout, Ablate, chat._Job):
         assert live(kind) == 0, kind
     # the engine still works and gives the same reply as before
     assert engine.reply(MESSAGES, SHORT).tokens == engine.reply(MESSAGES, SHORT).tokens
@@ -124,7 +124,7 @@ def test_dropping_a_stream_unregisters_its_hooks() -> None:
     del it  # refcount drops to zero: the generator closes, joins its worker, removes its hooks
     gc.collect()
     assert hook_count(engine.lm.model) == before
-    assert live(interventions.Steer) == 0
+    assert live(Steer) == 0
 
 
 def test_stream_never_iterated_starts_nothing() -> None:

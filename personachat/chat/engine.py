@@ -20,28 +20,21 @@ when a hook raises (the error is re-raised to the consumer).
 from __future__ import annotations
 
 import contextvars
-import logging
 import queue
 import threading
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import (
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
-from transformers.generation.streamers import BaseStreamer
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
+from personachat.chat.generation import EventStop, GenerationSettings, QueueStreamer, SeededSampler
+from personachat.chat.updates import ChatUpdate, ReplyReadout, row_readout
 from personachat.hooks import Handler, intervene
 from personachat.interventions import (
     AblationSpec,
     DirectionSpec,
-    InterferenceReport,
     InterventionError,
     Plan,
     SteeringSpec,
@@ -50,127 +43,6 @@ from personachat.interventions import (
 from personachat.model import LoadedModel
 from personachat.prompts import Message, format_chat
 from personachat.records import NeuronSet, PersonaVector
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How to decode: ``temperature`` 0 means greedy; ``seed`` makes sampling reproducible."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    repetition_penalty: float = 1.0
-    min_new_tokens: int = 0  # suppress end-of-sequence before this many tokens
-
-    def check(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InterventionError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise InterventionError(
-                f"min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), "
-                f"got {self.min_new_tokens}"
-            )
-        if not 0.0 <= self.temperature < float("inf"):
-            raise InterventionError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InterventionError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 < self.repetition_penalty < float("inf"):
-            raise InterventionError(
-                f"repetition_penalty must be > 0, got {self.repetition_penalty}"
-            )
-
-
-@dataclass(frozen=True, eq=False)
-class ReplyReadout:
-    """Projections of one row's residual stream onto unit persona vectors, per token and layer.
-
-    ``projections[t, i, k]``: token ``tokens[t]`` (prompt then reply), layer ``layers[i]``,
-    persona ``personas[k]``, read after the interventions at that layer. The last reply token
-    was never fed back through the model, so its row is NaN.
-    """
-
-    personas: tuple[str, ...]
-    layers: tuple[int, ...]
-    tokens: tuple[int, ...]
-    prompt_len: int
-    projections: torch.Tensor  # [tokens, layers, personas], float32 CPU
-
-    @property
-    def reply(self) -> torch.Tensor:
-        """``[reply tokens, layers, personas]``."""
-        return self.projections[self.prompt_len :]
-
-
-@dataclass(frozen=True, eq=False)
-class ChatUpdate:
-    """The state of a reply after a token. ``baseline_*`` is the unsteered row (side by side)."""
-
-    text: str
-    tokens: tuple[int, ...]
-    baseline_text: str | None = None
-    baseline_tokens: tuple[int, ...] | None = None
-    done: bool = False
-    stopped: bool = False
-    readout: ReplyReadout | None = None
-    baseline_readout: ReplyReadout | None = None
-    interference: InterferenceReport | None = None
-    steered_layers: dict[int, float] = field(default_factory=dict)
-
-
-class _EventStop(StoppingCriteria):
-    """Stop every row once any of ``events`` is set."""
-
-    def __init__(self, events: Sequence[threading.Event]) -> None:
-        self.events = list(events)
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> Any:
-        flag = any(event.is_set() for event in self.events)
-        return torch.full((input_ids.shape[0],), flag, dtype=torch.bool, device=input_ids.device)
-
-
-class _SeededSampler(LogitsProcessor):
-    """Temperature and top-p sampling with one private generator per row; greedy then picks it."""
-
-    def __init__(self, settings: GenerationSettings, rows: int, device: torch.device) -> None:
-        self.temperature = settings.temperature
-        self.top_p = settings.top_p
-        self.generators = [
-            torch.Generator(device=device).manual_seed(settings.seed) for _ in range(rows)
-        ]
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> Any:
-        logits = scores.float() / self.temperature
-        if self.top_p < 1.0:
-            ordered, order = logits.sort(dim=-1, descending=True)
-            cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-            drop = cumulative - ordered.softmax(dim=-1) > self.top_p  # keep the first token
-            logits = logits.scatter(1, order, ordered.masked_fill(drop, float("-inf")))
-        probs = logits.softmax(dim=-1)
-        picks = torch.stack(
-            [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)]
-        )
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter(1, picks, 0.0)
-
-
-class _QueueStreamer(BaseStreamer):
-    """Pushes each step's token ids (all rows) to a queue; the first put (the prompt) is skipped."""
-
-    def __init__(self, sink: queue.Queue[Any]) -> None:
-        self.sink = sink
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.sink.put(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        return None
 
 
 @dataclass
@@ -334,7 +206,7 @@ class ChatEngine:
         )
         processors = LogitsProcessorList()
         if settings.temperature > 0:
-            processors.append(_SeededSampler(settings, rows, self.lm.device))
+            processors.append(SeededSampler(settings, rows, self.lm.device))
         return _Job(
             input_ids=ids.repeat(rows, 1).to(self.lm.device),
             plan=plan,
@@ -364,8 +236,8 @@ class ChatEngine:
                     attention_mask=torch.ones_like(job.input_ids),
                     generation_config=job.config,
                     logits_processor=job.processors,
-                    stopping_criteria=StoppingCriteriaList([_EventStop(events)]),
-                    streamer=_QueueStreamer(sink),
+                    stopping_criteria=StoppingCriteriaList([EventStop(events)]),
+                    streamer=QueueStreamer(sink),
                 )
         except BaseException as err:  # re-raised in the consumer
             sink.put(_Failed(err))
@@ -437,7 +309,7 @@ class ChatEngine:
             prompt = job.input_ids[0].tolist()
             rows = [row] if row is not None else list(range(len(replies)))
             for i, r in enumerate(rows):
-                readouts[i] = _row_readout(job.plan, job.readout_result, r, prompt, replies[i])
+                readouts[i] = row_readout(job.plan, job.readout_result, r, prompt, replies[i])
         side = job.side_by_side and row is None
         return ChatUpdate(
             text=update.text,
@@ -451,47 +323,3 @@ class ChatEngine:
             interference=job.plan.interference,
             steered_layers=dict(job.plan.steered_layers),
         )
-
-
-def _row_readout(
-    plan: Plan, result: torch.Tensor, row: int, prompt: list[int], reply: list[int]
-) -> ReplyReadout:
-    assert plan.readout is not None
-    n = len(prompt) + len(reply)
-    out = torch.full((n, len(plan.readout.layers), len(plan.readout.names)), float("nan"))
-    have = min(n, result.shape[1]) if result.numel() else 0
-    if have:
-        out[:have] = result[row, :have]
-    return ReplyReadout(
-        personas=tuple(plan.readout.names),
-        layers=tuple(plan.readout.layers),
-        tokens=(*prompt, *reply),
-        prompt_len=len(prompt),
-        projections=out,
-    )
-
-
-def batch_replies(
-    lm: LoadedModel,
-    conversations: Sequence[Sequence[Message]],
-    plan: Callable[[int], Sequence[Handler]] | None = None,
-    max_new_tokens: int = 64,
-) -> list[str]:
-    """Greedy replies to many conversations in one left-padded batch (evaluations, sweeps).
-
-    ``plan(prompt_len)`` builds the handlers, if any: with left padding every row's prompt ends
-    at the padded width, which is where position windows count from.
-    """
-    tok = lm.tokenizer
-    prompts = [format_chat(tok, list(messages)) for messages in conversations]
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tok.padding_side = side
-    width = enc["input_ids"].shape[1]
-    handlers = list(plan(width)) if plan is not None else []
-    with torch.no_grad(), intervene(lm.sites, handlers):
-        out = lm.model.generate(**enc.to(lm.device), max_new_tokens=max_new_tokens, do_sample=False)
-    return list(tok.batch_decode(out[:, width:], skip_special_tokens=True))

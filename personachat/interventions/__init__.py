@@ -1,7 +1,13 @@
-"""Interventions: steering, ablation and readout specs, turned into hook handlers."""
+"""Interventions: steering, ablation and readout specs, turned into hook handlers.
+
+``specs`` (what to do) -> ``layers`` (the layer grammar) -> ``positions`` (token windows) ->
+``handlers`` (what runs in the hooks) and ``interference`` (how a blend's vectors relate) ->
+``plan`` (specs checked and built into handlers) -> ``steering`` (``with steer(lm, vector):``).
+"""
 
 from __future__ import annotations
 
+from personachat.interventions.interference import InterferenceReport, blend_interference
 from personachat.interventions.layers import (
     format_layer_spec,
     format_layers,
@@ -10,14 +16,7 @@ from personachat.interventions.layers import (
     parse_layer_spec,
     parse_neurons,
 )
-from personachat.interventions.plan import (
-    InterferenceReport,
-    Plan,
-    blend_interference,
-    build_ablation,
-    build_plan,
-    build_steer,
-)
+from personachat.interventions.plan import Plan, build_ablation, build_plan, build_steer
 from personachat.interventions.specs import (
     ABLATION_MODES,
     POSITION_MODES,
@@ -31,6 +30,7 @@ from personachat.interventions.specs import (
     SteeringSpec,
     Units,
 )
+from personachat.interventions.steering import steer
 
 __all__ = [
     "ABLATION_MODES",
@@ -56,4 +56,5 @@ __all__ = [
     "parse_layer_list",
     "parse_layer_spec",
     "parse_neurons",
+    "steer",
 ]

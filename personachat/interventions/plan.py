@@ -1,8 +1,9 @@
-"""Steer, ablate and read out: the handlers that ``personachat.hooks.intervene`` runs live.
+"""Build the handlers of one generation from specs, checked against the model first.
 
 Specs are frozen dataclasses naming *what* to do; ``build_plan`` checks them against the model
-(before anything touches it) and turns them into handlers with every tensor precomputed on the
-model's device, so the hot path of a decode step is one or two tensor ops per hooked layer::
+(before anything touches it) and turns them into the handlers of
+``personachat.interventions.handlers``, with every tensor precomputed on the device of the layer
+it acts at::
 
     plan = build_plan(lm, vectors, steering=SteeringSpec({"pirate": 0.7, "cynic": -0.3}),
                       readout=["pirate"], prompt_len=n_prompt)
@@ -10,29 +11,24 @@ model's device, so the hot path of a decode step is one or two tensor ops per ho
         lm.model.generate(...)
     projections = plan.readout.result()  # [rows, tokens, layers, vectors]
 
-Handlers (in the order ``build_plan`` lists them; a handler sees the result of the ones before):
-- ``Steer``: add ``strength[layer] * sum_k weight_k * v_k[layer]`` to the residual stream, in raw
-  units (1.0 = the vector as extracted) or calibrated units (multiples of the layer's mean
-  residual norm along the unit vector), at all tokens, the prompt (or its last n tokens) or the
-  generated tokens only, with a coefficient per batch row (row 0 unsteered, row 1 steered).
-- ``DirectionalAblation``: project a persona direction out of the residual stream.
-- ``Ablate``: zero or mean-ablate MLP units at the input of the down projection (or the gate).
-- ``Readout``: the projection of the residual stream onto unit persona vectors at every layer,
-  after the interventions at that layer, kept on the device and concatenated once at the end.
-
-Positions: generation runs with a KV cache, so the first forward at a layer is the prefill (the
-prompt) and each later forward is one generated token; handlers count positions per layer.
+Steering adds ``strength[layer] * sum_k weight_k * v_k[layer]`` to the residual stream, in raw
+units (1.0 = the vector as extracted) or calibrated units (multiples of the layer's mean residual
+norm along the unit vector). ``rows`` gives each batch row a coefficient (row 0 unsteered, row 1
+steered); ``prompt_len`` tells position windows where the prompt ends (``None``: the first
+forward is the prompt).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from personachat.hooks import Handler, Site
+from personachat.interventions.handlers import Ablate, DirectionalAblation, Readout, Steer
+from personachat.interventions.interference import InterferenceReport, blend_interference
 from personachat.interventions.layers import check_neuron, layer_strengths, parse_neurons
 from personachat.interventions.specs import (
     ABLATION_MODES,
@@ -41,7 +37,6 @@ from personachat.interventions.specs import (
     AblationSpec,
     DirectionSpec,
     InterventionError,
-    PositionMode,
     SteeringSpec,
     check_finite,
 )
@@ -49,8 +44,6 @@ from personachat.model import LoadedModel
 from personachat.records import NeuronSet, PersonaVector
 
 log = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------- validation
 
 
 def check_vector(lm: LoadedModel, vector: PersonaVector) -> None:
@@ -89,312 +82,6 @@ def lookup(vectors: Mapping[str, PersonaVector], persona: str) -> PersonaVector:
 
 def _best_layer(vector: PersonaVector) -> int | None:
     return vector.metrics.best_layer if vector.metrics is not None else None
-
-
-# --------------------------------------------------------------------------- positions
-
-
-class _Cursor:
-    """Counts positions per layer: the first forward is the prompt, later ones one token each."""
-
-    def __init__(self, prompt_len: int | None) -> None:
-        self.prompt_len = prompt_len
-        self._seen: dict[int, int] = {}
-
-    def advance(self, layer: int, length: int) -> tuple[int, int, int]:
-        """``(start, end, prompt_len)`` of the positions in this forward at ``layer``."""
-        start = self._seen.get(layer, 0)
-        self._seen[layer] = start + length
-        prompt_len = self.prompt_len if self.prompt_len is not None else length
-        if self.prompt_len is None and start == 0:
-            self.prompt_len = length
-        return start, start + length, prompt_len
-
-
-def _window(mode: PositionMode, last_n: int | None, prompt_len: int) -> tuple[int, int]:
-    if mode == "all":
-        return 0, 1 << 62
-    if mode == "generated":
-        return prompt_len, 1 << 62
-    first = 0 if last_n is None else max(prompt_len - last_n, 0)
-    return first, prompt_len
-
-
-class _Window:
-    """The positions of each forward a handler acts on: all, the prompt (or its last n tokens),
-    or the generated tokens; ``span`` is the slice of this forward's positions, or ``None``."""
-
-    def __init__(self, mode: PositionMode, last_n: int | None, prompt_len: int | None) -> None:
-        self.mode: PositionMode = mode
-        self.last_n = last_n
-        self._cursor = _Cursor(prompt_len)
-
-    def span(self, layer: int, length: int) -> tuple[int, int] | None:
-        if self.mode == "all":
-            return 0, length
-        start, end, prompt_len = self._cursor.advance(layer, length)
-        first, last = _window(self.mode, self.last_n, prompt_len)
-        lo, hi = max(first, start), min(last, end)
-        return None if lo >= hi else (lo - start, hi - start)
-
-    def apply(
-        self, layer: int, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
-    ) -> torch.Tensor | None:
-        """``fn`` on this forward's positions in the window (a copy of ``x`` with them
-        replaced); ``None`` when the window misses this forward."""
-        span = self.span(layer, x.shape[1])
-        if span is None:
-            return None
-        lo, hi = span
-        if lo == 0 and hi == x.shape[1]:
-            return fn(x)
-        out = x.clone()
-        out[:, lo:hi] = fn(x[:, lo:hi])
-        return out
-
-
-# --------------------------------------------------------------------------- handlers
-
-
-class Steer:
-    """Add a precomputed per-layer offset to the residual stream, per row and per position."""
-
-    def __init__(
-        self,
-        deltas: Mapping[int, torch.Tensor],
-        *,
-        positions: PositionMode = "all",
-        last_n: int | None = None,
-        prompt_len: int | None = None,
-        rows: torch.Tensor | None = None,
-    ) -> None:
-        # rows: coefficient per batch row; folded into the deltas as [B, 1, H].
-        self.rows = rows
-        self.deltas = {
-            layer: d if rows is None else rows.to(d)[:, None, None] * d
-            for layer, d in deltas.items()
-        }
-        self.positions: PositionMode = positions
-        self._window = _Window(positions, last_n, prompt_len)
-        self._plain = positions == "all" and rows is None  # every position of every row
-
-    def wants(self) -> Iterable[tuple[Site, int]]:
-        return [("residual", layer) for layer in sorted(self.deltas)]
-
-    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> torch.Tensor | None:
-        delta = self.deltas[layer]
-        if self._plain:
-            return x + delta
-        if self.rows is not None and x.shape[0] != delta.shape[0]:
-            raise InterventionError(
-                f"steering has {delta.shape[0]} row coefficients but the batch has "
-                f"{x.shape[0]} rows"
-            )
-        if self.positions == "all":
-            return x + delta
-        return self._window.apply(layer, x, lambda t: t + delta)
-
-
-class DirectionalAblation:
-    """Set the component along unit directions to a level: ``x - (x . u - m) u`` per layer.
-
-    ``m`` is the baseline's mean level (mean ablation) or 0 (the direction projected out).
-    """
-
-    def __init__(
-        self,
-        units: Mapping[int, torch.Tensor],
-        levels: Mapping[int, float] | None = None,
-        rows: torch.Tensor | None = None,
-        *,
-        positions: PositionMode = "all",
-        last_n: int | None = None,
-        prompt_len: int | None = None,
-    ) -> None:
-        self.units = dict(units)
-        self.levels = dict(levels or {})
-        self.rows = rows  # 1 where a row is ablated, 0 where it is left alone
-        self._window = None if positions == "all" else _Window(positions, last_n, prompt_len)
-
-    def wants(self) -> Iterable[tuple[Site, int]]:
-        return [("residual", layer) for layer in sorted(self.units)]
-
-    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> torch.Tensor | None:
-        if self._window is None:
-            return self._ablate(layer, x)
-        return self._window.apply(layer, x, lambda t: self._ablate(layer, t))
-
-    def _ablate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        unit = self.units[layer]
-        coef = x @ unit - self.levels.get(layer, 0.0)  # [B, T]
-        if self.rows is not None:
-            coef = coef * self.rows.to(coef)[:, None]
-        return x - coef.unsqueeze(-1) * unit
-
-
-class Ablate:
-    """Set MLP units to zero or to fixed values at ``site`` (``mlp_hidden`` or ``gate``).
-
-    One fused op per call: ``x * keep`` (zero) or ``fill + x * keep`` (mean), where ``keep`` is
-    0 at ablated units of ablated rows and 1 elsewhere, so untouched units pass through exactly.
-    ``positions`` limits it to the prompt (or its last ``last_n`` tokens) or the generated tokens.
-    """
-
-    def __init__(
-        self,
-        indices: Mapping[int, torch.Tensor],
-        values: Mapping[int, torch.Tensor] | None = None,
-        *,
-        width: int,
-        site: Site = "mlp_hidden",
-        rows: torch.Tensor | None = None,
-        dtype: torch.dtype = torch.float32,
-        positions: PositionMode = "all",
-        last_n: int | None = None,
-        prompt_len: int | None = None,
-    ) -> None:
-        self.indices = dict(indices)
-        self._window = None if positions == "all" else _Window(positions, last_n, prompt_len)
-        self.site: Site = site
-        self.keep: dict[int, torch.Tensor] = {}
-        self.fill: dict[int, torch.Tensor] | None = None if values is None else {}
-        for layer, idx in self.indices.items():
-            ones = torch.ones(width, device=idx.device, dtype=dtype)
-            keep = ones.index_fill(0, idx, 0.0)
-            fill = torch.zeros_like(ones)
-            if values is not None:
-                fill = fill.index_copy(0, idx, values[layer].to(dtype))
-            if rows is not None:  # bool per row: ablate this row only
-                on = rows.to(idx.device)[:, None, None]
-                keep = torch.where(on, keep, ones)
-                fill = torch.where(on, fill, torch.zeros_like(fill))
-            self.keep[layer] = keep
-            if self.fill is not None:
-                self.fill[layer] = fill
-
-    def wants(self) -> Iterable[tuple[Site, int]]:
-        return [(self.site, layer) for layer in sorted(self.indices)]
-
-    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> torch.Tensor | None:
-        if self._window is None:
-            if self.fill is None:
-                return x * self.keep[layer]
-            return self._ablate(layer, x)
-        return self._window.apply(layer, x, lambda t: self._ablate(layer, t))
-
-    def _ablate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        keep = self.keep[layer]
-        if self.fill is None:
-            return x * keep
-        return torch.addcmul(self.fill[layer], x, keep)
-
-
-class Readout:
-    """Projections of the residual stream onto unit persona vectors, per token and layer.
-
-    A forward only keeps a reference to the block output (a fresh tensor, never changed in
-    place later), and ``flush_every`` of them are projected at once (one concatenation and one
-    ``[B, T, V]`` matmul per layer), so a decode step costs a list append per layer. Everything
-    stays on the device until ``result()`` concatenates once into ``[B, tokens, layers,
-    vectors]`` (float32, CPU).
-    """
-
-    def __init__(
-        self,
-        units: Mapping[int, torch.Tensor],
-        names: Sequence[str],
-        layers: Sequence[int],
-        flush_every: int = 32,
-    ) -> None:
-        self.units = units  # {layer: [V, H]}, unit rows on that layer's device
-        self.names = list(names)
-        self.layers = list(layers)
-        self.flush_every = flush_every
-        self._parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
-        self._stash: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
-
-    def wants(self) -> Iterable[tuple[Site, int]]:
-        return [("residual", layer) for layer in self.layers]
-
-    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> None:
-        stash = self._stash[layer]
-        stash.append(x)
-        if len(stash) >= self.flush_every:
-            self._flush(layer)
-
-    def _flush(self, layer: int) -> None:
-        stash = self._stash[layer]
-        if stash:
-            self._parts[layer].append(torch.cat(stash, dim=1) @ self.units[layer].T)
-            stash.clear()
-
-    def result(self) -> torch.Tensor:
-        """``[B, tokens, layers, vectors]``; tokens are those seen by the first layer."""
-        for layer in self.layers:
-            self._flush(layer)
-        if not self.layers or not self._parts[self.layers[0]]:
-            return torch.zeros(0, 0, len(self.layers), len(self.names))
-        per_layer = [torch.cat(self._parts[layer], dim=1).float().cpu() for layer in self.layers]
-        n = min(p.shape[1] for p in per_layer)  # a forward may stop early past some layers
-        return torch.stack([p[:, :n] for p in per_layer], dim=2)
-
-
-# --------------------------------------------------------------------------- interference
-
-
-@dataclass(frozen=True)
-class InterferenceReport:
-    """How the blended vectors relate at the steered layers.
-
-    ``cosine[i, j, k]``: cosine between ``weight_j * v_j`` and ``weight_k * v_k`` at
-    ``layers[i]`` (signed by the weights, so a negative value means the terms pull apart and
-    cancel); ``retained[i]``: norm of the blend over the sum of the terms' norms (1 = no loss).
-    """
-
-    personas: tuple[str, ...]
-    layers: tuple[int, ...]
-    cosine: torch.Tensor
-    retained: torch.Tensor
-    warnings: tuple[str, ...] = field(default=())
-
-
-CANCEL_COSINE = -0.5
-DUPLICATE_COSINE = 0.9
-
-
-def blend_interference(
-    terms: Sequence[tuple[str, float, torch.Tensor]], layers: Sequence[int]
-) -> InterferenceReport:
-    """Cosines of the weighted terms ``(name, weight, vector [n_layers, H])`` at ``layers``."""
-    names = tuple(name for name, _, _ in terms)
-    stacked = torch.stack([w * v[list(layers)].float() for _, w, v in terms], dim=1)  # [L, K, H]
-    unit = torch.nn.functional.normalize(stacked, dim=-1)
-    cosine = unit @ unit.transpose(1, 2)
-    norms = stacked.norm(dim=-1).sum(dim=1)
-    retained = stacked.sum(dim=1).norm(dim=-1) / norms.clamp_min(1e-12)
-    warnings: list[str] = []
-    for a in range(len(names)):
-        for b in range(a + 1, len(names)):
-            values = cosine[:, a, b]
-            low, high = float(values.min()), float(values.max())
-            if low < CANCEL_COSINE:
-                at = layers[int(values.argmin())]
-                warnings.append(
-                    f"{names[a]} and {names[b]} cancel (signed cosine {low:.2f} at layer {at}); "
-                    "their weighted directions oppose, so the blend is weaker than it looks"
-                )
-            if high > DUPLICATE_COSINE:
-                at = layers[int(values.argmax())]
-                warnings.append(
-                    f"{names[a]} and {names[b]} duplicate each other (cosine {high:.2f} at layer "
-                    f"{at}); the blend adds the same direction twice"
-                )
-    for message in warnings:
-        log.warning("blend interference: %s", message)
-    return InterferenceReport(names, tuple(layers), cosine, retained, tuple(warnings))
-
-
-# --------------------------------------------------------------------------- building
 
 
 @dataclass
@@ -491,47 +178,8 @@ def build_ablation(
     if spec.mode not in ABLATION_MODES:
         raise InterventionError(f"unknown ablation mode {spec.mode!r}; use one of {ABLATION_MODES}")
     _check_positions(spec.positions, spec.last_n)
-    n_layers, width = lm.info.n_layers, lm.info.mlp_width
-    units: dict[tuple[int, int], float] = {}
-    site: Site = "mlp_hidden"
-    if spec.neuron_set is not None:
-        if spec.neuron_set not in neuron_sets:
-            known = ", ".join(sorted(neuron_sets)) or "none registered"
-            raise InterventionError(f"unknown neuron set {spec.neuron_set!r}; known sets: {known}")
-        nset = neuron_sets[spec.neuron_set]
-        if nset.site not in ("mlp_hidden", "gate"):
-            raise InterventionError(
-                f"neuron set {spec.neuron_set!r} has unknown site {nset.site!r}"
-            )
-        site = "gate" if nset.site == "gate" else "mlp_hidden"
-        if site == "gate" and lm.sites.gates is None:
-            raise InterventionError(
-                f"neuron set {spec.neuron_set!r} lives at the gate, but "
-                f"{lm.info.architecture} has no separate gate projection"
-            )
-        if spec.mode == "mean" and nset.means is None:
-            raise InterventionError(
-                f"mean ablation needs baseline means, which neuron set {spec.neuron_set!r} lacks; "
-                "use mode='zero'"
-            )
-        count = len(nset) if spec.top_k is None else min(spec.top_k, len(nset))
-        for i in range(count):
-            layer, index = nset.layers[i], nset.indices[i]
-            check_neuron(layer, index, n_layers, width)
-            value = float(nset.means[i]) if nset.means is not None else 0.0
-            check_finite(value, f"baseline mean of neuron {layer}:{index} in {spec.neuron_set!r}")
-            units[(layer, index)] = value
-    typed = (
-        parse_neurons(spec.neurons, n_layers, width)
-        if isinstance(spec.neurons, str)
-        else [check_neuron(int(la), int(i), n_layers, width) for la, i in spec.neurons]
-    )
-    if typed and spec.mode == "mean":
-        raise InterventionError(
-            "mean ablation of typed neurons needs baseline means; ablate a registered neuron set "
-            "or use mode='zero'"
-        )
-    for key in typed:
+    site, units = _set_units(lm, spec, neuron_sets)
+    for key in _typed_units(lm, spec):
         units.setdefault(key, 0.0)
     if not units:
         raise InterventionError("the ablation names no neurons; give a neuron set or '3:12,5:7'")
@@ -553,7 +201,7 @@ def build_ablation(
     return Ablate(
         indices,
         values,
-        width=width,
+        width=lm.info.mlp_width,
         site=site,
         rows=mask,
         dtype=dtype,
@@ -561,6 +209,56 @@ def build_ablation(
         last_n=spec.last_n,
         prompt_len=prompt_len,
     )
+
+
+def _set_units(
+    lm: LoadedModel, spec: AblationSpec, neuron_sets: Mapping[str, NeuronSet]
+) -> tuple[Site, dict[tuple[int, int], float]]:
+    """The site and ``{(layer, index): baseline mean}`` of the spec's neuron set (top k)."""
+    units: dict[tuple[int, int], float] = {}
+    if spec.neuron_set is None:
+        return "mlp_hidden", units
+    if spec.neuron_set not in neuron_sets:
+        known = ", ".join(sorted(neuron_sets)) or "none registered"
+        raise InterventionError(f"unknown neuron set {spec.neuron_set!r}; known sets: {known}")
+    nset = neuron_sets[spec.neuron_set]
+    if nset.site not in ("mlp_hidden", "gate"):
+        raise InterventionError(f"neuron set {spec.neuron_set!r} has unknown site {nset.site!r}")
+    site: Site = "gate" if nset.site == "gate" else "mlp_hidden"
+    if site == "gate" and lm.sites.gates is None:
+        raise InterventionError(
+            f"neuron set {spec.neuron_set!r} lives at the gate, but "
+            f"{lm.info.architecture} has no separate gate projection"
+        )
+    if spec.mode == "mean" and nset.means is None:
+        raise InterventionError(
+            f"mean ablation needs baseline means, which neuron set {spec.neuron_set!r} lacks; "
+            "use mode='zero'"
+        )
+    count = len(nset) if spec.top_k is None else min(spec.top_k, len(nset))
+    for i in range(count):
+        layer, index = nset.layers[i], nset.indices[i]
+        check_neuron(layer, index, lm.info.n_layers, lm.info.mlp_width)
+        value = float(nset.means[i]) if nset.means is not None else 0.0
+        check_finite(value, f"baseline mean of neuron {layer}:{index} in {spec.neuron_set!r}")
+        units[(layer, index)] = value
+    return site, units
+
+
+def _typed_units(lm: LoadedModel, spec: AblationSpec) -> list[tuple[int, int]]:
+    """The spec's typed ``(layer, index)`` units, checked; zero ablation only."""
+    n_layers, width = lm.info.n_layers, lm.info.mlp_width
+    typed = (
+        parse_neurons(spec.neurons, n_layers, width)
+        if isinstance(spec.neurons, str)
+        else [check_neuron(int(la), int(i), n_layers, width) for la, i in spec.neurons]
+    )
+    if typed and spec.mode == "mean":
+        raise InterventionError(
+            "mean ablation of typed neurons needs baseline means; ablate a registered neuron set "
+            "or use mode='zero'"
+        )
+    return typed
 
 
 def site_device(lm: LoadedModel, site: Site, layer: int) -> torch.device:
