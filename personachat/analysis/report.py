@@ -62,7 +62,23 @@ def write_report(r: ModelAnalysis, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md: list[str] = [f"# Persona analysis: {r.model_id}", ""]
-    md += [
+    md += _goal(r) + _data(r) + _method(r)
+    md += ["## Results", ""]
+    md += _collapse_results(r, out) + _probe_results(r, out) + _patching_results(r, out)
+    md += _space_results(r, out) + _comparison_results(r, out) + _contrasts_results(r, out)
+    if r.collapse_late is not None:
+        md += [collapse_finding(r.collapse_late), ""]
+    md += ["## Analysis", "", *interpretation(r), ""]
+    md += _next_steps() + _takeaways(r)
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    (out / "results.json").write_text(json.dumps(results_json(r), indent=2) + "\n")
+    return path
+
+
+def _goal(r: ModelAnalysis) -> list[str]:
+    """What persona collapse is and the questions this report asks about it."""
+    return [
         "## Goal",
         "",
         "*Persona collapse* is when personas with clearly different descriptions give the same "
@@ -72,6 +88,12 @@ def write_report(r: ModelAnalysis, out: str | Path) -> Path:
         "influence enters the answer (activation patching), and whether collapse comes from weak "
         "persona representations, strong generic priors or a bottleneck (controlled contrasts).",
         "",
+    ]
+
+
+def _data(r: ModelAnalysis) -> list[str]:
+    """The personas and preferences, with a few example prompts and answers."""
+    return [
         "## Data",
         "",
         f"{len(r.personas)} personas{f' from {r.dataset}' if r.dataset else ''}, "
@@ -90,6 +112,12 @@ def write_report(r: ModelAnalysis, out: str | Path) -> Path:
             [(a.persona, a.question, a.text[:90], a.answer) for a in _examples(r.collapse)],
         ),
         "",
+    ]
+
+
+def _method(r: ModelAnalysis) -> list[str]:
+    """How each analysis measures what it reports."""
+    return [
         "## Method",
         "",
         "- **Collapse**: each persona answers every phrasing greedily ("
@@ -126,8 +154,12 @@ def write_report(r: ModelAnalysis, out: str | Path) -> Path:
         "vs lowest probability (generic bias); persona as system prompt (early) vs appended "
         "after the question (late).",
         "",
-        "## Results",
-        "",
+    ]
+
+
+def _collapse_results(r: ModelAnalysis, out: Path) -> list[str]:
+    """Collapse per preference: finding, figure and table."""
+    return [
         "### Persona collapse",
         "",
         collapse_finding(r.collapse),
@@ -162,6 +194,12 @@ def write_report(r: ModelAnalysis, out: str | Path) -> Path:
             ],
         ),
         "",
+    ]
+
+
+def _probe_results(r: ModelAnalysis, out: Path) -> list[str]:
+    """Probe accuracy by layer and token group: finding, figure and table."""
+    return [
         "### Persona signal by layer",
         "",
         probe_finding(r.probe),
@@ -177,7 +215,11 @@ def write_report(r: ModelAnalysis, out: str | Path) -> Path:
         ),
         "",
     ]
-    md += ["### Activation patching", ""]
+
+
+def _patching_results(r: ModelAnalysis, out: Path) -> list[str]:
+    """Each patched pair (and its heads), then the circuit, which is also written as JSON."""
+    md = ["### Activation patching", ""]
     for i, p in enumerate(r.patching):
         md += [patching_finding(p), "", _save(patching_figure(p), out, f"patching_{i}.png"), ""]
         if p.heads:
@@ -187,39 +229,52 @@ def write_report(r: ModelAnalysis, out: str | Path) -> Path:
     if r.circuit is not None:
         (out / "circuit.json").write_text(json.dumps(r.circuit.to_json(), indent=2) + "\n")
         md += [f"Circuit (`circuit.json`): `{json.dumps(r.circuit.to_json())}`", ""]
-    if r.space is not None:
-        md += [
-            "### Persona space",
-            "",
-            space_finding(r.space),
-            "",
-            _save(persona_space_figure(r.space), out, "persona_space.png"),
-            "",
-            _save(axis_figure(r.space), out, "assistant_axis.png"),
-            "",
-        ]
-    if r.comparison is not None and r.space is not None and r.other_space is not None:
-        md += [
-            "### Cross-model comparison",
-            "",
-            comparison_finding(r.comparison),
-            "",
-            _save(comparison_figure(r.comparison, r.space, r.other_space), out, "comparison.png"),
-            "",
-        ]
-    if r.contrasts is not None:
-        md += [
-            "### Controlled contrasts",
-            "",
-            contrasts_finding(r.contrasts),
-            "",
-            _save(contrasts_figure(r.contrasts), out, "contrasts.png"),
-            "",
-        ]
-    if r.collapse_late is not None:
-        md += [collapse_finding(r.collapse_late), ""]
-    md += ["## Analysis", "", *interpretation(r), ""]
-    md += [
+    return md
+
+
+def _space_results(r: ModelAnalysis, out: Path) -> list[str]:
+    if r.space is None:
+        return []
+    return [
+        "### Persona space",
+        "",
+        space_finding(r.space),
+        "",
+        _save(persona_space_figure(r.space), out, "persona_space.png"),
+        "",
+        _save(axis_figure(r.space), out, "assistant_axis.png"),
+        "",
+    ]
+
+
+def _comparison_results(r: ModelAnalysis, out: Path) -> list[str]:
+    if r.comparison is None or r.space is None or r.other_space is None:
+        return []
+    return [
+        "### Cross-model comparison",
+        "",
+        comparison_finding(r.comparison),
+        "",
+        _save(comparison_figure(r.comparison, r.space, r.other_space), out, "comparison.png"),
+        "",
+    ]
+
+
+def _contrasts_results(r: ModelAnalysis, out: Path) -> list[str]:
+    if r.contrasts is None:
+        return []
+    return [
+        "### Controlled contrasts",
+        "",
+        contrasts_finding(r.contrasts),
+        "",
+        _save(contrasts_figure(r.contrasts), out, "contrasts.png"),
+        "",
+    ]
+
+
+def _next_steps() -> list[str]:
+    return [
         "## Next steps",
         "",
         "- Path patching from the persona-carrying heads' sources (which persona tokens they "
@@ -230,15 +285,16 @@ def write_report(r: ModelAnalysis, out: str | Path) -> Path:
         "- Repeat on instruction-tuned vs base variants of one family (cross-model comparison) "
         "to see whether tuning strengthens the generic prior.",
         "",
+    ]
+
+
+def _takeaways(r: ModelAnalysis) -> list[str]:
+    return [
         "## Takeaways",
         "",
         *[f"- {f}" for f in findings(r)],
         "",
     ]
-    path = out / "report.md"
-    path.write_text("\n".join(md))
-    (out / "results.json").write_text(json.dumps(results_json(r), indent=2) + "\n")
-    return path
 
 
 def _examples(c: CollapseResult, n: int = 8) -> list[Answer]:

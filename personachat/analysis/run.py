@@ -117,8 +117,7 @@ def analyze_model(
         placement="late",
         progress=progress,
     )
-    questions = [q for it in patch_items for q in it.questions]
-    prefixes = [it.answer_prefix for it in patch_items for _ in it.questions]
+    questions, prefixes = _probe_prompts(patch_items)
     probe = persona_probe(lm, personas, questions, answer_prefix=prefixes, progress=progress)
     space = _space(lm, personas, probe, vectors)
     result = ModelAnalysis(
@@ -132,31 +131,63 @@ def analyze_model(
         dataset=dataset,
         n_layers=lm.sites.n_layers,
     )
-    patch_sites: tuple[Site, ...] = ("residual", "mlp_hidden")
-    if lm.sites.attn_out is not None:
-        patch_sites += ("attn_heads",)
-    for a, b, item in _patch_pairs(lm, personas, collapse, patch_items, n_patch):
-        patch = activation_patching(
-            lm, a, b, item.questions[0], answer_prefix=item.answer_prefix, sites=patch_sites
-        )
-        result.patching.append(patch)
-        if result.circuit is None and not patch.same_answer:
-            result.circuit = find_circuit(
-                lm, a, b, item.questions[0], patch, answer_prefix=item.answer_prefix
-            )
+    result.patching, result.circuit = _patch_pairs_and_circuit(
+        lm, personas, collapse, patch_items, n_patch
+    )
     result.contrasts = contrasts(collapse, space, late)
     if compare is not None and space is not None:
-        other_lm, other_vectors = compare
-        other_probe = None
-        if not other_vectors:
-            other_probe = persona_probe(
-                other_lm, personas, questions, answer_prefix=prefixes, progress=progress
-            )
-        other = _space(other_lm, personas, other_probe, other_vectors)
+        other = _other_space(compare, personas, questions, prefixes, progress)
         if other is not None:
             result.other_space = other
             result.comparison = compare_spaces(space, other)
     return result
+
+
+def _probe_prompts(items: Sequence[PreferenceItem]) -> tuple[list[str], list[str]]:
+    """(questions, answer prefixes) of every phrasing of ``items``, for the probe."""
+    questions = [q for it in items for q in it.questions]
+    prefixes = [it.answer_prefix for it in items for _ in it.questions]
+    return questions, prefixes
+
+
+def _patch_pairs_and_circuit(
+    lm: LoadedModel,
+    personas: Sequence[Persona],
+    collapse: CollapseResult,
+    items: Sequence[PreferenceItem],
+    n: int,
+) -> tuple[list[PatchingResult], Circuit | None]:
+    """Patch up to ``n`` persona pairs (``_patch_pairs``) at every site the model has; the
+    circuit is searched on the first pair whose first answer tokens differ."""
+    sites: tuple[Site, ...] = ("residual", "mlp_hidden")
+    if lm.sites.attn_out is not None:
+        sites += ("attn_heads",)
+    patching: list[PatchingResult] = []
+    circuit = None
+    for a, b, item in _patch_pairs(lm, personas, collapse, items, n):
+        question, prefix = item.questions[0], item.answer_prefix
+        patch = activation_patching(lm, a, b, question, answer_prefix=prefix, sites=sites)
+        patching.append(patch)
+        if circuit is None and not patch.same_answer:
+            circuit = find_circuit(lm, a, b, question, patch, answer_prefix=prefix)
+    return patching, circuit
+
+
+def _other_space(
+    compare: tuple[LoadedModel, Sequence[PersonaVector]],
+    personas: Sequence[Persona],
+    questions: Sequence[str],
+    prefixes: Sequence[str],
+    progress: bool,
+) -> PersonaSpace | None:
+    """The second model's persona space: from its vectors, or (with none) from its own probe."""
+    other_lm, other_vectors = compare
+    other_probe = None
+    if not other_vectors:
+        other_probe = persona_probe(
+            other_lm, personas, questions, answer_prefix=prefixes, progress=progress
+        )
+    return _space(other_lm, personas, other_probe, other_vectors)
 
 
 def _space(

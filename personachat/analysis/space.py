@@ -150,21 +150,8 @@ def persona_space(
         raise ValueError(f"persona vectors must be [D] at one layer; got shape {x.shape[1:]}")
     cats = [(categories or {}).get(n, "") for n in names]
     neutral_list = list(neutral) if neutral is not None else neutral_personas(names, cats)
-    unknown = [n for n in neutral_list if n not in names]
-    if unknown:
-        raise ValueError(f"neutral personas {unknown} are not among {names}")
-    roles = [n for n in names if n not in neutral_list]
-    if not neutral_list or not roles:
-        raise ValueError(
-            f"the assistant axis needs neutral and role personas; neutral={neutral_list}, "
-            f"personas={names}. Pass neutral=[...] or give personas the category 'neutral'"
-        )
     centered = x - x.mean(axis=0, keepdims=True)
-    ni = [names.index(n) for n in neutral_list]
-    ri = [names.index(n) for n in roles]
-    axis = centered[ni].mean(0) - centered[ri].mean(0)
-    norm = float(np.linalg.norm(axis))
-    projection = centered @ (axis / norm) if norm > 0 else np.zeros(len(names))
+    axis, projection = assistant_axis(centered, names, neutral_list)
     coords, ratio = pca(x, n_components)
     return PersonaSpace(
         model_id=model_id,
@@ -180,6 +167,28 @@ def persona_space(
         projection=projection,
         source=source,
     )
+
+
+def assistant_axis(
+    centered: np.ndarray, names: Sequence[str], neutral: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(axis [D], projection [P]): mean of the ``neutral`` rows of ``centered`` minus mean of the
+    others (the roles), and each row's projection on the unit axis."""
+    unknown = [n for n in neutral if n not in names]
+    if unknown:
+        raise ValueError(f"neutral personas {unknown} are not among {list(names)}")
+    roles = [n for n in names if n not in neutral]
+    if not neutral or not roles:
+        raise ValueError(
+            f"the assistant axis needs neutral and role personas; neutral={list(neutral)}, "
+            f"personas={list(names)}. Pass neutral=[...] or give personas the category 'neutral'"
+        )
+    ni = [names.index(n) for n in neutral]
+    ri = [names.index(n) for n in roles]
+    axis = centered[ni].mean(0) - centered[ri].mean(0)
+    norm = float(np.linalg.norm(axis))
+    projection = centered @ (axis / norm) if norm > 0 else np.zeros(len(names))
+    return axis, projection
 
 
 @dataclass(frozen=True)
