@@ -30,7 +30,7 @@ from personachat.records import Persona
 class Circuit:
     """A small set of sites whose joint patch restores most of the answer difference."""
 
-    nodes: list[str]  # seed 002 names: "input", "a{layer}.h{head}", "m{layer}"
+    nodes: list[str]  # "input", then "a{layer}.h{head}" (heads) and "m{layer}" (MLPs)
     sites: list[PatchSite]  # patched together, in the order they were chosen
     restored: float  # joint restored fraction
     target: float

@@ -30,7 +30,7 @@ class PairStats:
 
 @dataclass(eq=False)
 class Contrasts:
-    """Seed 002's contrasts: persona distance, generic bias, placement of the persona."""
+    """Collapse under three contrasts: persona distance, generic bias, persona placement."""
 
     strong: list[PairStats]  # the most different persona pairs (lowest cosine)
     mild: list[PairStats]  # the most similar pairs (highest cosine)

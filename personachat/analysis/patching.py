@@ -80,12 +80,12 @@ class PatchSite:
 
     @property
     def node(self) -> str:
-        """Seed 002's node name: ``a{layer}.h{head}`` or ``m{layer}``."""
+        """The site's name as a circuit node: ``a{layer}.h{head}`` or ``m{layer}``."""
         if self.site == "attn_heads" and self.head is not None:
             return f"a{self.layer}.h{self.head}"
         if self.site == "mlp_hidden":
             return f"m{self.layer}"
-        raise ValueError(f"{self} has no seed-002 node name (only single heads and MLPs do)")
+        raise ValueError(f"{self} has no circuit node name (only single heads and MLPs do)")
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"site": self.site, "layer": self.layer, "group": self.group}

@@ -36,7 +36,7 @@ def default_preferences() -> list[PreferenceItem]:
 
 
 def demo_preferences(forced: bool = True) -> list[PreferenceItem]:
-    """The demo model's planted preference questions (``personachat.demo``), all phrasings.
+    """The demo model's planted preference questions (``personachat.prompts.demo``), all phrasings.
 
     ``forced`` starts every reply with ``My favourite {key} is`` so all personas share the tokens
     after the question (needed for patching); otherwise the answer is found in the free reply.

@@ -144,8 +144,8 @@ def _method(r: ModelAnalysis) -> list[str]:
         "patch restores (1 = A answers like B). A head *carries the persona* when patching it "
         f"alone restores >= {HEAD_THRESHOLD:.1f}.",
         "- **Circuit**: single heads and MLPs are joined greedily by their single-site score "
-        "until their joint patch restores 0.8; nodes are named as in seed 002 (`input`, "
-        "`a{layer}.h{head}`, `m{layer}`).",
+        "until their joint patch restores 0.8; nodes are named `input`, `a{layer}.h{head}` "
+        "(an attention head) and `m{layer}` (an MLP).",
         "- **Persona space**: cosine similarity of mean-centered persona vectors, PCA, and the "
         "assistant axis (mean of neutral personas minus mean of the others) with each persona's "
         "projection.",

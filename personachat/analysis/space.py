@@ -7,7 +7,7 @@ models' geometries over their shared personas: Pearson and Spearman correlation 
 triangles of their similarity matrices, and Spearman rank agreement of the personas'
 assistant-axis projections.
 
-Layers follow ``personachat.sites.LAYER_CONVENTION`` (layer i = output of decoder block i).
+Layers follow ``personachat.records.LAYER_CONVENTION`` (layer i = output of decoder block i).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def pca(x: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def default_layer(vectors: Sequence[PersonaVector]) -> int:
-    """The layer with the highest mean AUC over the vectors, else 65% of the depth (seed 003)."""
+    """The layer with the highest mean AUC over the vectors, else 65% of the depth."""
     with_metrics = [v.metrics for v in vectors if v.metrics is not None]
     if with_metrics:
         auc = torch.stack([m.auc for m in with_metrics]).mean(0)
