@@ -38,7 +38,7 @@ def analysis_inputs(
 ) -> AnalysisInputs:
     """The personas and questions of ``dataset``: ``demo`` is the demo model's planted personas
     and preference questions (patched with the forced reply prefix); any other dataset (built-in
-    name or .json/.jsonl file) gives the personas, with ``analysis.default_preferences()``.
+    name or .json/.jsonl file) gives the personas, with ``default_preferences()``.
     ``names`` keeps only those personas, in that order (ValueError naming unknown ones)."""
     patch_items = None
     if dataset == "demo":

@@ -180,6 +180,11 @@ def clean_runs(
     answer_prefix: str,
     placement: Placement,
 ) -> PatchRuns:
+    """Run A (``target``) and B (``source``) unpatched, caching B's ``sites`` at every layer.
+
+    The answer tokens are each run's greedy first token; when they agree (a collapsed pair), B's
+    is the token B prefers most relative to A.
+    """
     a = encode_prompt(lm, target, question, answer_prefix, placement)
     b = encode_prompt(lm, source, question, answer_prefix, placement)
     logits_a, _ = _run_cached(lm, a.ids, [])
