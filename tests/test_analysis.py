@@ -1,7 +1,7 @@
 """Persona analysis: geometry, collapse metrics, probes, patching and the report, on tiny models.
 
 Expected values come from hand-built geometry or from the model's own forward pass; the demo
-test checks that the collapse analysis finds the collapse planted in ``personachat.demo``.
+test checks that the collapse analysis finds the collapse planted in ``personachat.prompts.demo``.
 """
 
 from __future__ import annotations
