@@ -1,7 +1,7 @@
 """Persona analysis: geometry, collapse metrics, probes, patching and the report, on tiny models.
 
 Expected values come from hand-built geometry or from the model's own forward pass; the demo
-test checks that the collapse analysis finds the collapse planted in ``personachat.demo``.
+test checks that the collapse analysis finds the collapse planted in ``personachat.prompts.demo``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,23 @@ import numpy as np
 import pytest
 import torch
 
-import personachat.analysis.core as an
-from personachat.analysis import report as rp
+from personachat.analysis.answers import Answer, generate_answers, normalise_answer
+from personachat.analysis.circuit import circuit_candidates, find_circuit
+from personachat.analysis.collapse import collapse_from_answers, js_divergence, persona_collapse
+from personachat.analysis.contrasts import contrasts, own_answers_kept, pair_stats
+from personachat.analysis.findings import HEAD_THRESHOLD, carrying_heads, heads_finding
+from personachat.analysis.groups import GROUPS, Prompt, encode_prompt
+from personachat.analysis.patching import (
+    PatchingResult,
+    PatchSite,
+    activation_patching,
+    patch_restored,
+)
+from personachat.analysis.preferences import PreferenceItem, demo_preferences
+from personachat.analysis.probes import collect_group_features, persona_probe
+from personachat.analysis.report import write_report
+from personachat.analysis.run import analyze_model
+from personachat.analysis.space import PersonaSpace, compare_spaces, persona_space, upper_triangle
 from personachat.model import LoadedModel
 from personachat.model.tiny import tiny_model
 from personachat.records import LayerMetrics, Persona, PersonaVector
@@ -34,11 +49,11 @@ DEMO = Path(__file__).resolve().parents[1] / "store" / "models" / "demo"
 # ---- persona space ----------------------------------------------------------------------------
 
 
-def cross_space() -> an.PersonaSpace:
+def cross_space() -> PersonaSpace:
     # e1, -e1, e2, -e2: mean zero; cos(e1, -e1) = -1, cos(e1, e2) = 0.
     e = np.eye(3)
     vecs = {"default": e[0], "rebel": -e[0], "poet": e[1], "pirate": -e[1]}
-    return an.persona_space(vecs, n_components=3)
+    return persona_space(vecs, n_components=3)
 
 
 def test_persona_space_known_geometry() -> None:
@@ -59,15 +74,16 @@ def test_persona_space_from_vectors_adds_baseline_and_picks_best_layer() -> None
     def vec(name: str, rows: list[list[float]], auc: list[float]) -> PersonaVector:
         t = torch.tensor(rows, dtype=torch.float32)
         metrics = LayerMetrics(torch.tensor(auc), torch.zeros(2), t.norm(dim=-1), torch.ones(2))
-        return PersonaVector("m", name, t, baseline="default", metrics=metrics,
-                             created_at=datetime.now(UTC))  # fmt: skip
+        return PersonaVector(
+            "m", name, t, baseline="default", metrics=metrics, created_at=datetime.now(UTC)
+        )
 
     vectors = [
         vec("a", [[9, 9], [1, 0]], [0.5, 0.9]),
         vec("b", [[9, 9], [0, 1]], [0.6, 0.8]),
         vec("c", [[9, 9], [1, 1]], [0.5, 1.0]),
     ]
-    s = an.persona_space(vectors)
+    s = persona_space(vectors)
     assert s.layer == 1  # highest mean AUC
     assert s.personas == ["default", "a", "b", "c"]  # the baseline is the zero vector
     x = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], float)
@@ -82,47 +98,47 @@ def test_compare_spaces_aligns_by_name_and_is_rotation_invariant() -> None:
     names = ["default", "pirate", "poet", "cynic", "robot", "chef"]
     x = rng.normal(size=(6, 8))
     q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
-    a = an.persona_space(dict(zip(names, x, strict=True)), model_id="A")
+    a = persona_space(dict(zip(names, x, strict=True)), model_id="A")
     rotated = {n: x[i] @ q for i, n in reversed(list(enumerate(names)))}  # other order
-    b = an.persona_space(rotated, model_id="B")
-    cmp = an.compare_spaces(a, b)
+    b = persona_space(rotated, model_id="B")
+    cmp = compare_spaces(a, b)
     assert cmp.pearson == pytest.approx(1.0)
     assert cmp.spearman == pytest.approx(1.0)
     assert cmp.axis_spearman == pytest.approx(1.0)
     assert cmp.rank_shift() == dict.fromkeys(names, 0)
     # Swapping two personas' vectors changes the geometry by a known permutation.
     swapped = dict(zip(names, x[[0, 2, 1, 3, 4, 5]], strict=True))
-    c2 = an.compare_spaces(a, an.persona_space(swapped, model_id="C"))
+    c2 = compare_spaces(a, persona_space(swapped, model_id="C"))
     perm = a.cosine[np.ix_([0, 2, 1, 3, 4, 5], [0, 2, 1, 3, 4, 5])]
-    expected = np.corrcoef(an.upper_triangle(a.cosine), an.upper_triangle(perm))[0, 1]
+    expected = np.corrcoef(upper_triangle(a.cosine), upper_triangle(perm))[0, 1]
     assert c2.pearson == pytest.approx(expected)
     assert c2.pearson < 0.99
 
 
 def test_persona_space_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match="neutral and role personas"):
-        an.persona_space({"a": np.ones(2), "b": np.zeros(2), "c": -np.ones(2)})
+        persona_space({"a": np.ones(2), "b": np.zeros(2), "c": -np.ones(2)})
     with pytest.raises(ValueError, match="at least 3 personas"):
-        an.persona_space({"default": np.ones(2), "b": np.zeros(2)})
+        persona_space({"default": np.ones(2), "b": np.zeros(2)})
 
 
 # ---- collapse metrics -----------------------------------------------------------------------
 
 
 def test_js_divergence_values() -> None:
-    assert an.js_divergence({0: 1.0}, {1: 1.0}) == pytest.approx(math.log(2))
-    assert an.js_divergence({0: 0.3, 1: 0.7}, {0: 0.3, 1: 0.7}) == pytest.approx(0.0)
+    assert js_divergence({0: 1.0}, {1: 1.0}) == pytest.approx(math.log(2))
+    assert js_divergence({0: 0.3, 1: 0.7}, {0: 0.3, 1: 0.7}) == pytest.approx(0.0)
     # Missing mass is one bucket: {0: .5} vs {1: .5} share the 0.5 "other" bucket.
     m = 0.25
     kl = 0.5 * math.log(0.5 / m) + 0.5 * math.log(0.5 / 0.5)
-    assert an.js_divergence({0: 0.5}, {1: 0.5}) == pytest.approx(kl)
+    assert js_divergence({0: 0.5}, {1: 0.5}) == pytest.approx(kl)
 
 
-def _ans(persona: str, key: str, q: str, answer: str, top: dict[int, float]) -> an.Answer:
-    return an.Answer(persona, key, q, f"My favourite {key} is {answer}", answer, top, min(top))
+def _ans(persona: str, key: str, q: str, answer: str, top: dict[int, float]) -> Answer:
+    return Answer(persona, key, q, f"My favourite {key} is {answer}", answer, top, min(top))
 
 
-def planted_answers() -> list[an.Answer]:
+def planted_answers() -> list[Answer]:
     rows = []
     for q in ("q1", "q2"):
         rows += [
@@ -141,7 +157,7 @@ def planted_answers() -> list[an.Answer]:
 
 
 def test_collapse_from_answers_flags_and_divergence() -> None:
-    r = an.collapse_from_answers(planted_answers(), threshold=0.5, neutral="default")
+    r = collapse_from_answers(planted_answers(), threshold=0.5, neutral="default")
     dessert, colour = r.question("dessert"), r.question("colour")
     # pirate: "pudding" once and "cake" once -> tie, first seen ("pudding") is its answer.
     want = {"default": "cake", "chef": "cake", "poet": "cake", "pirate": "pudding"}
@@ -151,11 +167,11 @@ def test_collapse_from_answers_flags_and_divergence() -> None:
     assert dessert.collapsed_personas == ["default", "chef", "poet"]
     assert dessert.generic_prob == pytest.approx(0.9)  # default's p of cake's first token
     # Span JS: three personas always "cake", pirate half/half.
-    half = an.js_divergence({"cake": 1.0}, {"pudding": 0.5, "cake": 0.5})
+    half = js_divergence({"cake": 1.0}, {"pudding": 0.5, "cake": 0.5})
     assert dessert.span_js == pytest.approx(3 * half / 6)
     tops = [{1: 0.9}, {1: 0.8}, {1: 0.7}, {2: 0.9}]
     pairs = [(tops[i], tops[j]) for i in range(4) for j in range(i + 1, 4)]
-    expected_tok = np.mean([an.js_divergence(a, b) for a, b in pairs])
+    expected_tok = np.mean([js_divergence(a, b) for a, b in pairs])
     assert dessert.token_js == pytest.approx(expected_tok)
     # Colour: every persona differs, pirate's answer was not found ("") and counts for no one.
     assert not colour.collapsed and colour.modal_share == 0.25 and colour.n_distinct == 3
@@ -164,16 +180,16 @@ def test_collapse_from_answers_flags_and_divergence() -> None:
 
 
 def test_contrasts_split_pairs_and_questions() -> None:
-    r = an.collapse_from_answers(planted_answers(), threshold=0.5, neutral="default")
+    r = collapse_from_answers(planted_answers(), threshold=0.5, neutral="default")
     e = np.eye(3)
-    space = an.persona_space({"default": e[0], "chef": -e[0], "poet": e[1], "pirate": -e[1]})
-    c = an.contrasts(r, space, late=r, n_pairs=1)
+    space = persona_space({"default": e[0], "chef": -e[0], "poet": e[1], "pirate": -e[1]})
+    c = contrasts(r, space, late=r, n_pairs=1)
     # Lowest cosine (-1): default/chef; they agree on dessert (cake) but not colour.
     assert (c.strong[0].a, c.strong[0].b, c.strong[0].cosine) == ("default", "chef", -1.0)
     assert c.strong[0].agreement == 0.5
     assert c.mild[0].cosine == pytest.approx(0.0)
     # Pirate has no colour answer: agreement with pirate counts the dessert only.
-    assert an.pair_stats(r, "default", "pirate").agreement == 0.0
+    assert pair_stats(r, "default", "pirate").agreement == 0.0
     # Generic bias: default gives colour's modal first token p=1.0, dessert's p=0.9.
     assert (c.high_bias, c.low_bias) == (["colour"], ["dessert"])
     assert (c.share_high_bias, c.share_low_bias) == (0.25, 0.75)
@@ -186,8 +202,8 @@ def test_contrasts_split_pairs_and_questions() -> None:
         _ans(a.persona, a.key, a.question, "cake", a.top) if a.persona == "pirate" else a
         for a in planted_answers()
     ]
-    late = an.collapse_from_answers(late_rows, neutral="default")
-    assert an.own_answers_kept(r, late) == pytest.approx(2 / 3)
+    late = collapse_from_answers(late_rows, neutral="default")
+    assert own_answers_kept(r, late) == pytest.approx(2 / 3)
     assert late.question("dessert").modal_share == 1.0
 
 
@@ -197,33 +213,33 @@ def test_contrasts_split_pairs_and_questions() -> None:
 def test_encode_prompt_spans_cover_persona_and_question(llama: LoadedModel) -> None:
     tok = llama.tokenizer
     for placement in ("early", "late"):
-        p = an.encode_prompt(llama, PIRATE, QUESTIONS[0], PREFIX, placement)  # type: ignore[arg-type]
+        p = encode_prompt(llama, PIRATE, QUESTIONS[0], PREFIX, placement)  # type: ignore[arg-type]
         assert tok.decode(p.ids[slice(*p.persona_span)]).strip() == PIRATE.system_prompt
         assert tok.decode(p.ids[slice(*p.question_span)]).strip() == QUESTIONS[0]
         assert tok.decode(p.ids).endswith(PREFIX)
-    late = an.encode_prompt(llama, PIRATE, QUESTIONS[0], PREFIX, "late")
+    late = encode_prompt(llama, PIRATE, QUESTIONS[0], PREFIX, "late")
     assert late.persona_span[0] > late.question_span[0]  # the persona comes after the question
-    d = an.encode_prompt(llama, DEFAULT, QUESTIONS[0], PREFIX)
+    d = encode_prompt(llama, DEFAULT, QUESTIONS[0], PREFIX)
     assert d.persona_span == (0, d.question_span[0])  # chat header before the question
 
 
 def test_group_features_match_the_models_hidden_states(llama: LoadedModel) -> None:
-    prompts = [an.encode_prompt(llama, p, q, PREFIX) for p in (PIRATE, DEFAULT) for q in QUESTIONS]
-    feats = an.collect_group_features(llama, prompts, batch_size=4)  # padded batches
+    prompts = [encode_prompt(llama, p, q, PREFIX) for p in (PIRATE, DEFAULT) for q in QUESTIONS]
+    feats = collect_group_features(llama, prompts, batch_size=4)  # padded batches
     n = llama.sites.n_layers
     for i, p in enumerate(prompts):
         ids = torch.tensor([list(p.ids)])
         with torch.no_grad():
             hs = llama.model(ids, output_hidden_states=True).hidden_states
         for layer in range(n - 1):  # the last entry of hidden_states has the final norm applied
-            for g, group in enumerate(an.GROUPS):
+            for g, group in enumerate(GROUPS):
                 want = hs[layer + 1][0, p.group(group)].mean(0).numpy()
                 np.testing.assert_allclose(feats[i, g, layer], want, rtol=1e-4, atol=1e-5)
 
 
 def test_probe_decodes_persona_from_its_own_tokens(llama: LoadedModel) -> None:
     personas = [PIRATE, STAR, COOK, DEFAULT]
-    r = an.persona_probe(llama, personas, QUESTIONS, answer_prefix=PREFIX, folds=3)
+    r = persona_probe(llama, personas, QUESTIONS, answer_prefix=PREFIX, folds=3)
     assert r.accuracy.shape == (3, llama.sites.n_layers)
     assert r.chance == pytest.approx(0.25)
     # The persona span precedes the question: identical per persona, different across them.
@@ -233,7 +249,7 @@ def test_probe_decodes_persona_from_its_own_tokens(llama: LoadedModel) -> None:
 
 
 def test_patching_restores_exactly_at_the_last_layer(llama: LoadedModel) -> None:
-    r = an.activation_patching(llama, STAR, COOK, QUESTIONS[0], answer_prefix=PREFIX)
+    r = activation_patching(llama, STAR, COOK, QUESTIONS[0], answer_prefix=PREFIX)
     last = llama.sites.n_layers - 1
     assert r.ld_b != pytest.approx(r.ld_a)
     # The last position's residual at the last layer determines its logits: full restoration.
@@ -241,21 +257,21 @@ def test_patching_restores_exactly_at_the_last_layer(llama: LoadedModel) -> None
     # Question positions at the last layer cannot reach the last position any more.
     assert r.restored[("residual", "question")][last] == pytest.approx(0.0, abs=1e-5)
     # Same-length persona spans can be patched; all six (site, group) curves exist.
-    assert set(r.restored) == {(s, g) for s in ("residual", "mlp_hidden") for g in an.GROUPS}
+    assert set(r.restored) == {(s, g) for s in ("residual", "mlp_hidden") for g in GROUPS}
     # Patching the persona span at layer 0 restores the same as running with the persona's
     # tokens as long as later layers re-read it: it must move the logit difference.
     assert abs(r.restored[("residual", "persona")][0]) > 0.05
 
 
 def test_patching_skips_unequal_persona_spans(llama: LoadedModel) -> None:
-    r = an.activation_patching(llama, PIRATE, COOK, QUESTIONS[0], answer_prefix=PREFIX)
+    r = activation_patching(llama, PIRATE, COOK, QUESTIONS[0], answer_prefix=PREFIX)
     assert "persona" in r.skipped and "5 vs 6 tokens" in r.skipped["persona"]
     assert ("residual", "persona") not in r.restored
 
 
-def test_find_circuit_names_nodes_as_seed_002(llama: LoadedModel) -> None:
-    r = an.activation_patching(llama, STAR, COOK, QUESTIONS[0], answer_prefix=PREFIX)
-    c = an.find_circuit(llama, STAR, COOK, QUESTIONS[0], r, answer_prefix=PREFIX, goal=0.5)
+def test_find_circuit_names_heads_and_mlps(llama: LoadedModel) -> None:
+    r = activation_patching(llama, STAR, COOK, QUESTIONS[0], answer_prefix=PREFIX)
+    c = find_circuit(llama, STAR, COOK, QUESTIONS[0], r, answer_prefix=PREFIX, goal=0.5)
     assert c is not None and c.restored >= 0.5
     assert c.nodes[0] == "input"
     assert all(re.fullmatch(r"m\d+|a\d+\.h\d+", n) for n in c.nodes[1:])
@@ -274,7 +290,7 @@ def _o_proj_inputs(lm: LoadedModel, ids: tuple[int, ...], layer: int) -> torch.T
 
 
 def _restored_with_o_proj_shift(
-    lm: LoadedModel, a: an.Prompt, layer: int, shift: torch.Tensor, r: an.PatchingResult
+    lm: LoadedModel, a: Prompt, layer: int, shift: torch.Tensor, r: PatchingResult
 ) -> float:
     """Restored fraction when ``shift`` [H] is added to o_proj's output at A's answer position."""
     from personachat.hooks import registered
@@ -294,15 +310,19 @@ def _restored_with_o_proj_shift(
 def test_head_patching_matches_a_direct_computation(llama: LoadedModel) -> None:
     """Patching head h at the answer position = adding W_o[:, h] @ (B's head output - A's) to the
     attention output there; patching every head of a layer = the layer's attention patch."""
-    r = an.activation_patching(
-        llama, STAR, COOK, QUESTIONS[0], answer_prefix=PREFIX,
+    r = activation_patching(
+        llama,
+        STAR,
+        COOK,
+        QUESTIONS[0],
+        answer_prefix=PREFIX,
         sites=("residual", "mlp_hidden", "attn_heads"),
-    )  # fmt: skip
+    )
     sites = llama.sites
-    assert sites.n_heads == 4 and set(r.heads) == set(an.GROUPS)
+    assert sites.n_heads == 4 and set(r.heads) == set(GROUPS)
     assert r.heads["answer"].shape == (sites.n_layers, 4)
-    a = an.encode_prompt(llama, STAR, QUESTIONS[0], PREFIX)
-    b = an.encode_prompt(llama, COOK, QUESTIONS[0], PREFIX)
+    a = encode_prompt(llama, STAR, QUESTIONS[0], PREFIX)
+    b = encode_prompt(llama, COOK, QUESTIONS[0], PREFIX)
     for layer in (1, sites.n_layers - 1):
         delta = _o_proj_inputs(llama, b.ids, layer)[b.answer_pos]
         delta = delta - _o_proj_inputs(llama, a.ids, layer)[a.answer_pos]
@@ -317,8 +337,8 @@ def test_head_patching_matches_a_direct_computation(llama: LoadedModel) -> None:
         with torch.no_grad():
             whole = _restored_with_o_proj_shift(llama, a, layer, w_o @ delta, r)
         assert r.restored[("attn_heads", "answer")][layer] == pytest.approx(whole, abs=1e-4)
-        every_head = [an.PatchSite("attn_heads", layer, "answer", h) for h in range(4)]
-        joint = an.patch_restored(llama, STAR, COOK, QUESTIONS[0], every_head, answer_prefix=PREFIX)
+        every_head = [PatchSite("attn_heads", layer, "answer", h) for h in range(4)]
+        joint = patch_restored(llama, STAR, COOK, QUESTIONS[0], every_head, answer_prefix=PREFIX)
         assert joint == pytest.approx(whole, abs=1e-4)
     # Some head at the last layer moves the answer (the fractions are not all ~0).
     assert float(np.abs(r.heads["answer"][-1]).max()) > 0.01
@@ -327,33 +347,33 @@ def test_head_patching_matches_a_direct_computation(llama: LoadedModel) -> None:
 
 
 def test_circuit_mixes_heads_and_mlps_and_reproduces(llama: LoadedModel) -> None:
-    r = an.activation_patching(llama, STAR, COOK, QUESTIONS[0], answer_prefix=PREFIX)
-    cands = an.circuit_candidates(r)
+    r = activation_patching(llama, STAR, COOK, QUESTIONS[0], answer_prefix=PREFIX)
+    cands = circuit_candidates(r)
     assert len(cands) == 3 * 3 + 3 * 3 * 4  # MLPs and heads, per layer and group
     assert {c.site for _, c in cands} == {"mlp_hidden", "attn_heads"}
-    c = an.find_circuit(llama, STAR, COOK, QUESTIONS[0], r, answer_prefix=PREFIX, goal=0.5)
+    c = find_circuit(llama, STAR, COOK, QUESTIONS[0], r, answer_prefix=PREFIX, goal=0.5)
     assert c is not None and c.nodes[0] == "input"
     assert all(re.fullmatch(r"m\d+|a\d+\.h\d+", n) for n in c.nodes[1:])
     assert set(c.nodes[1:]) == {s.node for s in c.sites}
-    again = an.patch_restored(llama, STAR, COOK, QUESTIONS[0], c.sites, answer_prefix=PREFIX)
+    again = patch_restored(llama, STAR, COOK, QUESTIONS[0], c.sites, answer_prefix=PREFIX)
     assert again == pytest.approx(c.restored, abs=1e-5) and again >= 0.5
     js = c.to_json()
     assert [("head" in s) for s in js["sites"]] == [s.site == "attn_heads" for s in c.sites]
 
 
 def test_generated_answers_do_not_depend_on_batching(llama: LoadedModel) -> None:
-    items = [an.PreferenceItem("capital", QUESTIONS[:2], PREFIX)]
-    one = an.generate_answers(llama, [PIRATE, DEFAULT], items, max_new_tokens=5, batch_size=1)
-    many = an.generate_answers(llama, [PIRATE, DEFAULT], items, max_new_tokens=5, batch_size=4)
+    items = [PreferenceItem("capital", QUESTIONS[:2], PREFIX)]
+    one = generate_answers(llama, [PIRATE, DEFAULT], items, max_new_tokens=5, batch_size=1)
+    many = generate_answers(llama, [PIRATE, DEFAULT], items, max_new_tokens=5, batch_size=4)
     assert [a.text for a in one] == [a.text for a in many]
     assert [a.first_token for a in one] == [a.first_token for a in many]
     for a in one:
         assert a.text.startswith(PREFIX)
-        assert a.answer == an.normalise_answer(a.text[len(PREFIX) :])
+        assert a.answer == normalise_answer(a.text[len(PREFIX) :])
         assert sum(a.top.values()) <= 1.0 + 1e-6
     # The distribution kept is the model's own next-token distribution at the answer position.
     a = one[0]
-    prompt = an.encode_prompt(llama, PIRATE, a.question, PREFIX)
+    prompt = encode_prompt(llama, PIRATE, a.question, PREFIX)
     with torch.no_grad():
         probs = llama.model(torch.tensor([list(prompt.ids)])).logits[0, -1].softmax(-1)
     assert a.first_token == int(probs.argmax())
@@ -363,14 +383,12 @@ def test_generated_answers_do_not_depend_on_batching(llama: LoadedModel) -> None
 
 def test_report_writes_every_section(llama: LoadedModel, tmp_path: Path) -> None:
     personas = [DEFAULT, PIRATE, STAR, COOK]
-    items = [an.PreferenceItem("capital", QUESTIONS, PREFIX)]
+    items = [PreferenceItem("capital", QUESTIONS, PREFIX)]
     other = tiny_model("llama", seed=1)  # a second model for the cross-model section
-    r = rp.analyze_model(
-        llama, personas, items, max_new_tokens=4, progress=False, compare=(other, [])
-    )
+    r = analyze_model(llama, personas, items, max_new_tokens=4, progress=False, compare=(other, []))
     # Force one patched pair so the patching section and figure are exercised.
-    r.patching.append(an.activation_patching(llama, STAR, COOK, QUESTIONS[0], answer_prefix=PREFIX))
-    path = rp.write_report(r, tmp_path)
+    r.patching.append(activation_patching(llama, STAR, COOK, QUESTIONS[0], answer_prefix=PREFIX))
+    path = write_report(r, tmp_path)
     text = path.read_text()
     for section in ("Goal", "Data", "Method", "Results", "Analysis", "Next steps", "Takeaways"):
         assert f"## {section}" in text
@@ -383,9 +401,9 @@ def test_report_writes_every_section(llama: LoadedModel, tmp_path: Path) -> None
         assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text
     assert "Probe (chance 0.25)" in text
     forced = r.patching[-1]
-    assert rp.heads_finding(forced) in text and "Per-head patching cook -> star" in text
-    carry = rp.carrying_heads(forced, "answer")
-    assert all(v >= rp.HEAD_THRESHOLD for _, _, v in carry)
+    assert heads_finding(forced) in text and "Per-head patching cook -> star" in text
+    carry = carrying_heads(forced, "answer")
+    assert all(v >= HEAD_THRESHOLD for _, _, v in carry)
     grid = forced.heads["answer"]
     expected = [(la, h) for la in range(3) for h in range(4) if grid[la, h] >= 0.2]
     assert sorted((la, h) for la, h, _ in carry) == expected
@@ -401,12 +419,12 @@ def test_demo_collapse_finds_what_was_planted() -> None:
 
     lm = load_model(str(DEMO))
     items = [
-        an.PreferenceItem(it.key, it.questions[:1], it.answer_prefix, it.answer_pattern)
-        for it in rp.demo_preferences(forced=False)
+        PreferenceItem(it.key, it.questions[:1], it.answer_prefix, it.answer_pattern)
+        for it in demo_preferences(forced=False)
     ]
     personas = demo.demo_personas()
     batch = len(personas) * len(items)  # one generate call
-    r = an.persona_collapse(lm, personas, items, max_new_tokens=20, batch_size=batch)
+    r = persona_collapse(lm, personas, items, max_new_tokens=20, batch_size=batch)
     for pref in demo.PREFERENCES:
         q = r.question(pref.key)
         assert q.modal_answer == pref.generic

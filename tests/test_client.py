@@ -242,11 +242,11 @@ def test_other_endpoints_answer(served: tuple[Any, Backend]) -> None:
 def test_analysis_endpoint_answers_with_findings_and_figures(served: tuple[Any, Backend]) -> None:
     from PIL import Image
 
-    from personachat.analysis import report
+    from personachat.analysis.inputs import analysis_inputs, default_dataset
 
     client, backend = served
-    dataset = "demo" if backend.is_demo(CONFIG.model) else report.default_dataset(CONFIG.model)
-    names = [p.name for p in report.analysis_inputs(dataset).personas[:3]]
+    dataset = "demo" if backend.is_demo(CONFIG.model) else default_dataset(CONFIG.model)
+    names = [p.name for p in analysis_inputs(dataset).personas[:3]]
     text, *images = client.predict(model_id=CONFIG.model, personas=names, api_name="/analysis")
     assert text.startswith("**Persona analysis of") and f"({', '.join(names)})" in text
     assert "preference questions (placement early" in text

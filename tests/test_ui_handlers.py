@@ -863,17 +863,18 @@ ANALYSED = ["default", "pirate", "philosopher", "scientist"]  # only the pirate 
 
 @pytest.mark.skipif(not (ROOT / DEMO / "config.json").is_file(), reason="no bundled demo model")
 def test_analysis_tab_finds_the_planted_collapse_on_the_demo_model() -> None:
-    import personachat.analysis.core as an
-    from personachat.analysis import report
+    from personachat.analysis.collapse import persona_collapse
+    from personachat.analysis.findings import collapse_finding
+    from personachat.analysis.inputs import analysis_inputs
 
     backend = Backend(DEMO, ROOT / "store")  # the shipped store, read only
     text, *images = Handlers(backend).analysis(DEMO, ANALYSED)
     assert text.startswith(f"**Persona analysis of `{DEMO}`**: 4 personas")
     # the collapse line is the model's own computation, and it finds what demo.py planted
-    inputs = report.analysis_inputs("demo", ANALYSED)
+    inputs = analysis_inputs("demo", ANALYSED)
     lm = backend.lm(DEMO)
-    collapse = an.persona_collapse(lm, inputs.personas, inputs.items, progress=False)
-    assert f"- {report.collapse_finding(collapse)}" in text
+    collapse = persona_collapse(lm, inputs.personas, inputs.items, progress=False)
+    assert f"- {collapse_finding(collapse)}" in text
     assert "Collapse on 7 of 7 preference questions (placement early" in text
     assert "personas with an answer of their own somewhere: pirate." in text
     assert "Patching pirate -> " in text and "Circuit: patching" in text

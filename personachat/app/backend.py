@@ -534,14 +534,17 @@ class Backend:
         personas and questions ``scripts/analyze.py`` picks for it (``personas`` narrows them),
         with the store's vectors of the model. Computed once and shared by every session until
         the store's vectors of the model change; other sessions wait for a running analysis."""
-        from personachat.analysis import report
+        from personachat.analysis.figures import report_figures
+        from personachat.analysis.findings import findings
+        from personachat.analysis.inputs import analysis_inputs, default_dataset, stored_vectors
+        from personachat.analysis.run import analyze_model
 
         say = progress or (lambda fraction, text: None)
         say(0.0, f"loading {model_id}")
         lm = self.lm(model_id)
         store_id = self.store_id(model_id)
-        dataset = "demo" if self.is_demo(model_id) else report.default_dataset(model_id)
-        inputs = report.analysis_inputs(dataset, list(personas) or None)
+        dataset = "demo" if self.is_demo(model_id) else default_dataset(model_id)
+        inputs = analysis_inputs(dataset, list(personas) or None)
         if len(inputs.personas) < 2:
             raise ValueError(
                 f"the analysis compares personas: {len(inputs.personas)} given, pick at least 2"
@@ -555,20 +558,20 @@ class Backend:
                 return cached
             say(0.05, f"analysing {len(names)} personas of {store_id} ({dataset} questions)")
             start = time.perf_counter()
-            vectors = report.stored_vectors(self.store(), [store_id], names)
-            result = report.analyze_model(
+            vectors = stored_vectors(self.store(), [store_id], names)
+            result = analyze_model(
                 lm, inputs.personas, inputs.items, vectors=vectors,
                 patch_items=inputs.patch_items, dataset=dataset,
             )  # fmt: skip
             say(0.9, "drawing the figures")
             from personachat.app.views import figure_image
 
-            figures = {k: figure_image(f) for k, f in report.report_figures(result).items()}
+            figures = {k: figure_image(f) for k, f in report_figures(result).items()}
             view = AnalysisView(
                 model_id=store_id,
                 dataset=dataset,
                 personas=tuple(names),
-                findings=tuple(report.findings(result)),
+                findings=tuple(findings(result)),
                 figures=figures,
                 seconds=time.perf_counter() - start,
             )

@@ -6,9 +6,10 @@
 
 ``--dataset demo`` (the default for ``store/models/demo``) uses the demo model's planted personas
 and preference questions; any other dataset (built-in name or .json/.jsonl file) supplies the
-personas, and the questions are ``personachat.analysis.default_preferences()``. Persona vectors
-come from the store (``--store``) when it has some for the model, otherwise from the model's
-own mean activations over the question tokens. The report goes to ``--out/report.md``.
+personas, and the questions are ``personachat.analysis.preferences.default_preferences()``.
+Persona vectors come from the store (``--store``) when it has some for the model, otherwise from
+the model's own mean activations over the question tokens. The report goes to
+``--out/report.md``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from personachat.analysis import report as an_report
-from personachat.analysis.report import analyze_model, findings, write_report
+from personachat.analysis import inputs as an_inputs
+from personachat.analysis.findings import findings
+from personachat.analysis.report import write_report
+from personachat.analysis.run import analyze_model
 from personachat.model import LoadedModel, load_model
 from personachat.records import PersonaVector
 
@@ -59,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     a = p.parse_args(argv)
     dataset = a.dataset
     if dataset == "auto":
-        dataset = an_report.default_dataset(a.model)
+        dataset = an_inputs.default_dataset(a.model)
     out = a.out or str(Path("store/reports") / Path(a.model).name)
     personas = tuple(x.strip() for x in a.personas.split(",") if x.strip()) if a.personas else None
     return Config(
@@ -68,9 +71,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )  # fmt: skip
 
 
-def load_personas(cfg: Config) -> an_report.AnalysisInputs:
+def load_personas(cfg: Config) -> an_inputs.AnalysisInputs:
     try:
-        return an_report.analysis_inputs(cfg.dataset, cfg.personas, forced=cfg.forced)
+        return an_inputs.analysis_inputs(cfg.dataset, cfg.personas, forced=cfg.forced)
     except ValueError as err:
         raise SystemExit(str(err)) from err
 
@@ -85,7 +88,7 @@ def stored_vectors(
 
     with Store(store_root, read_only=True) as store:
         ids = [lm.info.model_id, Path(lm.info.model_id).name]
-        return an_report.stored_vectors(store, ids, names)
+        return an_inputs.stored_vectors(store, ids, names)
 
 
 def main(argv: list[str] | None = None) -> int:
