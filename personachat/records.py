@@ -58,12 +58,35 @@ class LayerMetrics:
     separation: torch.Tensor  # effect size: (mean_p - mean_b) of projections / pooled std
     norm: torch.Tensor  # norm of the vector at each layer
     resid_norm: torch.Tensor  # mean residual-stream norm at each layer (calibrated units)
+    # Held out: each figure computed on samples that did not build the vector (k-fold across
+    # questions), as the mean over folds and its spread; None when not computed.
+    auc_heldout: torch.Tensor | None = None
+    auc_heldout_std: torch.Tensor | None = None
+    separation_heldout: torch.Tensor | None = None
+    separation_heldout_std: torch.Tensor | None = None
+    best_by: str = "auc"  # the figure ``best_layer`` is chosen by
 
     @property
     def best_layer(self) -> int:
         """Highest AUC; ties broken by the larger separation."""
         key = self.auc * 1e6 + self.separation.clamp(-1e5, 1e5)
         return int(torch.argmax(key))
+
+
+# The levels of stored projection quantiles: every whole percent, 0 to 100.
+QUANTILE_LEVELS: tuple[float, ...] = tuple(i / 100 for i in range(101))
+
+
+@dataclass(eq=False)
+class ProjectionQuantiles:
+    """Where the extraction samples project onto a persona vector, per layer: the quantiles
+    (at ``QUANTILE_LEVELS``) of the baseline persona's samples and of the persona's own, each
+    ``[n_layers, len(QUANTILE_LEVELS)]``, projected onto the unit vector at that layer."""
+
+    baseline: torch.Tensor
+    persona: torch.Tensor
+    n_baseline: int
+    n_persona: int
 
 
 @dataclass(eq=False)
@@ -77,6 +100,7 @@ class PersonaMeans:
     n_samples: int
     dataset: str = ""
     dataset_sha256: str = ""
+    render: str = ""  # how its prompts were rendered (JSON RenderConditions); "" if unknown
 
 
 @dataclass(eq=False)
@@ -94,6 +118,8 @@ class PersonaVector:
     n_samples: int = 0
     metrics: LayerMetrics | None = None
     created_at: datetime | None = None
+    render: str = ""  # how its prompts were rendered (JSON RenderConditions); "" if unknown
+    quantiles: ProjectionQuantiles | None = None
     # The baseline's raw mean activation [n_layers, hidden] at the same positions, when known:
     # mean directional ablation moves the stream's component to the baseline's level. Not part
     # of the vector's file; the store attaches it from its means table.

@@ -17,12 +17,14 @@ import pytest
 import torch
 
 from personachat.records import (
+    QUANTILE_LEVELS,
     LayerMetrics,
     ModelInfo,
     NeuronSet,
     Persona,
     PersonaMeans,
     PersonaVector,
+    ProjectionQuantiles,
 )
 from personachat.store import (
     SCHEMA_VERSION,
@@ -33,6 +35,8 @@ from personachat.store import (
     default_store_root,
     read_safetensors_metadata,
 )
+from personachat.store.schema import MIGRATIONS, MIGRATIONS_DDL
+from personachat.store.tensorfile import HELDOUT_FIELDS
 from personachat.store.vector_registry import VectorRegistry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,6 +120,80 @@ def test_round_trip_is_bit_exact_with_provenance(store: Store) -> None:
         for i in range(3)
     ]
     assert rows == expected
+
+
+def test_render_heldout_metrics_and_quantiles_round_trip_bit_for_bit(store: Store) -> None:
+    g = torch.Generator().manual_seed(5)
+    held = {f: torch.rand(3, generator=g) for f in HELDOUT_FIELDS}
+    quantiles = ProjectionQuantiles(
+        baseline=torch.randn(3, len(QUANTILE_LEVELS), generator=g).sort(-1).values,
+        persona=torch.randn(3, len(QUANTILE_LEVELS), generator=g).sort(-1).values,
+        n_baseline=20,
+        n_persona=19,
+    )
+    render = '{"bos": "template", "system_mode": "folded"}'
+    v = vec("pirate", 2, render=render, quantiles=quantiles)
+    v.metrics = LayerMetrics(**vars(metrics(2)) | held | {"best_by": "separation_heldout"})
+    m = PersonaMeans(INFO.model_id, "pirate", "response_avg", torch.randn(3, 8), 9, render=render)
+    [vid] = store.register_vectors([v], [m])
+    back = store.load_vector(INFO.model_id, "pirate")
+    assert back.render == render and back.metrics is not None and back.quantiles is not None
+    assert back.metrics.best_by == "separation_heldout"
+    for name, value in held.items():
+        assert torch.equal(getattr(back.metrics, name), value)
+    assert torch.equal(back.quantiles.baseline, quantiles.baseline)
+    assert torch.equal(back.quantiles.persona, quantiles.persona)
+    assert (back.quantiles.n_baseline, back.quantiles.n_persona) == (20, 19)
+    assert store.load_means(INFO.model_id, "pirate").render == render
+    [entry] = store.vectors(INFO.model_id, "pirate")
+    assert (entry.render, entry.best_layer_by) == (render, "separation_heldout")
+    rows = store.sql(
+        "SELECT layer, auc_heldout, separation_heldout_std FROM vector_layer_metrics "
+        "WHERE vector_id = ? ORDER BY layer",
+        [vid],
+    )
+    assert rows == [
+        (i, float(held["auc_heldout"][i]), float(held["separation_heldout_std"][i]))
+        for i in range(3)
+    ]
+    got = store.sql(
+        "SELECT sample, n, quantiles FROM vector_quantiles WHERE vector_id = ? AND layer = 1 "
+        "ORDER BY sample",
+        [vid],
+    )
+    assert got == [
+        ("baseline", 20, quantiles.baseline[1].double().tolist()),
+        ("persona", 19, quantiles.persona[1].double().tolist()),
+    ]
+    store.remove_vector(INFO.model_id, "pirate")
+    assert store.sql("SELECT count(*) FROM vector_quantiles") == [(0,)]
+
+
+def test_a_version_1_catalog_gains_the_new_columns_and_keeps_its_rows(tmp_path: Path) -> None:
+    root = tmp_path / "old"
+    root.mkdir()
+    con = duckdb.connect(str(root / "catalog.duckdb"))
+    con.execute(MIGRATIONS_DDL)
+    for statement in MIGRATIONS[0][2]:
+        con.execute(statement)
+    con.execute("INSERT INTO migrations VALUES (1, 'initial schema', now())")
+    con.execute(
+        "INSERT INTO models VALUES ('org/m', NULL, 'llama', 3, 8, 16, 'block_output', now())"
+    )
+    con.close()
+    with pytest.raises(StoreError, match="schema version 1, this code needs"):
+        Store(root, read_only=True).models()
+    with Store(root) as store:  # a writable open migrates
+        assert store.sql("SELECT max(version) FROM migrations") == [(SCHEMA_VERSION,)]
+        assert [m.model_id for m in store.models()] == ["org/m"]
+        columns = {r[0] for r in store.sql("SELECT column_name FROM duckdb_columns()")}
+        assert {"render", "best_layer_by", "auc_heldout", "quantiles"} <= columns
+    assert [m.model_id for m in Store(root, read_only=True).models()] == ["org/m"]
+
+
+def test_the_shipped_store_is_at_the_current_schema() -> None:
+    store = Store(REPO / "store", read_only=True)
+    assert store.sql("SELECT max(version) FROM migrations") == [(SCHEMA_VERSION,)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

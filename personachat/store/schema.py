@@ -20,7 +20,7 @@ from personachat.store.sql import transaction
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA: list[str] = [
     """CREATE TABLE models (
@@ -111,7 +111,29 @@ SCHEMA: list[str] = [
         ranks VARCHAR NOT NULL,            -- JSON {pair: rank in that pair, -1 = absent}
         PRIMARY KEY (set_id, rank))""",
 ]
-MIGRATIONS: list[tuple[int, str, list[str]]] = [(1, "initial schema", SCHEMA)]
+# Version 2: how each prompt was rendered (chat template, system mode, BOS, pinned template
+# variables), held-out layer metrics with the figure the best layer was chosen by, and the
+# distribution of the extraction samples' projections onto each vector (for calibrated readouts).
+SCHEMA_2: list[str] = [
+    "ALTER TABLE vectors ADD COLUMN render VARCHAR",  # JSON render conditions; NULL: unknown
+    "ALTER TABLE vectors ADD COLUMN best_layer_by VARCHAR",  # the figure that chose best_layer
+    "ALTER TABLE means ADD COLUMN render VARCHAR",
+    "ALTER TABLE vector_layer_metrics ADD COLUMN auc_heldout DOUBLE",  # mean over folds
+    "ALTER TABLE vector_layer_metrics ADD COLUMN auc_heldout_std DOUBLE",  # spread over folds
+    "ALTER TABLE vector_layer_metrics ADD COLUMN separation_heldout DOUBLE",
+    "ALTER TABLE vector_layer_metrics ADD COLUMN separation_heldout_std DOUBLE",
+    """CREATE TABLE vector_quantiles (
+        vector_id BIGINT NOT NULL,
+        layer INTEGER NOT NULL,
+        sample VARCHAR NOT NULL,           -- baseline | persona: whose samples were projected
+        n INTEGER NOT NULL,                -- how many samples
+        quantiles DOUBLE[] NOT NULL,       -- at QUANTILE_LEVELS (0, 1, ..., 100 percent)
+        PRIMARY KEY (vector_id, layer, sample))""",
+]
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (1, "initial schema", SCHEMA),
+    (2, "render conditions, held-out metrics, projection quantiles", SCHEMA_2),
+]
 TABLES = (
     "migrations",
     "models",
@@ -121,7 +143,10 @@ TABLES = (
     "means",
     "neuron_sets",
     "neurons",
+    "vector_quantiles",
 )
+# The levels of the stored projection quantiles: every whole percent.
+QUANTILE_LEVELS = tuple(i / 100 for i in range(101))
 MIGRATIONS_DDL = (
     "CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, "
     "description VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)"
@@ -150,6 +175,8 @@ class VectorEntry:
     file: str
     sha256: str
     created_at: datetime
+    render: str | None = None  # JSON render conditions (personachat.prompts.RenderConditions)
+    best_layer_by: str | None = None  # the figure best_layer was chosen by
 
 
 @dataclass(frozen=True)
@@ -171,6 +198,7 @@ class MeansEntry:
     file: str
     sha256: str
     created_at: datetime
+    render: str | None = None
 
 
 @dataclass(frozen=True)
@@ -235,7 +263,7 @@ def check_version(catalog: Path, version: int) -> None:
 
 def create_schema(conn: duckdb.DuckDBPyConnection) -> None:
     """The tables of an empty catalog, as of SCHEMA_VERSION, without recording the migrations."""
-    for statement in [MIGRATIONS_DDL, *SCHEMA]:
+    for statement in [MIGRATIONS_DDL, *(s for _, _, stmts in MIGRATIONS for s in stmts)]:
         conn.execute(statement)
 
 

@@ -1,8 +1,10 @@
 """The safetensors layout of stored tensors: tensor names, metadata.
 
 A persona-vector file holds ``vector`` [n_layers, hidden] and, with metrics, ``metrics.<field>``
-[n_layers]; a means file holds ``mean`` [n_layers, hidden]. Both carry string metadata naming the
-model, the persona and how the tensor was made (``format`` says which of the two it is).
+[n_layers] (held-out ones where computed) and, with projection quantiles,
+``quantiles.baseline`` and ``quantiles.persona`` [n_layers, levels]; a means file holds ``mean``
+[n_layers, hidden]. Both carry string metadata naming the model, the persona and how the tensor
+was made (``format`` says which of the two it is; ``render``, how its prompts were rendered).
 ``personachat.store.formats`` writes and reads the same layout for export and import.
 """
 
@@ -13,21 +15,33 @@ from datetime import datetime
 
 import torch
 
-from personachat.records import LayerMetrics, ModelInfo, PersonaMeans, PersonaVector
+from personachat.records import (
+    LayerMetrics,
+    ModelInfo,
+    PersonaMeans,
+    PersonaVector,
+    ProjectionQuantiles,
+)
 from personachat.store.errors import IntegrityError
 from personachat.store.schema import as_utc
 
 VECTOR_FORMAT = "personachat.persona_vector/1"
 MEANS_FORMAT = "personachat.persona_means/1"
 METRIC_FIELDS = ("auc", "separation", "norm", "resid_norm")
+HELDOUT_FIELDS = ("auc_heldout", "auc_heldout_std", "separation_heldout", "separation_heldout_std")
 
 
 def vector_tensors(vector: PersonaVector, info: ModelInfo | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a persona-vector file: ``vector`` and, with metrics, ``metrics.<field>``."""
     tensors = {"vector": vector.vector.detach().cpu().contiguous()}
     if vector.metrics is not None:
-        for name in METRIC_FIELDS:
-            tensors[f"metrics.{name}"] = getattr(vector.metrics, name).detach().cpu().contiguous()
+        for name in (*METRIC_FIELDS, *HELDOUT_FIELDS):
+            value = getattr(vector.metrics, name)
+            if value is not None:
+                tensors[f"metrics.{name}"] = value.detach().cpu().contiguous()
+    if vector.quantiles is not None:
+        tensors["quantiles.baseline"] = vector.quantiles.baseline.detach().cpu().contiguous()
+        tensors["quantiles.persona"] = vector.quantiles.persona.detach().cpu().contiguous()
     return tensors
 
 
@@ -45,6 +59,13 @@ def vector_metadata(vector: PersonaVector, info: ModelInfo | None = None) -> dic
         "n_samples": str(vector.n_samples),
         "created_at": as_utc(vector.created_at).isoformat(),
     }
+    if vector.render:
+        meta["render"] = vector.render
+    if vector.metrics is not None and vector.metrics.best_by != "auc":
+        meta["best_by"] = vector.metrics.best_by
+    if vector.quantiles is not None:
+        meta["quantiles.n_baseline"] = str(vector.quantiles.n_baseline)
+        meta["quantiles.n_persona"] = str(vector.quantiles.n_persona)
     if info is not None:
         meta["model_revision"] = info.revision or ""
         meta["architecture"] = info.architecture
@@ -70,7 +91,18 @@ def vector_from_tensors(
         raise IntegrityError(f"{source} has no 'vector' tensor (tensors: {sorted(tensors)})")
     metrics = None
     if all(f"metrics.{n}" in tensors for n in METRIC_FIELDS):
-        metrics = LayerMetrics(**{n: tensors[f"metrics.{n}"] for n in METRIC_FIELDS})
+        names = [n for n in (*METRIC_FIELDS, *HELDOUT_FIELDS) if f"metrics.{n}" in tensors]
+        metrics = LayerMetrics(
+            **{n: tensors[f"metrics.{n}"] for n in names}, best_by=meta.get("best_by", "auc")
+        )
+    quantiles = None
+    if "quantiles.baseline" in tensors and "quantiles.persona" in tensors:
+        quantiles = ProjectionQuantiles(
+            baseline=tensors["quantiles.baseline"],
+            persona=tensors["quantiles.persona"],
+            n_baseline=int(meta.get("quantiles.n_baseline", "0") or 0),
+            n_persona=int(meta.get("quantiles.n_persona", "0") or 0),
+        )
     created = meta.get("created_at")
     return PersonaVector(
         model_id=meta.get("model_id", ""),
@@ -84,6 +116,8 @@ def vector_from_tensors(
         n_samples=int(meta.get("n_samples", "0") or 0),
         metrics=metrics,
         created_at=datetime.fromisoformat(created) if created else None,
+        render=meta.get("render", ""),
+        quantiles=quantiles,
     )
 
 
@@ -104,6 +138,7 @@ def means_metadata(means: PersonaMeans, info: ModelInfo) -> dict[str, str]:
         "dataset": means.dataset,
         "dataset_sha256": means.dataset_sha256,
         "layer_convention": info.layer_convention,
+        **({"render": means.render} if means.render else {}),
     }
 
 

@@ -23,13 +23,19 @@ from personachat.store.model_registry import ModelRegistry
 from personachat.store.prepare import check_unique_keys, prepare_means, prepare_vector
 from personachat.store.schema import MeansEntry, VectorEntry, as_utc, utcnow
 from personachat.store.sql import insert, transaction
-from personachat.store.tensorfile import METRIC_FIELDS, dtype_name, vector_from_tensors
+from personachat.store.tensorfile import (
+    HELDOUT_FIELDS,
+    METRIC_FIELDS,
+    dtype_name,
+    vector_from_tensors,
+)
 
 VECTOR_KEY = ["model_id", "persona", "method", "positions", "baseline"]
 
 
 class VectorRegistry:
-    """Rows of ``vectors``, ``vector_layer_metrics`` and ``means``, and the files they name."""
+    """Rows of ``vectors``, ``vector_layer_metrics``, ``vector_quantiles`` and ``means``, and
+    the files they name."""
 
     def __init__(self, catalog: Catalog, files: TensorFiles, models: ModelRegistry) -> None:
         self.catalog = catalog
@@ -82,9 +88,7 @@ class VectorRegistry:
         ).fetchall()
         if old:
             old_ids = [r[0] for r in old]
-            conn.execute(
-                "DELETE FROM vector_layer_metrics WHERE vector_id IN (SELECT unnest(?))", [old_ids]
-            )
+            delete_details(conn, old_ids)
             conn.execute("DELETE FROM vectors WHERE vector_id IN (SELECT unnest(?))", [old_ids])
         ids = [
             int(r[0])
@@ -94,12 +98,21 @@ class VectorRegistry:
         ]
         rows: list[tuple[Any, ...]] = []
         metric_rows: list[tuple[Any, ...]] = []
+        quantile_rows: list[tuple[Any, ...]] = []
         for vid, v, item in zip(ids, vecs, pending, strict=True):
             info = models[v.model_id]
             rows.append(vector_row(vid, v, item, info))
             metric_rows.extend(metric_rows_of(vid, v))
+            quantile_rows.extend(quantile_rows_of(vid, v))
         insert(conn, "vectors", [f.name for f in fields(VectorEntry)], rows)
-        insert(conn, "vector_layer_metrics", ["vector_id", "layer", *METRIC_FIELDS], metric_rows)
+        columns = ["vector_id", "layer", *METRIC_FIELDS, *HELDOUT_FIELDS]
+        insert(conn, "vector_layer_metrics", columns, metric_rows)
+        insert(
+            conn,
+            "vector_quantiles",
+            ["vector_id", "layer", "sample", "n", "quantiles"],
+            quantile_rows,
+        )
         return ids, [r[1] for r in old]
 
     def _insert_means(
@@ -131,7 +144,7 @@ class VectorRegistry:
                 (
                     *(mid, m.model_id, info.revision, m.persona, m.positions, *m.mean.shape),
                     *(info.layer_convention, m.dataset, m.dataset_sha256, m.n_samples),
-                    *(dtype_name(m.mean), item.rel, item.sha256, utcnow()),
+                    *(dtype_name(m.mean), item.rel, item.sha256, utcnow(), m.render or None),
                 )
             )
         insert(conn, "means", [f.name for f in fields(MeansEntry)], rows)
@@ -164,10 +177,7 @@ class VectorRegistry:
                     "DELETE FROM vectors WHERE vector_id IN (SELECT unnest(?)) RETURNING file",
                     [vec_ids],
                 ).fetchall()
-                conn.execute(
-                    "DELETE FROM vector_layer_metrics WHERE vector_id IN (SELECT unnest(?))",
-                    [vec_ids],
-                )
+                delete_details(conn, vec_ids)
                 files += conn.execute(
                     "DELETE FROM means WHERE mean_id IN (SELECT unnest(?)) RETURNING file",
                     [mean_ids],
@@ -263,7 +273,14 @@ class VectorRegistry:
         e = rows[0]
         tensors, _ = self.files.read_checked(e.file, e.sha256, (e.n_layers, e.hidden_size), None)
         return PersonaMeans(
-            model_id, persona, positions, tensors["mean"], e.n_samples, e.dataset, e.dataset_sha256
+            model_id,
+            persona,
+            positions,
+            tensors["mean"],
+            e.n_samples,
+            e.dataset,
+            e.dataset_sha256,
+            render=e.render or "",
         )
 
     def _missing(
@@ -300,16 +317,40 @@ def vector_row(vid: int, v: PersonaVector, item: Pending, info: ModelInfo) -> tu
         *(vid, v.model_id, info.revision, v.persona, v.method, v.positions),
         *(v.baseline, v.n_layers, v.hidden_size, info.layer_convention, best),
         *(v.dataset, v.dataset_sha256, v.n_samples, dtype_name(v.vector)),
-        *(item.rel, item.sha256, as_utc(v.created_at)),
+        *(item.rel, item.sha256, as_utc(v.created_at), v.render or None),
+        v.metrics.best_by if v.metrics is not None else None,
     )
 
 
 def metric_rows_of(vid: int, v: PersonaVector) -> list[tuple[Any, ...]]:
     """One ``vector_layer_metrics`` row per layer; without metrics only the norm is known."""
     norms = v.vector.double().norm(dim=1).tolist()
+    none: list[Any] = [None] * v.n_layers
     if v.metrics is not None:
         cols = [getattr(v.metrics, n).double().tolist() for n in METRIC_FIELDS]
+        for name in HELDOUT_FIELDS:
+            value = getattr(v.metrics, name)
+            cols.append(value.double().tolist() if value is not None else none)
     else:
-        none = [None] * v.n_layers
-        cols = [none, none, norms, none]
+        cols = [none, none, norms, none, *([none] * len(HELDOUT_FIELDS))]
     return [(vid, layer, *(c[layer] for c in cols)) for layer in range(v.n_layers)]
+
+
+def quantile_rows_of(vid: int, v: PersonaVector) -> list[tuple[Any, ...]]:
+    """The ``vector_quantiles`` rows of a vector: per layer, its baseline's and its own."""
+    q = v.quantiles
+    if q is None:
+        return []
+    out = []
+    for sample, values, n in (
+        ("baseline", q.baseline, q.n_baseline),
+        ("persona", q.persona, q.n_persona),
+    ):
+        out += [(vid, layer, sample, n, row) for layer, row in enumerate(values.double().tolist())]
+    return out
+
+
+def delete_details(conn: duckdb.DuckDBPyConnection, vector_ids: list[int]) -> None:
+    """The per-layer rows of vectors about to go (metrics and projection quantiles)."""
+    for table in ("vector_layer_metrics", "vector_quantiles"):
+        conn.execute(f"DELETE FROM {table} WHERE vector_id IN (SELECT unnest(?))", [vector_ids])
