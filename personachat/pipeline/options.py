@@ -42,6 +42,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, several: bool = False) ->
 
 
 def model_configs(args: argparse.Namespace) -> list[ModelConfig]:
+    """One config per model named in ``--model``, with the site overrides."""
     templates = templates_from_args(args.layers_path, args.mlp_down_path, args.gate_path)
     names = [m.strip() for m in str(args.model).split(",") if m.strip()]
     return [ModelConfig(n, args.device, args.dtype, templates) for n in names]
@@ -84,6 +85,7 @@ def add_run_args(parser: argparse.ArgumentParser, *, out_help: str) -> None:
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
+    """The output and run options of the command line."""
     from personachat.store import default_store_root
 
     return RunOptions(
