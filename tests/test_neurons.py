@@ -12,8 +12,9 @@ import torch
 from personachat.hooks import Site, intervene
 from personachat.model import LoadedModel, wrap_model
 from personachat.neurons import neuron_sets, ranks, top_units
-from personachat.pipeline import find_neurons
+from personachat.pipeline import SCORERS, find_neurons
 from personachat.prompts import ContrastPair, format_chat, persona_messages
+from personachat.records import NEURON_METHODS
 from tests.conftest import _cached_tiny
 from tests.tiny_data import DATASET, PERSONAS, QUESTIONS, REPLIES
 
@@ -151,6 +152,10 @@ def test_bad_neuron_requests(llama: LoadedModel) -> None:
         find_neurons(llama, DATASET, [0], "residual", "effect", 4, progress=False)
     with pytest.raises(ValueError, match="out of range"):
         find_neurons(llama, DATASET, [3], "mlp_hidden", "effect", 4, progress=False)
+
+
+def test_every_neuron_method_has_a_scorer() -> None:
+    assert set(SCORERS) == set(NEURON_METHODS) - {"imported"}
 
 
 class _SetUnit:

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -150,19 +151,7 @@ def capture(
     """Capture ``spec`` over ``samples``: per-persona sums, and the per-sample spill if asked."""
     if not samples:
         raise ValueError("no samples to capture: the dataset selection is empty")
-    if not spec.layers:
-        raise ValueError("no layers to capture")
-    for layer in spec.layers:
-        lm.sites.check_layer(layer)
-    width = lm.sites.hidden_size if spec.site == "residual" else lm.sites.mlp_width
-    shape = (len(spec.positions), n_personas, len(spec.layers), width)
-    cap = Capture(
-        spec=spec,
-        sums=torch.zeros(shape, dtype=torch.float64),
-        norm_sums=torch.zeros(shape[:3], dtype=torch.float64),
-        counts=torch.zeros(n_personas, dtype=torch.int64),
-        sq_sums=torch.zeros(shape, dtype=torch.float64) if spec.squares else None,
-    )
+    cap = _empty(lm, spec, n_personas)
     spill = None
     if spec.spill:
         cap._tmp = tempfile.TemporaryDirectory(prefix="personachat-", dir=spill_dir)
@@ -181,16 +170,7 @@ def capture(
                 handler.start(span_weights(chunk, batch, len(spec.positions)))
                 run_forward(lm, batch)
                 pooled, norms = handler.collect()
-                index = torch.tensor([s.persona for s in chunk])
-                pooled64 = pooled.double().transpose(0, 1)  # [n_pos, B, L, D]
-                cap.sums.index_add_(1, index, pooled64)
-                cap.norm_sums.index_add_(1, index, norms.double().transpose(0, 1))
-                cap.counts.index_add_(0, index, torch.ones_like(index))
-                if cap.sq_sums is not None:
-                    cap.sq_sums.index_add_(1, index, pooled64.square())
-                if spill is not None:
-                    pooled.contiguous().numpy().tofile(spill)
-                    cap.sample_personas.extend(s.persona for s in chunk)
+                _add(cap, chunk, pooled, norms, spill)
                 bar.update(len(chunk))
     except BaseException:
         cap.close()
@@ -200,3 +180,41 @@ def capture(
         if spill is not None:
             spill.close()
     return cap
+
+
+def _empty(lm: LoadedModel, spec: CaptureSpec, n_personas: int) -> Capture:
+    """A capture of ``spec`` with zero sums, once its layers are known to be the model's."""
+    if not spec.layers:
+        raise ValueError("no layers to capture")
+    for layer in spec.layers:
+        lm.sites.check_layer(layer)
+    width = lm.sites.hidden_size if spec.site == "residual" else lm.sites.mlp_width
+    shape = (len(spec.positions), n_personas, len(spec.layers), width)
+    return Capture(
+        spec=spec,
+        sums=torch.zeros(shape, dtype=torch.float64),
+        norm_sums=torch.zeros(shape[:3], dtype=torch.float64),
+        counts=torch.zeros(n_personas, dtype=torch.int64),
+        sq_sums=torch.zeros(shape, dtype=torch.float64) if spec.squares else None,
+    )
+
+
+def _add(
+    cap: Capture,
+    chunk: Sequence[Sample],
+    pooled: torch.Tensor,
+    norms: torch.Tensor,
+    spill: BinaryIO | None,
+) -> None:
+    """Add one batch's pooled vectors [B, n_pos, L, D] and token norms [B, n_pos, L] to the
+    per-persona sums, and append the pooled vectors to the spill."""
+    index = torch.tensor([s.persona for s in chunk])
+    pooled64 = pooled.double().transpose(0, 1)  # [n_pos, B, L, D]
+    cap.sums.index_add_(1, index, pooled64)
+    cap.norm_sums.index_add_(1, index, norms.double().transpose(0, 1))
+    cap.counts.index_add_(0, index, torch.ones_like(index))
+    if cap.sq_sums is not None:
+        cap.sq_sums.index_add_(1, index, pooled64.square())
+    if spill is not None:
+        pooled.contiguous().numpy().tofile(spill)
+        cap.sample_personas.extend(s.persona for s in chunk)

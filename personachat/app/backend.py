@@ -310,7 +310,7 @@ class Backend:
 
     def can_extract(self, model_id: str) -> bool:
         try:
-            import personachat.pipeline.extract  # noqa: F401
+            import personachat.pipeline  # noqa: F401
         except ImportError:
             return False
         return True

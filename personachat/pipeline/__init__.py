@@ -2,30 +2,36 @@
 
 from __future__ import annotations
 
-from personachat.pipeline.extract import (
-    ExtractionResult,
+from personachat.pipeline.neurons import find_neurons
+from personachat.pipeline.options import (
+    ModelConfig,
     RunOptions,
-    SummaryRow,
     add_model_args,
     add_run_args,
-    check_layers,
-    extract_pairs,
-    extract_vectors,
-    find_neurons,
-    format_summary,
     load,
     model_configs,
     parse_layers,
     parse_list,
-    register_results,
     run_options,
-    save_results,
-    select_personas,
+)
+from personachat.pipeline.register import format_summary, register_results, save_results
+from personachat.pipeline.scorers import SCORERS, Scorer, Scores, Scoring
+from personachat.pipeline.selection import check_layers, select_personas
+from personachat.pipeline.vectors import (
+    ExtractionResult,
+    SummaryRow,
+    extract_pairs,
+    extract_vectors,
 )
 
 __all__ = [
+    "SCORERS",
     "ExtractionResult",
+    "ModelConfig",
     "RunOptions",
+    "Scorer",
+    "Scores",
+    "Scoring",
     "SummaryRow",
     "add_model_args",
     "add_run_args",
