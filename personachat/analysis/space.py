@@ -101,7 +101,9 @@ def vectors_at_layer(
     its vector is zero by definition, and mean-centering then places it correctly.
     """
     if not vectors:
-        raise ValueError("no persona vectors given; extract some first (scripts/extract_vectors.py)")
+        raise ValueError(
+            "no persona vectors given; extract some first (scripts/extract_vectors.py)"
+        )
     out = {v.persona: v.vector[layer].double().numpy() for v in vectors}
     baselines = {v.baseline for v in vectors}
     if add_baseline and len(baselines) == 1:

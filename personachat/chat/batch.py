@@ -6,9 +6,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from personachat.activations import pad
 from personachat.hooks import Handler, intervene
 from personachat.model import LoadedModel
-from personachat.prompts import Message, format_chat
+from personachat.prompts import Message, encode_text, format_chat
 
 
 def batch_replies(
@@ -23,15 +24,16 @@ def batch_replies(
     at the padded width, which is where position windows count from.
     """
     tok = lm.tokenizer
-    prompts = [format_chat(tok, list(messages)) for messages in conversations]
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tok.padding_side = side
-    width = enc["input_ids"].shape[1]
+    rows = [encode_text(tok, format_chat(tok, list(messages))) for messages in conversations]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batch = pad(rows, int(pad_id), "left", lm.device)
+    width = batch.input_ids.shape[1]
     handlers = list(plan(width)) if plan is not None else []
     with torch.no_grad(), intervene(lm.sites, handlers):
-        out = lm.model.generate(**enc.to(lm.device), max_new_tokens=max_new_tokens, do_sample=False)
+        out = lm.model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
     return list(tok.batch_decode(out[:, width:], skip_special_tokens=True))

@@ -41,7 +41,7 @@ from personachat.interventions import (
     build_plan,
 )
 from personachat.model import LoadedModel
-from personachat.prompts import Message, format_chat
+from personachat.prompts import Message, encode_text, format_chat
 from personachat.records import NeuronSet, PersonaVector
 
 
@@ -158,12 +158,13 @@ class ChatEngine:
         return [str(self.lm.tokenizer.decode([int(t)])) for t in tokens]
 
     def prompt_ids(self, messages: Sequence[Message]) -> torch.Tensor:
-        """``[1, T]`` token ids of the conversation under the chat template, ready to reply."""
+        """``[1, T]`` token ids of the conversation as ``personachat.prompts.format_chat``
+        renders it, ready to reply (the ids extraction reads prompts as)."""
         text = format_chat(self.lm.tokenizer, messages, add_generation_prompt=True)
-        ids = self.lm.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        if ids.shape[1] == 0:
+        ids = encode_text(self.lm.tokenizer, text)
+        if not ids:
             raise InterventionError("the conversation is empty; send a message first")
-        return ids
+        return torch.tensor([ids], dtype=torch.long)
 
     # ------------------------------------------------------------------ internals
 
@@ -322,4 +323,5 @@ class ChatEngine:
             baseline_readout=readouts[0] if side else None,
             interference=job.plan.interference,
             steered_layers=dict(job.plan.steered_layers),
+            warnings=tuple(job.plan.warnings),
         )

@@ -44,6 +44,8 @@ class ChatUpdate:
     baseline_readout: ReplyReadout | None = None
     interference: InterferenceReport | None = None
     steered_layers: dict[int, float] = field(default_factory=dict)
+    # vectors read from prompts rendered otherwise than this model's are now
+    warnings: tuple[str, ...] = ()
 
 
 def row_readout(

@@ -41,6 +41,7 @@ from personachat.interventions.specs import (
     check_finite,
 )
 from personachat.model import LoadedModel
+from personachat.prompts import RenderConditions, conditions
 from personachat.records import NeuronSet, PersonaVector
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,31 @@ def check_vector(lm: LoadedModel, vector: PersonaVector) -> None:
         )
 
 
+def render_warnings(lm: LoadedModel, used: Sequence[PersonaVector]) -> list[str]:
+    """A warning per vector whose prompts were rendered otherwise than ``lm``'s are now (another
+    chat template, system mode, BOS or pinned date): its direction was read from other tokens.
+    Vectors that recorded no render conditions (older stores) are taken as they are."""
+    now = conditions(lm.tokenizer)
+    out = []
+    for vector in used:
+        if not vector.render:
+            continue
+        try:
+            then = RenderConditions.from_json(vector.render)
+        except (ValueError, KeyError) as err:
+            out.append(f"{vector.persona}: its render conditions cannot be read ({err})")
+            continue
+        differs = then.differences(now)
+        if differs:
+            out.append(
+                f"{vector.persona} was read from prompts rendered with {'; '.join(differs)}; "
+                "re-extract it with this model's tokenizer for steering you can trust"
+            )
+    for message in out:
+        log.warning("render conditions: %s", message)
+    return out
+
+
 def lookup(vectors: Mapping[str, PersonaVector], persona: str) -> PersonaVector:
     """The vector named ``persona``, or an error listing the known ones."""
     if persona not in vectors:
@@ -93,6 +119,7 @@ class Plan:
     readout: Readout | None = None
     interference: InterferenceReport | None = None
     steered_layers: dict[int, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # vectors read under other conditions
 
 
 def _row_tensor(rows: Sequence[float] | None, device: torch.device) -> torch.Tensor | None:
@@ -378,4 +405,6 @@ def build_plan(
     if readout:
         plan.readout = build_readout(lm, vectors, readout)
         handlers.append(plan.readout)
+    used = [*(steering.blend if steering else ()), *([direction.persona] if direction else ())]
+    plan.warnings = render_warnings(lm, [vectors[name] for name in dict.fromkeys(used)])
     return plan

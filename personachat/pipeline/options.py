@@ -75,7 +75,9 @@ def add_run_args(parser: argparse.ArgumentParser, *, out_help: str) -> None:
     )
     parser.add_argument("--no-store", action="store_true", help="do not register in the store")
     parser.add_argument("--out", type=Path, help=out_help)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="rows per forward (capture and generation)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="for generated responses")
     parser.add_argument("--seed", type=int, default=0, help="for generated responses")
     parser.add_argument(
@@ -92,7 +94,9 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         store=None if args.no_store else (args.store or default_store_root()),
         out=args.out,
         batch_size=args.batch_size,
-        generation=GenerationConfig(max_new_tokens=args.max_new_tokens, seed=args.seed),
+        generation=GenerationConfig(
+            max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size
+        ),
         cache_dir=args.cache_dir,
         progress=not args.quiet,
     )

@@ -50,11 +50,24 @@ def model_fingerprint(lm: LoadedModel) -> str:
     return f"{lm.info.model_id}@{lm.info.revision}:{sum(p.numel() for p in params)}:{probe}"
 
 
+def prompt_text(lm: LoadedModel, dataset: PersonaDataset, cell: Cell) -> str:
+    """The rendered prompt a cell's response is generated from."""
+    persona, question = cell
+    messages = persona_messages(dataset.persona(persona).system_prompt, question)
+    return format_chat(lm.tokenizer, messages)
+
+
 def cache_key(
     lm: LoadedModel, dataset: PersonaDataset, cells: list[Cell], cfg: GenerationConfig
 ) -> str:
+    """Keyed by the model, the dataset, the settings and the rendered prompts themselves (a new
+    chat template or a pinned date gives new responses)."""
+    prompts = hashlib.sha256()
+    for cell in sorted(cells):
+        prompts.update(prompt_text(lm, dataset, cell).encode() + b"\0")
     blob = json.dumps(
-        [model_fingerprint(lm), dataset.sha256, sorted(cells), asdict(cfg)], sort_keys=True
+        [model_fingerprint(lm), dataset.sha256, sorted(cells), asdict(cfg), prompts.hexdigest()],
+        sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -81,10 +94,7 @@ def generate(
     try:
         for b, start in enumerate(range(0, len(cells), cfg.batch_size)):
             chunk = cells[start : start + cfg.batch_size]
-            texts = [
-                format_chat(tok, persona_messages(dataset.persona(p).system_prompt, q))
-                for p, q in chunk
-            ]
+            texts = [prompt_text(lm, dataset, cell) for cell in chunk]
             special = not bool(getattr(tok, "chat_template", None))
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=special)
             enc = {k: v.to(lm.device) for k, v in enc.items()}

@@ -27,7 +27,7 @@ from personachat.pipeline.selection import (
     select_personas,
     shard_samples,
 )
-from personachat.prompts import DatasetError, PersonaDataset
+from personachat.prompts import DatasetError, PersonaDataset, conditions
 from personachat.records import LayerMetrics, PersonaMeans, PersonaVector
 from personachat.vectors import baseline_samples, difference_of_means, layer_metrics, project
 
@@ -70,6 +70,7 @@ class _Run:
     layers: tuple[int, ...]
     n_layers: int
     created_at: datetime
+    render: str  # how the prompts were rendered (JSON RenderConditions)
 
     def expand(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows for the captured layers placed in a zero tensor with a row per model layer."""
@@ -120,6 +121,7 @@ def extract_vectors(
         layers=chosen,
         n_layers=lm.sites.n_layers,
         created_at=datetime.now(UTC),
+        render=conditions(lm.tokenizer).to_json(),
     )
     result = ExtractionResult([], [], [], layers=chosen, personas=names)
     with capture(
@@ -162,6 +164,7 @@ def _persona_means(
         n_samples=n_samples,
         dataset=run.dataset,
         dataset_sha256=run.dataset_sha256,
+        render=run.render,
     )
 
 
@@ -205,6 +208,7 @@ def _add_vectors(
                 n_samples=n_samples,
                 metrics=metrics,
                 created_at=run.created_at,
+                render=run.render,
                 baseline_mean=run.expand(means[negative].mean(0)),
             )
         )
