@@ -21,9 +21,11 @@ import torch
 
 from personachat.app import main as app
 from personachat.app import page as ui
-from personachat.app.backend import Backend, residual_mean
-from personachat.app.page import Handlers, Inside, build_ui, gpu
+from personachat.app.backend import Backend
+from personachat.app.page import Handlers, build_ui, gpu
+from personachat.app.readout import Readout
 from personachat.app.settings import InputError, format_layer_spec, parse_weights, preset_spec
+from personachat.app.space import residual_mean
 from personachat.chat import ChatEngine, GenerationSettings
 from personachat.interventions import AblationSpec, DirectionSpec, SteeringSpec
 from personachat.model import LoadedModel
@@ -198,7 +200,7 @@ def test_steered_chat_streams_the_engine_reply_and_readout(
     assert history == [*USER, {"role": "assistant", "content": expected.text}]
     assert box == "" and status.startswith("Done. Blend 1·pirate +0.5·poet at 1:4, 2:2 (raw)")
     assert side[-1]["content"] == "—"  # side by side was off
-    assert isinstance(inside, Inside) and inside.personas == ("pirate", "poet")
+    assert isinstance(inside, Readout) and inside.personas == ("pirate", "poet")
     assert expected.readout is not None and inside.projections is not None
     want = np.nan_to_num(expected.readout.projections.numpy())
     np.testing.assert_allclose(inside.projections, want, rtol=1e-6, atol=1e-6)
@@ -765,7 +767,7 @@ def test_tokens_view_and_heatmap_show_the_readout(h: Handlers, store_root: Path)
     assert titles[inside.n_prompt - 1].startswith(repr(inside.tokens[inside.n_prompt - 1]))
     image = h.heatmap(inside, "pirate")
     assert image is not None and image.ndim == 3 and image.shape[2] == 3
-    assert h.heatmap(Inside()) is None
+    assert h.heatmap(Readout()) is None
     assert "Send a message" in h.tokens(None, 0)
 
 

@@ -20,7 +20,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,10 @@ import gradio as gr
 import numpy as np
 
 from personachat.app import views
-from personachat.app.backend import AnalysisView, Backend, Readout, Step
+from personachat.app.analysis import ANALYSIS_FIGURES, AnalysisView
+from personachat.app.backend import Backend
+from personachat.app.generation import Step
+from personachat.app.readout import Readout, readout_heatmap, readout_html
 from personachat.app.settings import (
     ABLATION_MODES,
     ABLATION_POSITIONS,
@@ -51,18 +53,6 @@ from personachat.app.settings import (
 log = logging.getLogger(__name__)
 
 STREAM_INTERVAL_S = 0.05  # at most 20 page updates a second while a reply streams
-# The analysis tab's figures: (``report.report_figures`` key, label); two persona pairs patched
-ANALYSIS_FIGURES = (
-    ("collapse", "Persona collapse per preference question"),
-    ("probe", "Persona probe accuracy by layer and token group"),
-    ("persona_space", "Persona space: cosine similarity and PCA"),
-    ("assistant_axis", "Personas on the assistant axis"),
-    ("patching_0", "Activation patching, first persona pair"),
-    ("heads_0", "Per-head patching, first persona pair"),
-    ("patching_1", "Activation patching, second persona pair"),
-    ("heads_1", "Per-head patching, second persona pair"),
-    ("contrasts", "Controlled contrasts"),
-)
 CSS = """
 .pc-tokens { font-family: ui-monospace, monospace; font-size: 13px; line-height: 1.9; }
 .pc-tok { display: inline-block; white-space: pre; padding: 1px 0; border-radius: 2px; }
@@ -83,34 +73,6 @@ def gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
     except ImportError:
         return fn
     return spaces.GPU(fn)  # type: ignore[no-any-return]
-
-
-@dataclass
-class Inside:
-    """The last reply's readout, kept per session to redraw the inside view without a model."""
-
-    model_id: str = ""
-    personas: tuple[str, ...] = ()
-    tokens: list[str] = field(default_factory=list)
-    n_prompt: int = 0
-    projections: np.ndarray | None = None  # [tokens, layers, personas], raw projections
-    reference: np.ndarray | None = None  # [2, layers, personas]: baseline mean, persona mean
-
-    def values(self, persona: str | None, layer: int | None = None) -> np.ndarray | None:
-        """Projections on ``persona`` [tokens, layers] (or [tokens] at ``layer``), rescaled so
-        0 is the baseline persona's mean and 1 this persona's mean when the store has means."""
-        if self.projections is None or not self.personas:
-            return None
-        index = self.personas.index(persona) if persona in self.personas else 0
-        grid = self.projections[:, :, index]
-        if self.reference is not None:
-            zero, one = self.reference[0, :, index], self.reference[1, :, index]
-            grid = (grid - zero) / np.maximum(one - zero, 1e-12)
-        return grid if layer is None else grid[:, min(max(layer, 0), grid.shape[1] - 1)]
-
-    @property
-    def scaled(self) -> bool:
-        return self.reference is not None
 
 
 Messages = list[dict[str, Any]]
@@ -387,7 +349,7 @@ class Handlers:
         side_by_side: bool = False,
         vectors_from: str | None = None,
         view_layer: float = 0,
-        inside: Inside | None = None,
+        inside: Readout | None = None,
         last_n: float | str | None = 0,
         direction: str | None = NO_DIRECTION,
         direction_layers: str | None = "all",
@@ -457,7 +419,7 @@ class Handlers:
         side_by_side: bool = False,
         vectors_from: str | None = None,
         view_layer: float = 0,
-        inside: Inside | None = None,
+        inside: Readout | None = None,
         last_n: float | str | None = 0,
         direction: str | None = NO_DIRECTION,
         direction_layers: str | None = "all",
@@ -510,9 +472,9 @@ class Handlers:
             return history, side, "", "Nothing to undo."
         return history, side, last, "Last turn removed."
 
-    def clear(self) -> tuple[Messages, Messages, str, str, Inside]:
+    def clear(self) -> tuple[Messages, Messages, str, str, Readout]:
         """Start a new conversation."""
-        return [], [], "Conversation cleared.", views.empty_html("No reply yet."), Inside()
+        return [], [], "Conversation cleared.", views.empty_html("No reply yet."), Readout()
 
     @staticmethod
     def _pop_turn(
@@ -532,7 +494,7 @@ class Handlers:
         history: Messages,
         side: Messages,
         message: str | None,
-        inside: Inside | None,
+        inside: Readout | None,
     ) -> tuple[Any, ...]:
         if not isinstance(err, InputError | ValueError | KeyError):
             log.exception("chat failed")
@@ -540,7 +502,7 @@ class Handlers:
         text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         text = text.strip() or type(err).__name__
         gr.Warning(text)
-        return history, side, message or "", f"⚠ {text}", gr.skip(), inside or Inside()
+        return history, side, message or "", f"⚠ {text}", gr.skip(), inside or Readout()
 
     @gpu
     def _reply(
@@ -585,55 +547,22 @@ class Handlers:
             return
         finally:
             self._forget(key, stop)
-        inside = self._inside(model_id, step.readout if step else None)
+        inside = (step.readout if step is not None else None) or Readout(model_id=model_id)
         done = "Stopped: partial reply kept." if stop.is_set() else "Done."
         if step is not None and step.dropped:
             done += f" ({step.dropped} oldest turns left out to fit the model's context.)"
         html = self.tokens(inside, view_layer)
         yield history, side, "", f"{done} {status}".strip(), html, inside
 
-    def _inside(self, model_id: str, readout: Readout | None) -> Inside:
-        if readout is None:
-            return Inside(model_id=model_id)
-        return Inside(
-            model_id=model_id,
-            personas=tuple(readout.personas),
-            tokens=list(readout.tokens),
-            n_prompt=readout.n_prompt,
-            projections=np.asarray(readout.projections, dtype=np.float32),
-            reference=readout.reference,
-        )
-
     # -- inside view ----------------------------------------------------------------------
 
-    def tokens(self, inside: Inside | None, layer: float, persona: str | None = None) -> str:
+    def tokens(self, inside: Readout | None, layer: float, persona: str | None = None) -> str:
         """Coloured per-token projections of the last exchange at ``layer`` (one row each)."""
-        if inside is None or inside.projections is None or not inside.personas:
-            return views.empty_html("Send a message to see per-token projections.")
-        n_layers = inside.projections.shape[1]
-        at = min(max(int(layer or 0), 0), n_layers - 1)
-        shown = [persona] if persona in inside.personas else list(inside.personas)
-        unit = "0 = baseline mean, 1 = persona mean" if inside.scaled else "raw projection"
-        rows = []
-        for name in shown:
-            values = inside.values(name, at)
-            assert values is not None
-            # scaled values: full colour at the persona's own mean (1) or beyond it
-            scale = max(1.0, float(np.abs(values).max())) if inside.scaled else None
-            caption = f"{name} at layer {at} ({unit}; red +, blue −; reply in bold)"
-            rows.append(views.tokens_html(inside.tokens, values, inside.n_prompt, caption, scale))
-        return "".join(rows)
+        return readout_html(inside, layer, persona)
 
-    def heatmap(self, inside: Inside | None, persona: str | None = None) -> np.ndarray | None:
+    def heatmap(self, inside: Readout | None, persona: str | None = None) -> np.ndarray | None:
         """A token x layer heatmap of the projection on ``persona`` (the first one by default)."""
-        if inside is None or inside.projections is None or not inside.personas:
-            return None
-        name = persona if persona in inside.personas else inside.personas[0]
-        grid = inside.values(name)
-        assert grid is not None
-        unit = "0 = baseline mean, 1 = persona mean" if inside.scaled else "raw projection"
-        title = f"{name}: token x layer ({unit}; line: end of prompt)"
-        return views.heatmap_image(inside.tokens, grid, inside.n_prompt, title)
+        return readout_heatmap(inside, persona)
 
     def layer_plot(
         self, model_id: str | None, personas: list[str] | None, vectors_from: str | None = None
@@ -709,7 +638,7 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
     """The page. Nothing loads here: the model loads on the first event that needs it."""
     h = Handlers(backend)
     with gr.Blocks(title="PersonaChat", analytics_enabled=False) as demo:
-        inside = gr.State(Inside())
+        inside = gr.State(Readout())
         gr.Markdown(
             "# PersonaChat\nChat with a model while steering it with persona vectors, "
             "ablating persona neurons and watching the personas inside it."
@@ -1098,7 +1027,7 @@ def _visible(on: bool) -> Any:
     return gr.update(visible=bool(on))
 
 
-def _persona_choices(inside: Inside | None, current: str | None) -> Any:
+def _persona_choices(inside: Readout | None, current: str | None) -> Any:
     names = list(inside.personas) if inside is not None else []
     return gr.update(
         choices=names, value=current if current in names else (names[0] if names else None)
