@@ -7,8 +7,10 @@ equals the model's own hidden states minus the stored baseline mean.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import html
+import inspect
 import re
 import threading
 from pathlib import Path
@@ -19,11 +21,22 @@ import numpy as np
 import pytest
 import torch
 
+from personachat.app import chat_handlers
 from personachat.app import main as app
-from personachat.app import page as ui
-from personachat.app.backend import Backend, residual_mean
-from personachat.app.page import Handlers, Inside, build_ui, gpu
-from personachat.app.settings import InputError, format_layer_spec, parse_weights, preset_spec
+from personachat.app.analysis import ANALYSIS_FIGURES
+from personachat.app.backend import Backend
+from personachat.app.endpoints import chat_endpoint, retry_endpoint
+from personachat.app.handler_base import gpu
+from personachat.app.page import Handlers, build_ui
+from personachat.app.readout import Readout
+from personachat.app.settings import (
+    ChatInputs,
+    InputError,
+    format_layer_spec,
+    parse_weights,
+    preset_spec,
+)
+from personachat.app.space import residual_mean
 from personachat.chat import ChatEngine, GenerationSettings
 from personachat.interventions import AblationSpec, DirectionSpec, SteeringSpec
 from personachat.model import LoadedModel
@@ -155,7 +168,8 @@ def chat(h: Handlers, message: str = "Tell me about the ocean.", **kw: object) -
         "max_new_tokens": 12,
     }
     args.update(kw)
-    return list(h.chat(message, **args))  # type: ignore[arg-type]
+    history, side = args.pop("history"), args.pop("side_history")
+    return list(h.chat(message, history, side, ChatInputs(**args)))  # type: ignore[arg-type]
 
 
 USER = [{"role": "user", "content": "Tell me about the ocean."}]
@@ -183,7 +197,7 @@ def test_unknown_model_shows_a_message_not_a_crash(h: Handlers) -> None:
 def test_steered_chat_streams_the_engine_reply_and_readout(
     h: Handlers, engine: ChatEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ui, "STREAM_INTERVAL_S", 0.0)  # an update per token
+    monkeypatch.setattr(chat_handlers, "STREAM_INTERVAL_S", 0.0)  # an update per token
     steps = chat(h, personas=["pirate", "poet"], weights="1, 0.5", layer_spec="1:4, 2:2")
     expected = engine.reply(
         USER,
@@ -198,7 +212,7 @@ def test_steered_chat_streams_the_engine_reply_and_readout(
     assert history == [*USER, {"role": "assistant", "content": expected.text}]
     assert box == "" and status.startswith("Done. Blend 1·pirate +0.5·poet at 1:4, 2:2 (raw)")
     assert side[-1]["content"] == "—"  # side by side was off
-    assert isinstance(inside, Inside) and inside.personas == ("pirate", "poet")
+    assert isinstance(inside, Readout) and inside.personas == ("pirate", "poet")
     assert expected.readout is not None and inside.projections is not None
     want = np.nan_to_num(expected.readout.projections.numpy())
     np.testing.assert_allclose(inside.projections, want, rtol=1e-6, atol=1e-6)
@@ -207,7 +221,7 @@ def test_steered_chat_streams_the_engine_reply_and_readout(
 
 
 def test_streaming_updates_are_throttled(h: Handlers, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ui, "STREAM_INTERVAL_S", 3600.0)
+    monkeypatch.setattr(chat_handlers, "STREAM_INTERVAL_S", 3600.0)
     steps = chat(h, max_new_tokens=30)
     # the user turn, the first token, the last token, the final update with the readout
     assert len(steps) == 4 and steps[-1][3].startswith("Done")
@@ -656,7 +670,11 @@ def test_sessions_at_the_same_time_keep_their_own_settings(h: Handlers) -> None:
         request = gr.Request(session_hash=f"tab-{i}")
         steps = list(
             h.chat(
-                USER[0]["content"], [], [], MODEL, max_new_tokens=12, request=request, **settings[i]
+                USER[0]["content"],
+                [],
+                [],
+                ChatInputs(MODEL, max_new_tokens=12, **settings[i]),
+                request=request,
             )
         )
         together[i] = steps[-1][0][-1]["content"]
@@ -695,7 +713,11 @@ def test_a_long_conversation_is_cut_to_fit_the_context(
 def test_stop_ends_the_generation_and_keeps_the_partial_reply(h: Handlers) -> None:
     request = gr.Request(session_hash="tab-1")
     stream = h.chat(
-        "Tell me about the ocean.", [], [], MODEL, [], "", "", max_new_tokens=200, request=request
+        "Tell me about the ocean.",
+        [],
+        [],
+        ChatInputs(MODEL, [], "", "", max_new_tokens=200),
+        request=request,
     )
     next(stream)  # the user turn
     first = next(stream)[0][-1]["content"]
@@ -710,15 +732,20 @@ def test_stop_ends_the_generation_and_keeps_the_partial_reply(h: Handlers) -> No
 
 def test_retry_undo_and_clear(h: Handlers) -> None:
     first = chat(h, max_new_tokens=6)[-1]
-    again = list(h.retry(first[0], first[1], MODEL, [], "", "", max_new_tokens=6))[-1]
+    again = list(h.retry(first[0], first[1], ChatInputs(MODEL, [], "", "", max_new_tokens=6)))[-1]
     assert again[0] == first[0]  # greedy: the same reply again, not a second turn
-    steered = list(h.retry(first[0], first[1], MODEL, ["pirate"], "", "0-2:8", max_new_tokens=6))
+    steered = list(
+        h.retry(first[0], first[1], ChatInputs(MODEL, ["pirate"], "", "0-2:8", max_new_tokens=6))
+    )
     assert len(steered[-1][0]) == 2 and steered[-1][0][-1] != first[0][-1]
     history, side, box, _status = h.undo(first[0], first[1])
     assert (history, side, box) == ([], [], "Tell me about the ocean.")
     assert h.undo([], [])[3] == "Nothing to undo."
     with pytest.warns(UserWarning, match="Nothing to retry"):
-        assert next(iter(h.retry([], [], MODEL, [], "", "")))[3] == "⚠ Nothing to retry yet."
+        assert (
+            next(iter(h.retry([], [], ChatInputs(MODEL, [], "", ""))))[3]
+            == "⚠ Nothing to retry yet."
+        )
     cleared = h.clear()
     assert cleared[:3] == ([], [], "Conversation cleared.") and cleared[4].projections is None
 
@@ -765,7 +792,7 @@ def test_tokens_view_and_heatmap_show_the_readout(h: Handlers, store_root: Path)
     assert titles[inside.n_prompt - 1].startswith(repr(inside.tokens[inside.n_prompt - 1]))
     image = h.heatmap(inside, "pirate")
     assert image is not None and image.ndim == 3 and image.shape[2] == 3
-    assert h.heatmap(Inside()) is None
+    assert h.heatmap(Readout()) is None
     assert "Send a message" in h.tokens(None, 0)
 
 
@@ -833,6 +860,24 @@ def test_the_page_builds_with_named_endpoints(h: Handlers) -> None:
     assert gpu(len) is len  # no `spaces` package here: the decorator is a no-op
 
 
+def test_the_chat_endpoint_takes_the_settings_as_keywords(h: Handlers) -> None:
+    """Gradio names /chat's parameters after its function: the page's settings in order, with
+    the view's layer and the readout state before the later settings; a call by keywords
+    builds one ChatInputs and streams what the handler streams."""
+    chat_api, retry_api = chat_endpoint(h), retry_endpoint(h)
+    names = list(inspect.signature(chat_api).parameters)
+    fields = [f.name for f in dataclasses.fields(ChatInputs)]
+    at = fields.index("last_n")
+    head, view = ["message", "history", "side_history"], ["view_layer", "readout"]
+    assert names == [*head, *fields[:at], *view, *fields[at:], "request"]
+    assert list(inspect.signature(retry_api).parameters) == names[1:]
+    assert inspect.isgeneratorfunction(chat_api) and chat_api.__name__ == "chat"
+    steered = {"personas": ["pirate"], "layer_spec": "0-2:8", "max_new_tokens": 12}
+    asked = {"message": USER[0]["content"], "history": [], "side_history": [], "model_id": MODEL}
+    out = list(chat_api(**asked, **steered))
+    assert out[-1][:4] == chat(h, **steered)[-1][:4]
+
+
 def test_app_config_from_args_and_environment(tmp_path: Path) -> None:
     config = app.parse_args([], env={})
     assert config.host == "127.0.0.1" and config.port == 7860
@@ -878,7 +923,7 @@ def test_analysis_tab_finds_the_planted_collapse_on_the_demo_model() -> None:
     assert "Collapse on 7 of 7 preference questions (placement early" in text
     assert "personas with an answer of their own somewhere: pirate." in text
     assert "Patching pirate -> " in text and "Circuit: patching" in text
-    shown = {key: u for (key, _), u in zip(ui.ANALYSIS_FIGURES, images, strict=True)}
+    shown = {key: u for (key, _), u in zip(ANALYSIS_FIGURES, images, strict=True)}
     for key in ("collapse", "probe", "persona_space", "assistant_axis", "patching_0", "heads_0"):
         image = shown[key]["value"]
         assert shown[key]["visible"] is True, key

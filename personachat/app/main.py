@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         for problem in problems:
             print(f"personachat: cannot start: {problem}", file=sys.stderr)
         return 2
-    from personachat.app.backend import DEMO_ID, Backend
+    from personachat.app.backend import Backend
+    from personachat.app.models import DEMO_ID
     from personachat.app.page import CSS, build_ui, theme
 
     backend = Backend(config.model, config.store)

@@ -1,9 +1,10 @@
 """Per-session chat settings: parse what a person typed in the page into checked runtime values.
 
-The page's inputs are strings and numbers; ``parse_settings`` turns them into a frozen
-``Settings`` or raises ``InputError`` whose message names the field, the value and what to type
-instead. Nothing here touches a model: limits (layers, MLP width, known personas) come in as
-arguments, so the same parsing serves the page, the API endpoints and the tests.
+The page's inputs are strings and numbers, gathered in one frozen ``ChatInputs``;
+``parse_settings`` turns them into a frozen ``Settings`` (numbers, layers, neuron pairs) or
+raises ``InputError`` whose message names the field, the value and what to type instead.
+Nothing here touches a model: limits (layers, MLP width, known personas) come in as arguments,
+so the same parsing serves the page, the API endpoints and the tests.
 
 Formats:
 - persona weights: ``"1, -0.5"`` (in the order the personas were picked) or
@@ -298,69 +299,79 @@ class Limits:
     neuron_sets: tuple[str, ...]
 
 
-def parse_settings(
-    limits: Limits,
-    *,
-    personas: Sequence[str] | None,
-    weights: str | None,
-    layer_spec: str | None,
-    units: str,
-    positions: str,
-    system_prompt: str | None,
-    temperature: object,
-    max_new_tokens: object,
-    seed: object,
-    neuron_sets: Sequence[str] | None,
-    neurons: str | None,
-    ablation: str,
-    side_by_side: bool,
-    vectors_from: str = "",
-    last_n: object = 0,
-    direction: str | None = "",
-    direction_layers: str | None = "all",
-    direction_mode: str = "mean",
-    direction_positions: str = "all",
-    ablation_positions: str = "all",
-) -> Settings:
+@dataclass(frozen=True)
+class ChatInputs:
+    """The page's chat settings as its controls hold them (text and numbers, not yet checked),
+    in the page's order; ``parse_settings`` checks them into ``Settings``. The defaults are the
+    ``/chat`` endpoint's; a ``model_id`` of None or "" is the app's default model."""
+
+    model_id: str | None
+    personas: Sequence[str] | None = None
+    weights: str | None = None
+    layer_spec: str | None = None
+    units: str = "raw"
+    positions: str = "all"
+    system_prompt: str | None = None
+    temperature: float | str = 0.0
+    max_new_tokens: float | str = 64
+    seed: float | str = 0
+    neuron_sets: Sequence[str] | None = None
+    neurons: str | None = None
+    ablation: str = "off"
+    side_by_side: bool = False
+    vectors_from: str | None = None
+    last_n: float | str | None = 0
+    direction: str | None = NO_DIRECTION
+    direction_layers: str | None = "all"
+    direction_mode: str = "mean"
+    direction_positions: str = "all"
+    ablation_positions: str = "all"
+
+
+def parse_settings(limits: Limits, inputs: ChatInputs) -> Settings:
     """Check every input against ``limits``; the first problem raises ``InputError``.
 
     ``last_n`` counts only with ``positions="prompt"``. ``direction`` ("none" or empty: none)
     is checked by the runtime, whose error lists the known personas; ``direction_mode`` and
     ``direction_positions`` say how and where it is ablated, ``ablation_positions`` where the
     neurons are."""
-    picked = check_personas(personas, limits.personas)
-    strengths = parse_layer_spec(layer_spec, limits.n_layers)
+    picked = check_personas(inputs.personas, limits.personas)
+    strengths = parse_layer_spec(inputs.layer_spec, limits.n_layers)
     if picked and not strengths:
         raise InputError(
             "Strength per layer is empty: type layers and strengths (e.g. '2:4' or '1-3:2') "
             "or pick a preset."
         )
+    units, ablation, positions = inputs.units, inputs.ablation, inputs.positions
     if units not in UNITS:
         raise InputError(f"unknown units {units!r}; choose {' or '.join(UNITS)}.")
     if ablation not in ABLATION_MODES:
         raise InputError(f"unknown ablation {ablation!r}; choose {', '.join(ABLATION_MODES)}.")
-    tail = parse_last_n(last_n)
+    tail = parse_last_n(inputs.last_n)
     words = " (" + ", ".join(f"{k}: {v}" for k, v in DIRECTION_MODES.items()) + ")"
-    mode = check_choice("Direction mode", direction_mode, tuple(DIRECTION_MODES), words)
-    where = check_choice("Direction positions", direction_positions, POSITIONS)
-    ablated_at = check_choice("Ablation positions", ablation_positions, ABLATION_POSITIONS)
-    projected = "" if (direction or "").strip() in ("", NO_DIRECTION) else str(direction).strip()
-    layers = parse_layers(direction_layers, limits.n_layers, DIRECTION_FIELD) if projected else ()
+    mode = check_choice("Direction mode", inputs.direction_mode, tuple(DIRECTION_MODES), words)
+    where = check_choice("Direction positions", inputs.direction_positions, POSITIONS)
+    ablated_at = check_choice("Ablation positions", inputs.ablation_positions, ABLATION_POSITIONS)
+    direction = (inputs.direction or "").strip()
+    projected = "" if direction in ("", NO_DIRECTION) else direction
+    layers: tuple[int, ...] = ()
+    if projected:
+        layers = parse_layers(inputs.direction_layers, limits.n_layers, DIRECTION_FIELD)
     return Settings(
         personas=picked,
-        weights=parse_weights(weights, picked),
+        weights=parse_weights(inputs.weights, picked),
         layer_strengths=tuple(sorted(strengths.items())),
         units=units,  # type: ignore[arg-type]
         positions=positions,
-        system_prompt=(system_prompt or "").strip(),
-        temperature=parse_number("temperature", temperature, low=0.0, high=5.0),
-        max_new_tokens=parse_int("max tokens", max_new_tokens, low=1, high=MAX_NEW_TOKENS),
-        seed=parse_int("seed", seed, low=0, high=2**31 - 1),
-        neuron_sets=check_neuron_sets(neuron_sets, limits.neuron_sets),
-        neurons=parse_neurons(neurons, limits.n_layers, limits.mlp_width),
+        system_prompt=(inputs.system_prompt or "").strip(),
+        temperature=parse_number("temperature", inputs.temperature, low=0.0, high=5.0),
+        max_new_tokens=parse_int("max tokens", inputs.max_new_tokens, low=1, high=MAX_NEW_TOKENS),
+        seed=parse_int("seed", inputs.seed, low=0, high=2**31 - 1),
+        neuron_sets=check_neuron_sets(inputs.neuron_sets, limits.neuron_sets),
+        neurons=parse_neurons(inputs.neurons, limits.n_layers, limits.mlp_width),
         ablation=ablation,  # type: ignore[arg-type]
-        side_by_side=bool(side_by_side),
-        vectors_from=vectors_from or "",
+        side_by_side=bool(inputs.side_by_side),
+        vectors_from=inputs.vectors_from or "",
         last_n=tail if positions == "prompt" else None,
         direction=projected,
         direction_layers=layers,

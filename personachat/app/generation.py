@@ -1,0 +1,199 @@
+"""One chat turn under a session's ``Settings``: the runtime's specs, the stream, the readout.
+
+``generate`` checks the request before anything runs (a bad spec raises there), then returns an
+iterator of ``Step``s: the reply so far, the unsteered reply beside it, and with the last step
+the ``Readout`` of the exchange. The settings' numbers go to the runtime's specs as they are
+(``{layer: strength}``, ``(layer, index)`` pairs); the oldest turns are left out when the
+conversation would not fit the model's context.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from personachat.app.catalog import Catalog
+from personachat.app.readout import Readout
+from personachat.app.settings import LAST_PROMPT_TOKEN, Settings
+from personachat.app.space import reference
+
+MAX_READOUT_PERSONAS = 12
+
+
+@dataclass(frozen=True)
+class Step:
+    """The reply so far; ``readout`` and ``warnings`` come with the last step."""
+
+    text: str
+    side_text: str | None = None
+    done: bool = False
+    stopped: bool = False
+    readout: Readout | None = None
+    warnings: tuple[str, ...] = field(default=())
+    dropped: int = 0  # oldest turns left out so the conversation fits the model's context
+
+
+def generate(
+    catalog: Catalog,
+    model_id: str,
+    settings: Settings,
+    messages: Sequence[dict[str, Any]],
+    stop: threading.Event | None = None,
+) -> Iterator[Step]:
+    """Check the request now (raising before anything runs), then return an iterator that
+    streams the reply to ``messages`` under ``settings``."""
+    from personachat.chat import GenerationSettings
+
+    engine = catalog.engine(model_id, settings.vectors_from)
+    lm = engine.lm
+    conversation, dropped = fit_context(lm, messages, settings.max_new_tokens)
+    if settings.system_prompt:
+        conversation.insert(0, {"role": "system", "content": settings.system_prompt})
+    steering = steering_spec(settings)
+    direction = direction_spec(settings)
+    ablation, extra = ablation_specs(lm, engine.neuron_sets, settings)
+    readout = list(settings.personas) or sorted(engine.vectors)[:MAX_READOUT_PERSONAS]
+    updates = engine.stream(
+        conversation,
+        GenerationSettings(
+            max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+            seed=settings.seed,
+        ),
+        steering=steering,
+        ablation=ablation,
+        direction=direction,
+        readout=readout,
+        side_by_side=settings.side_by_side,
+        stop=stop,
+        handlers=extra,
+    )
+    levels = reference(catalog, model_id, readout, settings.vectors_from)
+    return _steps(model_id, lm.tokenizer, updates, levels, dropped)
+
+
+def steering_spec(settings: Settings) -> Any:
+    """The runtime's ``SteeringSpec`` of the blend, or None when nothing steers."""
+    from personachat.interventions import SteeringSpec
+
+    if not settings.steering:
+        return None
+    return SteeringSpec(
+        blend=settings.blend(),
+        layers=dict(settings.layer_strengths),
+        units=unit_name(settings.units),  # type: ignore[arg-type]
+        positions=settings.positions,  # type: ignore[arg-type]
+        last_n=settings.last_n,
+    )
+
+
+def direction_spec(settings: Settings) -> Any:
+    """The runtime's ``DirectionSpec`` of the ablated direction, or None."""
+    from personachat.interventions import DirectionSpec
+
+    if not settings.projecting:
+        return None
+    return DirectionSpec(
+        settings.direction,
+        settings.direction_layers,
+        mode=settings.direction_mode,
+        positions=settings.direction_positions,
+    )
+
+
+def ablation_specs(lm: Any, neuron_sets: Any, settings: Settings) -> tuple[Any, list[Any]]:
+    """The ``AblationSpec`` of the first set with the typed neurons, and one extra handler per
+    further set (their position window takes the prompt's length from its first forward, the
+    prefill, as the engine's own handlers do); (None, []) when nothing is ablated."""
+    from personachat.interventions import AblationSpec, build_ablation
+
+    if not settings.ablating:
+        return None, []
+    mode, (where, last_n) = settings.ablation, _window(settings.ablation_positions)
+    first = settings.neuron_sets[0] if settings.neuron_sets else None
+    ablation = AblationSpec(
+        first,
+        list(settings.neurons),
+        mode,  # type: ignore[arg-type]
+        positions=where,  # type: ignore[arg-type]
+        last_n=last_n,
+    )
+    rows = [False, True] if settings.side_by_side else None
+    extra = []
+    for label in settings.neuron_sets[1:]:
+        spec = AblationSpec(
+            label,
+            mode=mode,  # type: ignore[arg-type]
+            positions=where,  # type: ignore[arg-type]
+            last_n=last_n,
+        )
+        extra.append(build_ablation(lm, spec, neuron_sets, rows=rows))
+    return ablation, extra
+
+
+def _steps(
+    model_id: str,
+    tokenizer: Any,
+    updates: Iterator[Any],
+    levels: np.ndarray | None,
+    dropped: int,
+) -> Iterator[Step]:
+    def decode(token: int) -> str:
+        return str(tokenizer.decode([token]))
+
+    for update in updates:
+        warnings = tuple(update.interference.warnings) if update.interference else ()
+        readout = None
+        if update.done and update.readout is not None:
+            readout = Readout.from_reply(model_id, update.readout, decode, levels)
+        yield Step(
+            text=update.text,
+            side_text=update.baseline_text,
+            done=update.done,
+            stopped=update.stopped,
+            readout=readout,
+            warnings=warnings,
+            dropped=dropped,
+        )
+
+
+def unit_name(units: str) -> str:
+    """The runtime's name for the page's units."""
+    return "calibrated" if units == "x residual norm" else "raw"
+
+
+def _window(positions: str) -> tuple[str, int | None]:
+    """The runtime's (positions, last_n) for a page choice of where to ablate neurons."""
+    return ("prompt", 1) if positions == LAST_PROMPT_TOKEN else (positions, None)
+
+
+def context_limit(lm: Any) -> int | None:
+    """The model's context length (``max_position_embeddings``), when its config says."""
+    from personachat.model import text_config
+
+    value = getattr(text_config(lm.model.config), "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def fit_context(
+    lm: Any, messages: Sequence[dict[str, Any]], max_new_tokens: int
+) -> tuple[list[dict[str, Any]], int]:
+    """``messages`` without their oldest turns as far as needed (never the last message) so the
+    prompt plus ``max_new_tokens`` fits the model's context; returns them and how many went."""
+    from personachat.prompts import format_chat
+
+    kept = list(messages)
+    limit = context_limit(lm)
+    dropped = 0
+    while limit is not None and len(kept) > 1:
+        text = format_chat(lm.tokenizer, kept, add_generation_prompt=True)
+        n = len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if n + max_new_tokens <= limit:
+            break
+        kept = kept[2:] if len(kept) > 2 else kept[1:]  # a user turn and its reply
+        dropped += 1
+    return kept, dropped

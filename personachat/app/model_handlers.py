@@ -1,0 +1,110 @@
+"""The page's model and store actions: load a model's view, re-read the store, extract vectors."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import gradio as gr
+
+from personachat.app.handler_base import HandlerBase
+from personachat.app.settings import NO_DIRECTION
+
+log = logging.getLogger(__name__)
+
+
+class ModelHandlers(HandlerBase):
+    """Load a model's view, re-read the store, extract and register vectors."""
+
+    def load(self, model_id: str | None) -> tuple[Any, ...]:
+        """(Re)load the page's model view. Returns (model info, persona choices, neuron-set
+        choices, extraction offer, layer slider, vector kinds, extraction dataset, direction
+        choices, status)."""
+        model_id = self.model_id(model_id)
+        try:
+            info = self.backend.describe(model_id)
+            personas = self.backend.persona_names(model_id)
+            sets = self.backend.neuron_set_names(model_id)
+            kinds = self.backend.vector_kinds(model_id)
+            n_layers = self.backend.limits(model_id).n_layers
+        except Exception as err:  # a model that cannot load must not break the page
+            log.warning("cannot load %s: %s", model_id, err)
+            message = f"⚠ Cannot load `{model_id}`: {err}"
+            gr.Warning(message)
+            empty = gr.update(choices=[], value=[])
+            return (
+                message,
+                empty,
+                empty,
+                gr.update(visible=False),
+                gr.update(),
+                gr.update(),
+                gr.update(),
+                gr.update(choices=[NO_DIRECTION], value=NO_DIRECTION),
+                message,
+            )
+        offer = not personas and self.backend.can_extract(model_id)
+        return (
+            info,
+            gr.update(choices=personas, value=[]),
+            gr.update(choices=sets, value=[]),
+            gr.update(visible=offer),
+            gr.update(maximum=max(n_layers - 1, 1), value=min(n_layers - 1, n_layers // 2)),
+            gr.update(choices=kinds, value=kinds[0] if kinds else None),
+            gr.update(value="demo" if self.backend.is_demo(model_id) else "personas"),
+            gr.update(choices=[NO_DIRECTION, *personas], value=NO_DIRECTION),
+            f"Model `{model_id}` ready: {len(personas)} personas, {len(sets)} neuron sets."
+            + (" No persona vectors yet: extract them under 'Model and store'." if offer else ""),
+        )
+
+    def refresh(
+        self,
+        model_id: str | None,
+        personas: list[str] | None,
+        vectors_from: str | None = None,
+        direction: str | None = None,
+    ) -> tuple[Any, ...]:
+        """Re-read the store (new personas registered by a script, removed ones gone). Returns
+        (persona choices, neuron-set choices, direction choices, status)."""
+        model_id = self.model_id(model_id)
+        try:
+            self.backend.refresh()
+            known = self.backend.persona_names(model_id, vectors_from or "")
+            sets = self.backend.neuron_set_names(model_id)
+        except Exception as err:  # the store or the model failed: say so, keep the page
+            gr.Warning(f"Cannot re-read the store: {err}")
+            return gr.update(), gr.update(), gr.update(), f"⚠ Cannot re-read the store: {err}"
+        kept = [p for p in personas or [] if p in known]
+        gone = sorted(set(personas or []) - set(known))
+        note = f" No longer in the store: {', '.join(gone)}." if gone else ""
+        return (
+            gr.update(choices=known, value=kept),
+            gr.update(choices=sets),
+            gr.update(
+                choices=[NO_DIRECTION, *known],
+                value=direction if direction in known else NO_DIRECTION,
+            ),
+            f"Store re-read: {len(known)} personas for `{model_id}`.{note}",
+        )
+
+    def extract(
+        self,
+        model_id: str | None,
+        dataset: str = "personas",
+        positions: str = "question_span",
+        personas: list[str] | None = None,
+        neurons: bool = False,
+        progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 - Gradio's idiom
+    ) -> tuple[Any, ...]:
+        """Extract persona vectors from a built-in dataset (all personas, or those picked) and
+        register them; a progress bar shows while it runs, then the page offers the personas."""
+        model_id = self.model_id(model_id)
+        try:
+            picked = tuple(personas or ())
+            summary = self.backend.extract(model_id, dataset, positions, picked, bool(neurons))
+        except Exception as err:
+            log.exception("extraction failed")
+            gr.Warning(f"Extraction failed: {err}")
+            return (*[gr.update()] * 8, f"⚠ Extraction failed: {err}")
+        loaded = self.load(model_id)
+        return (*loaded[:8], summary)
