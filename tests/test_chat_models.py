@@ -11,7 +11,10 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers import GenerationConfig as HubGenerationConfig
 
 from personachat.activations import build_samples
+from personachat.app.backend import Backend
+from personachat.app.main import parse_args
+from personachat.app.settings import ChatInputs, parse_settings
 from personachat.chat import ChatEngine
 from personachat.chat import GenerationSettings as Decode
 from personachat.hooks import hook_count, registered
@@ -248,6 +254,83 @@ def test_a_tokenizer_without_template_adds_its_bos_everywhere(
     assert ChatEngine(bare).prompt_ids(messages)[0].tolist() == spans.input_ids
     samples = build_samples(tok, [(0, SYSTEM, QUESTION, "Paris.")], ("prompt_last",))
     assert list(samples[0].ids[: samples[0].n_prompt]) == spans.input_ids
+
+
+def test_app_chat_with_a_system_prompt_and_steering(
+    family: str, models_root: str, tmp_path: Path
+) -> None:
+    """The page's path: the backend loads the model, reads the store, parses the settings."""
+    folder = str(saved_model(family, models_root))
+    lm = loaded(family, models_root)
+    result = extract_vectors(
+        lm, DATASET, positions="question_span", progress=False, generation=_short()
+    )
+    with Store(tmp_path / "store") as store:
+        register_results(store, lm, DATASET.personas, result)
+    backend = Backend(folder, tmp_path / "store", models={folder: lm})
+    inputs = ChatInputs(
+        folder, personas=["pirate"], layer_spec="all:4", positions="prompt",
+        system_prompt=SYSTEM, max_new_tokens=4, side_by_side=True,
+    )  # fmt: skip
+    settings = parse_settings(backend.limits(folder), inputs)
+    steps = list(backend.generate(folder, settings, [{"role": "user", "content": QUESTION}]))
+    last = steps[-1]
+    assert last.done and last.readout is not None and not last.render_warnings
+    n_prompt = len(prompt_spans(lm.tokenizer, SYSTEM, QUESTION).input_ids)
+    assert last.readout.n_prompt == n_prompt  # the system prompt went in, folded or not
+
+
+def test_the_app_loads_models_in_the_dtype_asked_for(family: str, models_root: str) -> None:
+    folder = str(saved_model(family, models_root))
+    config = parse_args(["--model", folder, "--dtype", "bfloat16", "--device", "cpu"], env={})
+    backend = Backend(config.model, config.store, dtype=config.dtype, device=config.device)
+    assert next(backend.lm(folder).model.parameters()).dtype == torch.bfloat16
+
+
+RACE = """
+import sys, threading
+from personachat.app.backend import Backend
+folder, store = sys.argv[1], sys.argv[2]
+backend = Backend(folder, store)
+start = threading.Barrier(2)
+errors = []
+
+def run(call):
+    start.wait()
+    try:
+        call()
+    except Exception as err:
+        errors.append(repr(err))
+
+calls = [
+    lambda: backend.engine(folder),  # what the page's background warm-up does
+    lambda: print(backend.extract(folder, "personas", "prompt_last", ("default", "assistant"))),
+]
+threads = [threading.Thread(target=run, args=(call,)) for call in calls]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(errors)
+sys.exit(1 if errors else 0)
+"""
+
+
+def test_extract_right_after_start_while_the_model_loads(models_root: str, tmp_path: Path) -> None:
+    """Fresh processes: the model loads in the background while the first request extracts,
+    both starting at once; the first imports of the library must not race (unserialised, two
+    threads importing transformers' modules at once fail most of the time)."""
+    family = "qwen2.5-0.5b-instruct" if "qwen2.5-0.5b-instruct" in FAMILIES else FAMILIES[0]
+    folder = saved_model(family, models_root)
+    (tmp_path / "store").mkdir()
+    env = {**os.environ, "PERSONACHAT_CACHE": str(tmp_path / "cache")}
+    for _ in range(3):
+        proc = subprocess.run(
+            [sys.executable, "-c", RACE, str(folder), str(tmp_path / "store")],
+            capture_output=True, text=True, timeout=600, env=env,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-2000:]
+        assert "Registered" in proc.stdout
 
 
 def _force(token: int, after: int) -> Any:

@@ -27,6 +27,7 @@ from personachat.app import browse, extraction, space, summary
 from personachat.app.analysis import Analyses, AnalysisView, Progress
 from personachat.app.catalog import Catalog
 from personachat.app.generation import Step, generate
+from personachat.app.library import needs_library
 from personachat.app.models import ModelCache, is_demo
 from personachat.app.settings import Limits, Settings
 
@@ -36,36 +37,50 @@ log = logging.getLogger(__name__)
 class Backend:
     """Models, store and chat engines shared by every session of one app."""
 
-    def __init__(self, default_model: str, store_path: str | Path, *, models: Any = None) -> None:
+    def __init__(
+        self,
+        default_model: str,
+        store_path: str | Path,
+        *,
+        models: Any = None,
+        dtype: str = "auto",
+        device: str = "auto",
+    ) -> None:
         self.default_model = default_model
         self.store_path = Path(store_path)
         lock = threading.RLock()  # one lock for models, store and engines
-        self.models = ModelCache(lock, models)
+        self.models = ModelCache(lock, models, dtype=dtype, device=device)
         self.catalog = Catalog(self.models, self.store_path, lock)
         self.analyses = Analyses(self.catalog)
 
     # -- loading ------------------------------------------------------------------------------
 
+    @needs_library
     def lm(self, model_id: str) -> Any:
         """The loaded model ``model_id`` (loaded on first use, shared by all sessions)."""
         return self.models.get(model_id)
 
+    @needs_library
     def store(self) -> Any:
         """The persona store, read-only (opened on first use; it follows other writers)."""
         return self.catalog.store()
 
+    @needs_library
     def engine(self, model_id: str, positions: str = "") -> Any:
         """The chat engine of ``model_id`` over its vectors read from ``positions``."""
         return self.catalog.engine(model_id, positions)
 
+    @needs_library
     def store_id(self, model_id: str) -> str:
         """The id the store files ``model_id`` under."""
         return self.catalog.store_id(model_id)
 
+    @needs_library
     def vector_kinds(self, model_id: str) -> list[str]:
         """The positions kinds this model has vectors for, preferred first."""
         return self.catalog.vector_kinds(model_id)
 
+    @needs_library
     def refresh(self) -> None:
         """Re-read the store now (it also re-reads by itself when another process wrote)."""
         self.catalog.refresh()
@@ -98,6 +113,7 @@ class Backend:
             return False
         return True
 
+    @needs_library
     def extract(
         self,
         model_id: str,
@@ -112,12 +128,14 @@ class Backend:
             self.catalog, model_id, dataset, positions, personas, neurons, neuron_personas
         )
 
+    @needs_library
     def register_demo(self) -> str | None:
         """First start with the demo model: register its vectors and neurons (None if done)."""
         return extraction.register_demo(self.catalog, self.default_model)
 
     # -- what the page shows ------------------------------------------------------------------
 
+    @needs_library
     def limits(self, model_id: str, kind: str = "") -> Limits:
         engine = self.engine(model_id, kind)
         info = engine.lm.info
@@ -128,45 +146,55 @@ class Backend:
             neuron_sets=tuple(sorted(engine.neuron_sets)),
         )
 
+    @needs_library
     def persona_names(self, model_id: str, kind: str = "") -> list[str]:
         return sorted(self.engine(model_id, kind).vectors)
 
+    @needs_library
     def neuron_set_names(self, model_id: str) -> list[str]:
         return sorted(self.engine(model_id).neuron_sets)
 
+    @needs_library
     def describe(self, model_id: str) -> str:
         engine = self.engine(model_id)
         return summary.describe(engine, self.vector_kinds(model_id), self.store_path)
 
+    @needs_library
     def best_layer(self, model_id: str, personas: Sequence[str], kind: str = "") -> int:
         """The best layer (highest AUC) of the first picked persona; the middle layer if none."""
         return browse.best_layer(self.engine(model_id, kind), personas)
 
+    @needs_library
     def blend_summary(self, model_id: str, settings: Settings) -> str:
         """The blend as a formula plus the runtime's interference warnings."""
         return summary.blend_summary(self.engine(model_id, settings.vectors_from), settings)
 
+    @needs_library
     def settings_summary(self, model_id: str, settings: Settings) -> str:
         """What this turn does to the model, in words for the status line."""
         return summary.settings_summary(self.engine(model_id, settings.vectors_from), settings)
 
+    @needs_library
     def layer_metrics(
         self, model_id: str, personas: Sequence[str], kind: str = ""
     ) -> dict[str, tuple[list[float], list[float]]]:
         """``{persona: (auc per layer, separation per layer)}`` of registered vectors."""
         return browse.layer_metrics(self.engine(model_id, kind), model_id, personas)
 
+    @needs_library
     def tables(self, model_id: str) -> tuple[Any, Any, Any, Any]:
         """The store browser: personas, models, metrics at the best layer, neuron sets."""
         store = self.store()
         return browse.tables(store, self.store_id(model_id))
 
+    @needs_library
     def persona_space(
         self, model_id: str, messages: Sequence[dict[str, Any]], layer: int, kind: str = ""
     ) -> tuple[list[str], np.ndarray, np.ndarray | None]:
         """Registered vectors at ``layer`` and the conversation's point in their space."""
         return space.persona_space(self.catalog, model_id, messages, layer, kind)
 
+    @needs_library
     def reference(
         self, model_id: str, personas: Sequence[str], kind: str = ""
     ) -> np.ndarray | None:
@@ -175,12 +203,14 @@ class Backend:
 
     # -- analysis and generation --------------------------------------------------------------
 
+    @needs_library
     def analyze(
         self, model_id: str, progress: Progress | None = None, personas: Sequence[str] = ()
     ) -> AnalysisView:
         """The persona analysis of ``model_id``, computed once and shared by every session."""
         return self.analyses.run(model_id, progress, personas)
 
+    @needs_library
     def generate(
         self,
         model_id: str,

@@ -163,6 +163,8 @@ class ChatHandlers(HandlerBase):
         done = "Stopped: partial reply kept." if stop.is_set() else "Done."
         if step is not None and step.dropped:
             done += f" ({step.dropped} oldest turns left out to fit the model's context.)"
+        if step is not None and step.render_warnings:
+            done += " ⚠ " + " ".join(step.render_warnings)
         html = readout_html(readout, view_layer)
         yield history, side, "", f"{done} {status}".strip(), html, readout
 

@@ -26,7 +26,8 @@ MAX_READOUT_PERSONAS = 12
 
 @dataclass(frozen=True)
 class Step:
-    """The reply so far; ``readout`` and ``warnings`` come with the last step."""
+    """The reply so far; ``readout``, ``warnings`` (interference in the blend) and
+    ``render_warnings`` (vectors read from prompts rendered otherwise) come with the last step."""
 
     text: str
     side_text: str | None = None
@@ -34,6 +35,7 @@ class Step:
     stopped: bool = False
     readout: Readout | None = None
     warnings: tuple[str, ...] = field(default=())
+    render_warnings: tuple[str, ...] = field(default=())
     dropped: int = 0  # oldest turns left out so the conversation fits the model's context
 
 
@@ -157,6 +159,7 @@ def _steps(
             stopped=update.stopped,
             readout=readout,
             warnings=warnings,
+            render_warnings=tuple(update.warnings),
             dropped=dropped,
         )
 

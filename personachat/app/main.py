@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ class AppConfig:
     host: str
     port: int
     concurrency: int = 2
+    dtype: str = "auto"  # auto: bfloat16 on a GPU (float16 where it lacks bf16), float32 on CPU
+    device: str = "auto"  # auto: the GPUs when there are any, else the CPU
 
 
 def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> AppConfig:
@@ -65,6 +68,18 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         default=int(env.get("PERSONACHAT_CONCURRENCY", "2")),
         help="generations running at once across all sessions (default 2)",
     )
+    parser.add_argument(
+        "--dtype",
+        default=env.get("PERSONACHAT_DTYPE", "auto"),
+        choices=DTYPES,
+        help="weights' dtype (env PERSONACHAT_DTYPE; auto: bfloat16 on a GPU, float32 on CPU)",
+    )
+    parser.add_argument(
+        "--device",
+        default=env.get("PERSONACHAT_DEVICE", "auto"),
+        type=_device,
+        help="auto, cpu, cuda or cuda:N (env PERSONACHAT_DEVICE; auto: the GPUs if any)",
+    )
     args = parser.parse_args(argv)
     host = args.host or ("0.0.0.0" if env.get("SPACE_ID") else "127.0.0.1")
     return AppConfig(
@@ -73,7 +88,19 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         host=host,
         port=args.port,
         concurrency=max(1, args.concurrency),
+        dtype=args.dtype,
+        device=args.device,
     )
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _device(text: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; anything else is an argparse error."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"device {text!r}: use auto, cpu, cuda or cuda:N")
 
 
 def _resolve(path: str) -> str:
@@ -140,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     from personachat.app.models import DEMO_ID
     from personachat.app.page import CSS, build_ui, theme
 
-    backend = Backend(config.model, config.store)
+    backend = Backend(config.model, config.store, dtype=config.dtype, device=config.device)
     if backend.is_demo(config.model) and not backend.store().vectors(DEMO_ID):
         print(
             "personachat: first start with the demo model: registering its persona vectors and "

@@ -36,9 +36,18 @@ def is_demo(model_id: str) -> bool:
 
 
 class ModelCache:
-    """Loaded models by id (``personachat.model.LoadedModel``), the oldest dropped past the cap."""
+    """Loaded models by id (``personachat.model.LoadedModel``), the oldest dropped past the cap.
+    Each loads with ``dtype`` and ``device`` (``auto``: bfloat16 on a GPU, float32 on the CPU)."""
 
-    def __init__(self, lock: threading.RLock, models: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        lock: threading.RLock,
+        models: Mapping[str, Any] | None = None,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+    ) -> None:
+        self.dtype, self.device = dtype, device
         self._lock = lock
         self._models: dict[str, Any] = dict(models or {})
         self._on_drop: list[Callable[[str], None]] = []
@@ -59,7 +68,7 @@ class ModelCache:
                     for callback in self._on_drop:
                         callback(dropped)
                 log.info("loading model %s", model_id)
-                lm = load_model(model_id)
+                lm = load_model(model_id, dtype=self.dtype, device=self.device)
                 if is_demo(model_id) and lm.info.model_id != DEMO_ID:
                     # the bundled model keeps one id in the store, wherever the app runs from
                     lm = replace(lm, info=replace(lm.info, model_id=DEMO_ID))

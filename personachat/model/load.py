@@ -45,7 +45,7 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
-def pick_dtype(dtype: str | torch.dtype = "auto") -> torch.dtype:
+def pick_dtype(dtype: str | torch.dtype = "auto", device: str = "auto") -> torch.dtype:
     """float32 on CPU; bfloat16 on a GPU that supports it, else float16."""
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -54,9 +54,18 @@ def pick_dtype(dtype: str | torch.dtype = "auto") -> torch.dtype:
         if not isinstance(value, torch.dtype):
             raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
         return value
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and device != "cpu":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def check_device(device: str) -> None:
+    """A clear error for a GPU asked for on a machine without one."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"device {device!r} was asked for but no CUDA GPU is available here; use "
+            "--device cpu (or auto)"
+        )
 
 
 def is_offline() -> bool:
@@ -145,7 +154,8 @@ def load_model(
                 "config.json and weights), e.g. --model store/models/demo, or download it on a "
                 "machine with network first (hf download NAME)."
             )
-    torch_dtype = pick_dtype(dtype)
+    check_device(device)
+    torch_dtype = pick_dtype(dtype, device)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "revision": revision}
     if device == "auto" and torch.cuda.is_available():
         kwargs["device_map"] = "auto"
