@@ -19,7 +19,12 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from personachat.records import MEAN_BASELINE, LayerMetrics
+from personachat.records import (
+    MEAN_BASELINE,
+    QUANTILE_LEVELS,
+    LayerMetrics,
+    ProjectionQuantiles,
+)
 
 
 def baseline_mean(means: torch.Tensor, names: Sequence[str], baseline: str) -> torch.Tensor:
@@ -94,6 +99,32 @@ def layer_metrics(
     sep[rows] = torch.from_numpy(separation_by_layer(pos_proj, neg_proj)).float()
     return LayerMetrics(
         auc=auc, separation=sep, norm=vector.float().norm(dim=-1), resid_norm=resid_norm.float()
+    )
+
+
+def projection_quantiles(
+    pos_proj: np.ndarray,
+    neg_proj: np.ndarray,
+    n_layers: int,
+    captured: Sequence[int] | None = None,
+) -> ProjectionQuantiles:
+    """Quantiles at ``QUANTILE_LEVELS`` of the persona's (``pos_proj`` [n1, L]) and the
+    baseline's (``neg_proj`` [n2, L]) sample projections, per layer: the reference readouts are
+    calibrated against. Layers not captured (and a side without samples) get zeros."""
+    rows = list(range(n_layers)) if captured is None else list(captured)
+    levels = np.asarray(QUANTILE_LEVELS)
+
+    def per_layer(proj: np.ndarray) -> torch.Tensor:
+        out = torch.zeros((n_layers, len(levels)), dtype=torch.float32)
+        if len(proj):
+            out[rows] = torch.from_numpy(np.quantile(proj, levels, axis=0).T.copy()).float()
+        return out
+
+    return ProjectionQuantiles(
+        baseline=per_layer(neg_proj),
+        persona=per_layer(pos_proj),
+        n_baseline=len(neg_proj),
+        n_persona=len(pos_proj),
     )
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from personachat.model import LoadedModel, SiteError
 from personachat.pipeline import extract_pairs, extract_vectors
 from personachat.prompts import DatasetError, format_chat, from_json, persona_messages
-from personachat.records import MEAN_BASELINE
+from personachat.records import MEAN_BASELINE, QUANTILE_LEVELS
 from personachat.vectors import (
     assistant_axis,
     auc_by_layer,
@@ -74,6 +74,15 @@ def test_vectors_equal_direct_computation(arch: str) -> None:
         sep = (pos.mean(0) - neg.mean(0)) / pooled_std
         assert np.allclose(v.metrics.separation.numpy(), sep, rtol=1e-4)
         assert np.allclose(v.metrics.norm.numpy(), want.norm(dim=-1).numpy(), rtol=1e-5)
+        # the reference readouts are calibrated against: quantiles of the same projections
+        assert v.quantiles is not None
+        levels = np.asarray(QUANTILE_LEVELS)
+        want_q = np.quantile(pos, levels, axis=0).T
+        assert np.allclose(v.quantiles.persona.numpy(), want_q, atol=1e-5)
+        assert np.allclose(
+            v.quantiles.baseline.numpy(), np.quantile(neg, levels, axis=0).T, atol=1e-5
+        )
+        assert (v.quantiles.n_persona, v.quantiles.n_baseline) == (len(pos), len(neg))
         assert v.metrics.best_layer == max(
             range(lm.sites.n_layers),
             key=lambda la: (float(v.metrics.auc[la]), float(v.metrics.separation[la])),  # type: ignore[union-attr]

@@ -29,7 +29,13 @@ from personachat.pipeline.selection import (
 )
 from personachat.prompts import DatasetError, PersonaDataset, conditions
 from personachat.records import LayerMetrics, PersonaMeans, PersonaVector
-from personachat.vectors import baseline_samples, difference_of_means, layer_metrics, project
+from personachat.vectors import (
+    baseline_samples,
+    difference_of_means,
+    layer_metrics,
+    project,
+    projection_quantiles,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,13 +194,9 @@ def _add_vectors(
         i = run.names.index(name)
         negative = baseline_samples(i, run.baseline, run.names)
         full = run.expand(vecs[name])
-        metrics = layer_metrics(
-            full,
-            proj[sample_persona == i, v],
-            proj[np.isin(sample_persona, negative), v],
-            run.expand(resid),
-            run.layers,
-        )
+        pos_proj = proj[sample_persona == i, v]
+        neg_proj = proj[np.isin(sample_persona, negative), v]
+        metrics = layer_metrics(full, pos_proj, neg_proj, run.expand(resid), run.layers)
         n_samples = int(cap.counts[i])
         result.vectors.append(
             PersonaVector(
@@ -209,6 +211,7 @@ def _add_vectors(
                 metrics=metrics,
                 created_at=run.created_at,
                 render=run.render,
+                quantiles=projection_quantiles(pos_proj, neg_proj, run.n_layers, run.layers),
                 baseline_mean=run.expand(means[negative].mean(0)),
             )
         )
