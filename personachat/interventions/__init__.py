@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from personachat.interventions.capping import Cap, CapSpec, describe_cap
 from personachat.interventions.interference import InterferenceReport, blend_interference
 from personachat.interventions.layers import (
     format_layer_spec,
@@ -39,6 +40,8 @@ __all__ = [
     "UNITS",
     "AblationMode",
     "AblationSpec",
+    "Cap",
+    "CapSpec",
     "DirectionSpec",
     "InterferenceReport",
     "InterventionError",
@@ -48,8 +51,10 @@ __all__ = [
     "Units",
     "blend_interference",
     "build_ablation",
+    "build_cap",
     "build_plan",
     "build_steer",
+    "describe_cap",
     "format_layer_spec",
     "format_layers",
     "layer_strengths",

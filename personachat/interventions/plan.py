@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from personachat.hooks import Handler, Site
+from personachat.interventions.capping import Cap, CapSpec, cap_levels, check_cap
 from personachat.interventions.handlers import Ablate, DirectionalAblation, Readout, Steer
 from personachat.interventions.interference import InterferenceReport, blend_interference
 from personachat.interventions.layers import check_neuron, layer_strengths, parse_neurons
@@ -348,6 +349,31 @@ def build_directional(
     )
 
 
+def build_cap(
+    lm: LoadedModel,
+    vectors: Mapping[str, PersonaVector],
+    spec: CapSpec,
+    *,
+    rows: Sequence[float] | None = None,
+    prompt_len: int | None = None,
+) -> Cap:
+    """Validate ``spec`` and resolve its level at each layer (raw, or from the reference)."""
+    check_cap(spec)
+    vector = lookup(vectors, spec.persona)
+    check_vector(lm, vector)
+    layers = layer_strengths(spec.layers, 1.0, lm.info.n_layers, _best_layer(vector), 2)
+    unit = unit_vectors(lm, vector)
+    return Cap(
+        {layer: unit[layer].to(site_device(lm, "residual", layer)) for layer in layers},
+        cap_levels(vector, spec, layers),
+        spec.side,
+        rows=_row_tensor(rows, lm.device),
+        positions=spec.positions,
+        last_n=spec.last_n,
+        prompt_len=prompt_len,
+    )
+
+
 def build_readout(
     lm: LoadedModel,
     vectors: Mapping[str, PersonaVector],
@@ -381,6 +407,7 @@ def build_plan(
     neuron_sets: Mapping[str, NeuronSet] | None = None,
     prompt_len: int | None = None,
     rows: Sequence[float] | None = None,
+    cap: CapSpec | None = None,
 ) -> Plan:
     """Check every request against ``lm`` and build the handlers; raises before any hook exists.
 
@@ -402,9 +429,16 @@ def build_plan(
         handlers.append(
             build_ablation(lm, ablation, neuron_sets or {}, rows=mask, prompt_len=prompt_len)
         )
+    if cap is not None:
+        on = None if rows is None else [1.0 if float(r) != 0.0 else 0.0 for r in rows]
+        handlers.append(build_cap(lm, vectors, cap, rows=on, prompt_len=prompt_len))
     if readout:
         plan.readout = build_readout(lm, vectors, readout)
         handlers.append(plan.readout)
-    used = [*(steering.blend if steering else ()), *([direction.persona] if direction else ())]
+    used = [
+        *(steering.blend if steering else ()),
+        *([direction.persona] if direction else ()),
+        *([cap.persona] if cap else ()),
+    ]
     plan.warnings = render_warnings(lm, [vectors[name] for name in dict.fromkeys(used)])
     return plan
