@@ -1,6 +1,6 @@
-"""Train the bundled demo chat model on the synthetic persona corpus of ``personachat.demo``.
+"""Train the bundled demo chat model on the synthetic persona corpus ``personachat.prompts.demo``.
 
-    python scripts/train_demo_model.py                      # full run, ~12 min on 1 CPU thread
+    python scripts/train_demo_model.py                      # full run
     python scripts/train_demo_model.py --steps 30 --out build/demo-smoke   # smoke run
 
 Seeded end to end: writes the corpus (JSONL) next to nothing that is committed, trains a

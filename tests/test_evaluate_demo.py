@@ -1,4 +1,5 @@
-"""scripts/evaluate_demo.py without a model: how it picks settings, merges runs and plots."""
+"""scripts/evaluate_demo.py (``personachat.cli.evaluate_demo``) without a model: how it picks
+settings, merges runs and plots."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ import matplotlib.pyplot as plt
 import pytest
 
 from personachat.prompts import demo
-from tests.scripts import load_script
+from tests.scripts import cli_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def script() -> ModuleType:
-    return load_script("evaluate_demo")
+    return cli_module("evaluate_demo")
 
 
 def steer_row(

@@ -196,14 +196,7 @@ def _parse_persona(obj: Any, where: str) -> Persona:
     )
 
 
-def from_json(data: Any, *, name: str = "", source: str = "") -> PersonaDataset:
-    """Validate a parsed JSON object into a dataset; errors name ``source`` and the field."""
-    if not isinstance(data, Mapping):
-        raise DatasetError(f"{_where(source, 'top level')} must be a JSON object")
-    known = {"name", "description", "personas", "questions", "responses", "pairs"}
-    unknown = set(data) - known
-    if unknown:
-        raise DatasetError(f"{source}: unknown top-level keys {sorted(unknown)}; known: {known}")
+def _parse_personas(data: Mapping[str, Any], source: str) -> list[Persona]:
     raw_personas = data.get("personas")
     if not isinstance(raw_personas, list) or not raw_personas:
         raise DatasetError(
@@ -214,6 +207,10 @@ def from_json(data: Any, *, name: str = "", source: str = "") -> PersonaDataset:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise DatasetError(f"{source}: duplicate persona names {dupes}")
+    return personas
+
+
+def _parse_questions(data: Mapping[str, Any], source: str) -> list[str]:
     questions = data.get("questions")
     if not isinstance(questions, list) or not questions:
         raise DatasetError(f"{source}: 'questions' must be a non-empty list of strings")
@@ -221,6 +218,12 @@ def from_json(data: Any, *, name: str = "", source: str = "") -> PersonaDataset:
         raise DatasetError(f"{source}: every question must be a non-empty string")
     if len(set(questions)) != len(questions):
         raise DatasetError(f"{source}: questions must be unique")
+    return questions
+
+
+def _parse_responses(
+    data: Mapping[str, Any], names: list[str], questions: list[str], source: str
+) -> dict[tuple[str, str], str]:
     responses: dict[tuple[str, str], str] = {}
     for i, r in enumerate(data.get("responses") or []):
         where = f"{source}: responses[{i}]"
@@ -232,6 +235,10 @@ def from_json(data: Any, *, name: str = "", source: str = "") -> PersonaDataset:
         if question not in questions:
             raise DatasetError(f"{where}: question {question!r:.80} is not in 'questions'")
         responses[(persona, question)] = _req_str(r, "response", where)
+    return responses
+
+
+def _parse_pairs(data: Mapping[str, Any], names: list[str], source: str) -> list[ContrastPair]:
     pairs = []
     for i, c in enumerate(data.get("pairs") or []):
         where = f"{source}: pairs[{i}]"
@@ -247,6 +254,22 @@ def from_json(data: Any, *, name: str = "", source: str = "") -> PersonaDataset:
             if side not in names:
                 raise DatasetError(f"{where}: unknown persona {side!r}; known: {names}")
         pairs.append(pair)
+    return pairs
+
+
+def from_json(data: Any, *, name: str = "", source: str = "") -> PersonaDataset:
+    """Validate a parsed JSON object into a dataset; errors name ``source`` and the field."""
+    if not isinstance(data, Mapping):
+        raise DatasetError(f"{_where(source, 'top level')} must be a JSON object")
+    known = {"name", "description", "personas", "questions", "responses", "pairs"}
+    unknown = set(data) - known
+    if unknown:
+        raise DatasetError(f"{source}: unknown top-level keys {sorted(unknown)}; known: {known}")
+    personas = _parse_personas(data, source)
+    names = [p.name for p in personas]
+    questions = _parse_questions(data, source)
+    responses = _parse_responses(data, names, questions, source)
+    pairs = _parse_pairs(data, names, source)
     ds_name = data.get("name") or name or "dataset"
     return PersonaDataset(
         name=check_name(str(ds_name), "dataset name", source, error=DatasetError),
