@@ -148,9 +148,13 @@ def test_extraction_registers_vectors_with_their_render_conditions(
     lm = loaded(family, models_root)
     kinds = ("question_span", "prompt_last", "response_avg")
     result = extract_vectors(
-        lm, DATASET, positions=kinds, progress=False, cache_dir=tmp_path / "cache",
+        lm,
+        DATASET,
+        positions=kinds,
+        progress=False,
+        cache_dir=tmp_path / "cache",
         generation=_short(),
-    )  # fmt: skip
+    )
     assert {v.positions for v in result.vectors} == set(kinds)
     with Store(tmp_path / "store") as store:
         register_results(store, lm, DATASET.personas, result)
@@ -165,9 +169,15 @@ def test_gate_neurons_where_the_model_has_a_gate(
     lm = loaded(family, models_root)
     site = "gate" if lm.sites.gates is not None else "mlp_hidden"
     sets = find_neurons(
-        lm, DATASET, site=site, method="effect", k=4, positions="question_span",
-        progress=False, cache_dir=tmp_path,
-    )  # fmt: skip
+        lm,
+        DATASET,
+        site=site,
+        method="effect",
+        k=4,
+        positions="question_span",
+        progress=False,
+        cache_dir=tmp_path,
+    )
     assert sets and all(len(s) == 4 and s.site == site for s in sets)
 
 
@@ -269,9 +279,14 @@ def test_app_chat_with_a_system_prompt_and_steering(
         register_results(store, lm, DATASET.personas, result)
     backend = Backend(folder, tmp_path / "store", models={folder: lm})
     inputs = ChatInputs(
-        folder, personas=["pirate"], layer_spec="all:4", positions="prompt",
-        system_prompt=SYSTEM, max_new_tokens=4, side_by_side=True,
-    )  # fmt: skip
+        folder,
+        personas=["pirate"],
+        layer_spec="all:4",
+        positions="prompt",
+        system_prompt=SYSTEM,
+        max_new_tokens=4,
+        side_by_side=True,
+    )
     settings = parse_settings(backend.limits(folder), inputs)
     steps = list(backend.generate(folder, settings, [{"role": "user", "content": QUESTION}]))
     last = steps[-1]
@@ -327,8 +342,11 @@ def test_extract_right_after_start_while_the_model_loads(models_root: str, tmp_p
     for _ in range(3):
         proc = subprocess.run(
             [sys.executable, "-c", RACE, str(folder), str(tmp_path / "store")],
-            capture_output=True, text=True, timeout=600, env=env,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
         assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-2000:]
         assert "Registered" in proc.stdout
 

@@ -145,10 +145,13 @@ def test_system_mode_and_conditions_come_from_the_template(name: str) -> None:
 
 def test_folding_here_writes_system_blank_line_question() -> None:
     for name in ("raising", "dropping"):
-        text = format_chat(tokenizer_for(name), [
-            {"role": "system", "content": "Be a pirate."},
-            {"role": "user", "content": "Hello?"},
-        ])  # fmt: skip
+        text = format_chat(
+            tokenizer_for(name),
+            [
+                {"role": "system", "content": "Be a pirate."},
+                {"role": "user", "content": "Hello?"},
+            ],
+        )
         assert "Be a pirate.\n\nHello?" in text
 
 

@@ -413,8 +413,12 @@ def test_recovery_removes_orphans_and_dead_tmp_files(store: Store, tmp_path: Pat
     folder = store.root / "vectors" / "org--tiny-llama"
     orphan = folder / "ghost.response_avg.diff_means.default.0000.safetensors"
     orphan.write_bytes(b"x")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
-                          capture_output=True, check=True).stdout.strip()  # fmt: skip
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    ).stdout.strip()
     dead_tmp = folder / f"ghost.safetensors.{dead}.tmp"
     dead_tmp.write_bytes(b"partial")
     live_tmp = folder / f"busy.safetensors.{os.getpid()}.tmp"
@@ -540,8 +544,10 @@ def test_cli_round_trip(store: Store, tmp_path: Path, capsys: pytest.CaptureFixt
 def test_cli_help_runs_as_a_script() -> None:
     out = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "store.py"), "--help"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for command in ("list", "show", "remove", "export", "import", "sql"):
         assert command in out
 

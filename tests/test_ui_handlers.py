@@ -465,9 +465,12 @@ def test_ablation_positions_match_the_engine(h: Handlers, engine: ChatEngine) ->
     texts = {}
     for positions in ("all", "prompt", "generated"):
         steps = chat(
-            h, neurons="1:0-63, 2:0-63", ablation="zero", ablation_positions=positions,
+            h,
+            neurons="1:0-63, 2:0-63",
+            ablation="zero",
+            ablation_positions=positions,
             max_new_tokens=8,
-        )  # fmt: skip
+        )
         expected = engine.reply(
             USER,
             GenerationSettings(max_new_tokens=8),
@@ -492,9 +495,13 @@ def test_ablation_positions_match_the_engine(h: Handlers, engine: ChatEngine) ->
 def test_every_ablated_set_gets_the_positions(h: Handlers, engine: ChatEngine) -> None:
     """Two sets: the second runs as an extra handler, at the same tokens as the first."""
     steps = chat(
-        h, neuron_sets=[SET, PATCH_SET], ablation="zero", ablation_positions="generated",
-        side_by_side=True, max_new_tokens=8,
-    )  # fmt: skip
+        h,
+        neuron_sets=[SET, PATCH_SET],
+        ablation="zero",
+        ablation_positions="generated",
+        side_by_side=True,
+        max_new_tokens=8,
+    )
     units = [
         f"{layer}:{index}"
         for label in (SET, PATCH_SET)
@@ -530,9 +537,12 @@ def test_a_patching_set_is_mean_ablated_at_the_prompt(h: Handlers, engine: ChatE
     assert kept[0] == gr.update() and kept[1] == gr.update() and kept[2] == gr.skip()
     assert h.neuron_sets_picked(None)[0] == gr.update()
     steps = chat(
-        h, neuron_sets=[PATCH_SET], ablation=mode, ablation_positions=positions,
+        h,
+        neuron_sets=[PATCH_SET],
+        ablation=mode,
+        ablation_positions=positions,
         max_new_tokens=8,
-    )  # fmt: skip
+    )
     expected = engine.reply(
         USER,
         GenerationSettings(max_new_tokens=8),
@@ -554,9 +564,12 @@ def test_an_exact_set_is_mean_ablated_at_the_last_prompt_token(
     assert (mode, positions) == ("mean", "last prompt token")
     assert note.startswith(f"{EXACT_SET}: found by patching at the prompt, so it is ablated by")
     steps = chat(
-        h, neuron_sets=[EXACT_SET], ablation=mode, ablation_positions=positions,
+        h,
+        neuron_sets=[EXACT_SET],
+        ablation=mode,
+        ablation_positions=positions,
         max_new_tokens=8,
-    )  # fmt: skip
+    )
     expected = engine.reply(
         USER,
         GenerationSettings(max_new_tokens=8),
@@ -958,8 +971,15 @@ def test_a_patching_set_picked_in_the_page_removes_the_pirate(tmp_path: Path) ->
     def replies(**ablation: Any) -> list[str]:
         out = []
         for question in questions:
-            steps = chat(h, question.text, model_id=DEMO, system_prompt=system, max_new_tokens=64,
-                         neuron_sets=[label], **ablation)  # fmt: skip
+            steps = chat(
+                h,
+                question.text,
+                model_id=DEMO,
+                system_prompt=system,
+                max_new_tokens=64,
+                neuron_sets=[label],
+                **ablation,
+            )
             out.append(steps[-1][0][-1]["content"])
         return out
 

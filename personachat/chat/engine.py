@@ -34,6 +34,7 @@ from personachat.chat.updates import ChatUpdate, ReplyReadout, row_readout
 from personachat.hooks import Handler, intervene
 from personachat.interventions import (
     AblationSpec,
+    CapSpec,
     DirectionSpec,
     InterventionError,
     Plan,
@@ -107,6 +108,7 @@ class ChatEngine:
         side_by_side: bool = False,
         stop: threading.Event | None = None,
         handlers: Sequence[Handler] = (),
+        cap: CapSpec | None = None,
     ) -> Generator[ChatUpdate, None, None]:
         """Check the request now, then stream ``ChatUpdate``s as the reply grows.
 
@@ -115,7 +117,15 @@ class ChatEngine:
         """
         coefficients = [0.0, 1.0] if side_by_side else None
         job = self._prepare(
-            messages, settings, steering, ablation, direction, readout, coefficients, handlers
+            messages,
+            settings,
+            steering,
+            ablation,
+            direction,
+            readout,
+            coefficients,
+            handlers,
+            cap=cap,
         )
         return self._run(job, stop)
 
@@ -178,6 +188,7 @@ class ChatEngine:
         readout: Sequence[str | PersonaVector],
         coefficients: list[float] | None,
         extra: Sequence[Handler],
+        cap: CapSpec | None = None,
     ) -> _Job:
         settings.check()
         ids = self.prompt_ids(messages)
@@ -192,6 +203,7 @@ class ChatEngine:
             neuron_sets=self.neuron_sets,
             prompt_len=ids.shape[1],
             rows=coefficients,
+            cap=cap,
         )
         eos = self._eos_ids()
         tokenizer = self.lm.tokenizer

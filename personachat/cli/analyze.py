@@ -56,9 +56,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--threshold", type=float, default=0.5, help="modal share that is collapse")
     p.add_argument("--max-new-tokens", type=int, default=24, help="greedy answer length")
     p.add_argument(
-        "--forced", action="store_true",
+        "--forced",
+        action="store_true",
         help="demo only: measure collapse with the forced reply prefix too (default: free replies)",
-    )  # fmt: skip
+    )
     a = p.parse_args(argv)
     dataset = a.dataset
     if dataset == "auto":
@@ -66,9 +67,17 @@ def parse_args(argv: list[str] | None = None) -> Config:
     out = a.out or str(Path("store/reports") / Path(a.model).name)
     personas = tuple(x.strip() for x in a.personas.split(",") if x.strip()) if a.personas else None
     return Config(
-        a.model, out, a.store, personas, a.compare_model, dataset, a.n_patch, a.threshold,
-        a.max_new_tokens, a.forced,
-    )  # fmt: skip
+        a.model,
+        out,
+        a.store,
+        personas,
+        a.compare_model,
+        dataset,
+        a.n_patch,
+        a.threshold,
+        a.max_new_tokens,
+        a.forced,
+    )
 
 
 def load_personas(cfg: Config) -> an_inputs.AnalysisInputs:
@@ -103,11 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         other = load_model(cfg.compare_model)
         compare = (other, stored_vectors(cfg.store, other, names))
     result = analyze_model(
-        lm, personas, inputs.items, vectors=stored_vectors(cfg.store, lm, names), compare=compare,
+        lm,
+        personas,
+        inputs.items,
+        vectors=stored_vectors(cfg.store, lm, names),
+        compare=compare,
         patch_items=inputs.patch_items,
-        n_patch=cfg.n_patch, threshold=cfg.threshold, max_new_tokens=cfg.max_new_tokens,
+        n_patch=cfg.n_patch,
+        threshold=cfg.threshold,
+        max_new_tokens=cfg.max_new_tokens,
         dataset=cfg.dataset,
-    )  # fmt: skip
+    )
     path = write_report(result, cfg.out)
     for line in findings(result):
         print(f"- {line}")

@@ -56,9 +56,11 @@ class SiteTemplates:
 
 
 _LLAMA_LIKE = SiteTemplates(
-    layers="model.layers", mlp_down="mlp.down_proj", gate="mlp.gate_proj",
+    layers="model.layers",
+    mlp_down="mlp.down_proj",
+    gate="mlp.gate_proj",
     attn_out="self_attn.o_proj",
-)  # fmt: skip
+)
 
 KNOWN_TEMPLATES: dict[str, SiteTemplates] = {
     "llama": _LLAMA_LIKE,
@@ -275,8 +277,13 @@ def _resolve_heads(
     if n_heads * head_dim != width:
         log.warning(
             "%s: %d heads x head_dim %d != %d inputs of %r; using head_dim %d",
-            arch, n_heads, head_dim, width, path, width // n_heads,
-        )  # fmt: skip
+            arch,
+            n_heads,
+            head_dim,
+            width,
+            path,
+            width // n_heads,
+        )
         if width % n_heads:
             return None, None, None
         head_dim = width // n_heads
