@@ -12,91 +12,59 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from personachat.activations import Recorder as Recorder
     from personachat.chat import (
         ChatEngine as ChatEngine,
-    )
-    from personachat.chat import (
         ChatUpdate as ChatUpdate,
-    )
-    from personachat.chat import (
         GenerationSettings as GenerationSettings,
     )
-    from personachat.hooks import (
-        intervene as intervene,
-    )
+    from personachat.hooks import intervene as intervene
     from personachat.interventions import (
         AblationSpec as AblationSpec,
-    )
-    from personachat.interventions import (
+        CapSpec as CapSpec,
         DirectionSpec as DirectionSpec,
-    )
-    from personachat.interventions import (
         InterventionError as InterventionError,
-    )
-    from personachat.interventions import (
         SteeringSpec as SteeringSpec,
-    )
-    from personachat.interventions import (
         steer as steer,
     )
     from personachat.model import (
         LoadedModel as LoadedModel,
-    )
-    from personachat.model import (
         ModelSites as ModelSites,
-    )
-    from personachat.model import (
         SiteTemplates as SiteTemplates,
-    )
-    from personachat.model import (
         load_model as load_model,
     )
     from personachat.pipeline import (
         extract_vectors as extract_vectors,
-    )
-    from personachat.pipeline import (
         find_neurons as find_neurons,
-    )
-    from personachat.pipeline import (
         register_results as register_results,
     )
     from personachat.prompts import (
         PersonaDataset as PersonaDataset,
-    )
-    from personachat.prompts import (
+        PromptSpans as PromptSpans,
+        chat_spans as chat_spans,
+        format_chat as format_chat,
         load_dataset as load_dataset,
+        prompt_spans as prompt_spans,
     )
     from personachat.records import (
         LAYER_CONVENTION as LAYER_CONVENTION,
-    )
-    from personachat.records import (
         LayerMetrics as LayerMetrics,
-    )
-    from personachat.records import (
         ModelInfo as ModelInfo,
-    )
-    from personachat.records import (
         NeuronSet as NeuronSet,
-    )
-    from personachat.records import (
         Persona as Persona,
-    )
-    from personachat.records import (
         PersonaMeans as PersonaMeans,
-    )
-    from personachat.records import (
         PersonaVector as PersonaVector,
     )
-    from personachat.store import (
-        Store as Store,
-    )
+    from personachat.store import Store as Store
 
 _EXPORTS = {
+    "Recorder": "activations",
     "ChatEngine": "chat",
     "ChatUpdate": "chat",
     "GenerationSettings": "chat",
     "intervene": "hooks",
     "AblationSpec": "interventions",
+    "CapSpec": "interventions",
     "DirectionSpec": "interventions",
     "InterventionError": "interventions",
     "SteeringSpec": "interventions",
@@ -109,7 +77,11 @@ _EXPORTS = {
     "find_neurons": "pipeline",
     "register_results": "pipeline",
     "PersonaDataset": "prompts",
+    "PromptSpans": "prompts",
+    "chat_spans": "prompts",
+    "format_chat": "prompts",
     "load_dataset": "prompts",
+    "prompt_spans": "prompts",
     "LAYER_CONVENTION": "records",
     "LayerMetrics": "records",
     "ModelInfo": "records",

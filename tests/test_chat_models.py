@@ -21,15 +21,13 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
-from transformers import GenerationConfig as HubGenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig as HubGenerationConfig
 
 from personachat.activations import build_samples
 from personachat.app.backend import Backend
 from personachat.app.main import parse_args
 from personachat.app.settings import ChatInputs, parse_settings
-from personachat.chat import ChatEngine
-from personachat.chat import GenerationSettings as Decode
+from personachat.chat import ChatEngine, GenerationSettings as Decode
 from personachat.hooks import hook_count, registered
 from personachat.interventions import SteeringSpec
 from personachat.model import LoadedModel, load_model

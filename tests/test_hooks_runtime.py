@@ -11,8 +11,7 @@ from collections.abc import Iterable
 import pytest
 import torch
 
-from personachat.chat import ChatEngine, GenerationSettings
-from personachat.chat import engine as chat
+from personachat.chat import ChatEngine, GenerationSettings, engine as chat
 from personachat.hooks import Site, hook_count, intervene
 from personachat.interventions import AblationSpec, SteeringSpec, build_plan
 from personachat.interventions.handlers import Ablate, Readout, Steer

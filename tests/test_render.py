@@ -14,8 +14,7 @@ import functools
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from personachat.model.tiny import tiny_tokenizer
 from personachat.prompts.render import (

@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from personachat.app import chat_handlers
-from personachat.app import main as app
+from personachat.app import chat_handlers, main as app
 from personachat.app.analysis import ANALYSIS_FIGURES
 from personachat.app.backend import Backend
 from personachat.app.endpoints import chat_endpoint, retry_endpoint

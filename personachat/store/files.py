@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import load as st_load, save as st_save
 
 from personachat.store.errors import IntegrityError
 from personachat.store.tensorfile import read_safetensors_metadata

@@ -37,8 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import load as st_load, save as st_save
 
 from personachat.records import POSITIONS, ModelInfo, NeuronSet, PersonaVector
 from personachat.store.tensorfile import (
