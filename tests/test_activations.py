@@ -72,9 +72,9 @@ def test_capture_equals_output_hidden_states(any_arch: LoadedModel) -> None:
 def test_padding_matches_batch_size_one(
     arch: str, side: str, request: pytest.FixtureRequest
 ) -> None:
-    from tests.conftest import _cached_tiny
+    from tests.conftest import tiny
 
-    lm = _cached_tiny(arch)
+    lm = tiny(arch)
     samples = build_samples(lm.tokenizer, CONVERSATIONS, POSITIONS)
     assert len({len(s.ids) for s in samples}) > 1  # padding really happens
     spec = CaptureSpec(layers=(0, 2), positions=POSITIONS)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import threading
 from pathlib import Path
@@ -15,11 +14,10 @@ from personachat.chat import ChatEngine, ChatUpdate, GenerationSettings
 from personachat.hooks import hook_count
 from personachat.interventions import AblationSpec, InterventionError, SteeringSpec
 from personachat.model import LoadedModel
-from personachat.model.tiny import tiny_model
 from personachat.records import PersonaVector
+from tests.conftest import tiny
 from tests.scripts import cli_module
 
-cached_tiny = functools.cache(tiny_model)
 ROOT = Path(__file__).resolve().parent.parent
 GREEDY = GenerationSettings(max_new_tokens=10)
 MESSAGES = [
@@ -29,7 +27,7 @@ MESSAGES = [
 
 
 def engine_for(arch: str) -> ChatEngine:
-    lm = cached_tiny(arch)
+    lm = tiny(arch)
     g = torch.Generator().manual_seed(1)
     shape = (lm.info.n_layers, lm.info.hidden_size)
     vectors = [
@@ -280,7 +278,7 @@ def test_steer_script_writes_a_jsonl_sweep(tmp_path: Path) -> None:
     assert len(first["projections"]) == len(first["token_ids"])
     assert len(first["projections"][0]) == 3 and len(first["projections"][0][0]) == 2
     assert first["projections"][-1][0] == [None, None]  # last token never fed back
-    lm = cached_tiny("llama")
+    lm = tiny("llama")
     plain = ChatEngine(lm).reply(
         [{"role": "user", "content": "Hi"}], GenerationSettings(max_new_tokens=4)
     )

@@ -149,9 +149,9 @@ def test_empty_missing_and_malformed_files(tmp_path: Path) -> None:
 
 def test_generated_responses_are_seeded_and_cached(tmp_path: Path) -> None:
     from personachat.pipeline.responses import GenerationConfig, ensure_responses
-    from tests.conftest import _cached_tiny
+    from tests.conftest import tiny
 
-    lm = _cached_tiny("llama")
+    lm = tiny("llama")
     ds = from_json({**SMALL, "responses": []})
     cfg = GenerationConfig(max_new_tokens=4, seed=3, batch_size=3)
     first = ensure_responses(lm, ds, cfg=cfg, cache_dir=tmp_path / "a", progress=False)

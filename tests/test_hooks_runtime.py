@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import gc
 import threading
 import weakref
@@ -15,10 +14,9 @@ from personachat.chat import ChatEngine, GenerationSettings, engine as chat
 from personachat.hooks import Site, hook_count, intervene
 from personachat.interventions import AblationSpec, SteeringSpec, build_plan
 from personachat.interventions.handlers import Ablate, Readout, Steer
-from personachat.model.tiny import tiny_model
 from personachat.records import PersonaVector
+from tests.conftest import tiny
 
-cached_tiny = functools.cache(tiny_model)
 MESSAGES = [{"role": "user", "content": "Tell me about the stars"}]
 SHORT = GenerationSettings(max_new_tokens=6)
 STEER = SteeringSpec({"pirate": 1.0, "cynic": -0.5}, layers="0-2:2")
@@ -46,7 +44,7 @@ class RaiseAfter:
 
 
 def engine_for(arch: str = "llama") -> ChatEngine:
-    lm = cached_tiny(arch)
+    lm = tiny(arch)
     g = torch.Generator().manual_seed(2)
     shape = (lm.info.n_layers, lm.info.hidden_size)
     vectors = [

@@ -6,7 +6,6 @@ bad requests fail before the model is touched.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,10 +26,8 @@ from personachat.interventions import (
     parse_neurons,
 )
 from personachat.model import LoadedModel
-from personachat.model.tiny import tiny_model
 from personachat.records import LayerMetrics, NeuronSet, PersonaVector
-
-cached_tiny = functools.cache(tiny_model)
+from tests.conftest import tiny
 
 
 def vectors_for(lm: LoadedModel, names: Iterable[str], seed: int = 0) -> dict[str, PersonaVector]:
@@ -85,7 +82,7 @@ def test_steered_layer_equals_clean_plus_strength_times_vector(any_arch: LoadedM
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 def test_downstream_logits_match_manual_head(arch: str) -> None:
     """Steering the last block: logits equal lm_head(final_norm(clean + s*v)) computed by hand."""
-    lm = cached_tiny(arch)
+    lm = tiny(arch)
     vecs = vectors_for(lm, ["pirate"], seed=3)
     ids = ids_for(lm)
     last = lm.info.n_layers - 1
@@ -132,7 +129,7 @@ def test_presets_follow_best_layer(llama: LoadedModel) -> None:
 
 
 def test_per_row_coefficients_in_one_batch() -> None:
-    lm = cached_tiny("gpt2")
+    lm = tiny("gpt2")
     vecs = vectors_for(lm, ["pirate"])
     ids = ids_for(lm)
     clean = clean_residuals(lm, ids)[0]
@@ -197,7 +194,7 @@ def test_positions_prompt_last_n_and_generated(
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])
 def test_ablated_neurons_are_zero_or_mean_at_down_proj_input(arch: str) -> None:
-    lm = cached_tiny(arch)
+    lm = tiny(arch)
     ids = ids_for(lm)
     width = lm.info.mlp_width
     cap0 = Recorder([("mlp_hidden", 1), ("mlp_hidden", 2)], every=True)

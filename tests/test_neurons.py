@@ -15,7 +15,7 @@ from personachat.neurons import neuron_sets, ranks, top_units
 from personachat.pipeline import SCORERS, find_neurons
 from personachat.prompts import ContrastPair, format_chat, persona_messages
 from personachat.records import NEURON_METHODS
-from tests.conftest import _cached_tiny
+from tests.conftest import tiny
 from tests.tiny_data import DATASET, PERSONAS, QUESTIONS, REPLIES
 
 
@@ -47,7 +47,7 @@ class _Record:
 
 @pytest.mark.parametrize(("arch", "site"), [("llama", "gate"), ("gpt2", "mlp_hidden")])
 def test_effect_equals_per_sample_cohens_d(arch: str, site: Site) -> None:
-    lm = _cached_tiny(arch)
+    lm = tiny(arch)
     sets = find_neurons(lm, DATASET, [0, 2], site, "effect", 5, batch_size=4, progress=False)
     assert [s.label for s in sets] == [
         f"pirate_default.{site}.effect",
@@ -91,7 +91,7 @@ def _reply_logprob(lm: LoadedModel, persona: str, scale: dict[tuple[int, int], f
 def test_attribution_equals_finite_difference() -> None:
     # GPT-2 in float64 is float64 throughout (Llama's RMSNorm computes in float32), so central
     # differences are exact to ~1e-9 and can check the gradient tightly.
-    base = _cached_tiny("gpt2")
+    base = tiny("gpt2")
     lm = wrap_model(copy.deepcopy(base.model).double(), base.tokenizer, "tiny-gpt2-f64")
     sets = find_neurons(lm, DATASET, [1], "mlp_hidden", "attribution", 3, progress=False)
     top = sets[0]
@@ -143,7 +143,7 @@ def test_ranks_and_cross_pair_stability() -> None:
 
 
 def test_bad_neuron_requests(llama: LoadedModel) -> None:
-    gpt2 = _cached_tiny("gpt2")
+    gpt2 = tiny("gpt2")
     with pytest.raises(ValueError, match="no separate gate projection"):
         find_neurons(gpt2, DATASET, [0], "gate", "effect", 4, progress=False)
     with pytest.raises(ValueError, match="unknown method"):
@@ -194,7 +194,7 @@ def _opener_logodds(
 def test_patching_equals_a_finite_difference_towards_the_low_persona() -> None:
     """Score = mean over questions of (a_high - a_low) x d logodds / d a at the last prompt token:
     the slope of the log-odds when the unit moves from its high value towards its low value."""
-    base = _cached_tiny("gpt2")
+    base = tiny("gpt2")
     lm = wrap_model(copy.deepcopy(base.model).double(), base.tokenizer, "tiny-gpt2-f64")
     width = lm.info.mlp_width
     sets = find_neurons(lm, DATASET, [0, 1], "mlp_hidden", "patching", 2 * width, progress=False)
@@ -240,7 +240,7 @@ def test_patching_equals_a_finite_difference_towards_the_low_persona() -> None:
 def test_exact_effects_equal_patching_each_unit_by_hand() -> None:
     """Score = (drop of pirate's own-opener log-odds) - (drop of chef's), each unit set to the
     default's mean at the last prompt token; the first unit of the set is the greedy best."""
-    base = _cached_tiny("gpt2")
+    base = tiny("gpt2")
     lm = wrap_model(copy.deepcopy(base.model).double(), base.tokenizer, "tiny-gpt2-f64")
     width = lm.info.mlp_width
     sets = find_neurons(lm, DATASET, [0, 1], "mlp_hidden", "exact", 2 * width, progress=False)

@@ -21,7 +21,7 @@ from personachat.vectors import (
     difference_of_means,
     separation_by_layer,
 )
-from tests.conftest import _cached_tiny
+from tests.conftest import tiny
 from tests.tiny_data import DATASET, PERSONAS, QUESTIONS, REPLIES
 
 
@@ -49,7 +49,7 @@ def _direct_pooled(lm: LoadedModel, model: nn.Module, persona: str) -> torch.Ten
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "olmo2"])
 def test_vectors_equal_direct_computation(arch: str) -> None:
-    lm = _cached_tiny(arch)
+    lm = tiny(arch)
     res = extract_vectors(lm, DATASET, baseline="default", batch_size=4, progress=False)
     model = _unnormed(lm)
     pooled = {n: _direct_pooled(lm, model, n) for n in PERSONAS}
