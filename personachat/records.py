@@ -13,7 +13,7 @@ from datetime import datetime
 import torch
 
 POSITIONS = ("response_avg", "prompt_last", "prompt_avg", "question_span")
-METHODS = ("diff_means", "imported")
+METHODS = ("diff_means", "imported", "axis_means", "axis_pc1")
 NEURON_METHODS = ("effect", "attribution", "patching", "exact", "imported")
 NEURON_SITES = ("mlp_hidden", "gate")
 MEAN_BASELINE = "mean"  # baseline name meaning "the mean of all personas"

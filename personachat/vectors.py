@@ -135,6 +135,17 @@ def baseline_samples(persona: int, baseline: str, names: Sequence[str]) -> list[
     return [list(names).index(baseline)]
 
 
+NEUTRAL_CATEGORY = "neutral"
+
+
+def neutral_personas(names: Sequence[str], categories: Sequence[str]) -> list[str]:
+    """Personas of category ``neutral``; else those named ``default*`` or ``assistant``."""
+    by_cat = [n for n, c in zip(names, categories, strict=True) if c == NEUTRAL_CATEGORY]
+    if by_cat:
+        return by_cat
+    return [n for n in names if n.startswith("default") or n == "assistant"]
+
+
 def assistant_axis(vectors: torch.Tensor, categories: Sequence[str]) -> torch.Tensor:
     """Mean of the neutral personas' vectors minus the mean of the others (``[..., D]``)."""
     neutral = [i for i, c in enumerate(categories) if c == "neutral"]

@@ -19,9 +19,9 @@ import numpy as np
 from personachat.analysis.answers import Answer, generate_answers
 from personachat.analysis.groups import Placement
 from personachat.analysis.preferences import PreferenceItem
-from personachat.analysis.space import neutral_personas
 from personachat.model import LoadedModel
 from personachat.records import Persona
+from personachat.vectors import neutral_personas
 
 
 @dataclass(eq=False)

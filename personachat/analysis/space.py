@@ -21,8 +21,7 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 from personachat.records import PersonaVector
-
-NEUTRAL_CATEGORY = "neutral"
+from personachat.vectors import neutral_personas
 
 
 @dataclass(eq=False)
@@ -111,14 +110,6 @@ def vectors_at_layer(
         if base not in out and base != "mean":
             out = {base: np.zeros_like(next(iter(out.values()))), **out}
     return out
-
-
-def neutral_personas(names: Sequence[str], categories: Sequence[str]) -> list[str]:
-    """Personas of category ``neutral``; else those named ``default*`` or ``assistant``."""
-    by_cat = [n for n, c in zip(names, categories, strict=True) if c == NEUTRAL_CATEGORY]
-    if by_cat:
-        return by_cat
-    return [n for n in names if n.startswith("default") or n == "assistant"]
 
 
 def persona_space(

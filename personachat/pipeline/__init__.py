@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from personachat.pipeline.axis import AXIS_METHODS, AXIS_PERSONA, extract_axis
 from personachat.pipeline.neurons import find_neurons
 from personachat.pipeline.options import (
     ModelConfig,
@@ -25,6 +26,8 @@ from personachat.pipeline.vectors import (
 )
 
 __all__ = [
+    "AXIS_METHODS",
+    "AXIS_PERSONA",
     "SCORERS",
     "ExtractionResult",
     "ModelConfig",
@@ -36,6 +39,7 @@ __all__ = [
     "add_model_args",
     "add_run_args",
     "check_layers",
+    "extract_axis",
     "extract_pairs",
     "extract_vectors",
     "find_neurons",
