@@ -182,3 +182,26 @@ def test_demo_is_a_builtin_built_from_the_planted_corpus() -> None:
     assert ds.persona_names[0] == "default" and "pirate" in ds.persona_names
     assert len(ds.responses) == len(ds.personas) * len(ds.questions)
     assert {p.name for p in ds.pairs} >= {"pirate_vs_default"}
+
+
+@pytest.mark.timeout(60)
+def test_a_hundred_thousand_personas_load_in_linear_time(tmp_path: Path) -> None:
+    """Loading, selecting and hashing grow linearly with the personas (a quadratic scan over
+    100k names takes minutes; this takes about a second)."""
+    n = 100_000
+    data = {
+        "name": "big",
+        "personas": [{"name": f"p{i}", "system_prompt": f"You are {i}."} for i in range(n)],
+        "questions": ["Who are you?"],
+        "responses": [
+            {"persona": f"p{i}", "question": "Who are you?", "response": "Me."}
+            for i in range(0, n, 10)
+        ],
+        "pairs": [{"name": f"pair{i}", "high": f"p{i}", "low": f"p{i + 1}"} for i in range(1000)],
+    }
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(data))
+    dataset = load_dataset_file(path)
+    half = dataset.select([f"p{i}" for i in range(0, n, 2)])
+    assert len(half.personas) == n // 2 and half.persona("p99998").system_prompt == "You are 99998."
+    assert len(dataset.sha256) == 64

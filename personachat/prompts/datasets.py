@@ -38,8 +38,10 @@ pairs), and ``demo`` (the bundled demo model's planted replies, built by
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,10 +82,14 @@ class PersonaDataset:
     def persona_names(self) -> list[str]:
         return [p.name for p in self.personas]
 
+    @functools.cached_property
+    def _by_name(self) -> dict[str, Persona]:
+        return {p.name: p for p in self.personas}
+
     def persona(self, name: str) -> Persona:
-        for persona in self.personas:
-            if persona.name == name:
-                return persona
+        found = self._by_name.get(name)
+        if found is not None:
+            return found
         raise DatasetError(
             f"unknown persona {name!r} in dataset {self.name!r}; known: {self.persona_names}"
         )
@@ -204,7 +210,7 @@ def _parse_personas(data: Mapping[str, Any], source: str) -> list[Persona]:
         )
     personas = [_parse_persona(p, f"{source}: personas[{i}]") for i, p in enumerate(raw_personas)]
     names = [p.name for p in personas]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    dupes = sorted(name for name, n in Counter(names).items() if n > 1)
     if dupes:
         raise DatasetError(f"{source}: duplicate persona names {dupes}")
     return personas
@@ -225,14 +231,15 @@ def _parse_responses(
     data: Mapping[str, Any], names: list[str], questions: list[str], source: str
 ) -> dict[tuple[str, str], str]:
     responses: dict[tuple[str, str], str] = {}
+    known_names, known_questions = set(names), set(questions)
     for i, r in enumerate(data.get("responses") or []):
         where = f"{source}: responses[{i}]"
         if not isinstance(r, Mapping):
             raise DatasetError(f"{where}: must be an object with persona, question, response")
         persona, question = _req_str(r, "persona", where), _req_str(r, "question", where)
-        if persona not in names:
+        if persona not in known_names:
             raise DatasetError(f"{where}: unknown persona {persona!r}; known: {names}")
-        if question not in questions:
+        if question not in known_questions:
             raise DatasetError(f"{where}: question {question!r:.80} is not in 'questions'")
         responses[(persona, question)] = _req_str(r, "response", where)
     return responses
@@ -240,6 +247,7 @@ def _parse_responses(
 
 def _parse_pairs(data: Mapping[str, Any], names: list[str], source: str) -> list[ContrastPair]:
     pairs = []
+    known = set(names)
     for i, c in enumerate(data.get("pairs") or []):
         where = f"{source}: pairs[{i}]"
         if not isinstance(c, Mapping):
@@ -251,7 +259,7 @@ def _parse_pairs(data: Mapping[str, Any], names: list[str], source: str) -> list
             kind=_opt_str(c, "kind", where),
         )
         for side in (pair.high, pair.low):
-            if side not in names:
+            if side not in known:
                 raise DatasetError(f"{where}: unknown persona {side!r}; known: {names}")
         pairs.append(pair)
     return pairs
