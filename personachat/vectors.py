@@ -128,6 +128,15 @@ def projection_quantiles(
     )
 
 
+def percentile_rank(values: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
+    """Where ``values`` fall (0-100) in a distribution given by its ``quantiles`` at
+    ``QUANTILE_LEVELS`` (one layer's row of ``ProjectionQuantiles``): linear between the stored
+    quantiles, 0 below the smallest and 100 above the largest."""
+    return np.interp(
+        values, np.asarray(quantiles, dtype=np.float64), np.asarray(QUANTILE_LEVELS) * 100
+    )
+
+
 def baseline_samples(persona: int, baseline: str, names: Sequence[str]) -> list[int]:
     """Indices of the personas whose samples are the baseline samples for ``persona``."""
     if baseline == MEAN_BASELINE:

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 DESCRIPTION = (
-    "Measure the bundled demo model: conditioning, persona collapse, steering and ablation."
+    "Measure the bundled demo model: conditioning, persona collapse, steering, ablation and "
+    "capping."
 )
-SECTIONS = ("conditioning", "collapse", "steering", "ablation")
+SECTIONS = ("conditioning", "collapse", "steering", "ablation", "capping")
 
 
 @dataclass(frozen=True)

@@ -144,3 +144,30 @@ def ablation_panel(fig: Figure, ax: Axes, neuron_rows: Sequence[dict[str, Any]])
         f"other personas keep at least {kept:.0%})",
         fontsize=10,
     )
+
+
+def plot_capping(capping: dict[str, Any], path: Path) -> None:
+    """Each persona's marker cut at the best cap, and the drift of a steered conversation."""
+    best = capping["best"]
+    personas = [p for p, r in best.items() if isinstance(r, dict)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.4, 4.0))
+    left.bar(range(len(personas)), [best[p]["cut"] for p in personas], color="tab:blue")
+    left.plot(range(len(personas)), [best[p]["facts"] for p in personas], "ko", label="facts kept")
+    left.set_xticks(range(len(personas)), personas, rotation=90, fontsize=7)
+    left.set_ylim(0, 1.05)
+    left.set_title(
+        f"Assistant axis capped ({best['axis']}, p{best['percentile']:g}, L{best['layers']})"
+    )
+    left.legend(fontsize=7)
+    drift = capping["drift"]
+    for name, values in drift["percentiles"].items():
+        right.plot(range(1, len(values) + 1), values, marker="o", label=name)
+    right.axhspan(25, 75, color="tab:green", alpha=0.15, label="the default's middle half")
+    right.set_xlabel("turn")
+    right.set_ylabel("percentile among the default's projections")
+    right.set_ylim(-2, 102)
+    right.set_title(f"Drift on the assistant axis, layer {drift['layer']}")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -17,6 +17,8 @@ def print_report(results: dict[str, Any]) -> None:
         print_steering(results["steering"])
     if "ablation" in results:
         print_ablation(results["ablation"])
+    if "capping" in results:
+        print_capping(results["capping"])
 
 
 def print_conditioning(c: dict[str, Any]) -> None:
@@ -79,3 +81,22 @@ def print_ablation(ablation: dict[str, Any]) -> None:
             f"layers {r['layers']:<4} cut {r['cut']:>5.0%} facts {r['facts']:>5.0%} "
             f"others kept {r['others_min']:>5.0%}"
         )
+
+
+def print_capping(capping: dict[str, Any]) -> None:
+    best = capping["best"]
+    personas = [p for p, r in best.items() if isinstance(r, dict)]
+    print(
+        f"\nHolding the assistant: the {best['axis']} axis capped from below at the default's "
+        f"{best['percentile']:g}th percentile, layers {best['layers']}, {best['where']} "
+        f"(default's replies unchanged: {best['default_unchanged']}); held "
+        f"{len(best['held'])} of {len(personas)} personas"
+    )
+    print(f"{'persona':<12} {'markers cut':>12} {'facts':>6}")
+    for persona in personas:
+        r = best[persona]
+        print(f"{persona:<12} {r['cut']:>12.0%} {r['facts']:>6.0%}")
+    d = capping["drift"]
+    print(f"\nDrift on the assistant axis (layer {d['layer']}), percentile per turn")
+    for name, values in d["percentiles"].items():
+        print(f"{name:<26} " + " ".join(f"{v:>5.0f}" for v in values))

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 
 from personachat.cli.evaluate_demo.ablation import ablation
+from personachat.cli.evaluate_demo.capping import capping
 from personachat.cli.evaluate_demo.conditioning import collapse, conditioning
 from personachat.cli.evaluate_demo.config import SECTIONS, EvalConfig, parse_args
 from personachat.cli.evaluate_demo.merge import carried_over, merged_ablation
-from personachat.cli.evaluate_demo.plots import plot
+from personachat.cli.evaluate_demo.plots import plot, plot_capping
 from personachat.cli.evaluate_demo.replies import Asker
 from personachat.cli.evaluate_demo.report import print_report
 from personachat.cli.evaluate_demo.steering import steering
@@ -46,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["seconds"] = time.monotonic() - start
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, out / "eval.png")
+    if "capping" in results:
+        plot_capping(results["capping"], out / "capping.png")
     print_report(results)
     print(f"\nwrote {out / 'results.json'} and {out / 'eval.png'} in {results['seconds']:.0f}s")
     return 0
@@ -65,6 +68,10 @@ def measure(
         )
     if "collapse" in sections:
         results["collapse"] = collapse(lm, cfg.max_new_tokens)
+    if "capping" in sections:
+        data = demo.planted_dataset(cfg.n_extract_questions, cfg.seed)
+        others = [p for p in demo.PERSONA_NAMES if p != demo.DEFAULT_PERSONA]
+        results["capping"] = capping(Asker.of(lm, qs, cfg.max_new_tokens), data, others)
     if "steering" in sections or "ablation" in sections:
         data = demo.planted_dataset(cfg.n_extract_questions, cfg.seed)
         vecs = vectors_by_kind(lm, data)
