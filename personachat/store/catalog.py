@@ -3,8 +3,9 @@
 DuckDB lets one process hold a catalog file for writing, and then no other process may open it
 at all; attaching a file to an open in-memory connection is much cheaper than opening it. So
 nothing keeps the file open. Writes attach it read-write, run one transaction, detach, and
-replace ``generation`` (the change marker). Reads go to an in-memory *snapshot*: every table
-copied over one brief read-only ``ATTACH``, re-copied when the marker (``stat`` of ``generation``
+replace ``generation`` (the change marker). Reads, user SQL included, go to an in-memory
+*snapshot*: every table copied over one brief read-only ``ATTACH`` and then sealed
+(``sandbox.py``), re-copied when the marker (``stat`` of ``generation``
 and of the catalog file) shows that another process wrote; the hot lookups use Python dicts built
 from it (``Index``). A busy lock is retried with jittered exponential backoff for
 ``lock_timeout`` seconds, then ``StoreLockedError`` names the process DuckDB says holds it; a
@@ -29,6 +30,7 @@ import duckdb
 
 from personachat.records import ModelInfo
 from personachat.store.errors import StoreError, StoreLockedError
+from personachat.store.sandbox import SQL_MAX_ROWS, SQL_TIMEOUT, lock_down, run_query
 from personachat.store.schema import (
     TABLES,
     Entry,
@@ -197,6 +199,7 @@ class Catalog:
                     create_schema(snap)
                 else:
                     self._copy(snap)
+                lock_down(snap)  # user SQL runs here: no files, no network, no changes
             except StoreLockedError:
                 snap.close()
                 if self.snap is None:
@@ -267,17 +270,19 @@ class Catalog:
 
     # --- user SQL ------------------------------------------------------------------------------
 
-    def query(self, query: str, params: Sequence[Any] = ()) -> tuple[list[str], list[tuple]]:
-        """Run a read-only SQL query on the catalog file; returns (column names, rows)."""
+    def query(
+        self,
+        query: str,
+        params: Sequence[Any] = (),
+        *,
+        timeout: float = SQL_TIMEOUT,
+        max_rows: int = SQL_MAX_ROWS,
+    ) -> tuple[list[str], list[tuple]]:
+        """Run one read-only query on an up-to-date snapshot (``sandbox.py``); returns (column
+        names, rows)."""
         if not self.path.exists():
             raise StoreError(f"no catalog at {self.path}; register something first")
-        with self.lock, _ATTACH_LOCK:
-            conn = duckdb.connect()
-            try:
-                self.attach(conn, read_only=True)
-                conn.execute("USE cat")
-                cursor = conn.execute(query, list(params))
-                columns = [d[0] for d in cursor.description or []]
-                return columns, cursor.fetchall()
-            finally:
-                conn.close()
+        with self.lock:
+            self.refresh()
+            assert self.snap is not None
+            return run_query(self.snap, query, params, timeout=timeout, max_rows=max_rows)

@@ -31,7 +31,8 @@ Usage::
 * ``schema.py`` (tables, migrations), ``tensorfile.py`` (the safetensors layout), ``prepare.py``
   (checks before a write), and the registries: ``model_registry.py`` (models, personas),
   ``vector_registry.py`` (vectors, means), ``neuron_registry.py`` (neuron sets).
-* SQL is parameterised; ``sql()`` runs user queries on a read-only attachment of the file.
+* SQL is parameterised; ``sql()`` runs one user SELECT on the in-memory snapshot, sandboxed
+  (``sandbox.py``): no writes, no files outside the catalog, no network, bounded time and rows.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from personachat.store.catalog import CATALOG_FILE, Catalog, tensor_files
 from personachat.store.files import TensorFiles, default_store_root
 from personachat.store.model_registry import ModelRegistry
 from personachat.store.neuron_registry import NeuronRegistry
+from personachat.store.sandbox import SQL_MAX_ROWS, SQL_TIMEOUT
 from personachat.store.schema import MeansEntry, NeuronSetEntry, VectorEntry, migrate
 from personachat.store.vector_registry import VectorRegistry
 
@@ -205,13 +207,30 @@ class Store:
 
     # --- user SQL and checks -------------------------------------------------------------------
 
-    def query(self, query: str, params: Sequence[Any] = ()) -> tuple[list[str], list[tuple]]:
-        """Run a read-only SQL query on the catalog file; returns (column names, rows)."""
-        return self._catalog.query(query, params)
+    def query(
+        self,
+        query: str,
+        params: Sequence[Any] = (),
+        *,
+        timeout: float = SQL_TIMEOUT,
+        max_rows: int = SQL_MAX_ROWS,
+    ) -> tuple[list[str], list[tuple]]:
+        """Run one read-only SELECT (or EXPLAIN) on the catalog's tables; returns (column names,
+        rows). It runs sandboxed on the in-memory snapshot: anything else (writes, files,
+        ATTACH, extensions, SET), a query running past ``timeout`` seconds or returning more
+        than ``max_rows`` rows raises ``QueryRefusedError``."""
+        return self._catalog.query(query, params, timeout=timeout, max_rows=max_rows)
 
-    def sql(self, query: str, params: Sequence[Any] = ()) -> list[tuple]:
-        """Rows of a read-only SQL query on the catalog (writes are refused by DuckDB)."""
-        return self.query(query, params)[1]
+    def sql(
+        self,
+        query: str,
+        params: Sequence[Any] = (),
+        *,
+        timeout: float = SQL_TIMEOUT,
+        max_rows: int = SQL_MAX_ROWS,
+    ) -> list[tuple]:
+        """Rows of one read-only query on the catalog (see ``query``)."""
+        return self.query(query, params, timeout=timeout, max_rows=max_rows)[1]
 
     def verify(self) -> list[str]:
         """Problems found: rows whose file is missing or altered, and unreferenced files."""
