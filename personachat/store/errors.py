@@ -17,6 +17,10 @@ class IntegrityError(StoreError):
     """A file does not match its catalog row (checksum, shape or missing)."""
 
 
+class FormatError(ValueError):
+    """A file cannot be imported or exported; the message says why and what to do."""
+
+
 class UnknownError(StoreError, LookupError):
     """A model, persona, vector or neuron set is not in the store; the message lists what is."""
 

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from personachat.store.errors import IntegrityError
-from personachat.store.tensorfile import read_safetensors_metadata
+from personachat.store.tensorfile import parse_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +195,13 @@ class TensorFiles:
                 f"{path}: sha256 is {actual} but the catalog expects {sha256}; the file was "
                 "changed or damaged. Re-register or remove it"
             )
-        tensors = st_load(data)
+        tensors, meta = parse_safetensors(data, str(path), IntegrityError)
         key = "vector" if "vector" in tensors else "mean"
+        if key not in tensors:
+            raise IntegrityError(
+                f"{path} has no 'vector' or 'mean' tensor (it holds {sorted(tensors)}); the "
+                "file was replaced. Re-register or remove it"
+            )
         actual_shape = tuple(tensors[key].shape)
         if actual_shape != shape:
             raise IntegrityError(f"{path}: shape is {actual_shape} but the catalog expects {shape}")
@@ -206,7 +210,7 @@ class TensorFiles:
                 f"{path}: vector has {shape[1]} dims per layer but the model in use has hidden "
                 f"size {hidden_size}; it was extracted from another model"
             )
-        return tensors, read_safetensors_metadata(data)
+        return tensors, meta
 
     def verify(self, rows: list[tuple[str, str]]) -> list[str]:
         """Problems found: (file, sha256) rows whose file is missing or altered, and files no

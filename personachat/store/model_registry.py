@@ -7,7 +7,7 @@ from typing import Any
 
 import duckdb
 
-from personachat.records import ModelInfo, Persona, check_name
+from personachat.records import ModelInfo, Persona, check_model_sizes, check_name
 from personachat.store.catalog import Catalog
 from personachat.store.errors import StoreError, UnknownError
 from personachat.store.schema import utcnow
@@ -23,10 +23,9 @@ class ModelRegistry:
         self.catalog = catalog
 
     def register_model(self, info: ModelInfo) -> None:
-        """Add or update a model. Changing the shape of a model that has tensors is refused."""
-        for name in ("n_layers", "hidden_size", "mlp_width"):
-            if int(getattr(info, name)) <= 0:
-                raise ValueError(f"model {info.model_id!r}: {name} must be positive")
+        """Add or update a model. Absurd sizes (``check_model_sizes``) are refused, and so is
+        changing the shape of a model that has tensors."""
+        check_model_sizes(info)
         with self.catalog.writing() as conn, transaction(conn):
             old = conn.execute(
                 "SELECT n_layers, hidden_size, mlp_width FROM models WHERE model_id = ?",
