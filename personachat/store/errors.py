@@ -21,6 +21,10 @@ class FormatError(ValueError):
     """A file cannot be imported or exported; the message says why and what to do."""
 
 
+class MissingFileError(IntegrityError):
+    """A catalog row names a file that is not there (a reader retries once the catalog moved)."""
+
+
 class UnknownError(StoreError, LookupError):
     """A model, persona, vector or neuron set is not in the store; the message lists what is."""
 

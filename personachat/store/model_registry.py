@@ -16,6 +16,16 @@ from personachat.store.sql import insert, transaction
 PERSONA_COLUMNS = ["name", "system_prompt", "description", "category", "source", "registered_at"]
 
 
+def check_personas(personas: Iterable[Persona]) -> list[Persona]:
+    """The personas, after checking their names: safe for file names, each once."""
+    items = list(personas)
+    for p in items:
+        check_name(p.name, "persona name")
+    if len({p.name for p in items}) != len(items):
+        raise ValueError("register_personas got the same persona name twice")
+    return items
+
+
 class ModelRegistry:
     """Rows of ``models`` and ``personas``."""
 
@@ -79,25 +89,25 @@ class ModelRegistry:
 
     def register_personas(self, personas: Iterable[Persona]) -> None:
         """Add or update personas (by name), in one transaction."""
-        items = list(personas)
-        for p in items:
-            check_name(p.name, "persona name")
-        if len({p.name for p in items}) != len(items):
-            raise ValueError("register_personas got the same persona name twice")
+        items = check_personas(personas)
         if not items:
             return
+        with self.catalog.writing() as conn, transaction(conn):
+            self.upsert_personas(conn, items)
+
+    def upsert_personas(self, conn: duckdb.DuckDBPyConnection, items: list[Persona]) -> None:
+        """Inside a write: add or update checked personas."""
         now = utcnow()
         rows = [(p.name, p.system_prompt, p.description, p.category, p.source, now) for p in items]
-        with self.catalog.writing() as conn, transaction(conn):
-            insert(
-                conn,
-                "personas",
-                PERSONA_COLUMNS,
-                rows,
-                conflict="(name) DO UPDATE SET system_prompt = excluded.system_prompt, "
-                "description = excluded.description, category = excluded.category, "
-                "source = excluded.source",
-            )
+        insert(
+            conn,
+            "personas",
+            PERSONA_COLUMNS,
+            rows,
+            conflict="(name) DO UPDATE SET system_prompt = excluded.system_prompt, "
+            "description = excluded.description, category = excluded.category, "
+            "source = excluded.source",
+        )
 
     def personas(self, model_id: str | None = None) -> list[Persona]:
         """All personas, or those with a vector or means for ``model_id``."""
