@@ -62,6 +62,14 @@ def lock_holder(message: str) -> str:
     return "another process (DuckDB did not say which)"
 
 
+def _stat(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 def tensor_files(conn: duckdb.DuckDBPyConnection) -> set[str]:
     """The files (relative to the store root) that rows of ``vectors`` and ``means`` name."""
     referenced = {r[0] for r in conn.execute("SELECT file FROM vectors").fetchall()}
@@ -105,6 +113,8 @@ class Catalog:
     def __init__(self, root: Path, *, read_only: bool, lock_timeout: float) -> None:
         self.root = root
         self.path = root / CATALOG_FILE
+        self._generation = str(root / GENERATION_FILE)  # the change marker's paths, as str:
+        self._catalog, self._wal = str(self.path), str(self.path) + ".wal"  # read per lookup
         self.read_only = read_only
         self.lock_timeout = lock_timeout
         self.lock = threading.RLock()
@@ -184,17 +194,15 @@ class Catalog:
         write: a file's inode and coarse mtime can repeat) and the stat of the catalog file and
         of its write-ahead log (a writer killed after its commit never moved the marker)."""
         try:
-            generation: Any = (self.root / GENERATION_FILE).read_bytes()
+            fd = os.open(self._generation, os.O_RDONLY)
         except FileNotFoundError:
             generation = None
-        stats: list[Any] = []
-        for path in (self.path, self.path.with_name(self.path.name + ".wal")):
+        else:
             try:
-                st = os.stat(path)
-                stats.append((st.st_ino, st.st_mtime_ns, st.st_size))
-            except FileNotFoundError:
-                stats.append(None)
-        return (generation, *stats)
+                generation = os.read(fd, 256)
+            finally:
+                os.close(fd)
+        return (generation, _stat(self._catalog), _stat(self._wal))
 
     def changed(self) -> bool:
         """Whether the catalog changed since the snapshot was taken."""
