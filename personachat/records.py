@@ -6,6 +6,7 @@ float32 on the CPU; ``[n_layers, hidden]`` follows the layer convention of ``per
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -173,3 +174,42 @@ class ModelInfo:
     hidden_size: int
     mlp_width: int
     layer_convention: str = LAYER_CONVENTION
+
+
+# What the store takes from a model's declared sizes (every stored vector is [n_layers, hidden]
+# floats): far above any released model, far below what a typo or a forged file could ask for.
+MAX_LAYERS = 1024
+MAX_WIDTH = 1 << 20  # hidden size or MLP width
+MAX_VECTOR_VALUES = 1 << 25  # n_layers * hidden_size: 128 MiB in float32
+
+
+def check_model_sizes(info: ModelInfo) -> ModelInfo:
+    """``info`` if its sizes are positive integers within ``MAX_LAYERS``, ``MAX_WIDTH`` and
+    ``MAX_VECTOR_VALUES``, else ValueError naming the model and the sizes. Run before anything
+    is allocated from them (a [60000, 60000] vector is 14 GB)."""
+    sizes = {}
+    for name in ("n_layers", "hidden_size", "mlp_width"):
+        value = getattr(info, name)
+        try:
+            sizes[name] = operator.index(value)
+        except TypeError:
+            sizes[name] = 0
+        if isinstance(value, bool) or sizes[name] <= 0:
+            raise ValueError(
+                f"model {info.model_id!r}: {name} {value!r} must be a positive integer"
+            )
+    layers, hidden, mlp = sizes["n_layers"], sizes["hidden_size"], sizes["mlp_width"]
+    if (
+        layers > MAX_LAYERS
+        or hidden > MAX_WIDTH
+        or mlp > MAX_WIDTH
+        or layers * hidden > MAX_VECTOR_VALUES
+    ):
+        raise ValueError(
+            f"model {info.model_id!r} declares n_layers x hidden_size = {layers} x {hidden} "
+            f"({layers * hidden * 4 / 2**30:.1f} GiB per float32 vector) and MLP width {mlp}; "
+            f"the store takes at most {MAX_LAYERS} layers, widths up to {MAX_WIDTH} and "
+            f"{MAX_VECTOR_VALUES} values per vector. Check the sizes (config.json, --n-layers, "
+            "--hidden-size, --mlp-width)"
+        )
+    return info

@@ -12,17 +12,15 @@ from gguf import GGUFReader
 
 from personachat.records import LayerMetrics, ModelInfo, PersonaVector
 from personachat.store import Store
-from personachat.store.formats import (
+from personachat.store.formats import FormatError, read_vector, write_vector
+from personachat.store.index_lists import (
     LLAMA2_7B,
     SEED_000_LISTS,
     SEED_000_SOURCE,
-    FormatError,
     neuron_set_from_index_lists,
     parse_index_lists,
-    read_vector,
     register_index_lists,
     register_seed_000,
-    write_vector,
 )
 
 INFO = ModelInfo("org/tiny-qwen", None, "qwen2", 4, 6, 12)

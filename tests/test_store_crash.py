@@ -1,6 +1,8 @@
 """Registration is atomic under SIGKILL: kill a registering process at 20 random moments; after
 each kill the store opens, every row points to an existing file with the right sha256, and no
-file is left that no row references."""
+file is left that no row references. Right after each kill, before any recovery, readers (one
+opened before the kills, one fresh) load every listed vector and means, ``verify`` finds no
+problem, and ``leftovers`` accounts for exactly the files no row names."""
 
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ def write_forever(root: str, seed: int) -> None:
 
 def on_disk(root: Path) -> set[str]:
     found = {p.name for p in root.glob("*.tmp")}
-    for sub in ("vectors", "means"):
+    for sub in ("vectors", "means", ".staging"):
         if (root / sub).is_dir():
             found |= {
                 p.relative_to(root).as_posix() for p in (root / sub).rglob("*") if p.is_file()
@@ -69,9 +71,22 @@ def catalog_rows(root: Path) -> tuple[list[tuple[str, str]], int]:
     return rows, int(dangling[0]) if dangling else 0
 
 
+def what_readers_see(kill: int, readers: list[Store], debris: set[str]) -> None:
+    """Every listed vector and means loads, nothing is a problem, the debris is all leftovers."""
+    for reader in readers:
+        for entry in reader.vectors():
+            reader.load_vector(entry.model_id, entry.persona, baseline=entry.baseline)
+        for mean in reader.means():
+            reader.load_means(mean.model_id, mean.persona, positions=mean.positions)
+        assert reader.verify() == [], f"kill {kill}: a reader sees problems"
+        left = set(reader.leftovers())
+        assert left == debris, f"kill {kill}: not accounted for: {debris ^ left}"
+
+
 def test_sigkill_at_random_moments_leaves_a_consistent_store(tmp_path: Path) -> None:
     root = tmp_path / "store"
     Store(root).register_model(INFO)
+    long_lived = Store(root, read_only=True)
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "duckdb", "personachat.store"])
     rng = random.Random(1234)
@@ -88,7 +103,11 @@ def test_sigkill_at_random_moments_leaves_a_consistent_store(tmp_path: Path) -> 
         assert proc.exitcode == -signal.SIGKILL
 
         before, _ = catalog_rows(root)
-        debris_kills += bool(on_disk(root) - {f for f, _ in before})
+        debris = on_disk(root) - {f for f, _ in before}
+        debris_kills += bool(debris)
+        fresh = Store(root, read_only=True)
+        what_readers_see(kill, [long_lived, fresh], debris)
+        fresh.close()
 
         Store(root).close()  # opening writable recovers
         rows, dangling = catalog_rows(root)
@@ -98,6 +117,7 @@ def test_sigkill_at_random_moments_leaves_a_consistent_store(tmp_path: Path) -> 
             assert path.is_file(), f"kill {kill}: row points to missing {path}"
             assert hashlib.sha256(path.read_bytes()).hexdigest() == sha, f"kill {kill}: {path}"
         assert on_disk(root) == {f for f, _ in rows}, f"kill {kill}: orphan files"
+        assert long_lived.leftovers() == []
         rows_seen = max(rows_seen, len(rows))
 
     reader = Store(root, read_only=True)

@@ -9,8 +9,11 @@
     python scripts/store.py import lists.txt --neurons --label teacher --layer 15 --model M
     python scripts/store.py sql "SELECT persona, best_layer FROM vectors WHERE model_id = ?" -p M
 
-The store is ``--store DIR``, else ``$PERSONACHAT_STORE``, else ``store/`` at the repo root.
-Every command has ``--help``.
+The store is ``--store DIR``, else ``$PERSONACHAT_STORE``, else ``store/`` at the repo root;
+reading commands (list, show, export, sql) refuse a folder that holds no store, only writing
+commands (import, remove) create one. Every command has ``--help``. Exit status: 0 on success,
+2 when an input is bad (a file, a value, a name, a store path that holds no store), 1 when the
+store refuses or fails (unknown persona, a refused query, a busy lock); the error is one line.
 """
 
 from __future__ import annotations
@@ -27,14 +30,14 @@ import duckdb
 from tqdm import tqdm
 
 from personachat.records import NEURON_SITES, POSITIONS, ModelInfo
-from personachat.store import Store, StoreError, default_store_root
-from personachat.store.formats import (
-    KNOWN_MODELS,
-    parse_index_lists,
-    read_vector,
-    register_index_lists,
-    write_vector,
-)
+from personachat.store import IntegrityError, Store, StoreError, default_store_root
+from personachat.store.errors import FormatError
+from personachat.store.formats import read_vector, write_vector
+from personachat.store.index_lists import KNOWN_MODELS, parse_index_lists, register_index_lists
+
+
+class NoStoreError(StoreError):
+    """A reading command was pointed at a folder that holds no store."""
 
 
 def table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -50,7 +53,15 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def open_store(args: argparse.Namespace, *, write: bool) -> Store:
-    return Store(args.store, read_only=not write, lock_timeout=args.lock_timeout)
+    """The store of ``--store``; a reading command refuses a folder that holds no store."""
+    store = Store(args.store, read_only=not write, lock_timeout=args.lock_timeout)
+    if not write and not store.catalog.is_file():
+        why = "does not exist" if not store.root.exists() else "has no catalog.duckdb"
+        raise NoStoreError(
+            f"no store at {store.root}: the folder {why}. Pass --store DIR (or set "
+            "PERSONACHAT_STORE) to an existing store; writing commands (import) create one"
+        )
+    return store
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -160,7 +171,10 @@ def cmd_import(args: argparse.Namespace) -> int:
         if args.layer is None or not args.label:
             raise StoreError("import --neurons needs --layer and --label")
         for path in args.files:
-            lists = parse_index_lists(Path(path).read_text())
+            try:
+                lists = parse_index_lists(Path(path).read_text())
+            except FormatError as err:
+                raise FormatError(f"{path}: {err}") from err
             source = args.source or str(path)
             neurons = register_index_lists(
                 store, info, args.label, args.layer, lists, site=args.site, source=source
@@ -317,7 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (StoreError, ValueError, OSError, duckdb.Error) as err:
+    except (ValueError, IntegrityError, NoStoreError) as err:  # a bad input: fix it
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (StoreError, OSError, duckdb.Error) as err:  # the store refused or failed
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -24,10 +24,10 @@ def register_results(
 ) -> None:
     """Write the model, personas, vectors (with raw means) and neuron sets into ``store``."""
     store.register_model(lm.info)
-    if personas:
+    if result is not None and result.vectors:  # one transaction: readers see all or nothing
+        store.register_vectors(result.vectors, means=result.means, personas=list(personas))
+    elif personas:
         store.register_personas(list(personas))
-    if result is not None and result.vectors:
-        store.register_vectors(result.vectors, means=result.means)
     if neurons:
         store.register_neurons(list(neurons))
 

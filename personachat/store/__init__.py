@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from personachat.store.errors import IntegrityError, StoreError, StoreLockedError, UnknownError
+from personachat.store.errors import (
+    IntegrityError,
+    QueryRefusedError,
+    StoreError,
+    StoreLockedError,
+    UnknownError,
+)
 from personachat.store.files import default_store_root, model_slug
 from personachat.store.schema import SCHEMA_VERSION, MeansEntry, NeuronSetEntry, VectorEntry
 from personachat.store.store import Store
@@ -13,6 +19,7 @@ __all__ = [
     "IntegrityError",
     "MeansEntry",
     "NeuronSetEntry",
+    "QueryRefusedError",
     "Store",
     "StoreError",
     "StoreLockedError",

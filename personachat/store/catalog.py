@@ -2,14 +2,16 @@
 
 DuckDB lets one process hold a catalog file for writing, and then no other process may open it
 at all; attaching a file to an open in-memory connection is much cheaper than opening it. So
-nothing keeps the file open. Writes attach it read-write, run one transaction, detach, and
-replace ``generation`` (the change marker). Reads go to an in-memory *snapshot*: every table
-copied over one brief read-only ``ATTACH``, re-copied when the marker (``stat`` of ``generation``
-and of the catalog file) shows that another process wrote; the hot lookups use Python dicts built
-from it (``Index``). A busy lock is retried with jittered exponential backoff for
-``lock_timeout`` seconds, then ``StoreLockedError`` names the process DuckDB says holds it; a
-reader that still cannot get in serves its previous snapshot and tries again on the next call.
-"""
+nothing keeps the file open. Writes attach it read-write, run one transaction, replace
+``generation`` (the change marker, a unique content per write) and detach: the marker moves
+before the lock is released, so before any file of a replaced row is deleted. Reads, user SQL
+included, go to an in-memory *snapshot*: every table copied over one brief read-only ``ATTACH``
+and then sealed (``sandbox.py``), re-copied when the marker (the content of ``generation`` and
+the catalog file's stat) shows that another process wrote, and swapped in whole (tables, marker
+and ``Index``, the Python dicts the hot lookups use). A busy lock is retried with jittered
+exponential backoff for ``lock_timeout`` seconds, then ``StoreLockedError`` names the process
+DuckDB says holds it; a reader that still cannot get in serves its previous snapshot and tries
+again on the next call."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -29,6 +32,7 @@ import duckdb
 
 from personachat.records import ModelInfo
 from personachat.store.errors import StoreError, StoreLockedError
+from personachat.store.sandbox import SQL_MAX_ROWS, SQL_TIMEOUT, lock_down, run_query
 from personachat.store.schema import (
     TABLES,
     Entry,
@@ -37,6 +41,7 @@ from personachat.store.schema import (
     create_schema,
     schema_version,
 )
+from personachat.store.staging import STAGING
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,14 @@ def lock_holder(message: str) -> str:
     if match:
         return f"{match.group(1)} (PID {match.group(2)})"
     return "another process (DuckDB did not say which)"
+
+
+def _stat(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def tensor_files(conn: duckdb.DuckDBPyConnection) -> set[str]:
@@ -100,6 +113,8 @@ class Catalog:
     def __init__(self, root: Path, *, read_only: bool, lock_timeout: float) -> None:
         self.root = root
         self.path = root / CATALOG_FILE
+        self._generation = str(root / GENERATION_FILE)  # the change marker's paths, as str:
+        self._catalog, self._wal = str(self.path), str(self.path) + ".wal"  # read per lookup
         self.read_only = read_only
         self.lock_timeout = lock_timeout
         self.lock = threading.RLock()
@@ -142,7 +157,9 @@ class Catalog:
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection on which ``cat`` (the catalog, read-write) is the default database."""
+        """A connection on which ``cat`` (the catalog, read-write) is the default database.
+        The change marker is replaced before the lock is released, so any reader whose
+        snapshot a write outdated sees a new marker before the files of replaced rows go."""
         if self.read_only:
             raise StoreError(
                 f"Store({str(self.root)!r}, read-only) is read-only; open "
@@ -157,29 +174,35 @@ class Catalog:
                     yield conn
                 finally:
                     conn.execute("USE memory")
+                    self._bump_generation()
                     conn.execute("DETACH cat")
             finally:
                 conn.close()
-            self._bump_generation()
 
     def _bump_generation(self) -> None:
-        final = self.root / GENERATION_FILE
-        tmp = final.with_name(f".{GENERATION_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(f"{time.time_ns()} {os.getpid()}\n")
-        os.replace(tmp, final)
+        """Replace ``generation`` with a new, unique content (staged under ``.staging``)."""
+        staging = self.root / STAGING
+        staging.mkdir(exist_ok=True)
+        tmp = staging / f"generation.{os.getpid()}.tmp"
+        tmp.write_text(f"{time.time_ns()} {os.getpid()} {secrets.token_hex(8)}\n")
+        os.replace(tmp, self.root / GENERATION_FILE)
 
     # --- the read snapshot ---------------------------------------------------------------------
 
     def marker(self) -> tuple[Any, ...]:
-        """What changes when any process writes: inode, mtime and size of the two files."""
-        parts: list[Any] = []
-        for path in (self.root / GENERATION_FILE, self.path):
+        """What changes when any process writes: the content of ``generation`` (unique per
+        write: a file's inode and coarse mtime can repeat) and the stat of the catalog file and
+        of its write-ahead log (a writer killed after its commit never moved the marker)."""
+        try:
+            fd = os.open(self._generation, os.O_RDONLY)
+        except FileNotFoundError:
+            generation = None
+        else:
             try:
-                st = os.stat(path)
-                parts.append((st.st_ino, st.st_mtime_ns, st.st_size))
-            except FileNotFoundError:
-                parts.append(None)
-        return tuple(parts)
+                generation = os.read(fd, 256)
+            finally:
+                os.close(fd)
+        return (generation, _stat(self._catalog), _stat(self._wal))
 
     def changed(self) -> bool:
         """Whether the catalog changed since the snapshot was taken."""
@@ -197,6 +220,8 @@ class Catalog:
                     create_schema(snap)
                 else:
                     self._copy(snap)
+                lock_down(snap)  # user SQL runs here: no files, no network, no changes
+                index = Index.of(snap)
             except StoreLockedError:
                 snap.close()
                 if self.snap is None:
@@ -206,10 +231,10 @@ class Catalog:
             except BaseException:
                 snap.close()
                 raise
-            if self.snap is not None:
-                self.snap.close()
-            self.snap, self.snap_marker = snap, marker
-            self.index = Index.of(snap)
+            old, self.snap = self.snap, snap  # swapped whole: snapshot, marker and index
+            self.snap_marker, self.index = marker, index
+            if old is not None:
+                old.close()
 
     def current(self) -> Index:
         """The index of an up-to-date snapshot."""
@@ -267,17 +292,19 @@ class Catalog:
 
     # --- user SQL ------------------------------------------------------------------------------
 
-    def query(self, query: str, params: Sequence[Any] = ()) -> tuple[list[str], list[tuple]]:
-        """Run a read-only SQL query on the catalog file; returns (column names, rows)."""
+    def query(
+        self,
+        query: str,
+        params: Sequence[Any] = (),
+        *,
+        timeout: float = SQL_TIMEOUT,
+        max_rows: int = SQL_MAX_ROWS,
+    ) -> tuple[list[str], list[tuple]]:
+        """Run one read-only query on an up-to-date snapshot (``sandbox.py``); returns (column
+        names, rows)."""
         if not self.path.exists():
             raise StoreError(f"no catalog at {self.path}; register something first")
-        with self.lock, _ATTACH_LOCK:
-            conn = duckdb.connect()
-            try:
-                self.attach(conn, read_only=True)
-                conn.execute("USE cat")
-                cursor = conn.execute(query, list(params))
-                columns = [d[0] for d in cursor.description or []]
-                return columns, cursor.fetchall()
-            finally:
-                conn.close()
+        with self.lock:
+            self.refresh()
+            assert self.snap is not None
+            return run_query(self.snap, query, params, timeout=timeout, max_rows=max_rows)

@@ -1,4 +1,4 @@
-"""Import and export persona vectors and neuron index lists in other tools' file formats.
+"""Import and export persona vectors in other tools' file formats.
 
 Import (``read_vector``): ``.safetensors`` (ours, with full provenance, or any file with a
 ``vector`` tensor or per-layer tensors), ``.npz`` (one array per layer, as the Persona Vector
@@ -18,71 +18,46 @@ rejects ``direction.0``, so layer 0 is not exported to GGUF. Per-layer keys in `
 ``.safetensors`` files are read as our layer numbers unless ``layer_offset`` says otherwise
 (``layer_offset=1`` for keys that count ``hidden_states``).
 
-Neuron index lists (``parse_index_lists``, ``neuron_set_from_index_lists``,
-``register_index_lists``) turn published lists of unit indices into ``NeuronSet`` records with
-their source, e.g. the Llama-2-7B layer-15 gate_proj lists of the persona-llm-study README
-(``SEED_000_LISTS``).
+Neuron index lists are read by ``index_lists.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import math
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load, save as st_save
+from safetensors.torch import save as st_save
 
-from personachat.records import POSITIONS, ModelInfo, NeuronSet, PersonaVector
+from personachat.records import (
+    MAX_VECTOR_VALUES,
+    POSITIONS,
+    ModelInfo,
+    PersonaVector,
+    check_model_sizes,
+)
+from personachat.store.errors import FormatError, IntegrityError
 from personachat.store.tensorfile import (
     VECTOR_FORMAT,
-    read_safetensors_metadata,
+    parse_safetensors,
     vector_from_tensors,
     vector_metadata,
     vector_tensors,
 )
 
-if TYPE_CHECKING:
-    from personachat.store.store import Store
-
 log = logging.getLogger(__name__)
 
 VECTOR_SUFFIXES = (".safetensors", ".npz", ".pt", ".gguf")
 EXPORT_SUFFIXES = (".safetensors", ".pt", ".gguf")
-
-LLAMA2_7B = ModelInfo(
-    model_id="meta-llama/Llama-2-7b-hf",
-    revision=None,
-    architecture="llama",
-    n_layers=32,
-    hidden_size=4096,
-    mlp_width=11008,
-)
-KNOWN_MODELS: dict[str, ModelInfo] = {LLAMA2_7B.model_id: LLAMA2_7B}
-
-SEED_000_SOURCE = (
-    "persona-llm-study README (shared/seeds/000_2cfd62f563e92e35.txt): Llama-2-7B-hf, "
-    "layer 15 MLP gate_proj, top-5 units by |mean activation difference| per persona pair"
-)
-SEED_000_LAYER = 15
-SEED_000_LISTS: dict[str, dict[str, list[int]]] = {
-    "seed000_teacher_vs_student": {"teacher_vs_student": [8372, 725, 6718, 3575, 4536]},
-    "seed000_gender": {
-        "a_man_vs_a_woman": [6953, 8595, 8140, 10437, 8195],
-        "a_male_doctor_vs_a_female_doctor": [6953, 10878, 2826, 1095, 9542],
-        "a_son_vs_a_daughter": [6953, 10283, 6063, 8595, 2400],
-    },
-}
-
-
-class FormatError(ValueError):
-    """A file cannot be imported or exported; the message says why and what to do."""
+MAX_IMPORT_BYTES = 1 << 30  # a file to import, unpacked (the largest vector is 128 MiB)
 
 
 # --- vectors: import ---------------------------------------------------------------------------
@@ -190,8 +165,41 @@ def _load_pt(path: Path) -> Any:
             f"(weights_only=True rejected it: {str(err).splitlines()[0]}). It may run code; "
             "convert it to .safetensors in a trusted environment"
         ) from err
-    except (RuntimeError, EOFError, ValueError) as err:
-        raise FormatError(f"cannot read {path} as a torch tensor file: {err}") from err
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as err:
+        raise FormatError(f"cannot read {path} as a torch tensor file: {one_line(err)}") from err
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def check_import(path: Path, info: ModelInfo) -> None:
+    """Refuse, before reading anything, a model whose sizes are absurd, a file too large to be
+    a persona vector, or an archive (.npz, .pt) that unpacks to more than that."""
+    try:
+        check_model_sizes(info)
+    except ValueError as err:
+        raise FormatError(f"cannot import {path}: {err}") from err
+    size = path.stat().st_size
+    if size > MAX_IMPORT_BYTES:
+        raise FormatError(
+            f"{path} is {size} bytes; a persona vector file is at most {MAX_IMPORT_BYTES}"
+        )
+    if path.suffix.lower() == ".npz" and not zipfile.is_zipfile(path):
+        raise FormatError(f"{path} is not an .npz (zip) archive; it is truncated or damaged")
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(item.file_size for item in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise FormatError(f"{path} is a damaged zip archive: {one_line(err)}") from err
+    if unpacked > MAX_IMPORT_BYTES:
+        raise FormatError(
+            f"{path} unpacks to {unpacked} bytes; a persona vector file is at most "
+            f"{MAX_IMPORT_BYTES}"
+        )
 
 
 def read_vector(
@@ -208,6 +216,7 @@ def read_vector(
 
     ``persona`` defaults to our own file's metadata or the file name's stem. Vectors from other
     tools get ``method="imported"`` and ``dataset="imported:<file name>"`` with the file's sha256.
+    A damaged or forged file, or one too large for ``info``, is a one-line ``FormatError``.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -215,10 +224,9 @@ def read_vector(
         raise FormatError(f"cannot import {path}: use one of {VECTOR_SUFFIXES}")
     if not path.is_file():
         raise FormatError(f"cannot import {path}: no such file")
+    check_import(path, info)
     if suffix == ".safetensors":
-        data = path.read_bytes()
-        meta = read_safetensors_metadata(data)
-        tensors = st_load(data)
+        tensors, meta = parse_safetensors(path.read_bytes(), str(path), FormatError)
         if meta.get("format") == VECTOR_FORMAT:
             return _read_own(tensors, meta, path, info, persona)
         matrix = _from_mapping(tensors, info, str(path), layer, layer_offset)
@@ -249,7 +257,10 @@ def _read_own(
 ) -> PersonaVector:
     """A vector in the store's own file layout, with its provenance, imported for ``info``."""
     source = str(path)
-    vec = vector_from_tensors(tensors, meta, source=source)
+    try:
+        vec = vector_from_tensors(tensors, meta, source=source)
+    except IntegrityError as err:
+        raise FormatError(str(err)) from err
     if vec.model_id != info.model_id:
         log.warning("%s was made for %r, imported for %r", path, vec.model_id, info.model_id)
     _stack_rows(vec.vector, info, source, None)  # shape check only
@@ -259,12 +270,40 @@ def _read_own(
     return vec
 
 
+def _npy_shapes(path: Path) -> None:
+    """Refuse an .npz whose arrays' headers declare more values than a persona vector holds
+    (numpy allocates what a header declares before reading a byte of data)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                with archive.open(name) as member:
+                    version = np.lib.format.read_magic(member)
+                    if version == (1, 0):
+                        shape, _, _ = np.lib.format.read_array_header_1_0(member)
+                    else:
+                        shape, _, _ = np.lib.format.read_array_header_2_0(member)
+                if math.prod(shape) > MAX_VECTOR_VALUES:
+                    raise FormatError(
+                        f"{path}: array {name!r} declares shape {shape}, more than the "
+                        f"{MAX_VECTOR_VALUES} values a persona vector may hold"
+                    )
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        if isinstance(err, FormatError):
+            raise
+        raise FormatError(f"{path} is not a readable .npz archive: {one_line(err)}") from err
+
+
 def _read_npz(path: Path, info: ModelInfo, layer: int | None, layer_offset: int) -> torch.Tensor:
+    _npy_shapes(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: torch.from_numpy(np.asarray(npz[k], dtype=np.float32)) for k in npz}
     except ValueError as err:
-        raise FormatError(f"refusing {path}: it needs pickle to load ({err})") from err
+        if "pickle" not in str(err):
+            raise FormatError(f"{path} is not a readable .npz archive: {one_line(err)}") from err
+        raise FormatError(f"refusing {path}: it needs pickle to load ({one_line(err)})") from err
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise FormatError(f"{path} is not a readable .npz archive: {one_line(err)}") from err
     return _from_mapping(arrays, info, str(path), layer, layer_offset)
 
 
@@ -281,14 +320,24 @@ def _read_pt(path: Path, info: ModelInfo, layer: int | None, layer_offset: int) 
 def _read_gguf(path: Path, info: ModelInfo) -> torch.Tensor:
     from gguf import GGUFReader
 
-    reader = GGUFReader(path)
     by_layer: dict[int, torch.Tensor] = {}
-    for tensor in reader.tensors:
-        number = _layer_of(tensor.name) if tensor.name.startswith("direction.") else None
-        if number is not None:
-            by_layer[number] = torch.from_numpy(np.array(tensor.data, dtype=np.float32))
+    try:
+        for tensor in GGUFReader(path).tensors:
+            number = _layer_of(tensor.name) if tensor.name.startswith("direction.") else None
+            if number is not None:
+                by_layer[number] = torch.from_numpy(np.array(tensor.data, dtype=np.float32))
+    except (ValueError, OSError, IndexError, KeyError, TypeError) as err:
+        raise FormatError(f"{path} is not a readable GGUF file: {one_line(err)}") from err
     if not by_layer:
         raise FormatError(f"{path} has no direction.<layer> tensors; not a control vector")
+    if 0 in by_layer:
+        raise FormatError(
+            f"{path} holds direction.0, which llama.cpp rejects: its control-vector layers "
+            "start at 1 (direction.<i> is added to the output of decoder block i), so this file "
+            "was not written for llama.cpp and which block each direction belongs to is "
+            "unknown. Export it again without layer 0, or save one array per layer as .npz "
+            "and import that with the right --layer-offset"
+        )
     return _place(by_layer, info, str(path))
 
 
@@ -354,114 +403,3 @@ def _write_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
-
-# --- neuron index lists ------------------------------------------------------------------------
-
-
-def parse_index_lists(text: str) -> dict[str, list[int]]:
-    """``label: [i, j, ...]`` lines (or a JSON object / list) -> {label: indices}.
-
-    Markdown table rows ``| a man vs a woman | [6953, ...] |`` and bullet lines work too; labels
-    become safe names (``a_man_vs_a_woman``). A bare list gets the label ``indices``.
-    """
-    stripped = text.strip()
-    if stripped.startswith(("{", "[")):
-        try:
-            data = json.loads(stripped)
-        except json.JSONDecodeError:
-            data = None
-        if isinstance(data, list):
-            return {"indices": [int(x) for x in data]}
-        if isinstance(data, dict):
-            return {_safe_label(str(k)): [int(x) for x in v] for k, v in data.items()}
-    lists: dict[str, list[int]] = {}
-    for line in text.splitlines():
-        match = re.search(r"\[(\s*\d+(?:\s*,\s*\d+)*\s*)\]", line)
-        if not match:
-            continue
-        before = line[: match.start()]
-        label = re.sub(r"[*`#|:\-]+", " ", before).strip() or f"list{len(lists)}"
-        lists[_safe_label(label)] = [int(x) for x in match.group(1).split(",")]
-    if not lists:
-        raise FormatError("no index list like [12, 34, 56] found in the text")
-    return lists
-
-
-def _safe_label(text: str) -> str:
-    label = re.sub(r"[^A-Za-z0-9]+", "_", text.strip()).strip("_").lower()
-    return label[:100] or "indices"
-
-
-def neuron_set_from_index_lists(
-    info: ModelInfo,
-    label: str,
-    layer: int,
-    lists: dict[str, list[int]],
-    *,
-    site: str = "gate",
-    source: str = "",
-) -> NeuronSet:
-    """A NeuronSet from ranked index lists (one per contrast pair) at one layer.
-
-    Units are ordered by how many pairs list them, then by mean rank. ``ranks[pair][i]`` is the
-    unit's rank in that pair's list (-1 if absent) and ``stability[i]`` the fraction of pairs
-    listing it. Scores are unknown (empty). Indices are checked against ``info.mlp_width``.
-    """
-    for pair, indices in lists.items():
-        bad = [i for i in indices if not 0 <= i < info.mlp_width]
-        if bad:
-            raise FormatError(
-                f"list {pair!r}: indices {bad} are outside the MLP width {info.mlp_width} "
-                f"of {info.model_id!r}"
-            )
-    units = list(dict.fromkeys(i for indices in lists.values() for i in indices))
-    ranks = {p: [ix.index(u) if u in ix else -1 for u in units] for p, ix in lists.items()}
-
-    def key(pos: int) -> tuple[float, float]:
-        found = [r[pos] for r in ranks.values() if r[pos] >= 0]
-        return (-len(found), sum(found) / len(found))
-
-    order = sorted(range(len(units)), key=key)
-    return NeuronSet(
-        model_id=info.model_id,
-        label=label,
-        site=site,
-        layers=[layer] * len(units),
-        indices=[units[i] for i in order],
-        scores=[],
-        method="imported",
-        pairs=list(lists),
-        ranks={p: [r[i] for i in order] for p, r in ranks.items()},
-        stability=[-key(i)[0] / len(lists) for i in order],
-        source=source,
-    )
-
-
-def register_index_lists(
-    store: Store,
-    info: ModelInfo,
-    label: str,
-    layer: int,
-    lists: dict[str, list[int]],
-    *,
-    site: str = "gate",
-    source: str = "",
-) -> NeuronSet:
-    """Register ``info`` (if new) and a neuron set built from index lists; returns the set."""
-    if info.model_id not in {m.model_id for m in store.models()}:
-        store.register_model(info)
-    neurons = neuron_set_from_index_lists(info, label, layer, lists, site=site, source=source)
-    store.register_neurons([neurons])
-    return neurons
-
-
-def register_seed_000(store: Store) -> list[NeuronSet]:
-    """Register the persona-llm-study README's Llama-2-7B layer-15 gate_proj lists (no weights
-    needed)."""
-    return [
-        register_index_lists(
-            store, LLAMA2_7B, label, SEED_000_LAYER, lists, site="gate", source=SEED_000_SOURCE
-        )
-        for label, lists in SEED_000_LISTS.items()
-    ]

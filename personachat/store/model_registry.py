@@ -7,13 +7,23 @@ from typing import Any
 
 import duckdb
 
-from personachat.records import ModelInfo, Persona, check_name
+from personachat.records import ModelInfo, Persona, check_model_sizes, check_name
 from personachat.store.catalog import Catalog
 from personachat.store.errors import StoreError, UnknownError
 from personachat.store.schema import utcnow
 from personachat.store.sql import insert, transaction
 
 PERSONA_COLUMNS = ["name", "system_prompt", "description", "category", "source", "registered_at"]
+
+
+def check_personas(personas: Iterable[Persona]) -> list[Persona]:
+    """The personas, after checking their names: safe for file names, each once."""
+    items = list(personas)
+    for p in items:
+        check_name(p.name, "persona name")
+    if len({p.name for p in items}) != len(items):
+        raise ValueError("register_personas got the same persona name twice")
+    return items
 
 
 class ModelRegistry:
@@ -23,10 +33,9 @@ class ModelRegistry:
         self.catalog = catalog
 
     def register_model(self, info: ModelInfo) -> None:
-        """Add or update a model. Changing the shape of a model that has tensors is refused."""
-        for name in ("n_layers", "hidden_size", "mlp_width"):
-            if int(getattr(info, name)) <= 0:
-                raise ValueError(f"model {info.model_id!r}: {name} must be positive")
+        """Add or update a model. Absurd sizes (``check_model_sizes``) are refused, and so is
+        changing the shape of a model that has tensors."""
+        check_model_sizes(info)
         with self.catalog.writing() as conn, transaction(conn):
             old = conn.execute(
                 "SELECT n_layers, hidden_size, mlp_width FROM models WHERE model_id = ?",
@@ -80,25 +89,25 @@ class ModelRegistry:
 
     def register_personas(self, personas: Iterable[Persona]) -> None:
         """Add or update personas (by name), in one transaction."""
-        items = list(personas)
-        for p in items:
-            check_name(p.name, "persona name")
-        if len({p.name for p in items}) != len(items):
-            raise ValueError("register_personas got the same persona name twice")
+        items = check_personas(personas)
         if not items:
             return
+        with self.catalog.writing() as conn, transaction(conn):
+            self.upsert_personas(conn, items)
+
+    def upsert_personas(self, conn: duckdb.DuckDBPyConnection, items: list[Persona]) -> None:
+        """Inside a write: add or update checked personas."""
         now = utcnow()
         rows = [(p.name, p.system_prompt, p.description, p.category, p.source, now) for p in items]
-        with self.catalog.writing() as conn, transaction(conn):
-            insert(
-                conn,
-                "personas",
-                PERSONA_COLUMNS,
-                rows,
-                conflict="(name) DO UPDATE SET system_prompt = excluded.system_prompt, "
-                "description = excluded.description, category = excluded.category, "
-                "source = excluded.source",
-            )
+        insert(
+            conn,
+            "personas",
+            PERSONA_COLUMNS,
+            rows,
+            conflict="(name) DO UPDATE SET system_prompt = excluded.system_prompt, "
+            "description = excluded.description, category = excluded.category, "
+            "source = excluded.source",
+        )
 
     def personas(self, model_id: str | None = None) -> list[Persona]:
         """All personas, or those with a vector or means for ``model_id``."""

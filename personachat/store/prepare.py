@@ -21,7 +21,8 @@ from personachat.records import (
 )
 from personachat.store.catalog import Catalog
 from personachat.store.errors import UnknownError
-from personachat.store.files import Pending, TensorFiles, model_slug
+from personachat.store.files import TensorFiles, model_slug
+from personachat.store.staging import Pending
 from personachat.store.tensorfile import (
     METRIC_FIELDS,
     means_metadata,

@@ -3,7 +3,8 @@
 Layout under the store root (``default_store_root()``: ``$PERSONACHAT_STORE`` or ``<repo>/store``)::
 
     catalog.duckdb                      the catalog (tables: schema.py), plain SQL, public
-    generation                          replaced (new inode) after every write: the change marker
+    generation                          replaced after every write: the change marker
+    .staging/                           files on their way in, journals of writes (staging.py)
     vectors/<model>/<persona>.<positions>.<method>.<baseline>.<token>.safetensors
     means/<model>/<persona>.<positions>.<token>.safetensors
 
@@ -11,7 +12,7 @@ Usage::
 
     with Store() as store:                      # writable: opens, migrates, recovers, closes
         store.register_model(loaded.info)
-        store.register_vectors(vectors, means)  # one transaction per batch
+        store.register_vectors(vectors, means, personas)  # one transaction per batch
     app_store = Store(read_only=True)            # the app: never blocks writers for long
     vec = app_store.load_vector(model_id, "pirate")  # sha256 and shape verified
 
@@ -21,17 +22,21 @@ Usage::
   file held for writing). Reads go to an in-memory snapshot, re-copied when another process
   wrote, so a long-lived reader (the app) picks up new personas without a restart and holds the
   file lock only while copying; hot lookups (``vectors(model, persona)``, ``model()``) are dict
-  gets. Writes attach the file, run one transaction and detach; a busy lock is retried for
-  ``lock_timeout`` seconds, then ``StoreLockedError`` names the process holding it.
-* ``files.py``: crash safety (proved by ``tests/test_store_crash.py`` with SIGKILL): tensors are
-  written and fsynced before the lock is taken, renamed and committed under it, so a crash leaves
-  at worst unreferenced files, never a row without its file; opening a writable ``Store`` (under
-  the lock) deletes leftovers. Loading re-hashes the file and checks its shape against the
+  gets. Writes attach the file, run one transaction, move the change marker and detach; a busy
+  lock is retried for ``lock_timeout`` seconds, then ``StoreLockedError`` names the process.
+* ``files.py`` and ``staging.py``: crash safety (proved by ``tests/test_store_crash.py`` with
+  SIGKILL): tensors are staged under ``.staging`` and fsynced before the lock is taken,
+  journaled, renamed and committed under it, so a crash leaves at worst files no row names,
+  under ``.staging`` or listed in a journal there (``leftovers()``), never a row without its
+  file; the next writable open or write of tensors deletes them. A reader sees each batch whole
+  or not at all, and re-reads from a fresh snapshot when a concurrent write deleted the file of
+  a row it had just looked up. Loading re-hashes the file and checks its shape against the
   catalog, the model and the caller's ``hidden_size``; a mismatch names the file and both values.
 * ``schema.py`` (tables, migrations), ``tensorfile.py`` (the safetensors layout), ``prepare.py``
   (checks before a write), and the registries: ``model_registry.py`` (models, personas),
   ``vector_registry.py`` (vectors, means), ``neuron_registry.py`` (neuron sets).
-* SQL is parameterised; ``sql()`` runs user queries on a read-only attachment of the file.
+* SQL is parameterised; ``sql()`` runs one user SELECT on the in-memory snapshot, sandboxed
+  (``sandbox.py``): no writes, no files outside the catalog, no network, bounded time and rows.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from personachat.store.catalog import CATALOG_FILE, Catalog, tensor_files
 from personachat.store.files import TensorFiles, default_store_root
 from personachat.store.model_registry import ModelRegistry
 from personachat.store.neuron_registry import NeuronRegistry
+from personachat.store.sandbox import SQL_MAX_ROWS, SQL_TIMEOUT
 from personachat.store.schema import MeansEntry, NeuronSetEntry, VectorEntry, migrate
 from personachat.store.vector_registry import VectorRegistry
 
@@ -119,15 +125,20 @@ class Store:
     # --- vectors and means ---------------------------------------------------------------------
 
     def register_vectors(
-        self, vectors: Iterable[PersonaVector], means: Iterable[PersonaMeans] = ()
+        self,
+        vectors: Iterable[PersonaVector],
+        means: Iterable[PersonaMeans] = (),
+        personas: Iterable[Persona] = (),
     ) -> list[int]:
-        """Store vectors (and raw means) atomically in one transaction; returns the vector ids.
+        """Store vectors (and raw means, and the personas they belong to) atomically in one
+        transaction; returns the vector ids. Readers see the whole batch or none of it.
 
         A vector with the same (model, persona, method, positions, baseline) as a stored one
-        replaces it; so do means with the same (model, persona, positions). Personas not yet
-        registered get a row with an empty system prompt.
+        replaces it; so do means with the same (model, persona, positions), and personas with
+        the same name. Personas not given and not yet registered get a row with an empty
+        system prompt.
         """
-        return self._vectors.register(vectors, means)
+        return self._vectors.register(vectors, means, personas)
 
     def vectors(
         self,
@@ -205,17 +216,48 @@ class Store:
 
     # --- user SQL and checks -------------------------------------------------------------------
 
-    def query(self, query: str, params: Sequence[Any] = ()) -> tuple[list[str], list[tuple]]:
-        """Run a read-only SQL query on the catalog file; returns (column names, rows)."""
-        return self._catalog.query(query, params)
+    def query(
+        self,
+        query: str,
+        params: Sequence[Any] = (),
+        *,
+        timeout: float = SQL_TIMEOUT,
+        max_rows: int = SQL_MAX_ROWS,
+    ) -> tuple[list[str], list[tuple]]:
+        """Run one read-only SELECT (or EXPLAIN) on the catalog's tables; returns (column names,
+        rows). It runs sandboxed on the in-memory snapshot: anything else (writes, files,
+        ATTACH, extensions, SET), a query running past ``timeout`` seconds or returning more
+        than ``max_rows`` rows raises ``QueryRefusedError``."""
+        return self._catalog.query(query, params, timeout=timeout, max_rows=max_rows)
 
-    def sql(self, query: str, params: Sequence[Any] = ()) -> list[tuple]:
-        """Rows of a read-only SQL query on the catalog (writes are refused by DuckDB)."""
-        return self.query(query, params)[1]
+    def sql(
+        self,
+        query: str,
+        params: Sequence[Any] = (),
+        *,
+        timeout: float = SQL_TIMEOUT,
+        max_rows: int = SQL_MAX_ROWS,
+    ) -> list[tuple]:
+        """Rows of one read-only query on the catalog (see ``query``)."""
+        return self.query(query, params, timeout=timeout, max_rows=max_rows)[1]
 
     def verify(self) -> list[str]:
-        """Problems found: rows whose file is missing or altered, and unreferenced files."""
-        rows = [(e.file, e.sha256) for e in self.vectors()] + [
-            (e.file, e.sha256) for e in self.means()
-        ]
-        return self._files.verify(rows)
+        """Problems found: rows whose file is missing or altered, and files no row references
+        (except those a write in flight or an interrupted one journaled: see ``leftovers``)."""
+        for _ in range(3):  # a write that lands during the check can make it see both states
+            self._catalog.refresh()
+            rows = [(e.file, e.sha256) for e in self.vectors()] + [
+                (e.file, e.sha256) for e in self.means()
+            ]
+            problems = self._files.verify(rows)
+            if not problems or not self._catalog.changed():
+                break
+        return problems
+
+    def leftovers(self) -> list[str]:
+        """Files an interrupted (killed) write left, relative to the root: its staged files and
+        journal under ``.staging``, and the files its journal lists that no row references. No
+        reader loads them and ``verify`` does not count them as problems; the next writable
+        ``Store`` to open, or the next write of vectors or means, deletes them."""
+        referenced = {e.file for e in self.vectors()} | {e.file for e in self.means()}
+        return self._files.leftovers(referenced)

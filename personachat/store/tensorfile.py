@@ -14,6 +14,8 @@ import json
 from datetime import datetime
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
 
 from personachat.records import (
     LayerMetrics,
@@ -83,6 +85,32 @@ def read_safetensors_metadata(data: bytes) -> dict[str, str]:
     return {str(k): str(v) for k, v in meta.items()}
 
 
+def parse_safetensors(
+    data: bytes, source: str, error: type[Exception]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of safetensors bytes; ``error`` (one line naming ``source``)
+    when they are not a valid file: too short, a header length past the end, a header that is
+    not JSON, offsets past the end or backwards, a shape that does not fit its bytes."""
+    try:
+        tensors = st_load(data)
+        meta = read_safetensors_metadata(data)
+    except (SafetensorError, ValueError, AttributeError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise error(
+            f"{source} is not a valid safetensors file ({len(data)} bytes: {reason}); it is "
+            "truncated or damaged"
+        ) from err
+    return tensors, meta
+
+
+def _meta_number(meta: dict[str, str], key: str, source: str) -> int:
+    text = meta.get(key, "0") or "0"
+    try:
+        return int(text)
+    except ValueError:
+        raise IntegrityError(f"{source}: metadata {key} is {text!r}, not a whole number") from None
+
+
 def vector_from_tensors(
     tensors: dict[str, torch.Tensor], meta: dict[str, str], *, source: str
 ) -> PersonaVector:
@@ -100,10 +128,16 @@ def vector_from_tensors(
         quantiles = ProjectionQuantiles(
             baseline=tensors["quantiles.baseline"],
             persona=tensors["quantiles.persona"],
-            n_baseline=int(meta.get("quantiles.n_baseline", "0") or 0),
-            n_persona=int(meta.get("quantiles.n_persona", "0") or 0),
+            n_baseline=_meta_number(meta, "quantiles.n_baseline", source),
+            n_persona=_meta_number(meta, "quantiles.n_persona", source),
         )
     created = meta.get("created_at")
+    try:
+        created_at = datetime.fromisoformat(created) if created else None
+    except ValueError:
+        raise IntegrityError(
+            f"{source}: metadata created_at is {created!r}, not an ISO date and time"
+        ) from None
     return PersonaVector(
         model_id=meta.get("model_id", ""),
         persona=meta.get("persona", ""),
@@ -113,9 +147,9 @@ def vector_from_tensors(
         baseline=meta.get("baseline", "default"),
         dataset=meta.get("dataset", ""),
         dataset_sha256=meta.get("dataset_sha256", ""),
-        n_samples=int(meta.get("n_samples", "0") or 0),
+        n_samples=_meta_number(meta, "n_samples", source),
         metrics=metrics,
-        created_at=datetime.fromisoformat(created) if created else None,
+        created_at=created_at,
         render=meta.get("render", ""),
         quantiles=quantiles,
     )

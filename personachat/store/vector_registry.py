@@ -1,28 +1,32 @@
 """Persona vectors and raw means: catalog rows plus checked files.
 
-A batch is written crash-safe: files staged and fsynced, then under the lock renamed and their
-rows committed in one transaction, the files of replaced rows deleted after the commit
-(``files.py``). Loading re-hashes the file and checks its shape against the catalog, the model
-and the caller's ``hidden_size``.
+A batch (vectors, means and the personas they belong to) is written crash-safe: files staged
+and fsynced, then under the lock journaled, renamed and their rows committed in one
+transaction, the files of replaced rows deleted after the commit (``staging.py``). Loading
+re-hashes the file and checks its shape against the catalog, the model and the caller's
+``hidden_size``; a reader whose file was deleted by a concurrent replacement reads again from a
+refreshed snapshot (``fresh``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import fields, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import torch
 
-from personachat.records import MEAN_BASELINE, ModelInfo, PersonaMeans, PersonaVector
-from personachat.store.catalog import Catalog
-from personachat.store.errors import IntegrityError, UnknownError
-from personachat.store.files import Pending, TensorFiles
-from personachat.store.model_registry import ModelRegistry
+from personachat.records import MEAN_BASELINE, ModelInfo, Persona, PersonaMeans, PersonaVector
+from personachat.store.catalog import Catalog, tensor_files
+from personachat.store.errors import IntegrityError, MissingFileError, UnknownError
+from personachat.store.files import TensorFiles
+from personachat.store.model_registry import ModelRegistry, check_personas
 from personachat.store.prepare import check_unique_keys, prepare_means, prepare_vector
 from personachat.store.schema import MeansEntry, VectorEntry, as_utc, utcnow
 from personachat.store.sql import insert, transaction
+from personachat.store.staging import Pending
 from personachat.store.tensorfile import (
     HELDOUT_FIELDS,
     METRIC_FIELDS,
@@ -31,6 +35,7 @@ from personachat.store.tensorfile import (
 )
 
 VECTOR_KEY = ["model_id", "persona", "method", "positions", "baseline"]
+T = TypeVar("T")
 
 
 class VectorRegistry:
@@ -45,28 +50,33 @@ class VectorRegistry:
     # --- writing -------------------------------------------------------------------------------
 
     def register(
-        self, vectors: Iterable[PersonaVector], means: Iterable[PersonaMeans] = ()
+        self,
+        vectors: Iterable[PersonaVector],
+        means: Iterable[PersonaMeans] = (),
+        personas: Iterable[Persona] = (),
     ) -> list[int]:
-        """Store vectors (and raw means) atomically in one transaction; returns the vector ids."""
+        """Store vectors, raw means and personas atomically in one transaction; returns the
+        vector ids. Readers see the whole batch or none of it."""
         now = utcnow()
         vecs = [replace(v, created_at=as_utc(v.created_at or now)) for v in vectors]
         mns = list(means)
+        people = check_personas(personas)
         if not vecs and not mns:
+            self.models.register_personas(people)
             return []
         check_unique_keys(vecs, mns)
         models = self.catalog.model_map()
         pending_v = [prepare_vector(v, models, self.catalog, self.files) for v in vecs]
         pending_m = [prepare_means(m, models, self.catalog, self.files) for m in mns]
-        pending = pending_v + pending_m
-        with (
-            self.files.staged(pending),
-            self.catalog.writing() as conn,
-            self.files.published(pending),
-            transaction(conn),
-        ):
-            ids, old_files = self._insert_vectors(conn, vecs, pending_v, models)
-            old_files += self._insert_means(conn, mns, pending_m, models)
-        self.files.remove(old_files)
+        with self.files.batch(pending_v + pending_m) as batch:
+            with self.catalog.writing() as conn:
+                self.files.clean(lambda: tensor_files(conn))
+                with transaction(conn):
+                    self.models.upsert_personas(conn, people)
+                    ids, old_files = self._insert_vectors(conn, vecs, pending_v, models)
+                    old_files += self._insert_means(conn, mns, pending_m, models)
+                    batch.publish(old_files)
+                batch.committed = True
         return ids
 
     def _insert_vectors(
@@ -171,20 +181,23 @@ class VectorRegistry:
         return self._delete(vec_ids, mean_ids, persona=name if model_id is None else None)
 
     def _delete(self, vec_ids: list[int], mean_ids: list[int], persona: str | None = None) -> int:
-        with self.catalog.writing() as conn:
-            with transaction(conn):
-                files = conn.execute(
-                    "DELETE FROM vectors WHERE vector_id IN (SELECT unnest(?)) RETURNING file",
-                    [vec_ids],
-                ).fetchall()
-                delete_details(conn, vec_ids)
-                files += conn.execute(
-                    "DELETE FROM means WHERE mean_id IN (SELECT unnest(?)) RETURNING file",
-                    [mean_ids],
-                ).fetchall()
-                if persona is not None:
-                    conn.execute("DELETE FROM personas WHERE name = ?", [persona])
-        self.files.remove(rel for (rel,) in files)
+        with self.files.batch([]) as batch:
+            with self.catalog.writing() as conn:
+                self.files.clean(lambda: tensor_files(conn))
+                with transaction(conn):
+                    files = conn.execute(
+                        "DELETE FROM vectors WHERE vector_id IN (SELECT unnest(?)) RETURNING file",
+                        [vec_ids],
+                    ).fetchall()
+                    delete_details(conn, vec_ids)
+                    files += conn.execute(
+                        "DELETE FROM means WHERE mean_id IN (SELECT unnest(?)) RETURNING file",
+                        [mean_ids],
+                    ).fetchall()
+                    if persona is not None:
+                        conn.execute("DELETE FROM personas WHERE name = ?", [persona])
+                    batch.publish([rel for (rel,) in files])
+                batch.committed = True
         return len(files)
 
     # --- reading -------------------------------------------------------------------------------
@@ -225,36 +238,44 @@ class VectorRegistry:
     def means(self, model_id: str | None = None, persona: str | None = None) -> list[MeansEntry]:
         return self.catalog.entries(MeansEntry, "means", {"model_id": model_id, "persona": persona})
 
+    def fresh(self, attempt: Callable[[], T]) -> T:
+        """``attempt()`` (look rows up, read their files), again on a refreshed snapshot while
+        a file it wanted was deleted by a write that replaced or removed its row meanwhile
+        (for up to ``lock_timeout`` seconds): a long-lived reader never fails on that race."""
+        deadline = time.monotonic() + max(self.catalog.lock_timeout, 1.0)
+        while True:
+            try:
+                return attempt()
+            except MissingFileError:
+                if not self.catalog.changed() or time.monotonic() > deadline:
+                    raise
+                self.catalog.refresh()
+
     def load_vector(
         self, model_id: str, persona: str, filters: dict[str, Any], hidden_size: int | None
     ) -> PersonaVector:
         """The newest vector matching ``filters``, its sha256 and shape verified."""
-        for attempt in (0, 1):
-            entries = self.vectors(model_id, persona, **filters)
-            if not entries:
-                raise self._missing("vector", model_id, persona, filters)
-            entry = entries[0]
-            info = self.models.model(model_id)
-            shape = (info.n_layers, info.hidden_size)
-            if (entry.n_layers, entry.hidden_size) != shape:
-                raise IntegrityError(
-                    f"{entry.file}: catalog shape {(entry.n_layers, entry.hidden_size)} differs "
-                    f"from model {model_id!r} shape {shape}"
-                )
-            try:
-                tensors, meta = self.files.read_checked(
-                    entry.file, entry.sha256, shape, hidden_size
-                )
-            except IntegrityError:
-                if attempt == 0 and self.catalog.changed():
-                    self.catalog.refresh()  # another process replaced it meanwhile
-                    continue
-                raise
-            source = str(self.catalog.root / entry.file)
-            vector = vector_from_tensors(tensors, meta, source=source)
-            vector.baseline_mean = self._baseline_mean(model_id, vector)
-            return vector
-        raise AssertionError("unreachable")
+        vector = self.fresh(lambda: self._read_vector(model_id, persona, filters, hidden_size))
+        vector.baseline_mean = self._baseline_mean(model_id, vector)
+        return vector
+
+    def _read_vector(
+        self, model_id: str, persona: str, filters: dict[str, Any], hidden_size: int | None
+    ) -> PersonaVector:
+        entries = self.vectors(model_id, persona, **filters)
+        if not entries:
+            raise self._missing("vector", model_id, persona, filters)
+        entry = entries[0]
+        info = self.models.model(model_id)
+        shape = (info.n_layers, info.hidden_size)
+        if (entry.n_layers, entry.hidden_size) != shape:
+            raise IntegrityError(
+                f"{entry.file}: catalog shape {(entry.n_layers, entry.hidden_size)} differs "
+                f"from model {model_id!r} shape {shape}"
+            )
+        tensors, meta = self.files.read_checked(entry.file, entry.sha256, shape, hidden_size)
+        source = str(self.catalog.root / entry.file)
+        return vector_from_tensors(tensors, meta, source=source)
 
     def _baseline_mean(self, model_id: str, vector: PersonaVector) -> torch.Tensor | None:
         """The registered mean of the vector's baseline persona at its positions, if any."""
@@ -267,6 +288,9 @@ class VectorRegistry:
 
     def load_means(self, model_id: str, persona: str, positions: str) -> PersonaMeans:
         """A persona's raw per-layer mean activations, their sha256 and shape verified."""
+        return self.fresh(lambda: self._read_means(model_id, persona, positions))
+
+    def _read_means(self, model_id: str, persona: str, positions: str) -> PersonaMeans:
         rows = [e for e in self.means(model_id, persona) if e.positions == positions]
         if not rows:
             raise self._missing("means", model_id, persona, {"positions": positions})
