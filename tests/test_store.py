@@ -38,6 +38,7 @@ from personachat.store import (
 from personachat.store.schema import MIGRATIONS, MIGRATIONS_DDL
 from personachat.store.tensorfile import HELDOUT_FIELDS
 from personachat.store.vector_registry import VectorRegistry
+from tests.scripts import cli_module
 
 REPO = Path(__file__).resolve().parent.parent
 INFO = ModelInfo("org/tiny-llama", "rev1", "llama", 3, 8, 16)
@@ -559,3 +560,35 @@ def test_model_ids_become_one_safe_directory_name(model_id: str, tmp_path: Path)
     slug = model_slug(model_id)
     assert "/" not in slug and not slug.startswith(".") and slug
     assert (tmp_path / slug).resolve().parent == tmp_path.resolve()
+
+
+def test_cli_verify_and_repair_a_damaged_file(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store.register_vectors([vec("pirate", 1), vec("chef", 2)])
+    [entry] = store.vectors(INFO.model_id, "pirate")
+    (store.root / entry.file).write_bytes(b"damaged")
+    cli = cli_module("store")
+    assert cli.main(["--store", str(store.root), "verify"]) == 1
+    assert entry.file in capsys.readouterr().out
+    assert cli.main(["--store", str(store.root), "verify", "--repair"]) == 0
+    assert "removed the row of damaged file" in capsys.readouterr().out
+    assert cli.main(["--store", str(store.root), "verify"]) == 0
+    fresh = Store(store.root, read_only=True)
+    assert [e.persona for e in fresh.vectors(INFO.model_id)] == ["chef"]
+    assert torch.equal(fresh.load_vector(INFO.model_id, "chef").vector, vec("chef", 2).vector)
+
+
+def test_cli_migrate_upgrades_an_old_catalog(tmp_path: Path) -> None:
+    root = tmp_path / "old"
+    root.mkdir()
+    con = duckdb.connect(str(root / "catalog.duckdb"))
+    con.execute(MIGRATIONS_DDL)
+    for statement in MIGRATIONS[0][2]:
+        con.execute(statement)
+    con.execute("INSERT INTO migrations VALUES (1, 'initial schema', now())")
+    con.close()
+    with pytest.raises(StoreError, match=r"scripts/store\.py migrate"):
+        Store(root, read_only=True).models()
+    assert cli_module("store").main(["--store", str(root), "migrate"]) == 0
+    assert Store(root, read_only=True).models() == []

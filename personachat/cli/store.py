@@ -208,6 +208,27 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when every row's file is present and intact, else list the problems (exit 1);
+    with ``--repair`` remove the damaged rows and unreferenced files, and list what went."""
+    if args.repair:
+        with open_store(args, write=True) as store:
+            done = store.repair()
+        print("\n".join(done) if done else "nothing to repair")
+        return 0
+    problems = open_store(args, write=False).verify()
+    print("\n".join(problems) if problems else "every row's file is present and intact")
+    return 1 if problems else 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Open the store writable once, which brings its catalog to the current schema."""
+    with open_store(args, write=True) as store:
+        [(version,)] = store.sql("SELECT max(version) FROM migrations")
+    print(f"{store.root}: catalog at schema version {version}")
+    return 0
+
+
 def common_options(top: bool) -> argparse.ArgumentParser:
     """--store and --lock-timeout, accepted before or after the command; only the top level
     sets defaults (sub-commands suppress theirs so they do not overwrite a value given first)."""
@@ -241,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("export", "write a vector to .safetensors/.pt/.gguf", add_export),
         ("import", "import vectors or neuron index lists", add_import),
         ("sql", "run a read-only SQL query on the catalog", add_sql),
+        ("verify", "check every row's file; --repair removes damaged rows", add_verify),
+        ("migrate", "bring the catalog to the current schema", add_migrate),
     ):
         add(sub.add_parser(name, parents=[common], help=summary))
     return parser
@@ -324,6 +347,21 @@ def add_sql(p: argparse.ArgumentParser) -> None:
     p.add_argument("-p", "--param", action="append", default=[], help="a value for a ? placeholder")
     p.add_argument("--json", action="store_true", help="print JSON records")
     p.set_defaults(func=cmd_sql)
+
+
+def add_verify(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Check that every vector's and mean's file is present with its checksum, and that no "
+        "file lies unreferenced. --repair removes the rows of damaged files (register those "
+        "vectors again) and deletes unreferenced files."
+    )
+    p.add_argument("--repair", action="store_true", help="remove damaged rows and stray files")
+    p.set_defaults(func=cmd_verify)
+
+
+def add_migrate(p: argparse.ArgumentParser) -> None:
+    p.description = "Open the store writable once: its catalog is upgraded to this schema."
+    p.set_defaults(func=cmd_migrate)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -332,4 +332,6 @@ def load_dataset_file(path: str | Path) -> PersonaDataset:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise DatasetError(f"{source}: invalid JSON at line {err.lineno}: {err.msg}") from err
+        except RecursionError:
+            raise DatasetError(f"{source}: the JSON nests too deeply to be a dataset") from None
     return from_json(data, name=path.stem, source=source)

@@ -152,6 +152,11 @@ class TensorFiles:
             )
         return tensors, meta
 
+    def intact(self, rel: str, sha: str) -> bool:
+        """Whether the file ``rel`` exists and still has the checksum ``sha``."""
+        path = self.root / rel
+        return path.is_file() and sha256_file(path) == sha
+
     def verify(self, rows: list[tuple[str, str]]) -> list[str]:
         """Problems found: (file, sha256) rows whose file is missing or altered, and files no
         row references that no journal lists (a write's journal lists the files it is

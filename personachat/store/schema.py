@@ -256,8 +256,8 @@ def check_version(catalog: Path, version: int) -> None:
     if version < SCHEMA_VERSION:
         raise StoreError(
             f"{catalog} has schema version {version}, this code needs "
-            f"{SCHEMA_VERSION}; open it once writable (e.g. `python scripts/store.py list`) "
-            "to upgrade it"
+            f"{SCHEMA_VERSION}; upgrade it with `python scripts/store.py migrate` (it opens "
+            "the store writable once)"
         )
 
 

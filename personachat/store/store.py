@@ -254,6 +254,17 @@ class Store:
                 break
         return problems
 
+    def repair(self) -> list[str]:
+        """Remove the rows whose file is missing or altered (their vectors can then be
+        registered again) and the files no row or journal references; returns what went, in
+        words. Writable stores only."""
+        done = [f"removed the row of damaged file {f}" for f in self._vectors.remove_damaged()]
+        for problem in self.verify():
+            if problem.startswith("unreferenced file "):
+                Path(problem.removeprefix("unreferenced file ")).unlink(missing_ok=True)
+                done.append(f"deleted {problem}")
+        return done
+
     def leftovers(self) -> list[str]:
         """Files an interrupted (killed) write left, relative to the root: its staged files and
         journal under ``.staging``, and the files its journal lists that no row references. No

@@ -180,6 +180,16 @@ class VectorRegistry:
             )
         return self._delete(vec_ids, mean_ids, persona=name if model_id is None else None)
 
+    def remove_damaged(self) -> list[str]:
+        """Remove the vectors and means whose file is missing or no longer matches its
+        checksum (in one transaction); returns each removed row's file."""
+        root = self.catalog.root
+        bad_v = [e for e in self.vectors() if not self.files.intact(e.file, e.sha256)]
+        bad_m = [e for e in self.means() if not self.files.intact(e.file, e.sha256)]
+        if bad_v or bad_m:
+            self._delete([e.vector_id for e in bad_v], [e.mean_id for e in bad_m])
+        return [str(root / e.file) for e in bad_v] + [str(root / e.file) for e in bad_m]
+
     def _delete(self, vec_ids: list[int], mean_ids: list[int], persona: str | None = None) -> int:
         with self.files.batch([]) as batch:
             with self.catalog.writing() as conn:
