@@ -11,7 +11,13 @@ import torch
 
 from personachat.chat import batch_replies
 from personachat.hooks import Handler, Site, intervene
-from personachat.interventions import AblationSpec, DirectionSpec, SteeringSpec, build_plan
+from personachat.interventions import (
+    AblationSpec,
+    CapSpec,
+    DirectionSpec,
+    SteeringSpec,
+    build_plan,
+)
 from personachat.model import LoadedModel, load_model
 from personachat.pipeline import extract_vectors
 from personachat.prompts import PersonaDataset, demo, format_chat, persona_messages
@@ -357,3 +363,34 @@ def test_directional_ablation_floor(demo_model: LoadedModel, planted: PersonaDat
         before = rates(demo_model, persona, own, None)[0]
         after, facts = rates(demo_model, persona, own, plan)
         assert after <= 0.5 * before and facts >= 0.9, (persona, before, after, facts)
+
+
+# The shared setting the capping sweep of scripts/evaluate_demo.py picked (see the model card):
+# the shipped assistant axis, read at the last prompt token, held at layer 0 at or above the
+# default's 25th percentile there, at the last prompt token only.
+HOLD = CapSpec("assistant_axis", layers="0", percentile=25.0, positions="prompt", last_n=1)
+
+
+def test_holding_the_assistant_axis_floor(demo_model: LoadedModel) -> None:
+    """Capping the shipped assistant axis under each persona's own system prompt cuts its
+    markers by >= 50% with >= 90% of the facts kept for at least 8 of 11 personas, at one
+    setting shared by all, while the default's unprompted replies stay exactly the same."""
+    axis = Store(STORE_DIR, read_only=True).load_vector(DEMO_ID, "assistant_axis")
+    vectors = {axis.persona: axis}
+
+    def plan(width: int) -> list[Handler]:
+        return build_plan(demo_model, vectors, cap=HOLD, prompt_len=width).handlers
+
+    qs = demo.eval_questions(1)[:N_QUESTIONS]
+    plain = generate_replies(demo_model, [("", q.text) for q in qs], None, 64)
+    assert generate_replies(demo_model, [("", q.text) for q in qs], plan, 64) == plain
+    held = []
+    for persona in demo.PERSONA_NAMES:
+        if persona == demo.DEFAULT_PERSONA:
+            continue
+        own = demo.style(persona).system_prompt
+        before = rates(demo_model, persona, own, None)[0]
+        after, facts = rates(demo_model, persona, own, plan)
+        if after <= 0.5 * before and facts >= 0.9:
+            held.append(persona)
+    assert len(held) >= 8, held
