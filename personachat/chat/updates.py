@@ -29,6 +29,24 @@ class ReplyReadout:
         """``[reply tokens, layers, personas]``."""
         return self.projections[self.prompt_len :]
 
+    def pooled(self, positions: str, question_start: int | None = None) -> torch.Tensor:
+        """``[layers, personas]``: the projections pooled the way a vector of ``positions`` kind
+        was read (``response_avg``: the reply's fed tokens; ``prompt_last``: the last prompt
+        token; ``prompt_avg``: the prompt; ``question_span``: from ``question_start`` through
+        the prompt's end), so they compare with that vector's reference distribution."""
+        p = self.prompt_len
+        if positions == "prompt_last":
+            return self.projections[p - 1]
+        spans = {"response_avg": (p, len(self.tokens)), "prompt_avg": (0, p)}
+        if positions == "question_span":
+            if question_start is None:
+                raise ValueError("pooling over the question span needs where it starts")
+            spans["question_span"] = (question_start, p)
+        if positions not in spans:
+            raise ValueError(f"unknown positions {positions!r}")
+        lo, hi = spans[positions]
+        return self.projections[lo:hi].nanmean(dim=0)
+
 
 @dataclass(frozen=True, eq=False)
 class ChatUpdate:

@@ -8,8 +8,8 @@ fall (each persona's cut, facts kept) while the default's unprompted replies sta
 best setting is the one shared by all personas whose worst persona does best.
 
 Drift: a conversation of several held-out questions, steered toward a persona and unsteered,
-read out on the assistant axis turn by turn, as the percentile of each reply's mean projection
-among the default's own projections.
+read out on the assistant axis turn by turn: the projection at each turn's last prompt token
+(where the axis was read), as a percentile among the default's own projections there.
 """
 
 from __future__ import annotations
@@ -98,9 +98,10 @@ def best_cap(rows: Sequence[dict[str, Any]], personas: Sequence[str]) -> dict[st
 def drift(
     ask: Asker, axis: PersonaVector, persona: str = "pirate", turns: int = 6
 ) -> dict[str, Any]:
-    """Per turn of a conversation, the percentile of each reply's mean projection on the axis
-    (at its best layer) among the default's own projections: unsteered, and steered toward
-    ``persona`` (question-span vector at the prompt, layers 2-3, strength 3)."""
+    """Per turn of a conversation (short enough for the demo model's context), the percentile
+    of the axis projection (at its best layer) at the turn's last prompt token among the
+    default's own projections there: unsteered, and steered toward ``persona`` (question-span
+    vector at the prompt, layers 2-3, strength 3)."""
     assert axis.quantiles is not None and axis.metrics is not None
     layer = axis.metrics.best_layer
     questions = [q.text for q in demo.eval_questions(1)[:turns]]
@@ -126,9 +127,13 @@ def drift(
 
 
 def conversation(
-    engine: ChatEngine, questions: Sequence[str], spec: SteeringSpec | None, layer: int
+    engine: ChatEngine,
+    questions: Sequence[str],
+    spec: SteeringSpec | None,
+    layer: int,
+    axis_positions: str = "prompt_last",
 ) -> list[float]:
-    """The mean projection on the axis of each reply of a conversation, turn by turn."""
+    """The axis projection at each turn's last prompt token, turn by turn."""
     messages: list[dict[str, str]] = []
     means = []
     for question in questions:
@@ -137,7 +142,7 @@ def conversation(
             messages, GenerationSettings(max_new_tokens=32), steering=spec, readout=[AXIS_PERSONA]
         )
         assert update.readout is not None
-        reply = update.readout.reply[:-1, update.readout.layers.index(layer), 0]  # fed tokens
-        means.append(float(reply.mean()) if len(reply) else float("nan"))
+        pooled = update.readout.pooled(axis_positions)
+        means.append(float(pooled[update.readout.layers.index(layer), 0]))
         messages.append({"role": "assistant", "content": update.text})
     return means

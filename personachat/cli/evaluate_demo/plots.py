@@ -25,6 +25,8 @@ from personachat.prompts import demo
 def plot(results: dict[str, Any], path: Path) -> None:
     """Draw the panels of the sections in ``results`` side by side into ``path``."""
     panels: list[str] = [s for s in ("conditioning", "steering", "ablation") if s in results]
+    if not panels:
+        return
     if "steering" in results:
         panels.insert(panels.index("steering") + 1, "steering_personas")
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.3), squeeze=False)

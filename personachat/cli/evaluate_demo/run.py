@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results.update(measure(lm, qs, cfg, old))
     results["seconds"] = time.monotonic() - start
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    plot(results, out / "eval.png")
+    plot(results, out / "eval.png")  # nothing is drawn without its sections
     if "capping" in results:
         plot_capping(results["capping"], out / "capping.png")
     print_report(results)
