@@ -18,12 +18,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from personachat.chat import ChatEngine, GenerationSettings
 from personachat.cli.evaluate_demo.replies import Asker, PlanFn, cut
 from personachat.interventions import CapSpec, SteeringSpec, build_plan
-from personachat.pipeline import AXIS_PERSONA, extract_axis
+from personachat.pipeline import AXIS_PERSONA, extract_axis, extract_vectors
 from personachat.prompts import PersonaDataset, demo
 from personachat.records import PersonaVector
 from personachat.vectors import percentile_rank
@@ -96,34 +97,42 @@ def best_cap(rows: Sequence[dict[str, Any]], personas: Sequence[str]) -> dict[st
 
 
 def drift(
-    ask: Asker, axis: PersonaVector, persona: str = "pirate", turns: int = 6
+    ask: Asker, axis: PersonaVector, persona: str = "pirate", turns: int = 4
 ) -> dict[str, Any]:
-    """Per turn of a conversation (short enough for the demo model's context), the percentile
-    of the axis projection (at its best layer) at the turn's last prompt token among the
-    default's own projections there: unsteered, and steered toward ``persona`` (question-span
-    vector at the prompt, layers 2-3, strength 3)."""
+    """Per turn of a conversation (short enough for the demo model's context), the axis
+    projection (at its best layer) at the turn's last prompt token, where the axis was read: raw,
+    scaled (0 = the role personas' mean, 1 = the default's) and as a percentile among the
+    default's own projections there; unsteered, and steered toward ``persona`` (its question-span
+    vector at the prompt, layers 2-3, strength 3). ``band``: the default's 5th-95th percentile,
+    scaled."""
     assert axis.quantiles is not None and axis.metrics is not None
+    assert axis.baseline_mean is not None
     layer = axis.metrics.best_layer
-    questions = [q.text for q in demo.eval_questions(1)[:turns]]
-    data = demo.planted_dataset(40, 0)
-    from personachat.pipeline import extract_vectors
-
-    vector = next(
-        v
-        for v in extract_vectors(
-            ask.lm, data, [persona, "default"], "question_span", progress=False
-        ).vectors
-        if v.persona == persona
-    )
-    engine = ChatEngine(ask.lm, [axis, vector])
+    unit = torch.nn.functional.normalize(axis.vector[layer].double(), dim=-1)
+    zero = float(axis.baseline_mean[layer].double() @ unit)
+    length = float(axis.vector[layer].double().norm())
+    reference = axis.quantiles.persona[layer].numpy()
+    engine = ChatEngine(ask.lm, [axis, persona_vector(ask, persona)])
     steering = SteeringSpec({persona: 1.0}, layers="2-3:3", positions="prompt")
-    out = {}
+    questions = [q.text for q in demo.eval_questions(1)[:turns]]
+    out: dict[str, Any] = {"persona": persona, "layer": layer, "raw": {}, "scaled": {}}
+    out["percentile"] = {}
     for name, spec in (("unsteered", None), (f"steered toward {persona}", steering)):
-        means = conversation(engine, questions, spec, layer)
-        out[name] = percentile_rank(
-            np.asarray(means), axis.quantiles.persona[layer].numpy()
-        ).tolist()
-    return {"persona": persona, "layer": layer, "percentiles": out}
+        raw = np.asarray(conversation(engine, questions, spec, layer))
+        out["raw"][name] = raw.tolist()
+        out["scaled"][name] = ((raw - zero) / length).tolist()
+        out["percentile"][name] = percentile_rank(raw, reference).tolist()
+    out["band"] = [(float(reference[k]) - zero) / length for k in (5, 95)]
+    return out
+
+
+def persona_vector(ask: Asker, persona: str) -> PersonaVector:
+    """``persona``'s question-span vector against the default, from the planted replies."""
+    data = demo.planted_dataset(40, 0)
+    result = extract_vectors(
+        ask.lm, data, [persona, demo.DEFAULT_PERSONA], "question_span", progress=False
+    )
+    return next(v for v in result.vectors if v.persona == persona)
 
 
 def conversation(

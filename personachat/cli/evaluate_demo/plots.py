@@ -162,12 +162,13 @@ def plot_capping(capping: dict[str, Any], path: Path) -> None:
     )
     left.legend(fontsize=7)
     drift = capping["drift"]
-    for name, values in drift["percentiles"].items():
+    for name, values in drift["scaled"].items():
         right.plot(range(1, len(values) + 1), values, marker="o", label=name)
-    right.axhspan(25, 75, color="tab:green", alpha=0.15, label="the default's middle half")
+    low, high = drift["band"]
+    right.axhspan(low, high, color="tab:green", alpha=0.15, label="the default's 5th-95th pct")
+    right.axhline(0, color="grey", lw=0.8, ls=":")
     right.set_xlabel("turn")
-    right.set_ylabel("percentile among the default's projections")
-    right.set_ylim(-2, 102)
+    right.set_ylabel("axis projection (0 = roles' mean, 1 = default's)")
     right.set_title(f"Drift on the assistant axis, layer {drift['layer']}")
     right.legend(fontsize=7)
     fig.tight_layout()

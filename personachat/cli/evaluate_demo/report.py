@@ -97,6 +97,13 @@ def print_capping(capping: dict[str, Any]) -> None:
         r = best[persona]
         print(f"{persona:<12} {r['cut']:>12.0%} {r['facts']:>6.0%}")
     d = capping["drift"]
-    print(f"\nDrift on the assistant axis (layer {d['layer']}), percentile per turn")
-    for name, values in d["percentiles"].items():
-        print(f"{name:<26} " + " ".join(f"{v:>5.0f}" for v in values))
+    print(
+        f"\nDrift on the assistant axis (layer {d['layer']}, last prompt token of each turn): "
+        "scaled (0 = role personas' mean, 1 = the default's), percentile among the default's"
+    )
+    for name, values in d["scaled"].items():
+        pct = d["percentile"][name]
+        print(
+            f"{name:<26} "
+            + " ".join(f"{v:>5.2f} ({q:>3.0f})" for v, q in zip(values, pct, strict=True))
+        )
