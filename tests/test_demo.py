@@ -367,8 +367,8 @@ def test_directional_ablation_floor(demo_model: LoadedModel, planted: PersonaDat
 
 # The shared setting the capping sweep of scripts/evaluate_demo.py picked (see the model card):
 # the shipped assistant axis, read at the last prompt token, held at layer 0 at or above the
-# default's 25th percentile there, at the last prompt token only.
-HOLD = CapSpec("assistant_axis", layers="0", percentile=25.0, positions="prompt", last_n=1)
+# default's 5th percentile there, at the last prompt token only.
+HOLD = CapSpec("assistant_axis", layers="0", percentile=5.0, positions="prompt", last_n=1)
 
 
 def test_holding_the_assistant_axis_floor(demo_model: LoadedModel) -> None:

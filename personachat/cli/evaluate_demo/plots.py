@@ -168,6 +168,7 @@ def plot_capping(capping: dict[str, Any], path: Path) -> None:
     right.axhspan(low, high, color="tab:green", alpha=0.15, label="the default's 5th-95th pct")
     right.axhline(0, color="grey", lw=0.8, ls=":")
     right.set_xlabel("turn")
+    right.set_xticks(range(1, len(next(iter(drift["scaled"].values()))) + 1))
     right.set_ylabel("axis projection (0 = roles' mean, 1 = default's)")
     right.set_title(f"Drift on the assistant axis, layer {drift['layer']}")
     right.legend(fontsize=7)

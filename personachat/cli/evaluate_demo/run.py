@@ -50,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "capping" in results:
         plot_capping(results["capping"], out / "capping.png")
     print_report(results)
-    print(f"\nwrote {out / 'results.json'} and {out / 'eval.png'} in {results['seconds']:.0f}s")
+    written = ", ".join(str(p) for p in sorted(out.glob("*")) if p.suffix in (".json", ".png"))
+    print(f"\nwrote {written} in {results['seconds']:.0f}s")
     return 0
 
 
