@@ -17,7 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache, LogitsProcessorList
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+)
 
 from personachat.chat.job import END, Failed, Job
 from personachat.hooks import attached, intervene
@@ -52,6 +57,23 @@ def generate_processors(lm: LoadedModel, job: Job) -> LogitsProcessorList:
     return processors
 
 
+def eos_floor(processors: LogitsProcessorList, prompt_len: int) -> tuple[int, list[int]] | None:
+    """When all ``processors`` do is keep end-of-sequence out until a length: the number of
+    tokens generated before it may come, and its ids (the scheduler then does it for all rows
+    in one op); else None."""
+    floors = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)
+    if not processors or not all(type(p) in floors for p in processors):
+        return None
+    floor, ids = 0, set[int]()
+    for p in processors:
+        if isinstance(p, MinNewTokensLengthLogitsProcessor):
+            floor = max(floor, p.prompt_length_to_skip + p.min_new_tokens - prompt_len)
+        else:
+            floor = max(floor, p.min_length - prompt_len)
+        ids.update(int(i) for i in torch.as_tensor(p.eos_token_id).flatten().tolist())
+    return floor, sorted(ids)
+
+
 @dataclass(eq=False)
 class Running:
     """A request from submission to its last token (see the module docstring)."""
@@ -62,6 +84,8 @@ class Running:
     sink: queue.Queue[Any] = field(default_factory=queue.Queue)
     released: threading.Event = field(default_factory=threading.Event)
     processors: LogitsProcessorList | None = None
+    floor: int = 0  # tokens to generate before end-of-sequence may come (when no processors)
+    floor_ids: list[int] = field(default_factory=list)
     effects: list[RowEffects] = field(default_factory=list)
     seen: torch.Tensor | None = None  # [rows, tokens] prompt + reply, for the processors
     last: list[int] = field(default_factory=list)  # per row: the token to feed next
@@ -101,7 +125,11 @@ class Running:
             out = lm.model(
                 input_ids=ids, position_ids=positions, cache=cache, use_cache=True, **extra
             )
-        self.processors = generate_processors(lm, job) or None
+        processors = generate_processors(lm, job)
+        floor = eos_floor(processors, job.prompt_len)
+        if floor is not None:
+            (self.floor, self.floor_ids), processors = floor, LogitsProcessorList()
+        self.processors = processors or None
         self.seen = ids if self.processors is not None else None
         self.ended = [False] * job.rows
         self.effects = [row_effects(job.plan, row) for row in range(job.rows)]
@@ -116,9 +144,16 @@ class Running:
 
     def process(self, scores: torch.Tensor) -> torch.Tensor:
         """This request's rows of a step's float32 logits, through its logits processors."""
+        if self.floored:
+            scores[:, self.floor_ids] = float("-inf")
         if self.processors is None or self.seen is None:
             return scores
         return self.processors(self.seen, scores)  # type: ignore[arg-type]
+
+    @property
+    def floored(self) -> bool:
+        """Whether end-of-sequence is still kept out of the next token."""
+        return self.generated < self.floor
 
     def advance(self, picks: list[int]) -> None:
         """Take each row's pick (the pad token once a row has ended, as ``generate`` does),

@@ -87,6 +87,13 @@ class Scheduler:
         """The updates of ``job`` (prepared by ``ChatEngine``), as ``ChatEngine.stream`` gives
         them; the request joins the batch when this iterator is first advanced."""
         running = Running(job, stop)
+
+        def release() -> None:
+            # A stream finalized by the garbage collector inside the worker must not wait on
+            # the worker: the halt it set is enough, the worker lets the request go next step.
+            if threading.current_thread() is not self._worker:
+                running.released.wait()
+
         return stream_updates(
             self.lm.tokenizer,
             job,
@@ -94,7 +101,7 @@ class Scheduler:
             stop,
             running.halt,
             lambda: self._enqueue(running),
-            lambda: running.released.wait(),
+            release,
         )
 
     # ------------------------------------------------------------------ the worker
@@ -183,14 +190,7 @@ class Scheduler:
         except Exception as err:  # the shared forward failed: its rows fail
             self._fail_batch(err)
             return
-        scores = out.logits[:, -1].to(copy=True, dtype=torch.float32)
-        start = 0
-        for running in self._batch:
-            stop = start + running.rows
-            if running.processors is not None and running.token not in rows.errors:
-                scores[start:stop] = running.process(scores[start:stop])
-            start = stop
-        picks = scores.argmax(dim=-1).tolist()
+        picks = self._pick(out.logits[:, -1].to(copy=True, dtype=torch.float32), rows)
         failed: dict[int, BaseException] = {}
         start = 0
         for i, running in enumerate(self._batch):
@@ -201,6 +201,28 @@ class Scheduler:
                 running.advance(picks[start:stop])
             start = stop
         self._leave(failed)
+
+    def _pick(self, scores: torch.Tensor, rows: RowMap) -> list[int]:
+        """Each row's next token from a step's float32 logits: requests with logits processors
+        run them on their rows; end-of-sequence floors go in one op for all rows."""
+        floor_rows: list[int] = []
+        floor_ids: list[int] = []
+        start = 0
+        for running in self._batch:
+            stop = start + running.rows
+            if running.floored:
+                for row in range(start, stop):
+                    floor_rows.extend([row] * len(running.floor_ids))
+                    floor_ids.extend(running.floor_ids)
+            if running.processors is not None and running.token not in rows.errors:
+                scores[start:stop] = running.process(scores[start:stop])
+            start = stop
+        if floor_rows:
+            at = scores.device
+            cells = (torch.tensor(floor_rows, device=at), torch.tensor(floor_ids, device=at))
+            scores[cells] = float("-inf")
+        picks: list[int] = scores.argmax(dim=-1).tolist()
+        return picks
 
     def _leave(self, failed: dict[int, BaseException]) -> None:
         """Let the requests that are done (or failed) go; the others keep their rows."""
