@@ -251,7 +251,7 @@ class RaiseAt(StopAt):
             raise Boom(f"hook failure on call {self.calls}")
 
 
-def test_a_stopped_and_a_failing_request_end_alone_while_the_others_complete() -> None:
+def test_a_stopped_and_two_failing_requests_end_alone_while_the_others_complete() -> None:
     plain, shared = tiny_engines("llama")
     lm = plain.lm
     before = hook_count(lm.model)
@@ -261,8 +261,10 @@ def test_a_stopped_and_a_failing_request_end_alone_while_the_others_complete() -
     stop = threading.Event()
     calls[3] = (calls[3][0], GenerationSettings(max_new_tokens=200), {"stop": stop})
     calls[3][2]["handlers"] = [StopAt(stop, 7)]
-    boom = RaiseAt(threading.Event(), 4)
+    boom = RaiseAt(threading.Event(), 4)  # mid-way, in a shared step
     calls[5] = (calls[5][0], calls[5][1], {**calls[5][2], "handlers": [boom]})
+    early = RaiseAt(threading.Event(), 1)  # in its own prompt's forward
+    calls[6] = (calls[6][0], calls[6][1], {**calls[6][2], "handlers": [early]})
     got, _ = concurrently(shared, calls)
     stopped = got[3]
     assert isinstance(stopped, ChatUpdate) and stopped.stopped and len(stopped.tokens) == 7
@@ -274,9 +276,9 @@ def test_a_stopped_and_a_failing_request_end_alone_while_the_others_complete() -
         handlers=[StopAt(solo_stop, 7)],
     )
     assert stopped.tokens == solo.tokens
-    assert isinstance(got[5], Boom)
+    assert isinstance(got[5], Boom) and isinstance(got[6], Boom)
     for i, (g, a) in enumerate(zip(got, alone, strict=True)):
-        if i not in (3, 5):
+        if i not in (3, 5, 6):
             assert_same_reply(g, a)
     assert hook_count(lm.model) == before
 

@@ -113,6 +113,20 @@ class Running:
         finished = all(self.ended) or self.generated >= self.job.settings.max_new_tokens
         return finished or self.asked_to_stop
 
+    def prepare(self, lm: LoadedModel) -> None:
+        """Build what the steps need (logits processors, each row's effects); run in the
+        reader's thread before the request is queued, so the worker does not wait on it."""
+        job = self.job
+        processors = generate_processors(lm, job)
+        floor = eos_floor(processors, job.prompt_len)
+        if floor is not None:
+            (self.floor, self.floor_ids), processors = floor, LogitsProcessorList()
+        self.processors = processors or None
+        self.seen = job.input_ids if self.processors is not None else None
+        self.ended = [False] * job.rows
+        self.effects = [row_effects(job.plan, row) for row in range(job.rows)]
+        self.readout = [[] for _ in range(job.rows)]
+
     def prefill(self, lm: LoadedModel, logits_to_keep: bool) -> DynamicCache:
         """Run the prompt alone under the request's own handlers; pick and send the first
         tokens; attach the extra handlers for the shared steps. Returns the prompt's cache."""
@@ -125,19 +139,10 @@ class Running:
             out = lm.model(
                 input_ids=ids, position_ids=positions, cache=cache, use_cache=True, **extra
             )
-        processors = generate_processors(lm, job)
-        floor = eos_floor(processors, job.prompt_len)
-        if floor is not None:
-            (self.floor, self.floor_ids), processors = floor, LogitsProcessorList()
-        self.processors = processors or None
-        self.seen = ids if self.processors is not None else None
-        self.ended = [False] * job.rows
-        self.effects = [row_effects(job.plan, row) for row in range(job.rows)]
-        self.readout = [[] for _ in range(job.rows)]
-        if job.plan.readout is not None:
-            self.add_readout(list(job.plan.readout.result()))
         scores = self.process(out.logits[:, -1].to(copy=True, dtype=torch.float32))
         self.advance(scores.argmax(dim=-1).tolist())
+        if job.plan.readout is not None:
+            self.add_readout(list(job.plan.readout.result()))
         if job.extras and not self.done:
             self.token = self.hooks.enter_context(attached(lm.sites, list(job.extras)))
         return cache

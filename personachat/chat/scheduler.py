@@ -107,6 +107,8 @@ class Scheduler:
     # ------------------------------------------------------------------ the worker
 
     def _enqueue(self, running: Running) -> None:
+        if self.one_at_a_time is None:
+            running.prepare(self.lm)  # in the reader's thread: the worker goes on meanwhile
         with self._lock:
             self._inbox.append(running)
             if self._worker is None:
