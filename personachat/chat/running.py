@@ -185,7 +185,7 @@ class Running:
             self.hooks.close()
             if error is not None:
                 self.sink.put(Failed(error))
-            elif self.job.plan.readout is not None:
+            elif self.job.plan.readout is not None and all(self.readout):
                 self.job.readout_result = self._readout_result()
         except BaseException as err:  # the reader gets it
             self.sink.put(Failed(err))
