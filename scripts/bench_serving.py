@@ -66,6 +66,7 @@ class Case:
     tokens: int
     reps: int
     goal: float
+    first_token_reps: int = 9
 
 
 def sessions(lm: LoadedModel, personas: Sequence[str]) -> list[Kwargs]:
@@ -168,18 +169,25 @@ def first_token_seconds(engine: ChatEngine, call: Kwargs) -> float:
     return seconds
 
 
-def while_seven_decode(case: Case, engine: ChatEngine, call: Kwargs, pause: float) -> float:
-    """First-token seconds of ``call`` arriving ``pause`` s after 7 sessions began decoding."""
+def while_seven_decode(case: Case, engine: ChatEngine, call: Kwargs, phase: float) -> float:
+    """First-token seconds of ``call`` arriving while 7 sessions decode, ``phase`` (0 to 1) of
+    a decode step after one of their steps ended (so the arrivals sample the whole step)."""
     background = sessions(case.lm, [v.persona for v in case.vectors])[:7]
     long = GenerationSettings(max_new_tokens=200, min_new_tokens=200)
     stops = [threading.Event() for _ in background]
     started = threading.Barrier(len(background) + 1)
+    steps: list[float] = []  # when session 0's updates came
+    ticked = threading.Condition()
 
     def work(i: int) -> None:
         stream = engine.stream(
             [{"role": "user", "content": QUESTIONS[i]}], long, stop=stops[i], **background[i]
         )
         for n, _ in enumerate(stream):
+            if i == 0:
+                with ticked:
+                    steps.append(time.perf_counter())
+                    ticked.notify_all()
             if n == 1:
                 started.wait()
         stream.close()
@@ -188,8 +196,12 @@ def while_seven_decode(case: Case, engine: ChatEngine, call: Kwargs, pause: floa
     for t in threads:
         t.start()
     try:
-        started.wait(timeout=120)
-        time.sleep(pause)
+        started.wait(timeout=600)
+        with ticked:
+            seen = len(steps)
+            ticked.wait_for(lambda: len(steps) >= seen + 2, timeout=600)
+            step = steps[-1] - steps[-2]
+        time.sleep(phase * step)
         return first_token_seconds(engine, call)
     finally:
         for stop in stops:
@@ -203,10 +215,10 @@ def first_token_rows(case: Case, plain: ChatEngine, shared: ChatEngine) -> list[
     jitter = random.Random(0)
     first_token_seconds(shared, call)  # warm up
     alone, alone_engine, loaded, ratios, ratios_engine = [], [], [], [], []
-    for _ in range(case.reps):
+    for _ in range(case.first_token_reps):
         solo = first_token_seconds(shared, call)
         solo_engine = first_token_seconds(plain, call)
-        busy = while_seven_decode(case, shared, call, jitter.uniform(0.0, 0.05))
+        busy = while_seven_decode(case, shared, call, jitter.random())
         alone.append(solo)
         alone_engine.append(solo_engine)
         loaded.append(busy)
@@ -223,7 +235,7 @@ def first_token_rows(case: Case, plain: ChatEngine, shared: ChatEngine) -> list[
         (
             f"{case.name}: first token while 7 decode, scheduler (ms)",
             statistics.median(loaded) * ms,
-            f"median of {case.reps}",
+            f"median of {case.first_token_reps}",
         ),
         (
             f"{case.name}: first token while 7 decode / alone (paired)",
@@ -255,9 +267,11 @@ def demo_case() -> Case:
     return Case("demo", load_model("store/models/demo"), vectors, 64, 5, 4.0)
 
 
-def random_case(name: str, lm: LoadedModel, tokens: int, reps: int, goal: float) -> Case:
+def random_case(
+    name: str, lm: LoadedModel, tokens: int, reps: int, goal: float, first_token_reps: int = 9
+) -> Case:
     vectors = random_vectors(lm)
-    return Case(name, lm, [vectors[p] for p in PERSONAS], tokens, reps, goal)
+    return Case(name, lm, [vectors[p] for p in PERSONAS], tokens, reps, goal, first_token_reps)
 
 
 def run() -> list[Row]:
@@ -267,7 +281,7 @@ def run() -> list[Row]:
         rows = serve(demo_case())
         tiny = tiny_model("llama", n_layers=24, hidden=64)
         rows += serve(random_case("tiny 24x64", tiny, 64, 5, 4.0))
-        rows += serve(random_case("qwen2.5-0.5b-shaped", qwen05_shaped(), 16, 3, 2.0))
+        rows += serve(random_case("qwen2.5-0.5b-shaped", qwen05_shaped(), 16, 3, 2.0, 5))
     finally:
         torch.set_num_threads(threads)
     return rows

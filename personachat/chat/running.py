@@ -93,6 +93,7 @@ class Running:
     generated: int = 0
     readout: list[list[torch.Tensor]] = field(default_factory=list)  # per row: its parts
     token: object | None = None  # the extras' attachment token, while in the batch
+    cache: DynamicCache | None = None  # the prompt's KV cache, until it joins the batch's
     hooks: ExitStack = field(default_factory=ExitStack)
 
     @property
@@ -127,9 +128,9 @@ class Running:
         self.effects = [row_effects(job.plan, row) for row in range(job.rows)]
         self.readout = [[] for _ in range(job.rows)]
 
-    def prefill(self, lm: LoadedModel, logits_to_keep: bool) -> DynamicCache:
+    def prefill(self, lm: LoadedModel, logits_to_keep: bool) -> None:
         """Run the prompt alone under the request's own handlers; pick and send the first
-        tokens; attach the extra handlers for the shared steps. Returns the prompt's cache."""
+        tokens; keep the prompt's cache; attach the extra handlers for the shared steps."""
         job = self.job
         ids = job.input_ids
         positions = torch.arange(job.prompt_len, device=ids.device).expand(job.rows, -1)
@@ -143,9 +144,9 @@ class Running:
         self.advance(scores.argmax(dim=-1).tolist())
         if job.plan.readout is not None:
             self.add_readout(list(job.plan.readout.result()))
+        self.cache = cache
         if job.extras and not self.done:
             self.token = self.hooks.enter_context(attached(lm.sites, list(job.extras)))
-        return cache
 
     def process(self, scores: torch.Tensor) -> torch.Tensor:
         """This request's rows of a step's float32 logits, through its logits processors."""

@@ -5,11 +5,13 @@
     for update in engine.stream(messages, settings, steering=...):  # from any number of threads
         ...
 
-One worker thread owns the model's batch. Each loop it admits the requests that arrived (each
-one's prompt runs alone under its own plan, as a lone ``generate`` would run it, and gives its
-first token; its KV cache then joins the batch's, ``personachat.chat.kvcache``), then runs ONE
-decode step for every row of every request. In that step each row gets its own interventions:
-the plans' effects at generated tokens are stacked into one op per layer
+A request's prompt runs alone, under its own plan as a lone ``generate`` would run it, in the
+reader's own thread when it first asks for an update (so its first token does not wait for the
+batch's step in flight, and the next step waits for it: prompts first); its KV cache then
+joins the batch's (``personachat.chat.kvcache``) at the next step. One worker thread owns the
+batch: each loop it admits the prefilled requests, then runs ONE decode step for every row of
+every request. In that step each row gets its own
+interventions: the plans' effects at generated tokens are stacked into one op per layer
 (``personachat.interventions.shared``), and a request's extra handlers act on its rows alone
 (``personachat.hooks.RowMap``). A request leaves the batch as soon as it is done (all its rows
 ended, max tokens reached, or its stop event or reader asked it to stop); an error in its own
@@ -29,9 +31,11 @@ the requests it holds (each ends within its ``max_new_tokens``) instead of dying
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 import threading
+import time
 from collections.abc import Generator
 from contextlib import ExitStack
 
@@ -71,6 +75,9 @@ class Scheduler:
         params = inspect.signature(lm.model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
         self._lock = threading.Lock()
+        self._prefilling = 0  # prompts running in their readers' threads
+        self._prefilled = threading.Condition(self._lock)
+        self._step_seconds = 0.0  # how long the last decode step took
         self._inbox: list[Running] = []
         self._worker: threading.Thread | None = None
         self._batch: list[Running] = []  # in row order
@@ -107,8 +114,22 @@ class Scheduler:
     # ------------------------------------------------------------------ the worker
 
     def _enqueue(self, running: Running) -> None:
+        """Start a request, in its reader's thread: run its prompt alone (in a context of its
+        own, while the worker goes on with the batch), send its first tokens, and queue it to
+        join the batch (or finish it there, if that was all)."""
         if self.one_at_a_time is None:
-            running.prepare(self.lm)  # in the reader's thread: the worker goes on meanwhile
+            running.prepare(self.lm)
+            with self._lock:
+                self._prefilling += 1
+            try:
+                contextvars.Context().run(running.prefill, self.lm, self._logits_to_keep)
+            finally:
+                with self._lock:
+                    self._prefilling -= 1
+                    self._prefilled.notify_all()
+            if running.done:
+                running.finish()
+                return
         with self._lock:
             self._inbox.append(running)
             if self._worker is None:
@@ -137,7 +158,10 @@ class Scheduler:
                     for running in arrivals:
                         self._admit(running)
                     if self._batch:
+                        self._yield_to_prompts()
+                        start = time.perf_counter()
                         self._step()
+                        self._step_seconds = time.perf_counter() - start
         except BaseException as err:  # a bug in the loop itself: fail everyone, leave clean
             log.exception("scheduler: the batch loop failed; failing its requests")
             self._fail_batch(err)
@@ -147,25 +171,25 @@ class Scheduler:
             for running in waiting:
                 running.finish(err)
 
+    def _yield_to_prompts(self) -> None:
+        """Prompts first: while some run, the next step waits (up to two steps' time), so a
+        new request's first token does not share the machine with the batch."""
+        with self._lock:
+            self._prefilled.wait_for(lambda: self._prefilling == 0, 2 * self._step_seconds)
+
     def _admit(self, running: Running) -> None:
-        """Run a request's prompt alone and add its rows to the batch (or finish it)."""
-        if running.halt.is_set():  # its reader left before it started
-            running.finish()
-            return
+        """Add a prefilled request's rows to the batch (or finish it, if asked to stop)."""
         if self.one_at_a_time is not None:
-            events = [running.halt] + ([running.stop] if running.stop is not None else [])
-            run_generate(self.lm, running.job, running.sink, events)
+            if not running.halt.is_set():  # else its reader left before it started
+                events = [running.halt] + ([running.stop] if running.stop is not None else [])
+                run_generate(self.lm, running.job, running.sink, events)
             running.released.set()
             return
-        try:
-            cache = running.prefill(self.lm, self._logits_to_keep)
-        except Exception as err:  # this request's own failure
-            running.finish(err)
-            return
-        if running.done:
+        if running.done or running.cache is None:
             running.finish()
             return
-        self._cache.add(cache, torch.ones_like(running.job.input_ids))
+        self._cache.add(running.cache, torch.ones_like(running.job.input_ids))
+        running.cache = None
         self._batch.append(running)
         self._dirty = True
 
