@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from personachat.chat import ChatEngine, ChatUpdate, GenerationSettings, Scheduler
-from personachat.hooks import Site, hook_count
-from personachat.interventions import AblationSpec, DirectionSpec, SteeringSpec
+from personachat.hooks import Site, hook_count, intervene
+from personachat.interventions import AblationSpec, DirectionSpec, SteeringSpec, build_plan
 from personachat.model import LoadedModel, load_model
 from personachat.model.tiny import tiny_model
 from personachat.records import NeuronSet, PersonaVector
@@ -301,6 +301,18 @@ def test_a_reader_that_leaves_early_frees_its_rows_and_hooks() -> None:
     never = shared.stream(messages(0), long)  # never iterated: starts nothing
     del never
     assert hook_count(lm.model) == before
+
+
+def test_a_scheduled_request_runs_its_own_interventions_only() -> None:
+    plain, shared = tiny_engines("llama")
+    spec = SteeringSpec({"pirate": 1.0}, layers="0-2:2")
+    settings = GenerationSettings(max_new_tokens=8)
+    outer = build_plan(plain.lm, plain.vectors, steering=SteeringSpec({"cynic": 3.0}, layers="all"))
+    with intervene(plain.lm.sites, outer.handlers):
+        inside = shared.reply(messages(0), settings, steering=spec)
+        wrapped = plain.reply(messages(0), settings, steering=spec)
+    assert inside.tokens == plain.reply(messages(0), settings, steering=spec).tokens
+    assert wrapped.tokens != inside.tokens  # the plain engine's thread carries the context
 
 
 def test_sweep_and_side_by_side_through_the_scheduler_equal_the_plain_engine() -> None:

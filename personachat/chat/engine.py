@@ -19,7 +19,9 @@ when a hook raises (the error is re-raised to the consumer).
 Many sessions: by default each request runs its own ``generate`` in its own thread. Given a
 ``Scheduler`` (``ChatEngine(lm, vectors, scheduler=Scheduler(lm))``; engines over one model may
 share one), requests run instead as rows of shared batched forwards, each row with its own
-interventions; the updates are the same (``personachat.chat.scheduler``).
+interventions; the updates are the same (``personachat.chat.scheduler``). A scheduled request
+runs its own interventions only: an ``intervene`` block around the call does not reach it (on a
+shared forward it would act on other sessions' rows).
 """
 
 from __future__ import annotations
