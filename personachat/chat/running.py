@@ -4,8 +4,9 @@ A ``Running`` request holds what its rows need in a shared batch: the tokens to 
 their position, which rows have ended, the logits processors ``generate`` would use for it (none:
 plain argmax), the effects of its plan on each row at generated tokens (stacked with the other
 rows' by ``personachat.interventions.shared``), the token its extra handlers are attached under,
-and its readout so far. ``prefill`` runs the prompt alone (no padding), under the request's own
-plan exactly as a lone ``generate`` does, and picks the first token of each row.
+and its readout so far. ``prepare`` builds those before the request is queued; ``prefill`` runs
+the prompt alone (no padding, in the reader's thread), under the request's own plan exactly as
+a lone ``generate`` does, and picks the first token of each row.
 """
 
 from __future__ import annotations
