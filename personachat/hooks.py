@@ -22,6 +22,16 @@ token (nested blocks add theirs, so both act). Two chat sessions generating in t
 one shared model therefore never see each other's settings. Work handed to a worker thread must
 carry its context (``contextvars.copy_context().run``), as the chat engine does.
 
+Shared forwards: the chat scheduler runs the requests of many sessions as rows of ONE batched
+forward. It attaches each request's handlers with ``attached`` (a token that no context holds)
+and publishes, around each shared forward, a ``RowMap``: which rows of the batch each token owns.
+A token's handlers then see only their own rows (``x[rows]``, as if the batch held those rows
+alone) and their result goes back into those rows; other rows pass through untouched. A handler
+that raises inside a shared forward fails its own owner only: the error is kept in the row map,
+its rows are left as they were, and the forward goes on for the others. A token mapped to
+``ALL_ROWS`` sees the whole batch (handlers built for every row at once, such as
+``personachat.interventions.shared``'s stacked ones), and its errors propagate.
+
 ``registered`` is the plain PyTorch-hook helper, for raw one-off captures (tests use it).
 """
 
@@ -29,7 +39,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, Protocol
 
@@ -76,6 +86,38 @@ Detach = Callable[[], None]
 _ACTIVE: contextvars.ContextVar[frozenset[object]] = contextvars.ContextVar(
     "personachat_active_interventions", default=frozenset()
 )
+
+ALL_ROWS = slice(None)  # a row map owner that sees the whole batch
+
+
+class RowMap:
+    """Which rows of a shared forward each attachment token owns (a slice of the batch).
+
+    ``errors`` collects, per token, the exception its handlers raised in this forward (the rows
+    of that token were left as they were); tokens mapped to ``ALL_ROWS`` never land here, their
+    errors propagate.
+    """
+
+    __slots__ = ("errors", "owners")
+
+    def __init__(self, owners: Mapping[object, slice]) -> None:
+        self.owners = dict(owners)
+        self.errors: dict[object, Exception] = {}
+
+
+_ROWS: contextvars.ContextVar[RowMap | None] = contextvars.ContextVar(
+    "personachat_row_map", default=None
+)
+
+
+@contextmanager
+def shared_rows(rows: RowMap) -> Iterator[RowMap]:
+    """Run the block's forwards with ``rows`` published: attached tokens act on their rows."""
+    reset = _ROWS.set(rows)
+    try:
+        yield rows
+    finally:
+        _ROWS.reset(reset)
 
 
 def hook_count(model: nn.Module) -> int:
@@ -139,8 +181,10 @@ Attachment = tuple[object, Site, int, tuple[Handler, ...]]  # token, site, layer
 
 
 def _run(entries: tuple[Attachment, ...], x: torch.Tensor) -> torch.Tensor | None:
-    """Run the handlers of the entries active in this context; the new tensor, or None."""
+    """Run the handlers of the entries active in this context, or owning rows of this shared
+    forward; the new tensor, or None."""
     active = _ACTIVE.get()
+    rows = _ROWS.get()
     changed = None
     for token, site, layer, chain in entries:
         if token in active:
@@ -148,7 +192,40 @@ def _run(entries: tuple[Attachment, ...], x: torch.Tensor) -> torch.Tensor | Non
                 new = handler(site, layer, x)
                 if new is not None:
                     x = changed = new
+        elif rows is not None and token in rows.owners:
+            new = _run_rows(rows, token, site, layer, chain, x)
+            if new is not None:
+                x = changed = new
     return changed
+
+
+def _run_rows(
+    rows: RowMap, token: object, site: Site, layer: int, chain: tuple[Handler, ...], x: torch.Tensor
+) -> torch.Tensor | None:
+    """``chain`` on the rows ``token`` owns; the whole batch with those rows replaced, or None."""
+    span = rows.owners[token]
+    if span == ALL_ROWS:
+        changed = None
+        for handler in chain:
+            new = handler(site, layer, x)
+            if new is not None:
+                x = changed = new
+        return changed
+    if token in rows.errors:
+        return None  # this owner already failed in this forward
+    part = x[span]
+    touched = False
+    try:
+        for handler in chain:
+            new = handler(site, layer, part)
+            if new is not None:
+                part, touched = new, True
+    except Exception as err:  # kept for the owner; the other rows go on
+        rows.errors[token] = err
+        return None
+    if not touched:
+        return None
+    return torch.cat([x[: span.start], part, x[span.stop :]])
 
 
 class _Dispatch:
@@ -188,8 +265,9 @@ _LOCK = threading.Lock()
 _DISPATCH = "_personachat_dispatch"  # the module attribute holding its _Dispatch
 
 
-def _attach(module: nn.Module, entry: Attachment) -> Detach:
-    """Run ``entry``'s handlers at ``module``'s input or output; returns the undo function."""
+def _attach(module: nn.Module, entry: Attachment, first: bool = False) -> Detach:
+    """Run ``entry``'s handlers at ``module``'s input or output (before the others already there
+    when ``first``); returns the undo function."""
     site = entry[1]
     with _LOCK:
         found: _Dispatch | None = module.__dict__.get(_DISPATCH)
@@ -198,9 +276,9 @@ def _attach(module: nn.Module, entry: Attachment) -> Detach:
             module.__dict__[_DISPATCH] = dispatch
             module.__dict__["forward"] = dispatch
         if site in _INPUT_SITES:
-            dispatch.before = (*dispatch.before, entry)
+            dispatch.before = (entry, *dispatch.before) if first else (*dispatch.before, entry)
         else:
-            dispatch.after = (*dispatch.after, entry)
+            dispatch.after = (entry, *dispatch.after) if first else (*dispatch.after, entry)
 
     def detach() -> None:  # idempotent, like a RemovableHandle
         with _LOCK:
@@ -225,16 +303,10 @@ def intervene(sites: ModelSites, handlers: Sequence[Handler]) -> Iterator[None]:
     a readout listed after a steer reads the steered stream.
     """
     token = object()
-    wanted: dict[tuple[Site, int], list[Handler]] = {}
-    for handler in handlers:
-        for key in handler.wants():
-            wanted.setdefault(key, []).append(handler)
     detaches: list[Detach] = []
     reset = _ACTIVE.set(_ACTIVE.get() | {token})
     try:
-        for (site, layer), chain in sorted(wanted.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            module = _site_module(sites, site, layer)
-            detaches.append(_attach(module, (token, site, layer, tuple(chain))))
+        _attach_all(sites, handlers, token, detaches)
         yield
     finally:
         for detach in reversed(detaches):
@@ -243,3 +315,38 @@ def intervene(sites: ModelSites, handlers: Sequence[Handler]) -> Iterator[None]:
             _ACTIVE.reset(reset)
         except ValueError:  # exited from another context (a generator closed elsewhere)
             _ACTIVE.set(_ACTIVE.get() - {token})
+
+
+@contextmanager
+def attached(
+    sites: ModelSites, handlers: Sequence[Handler], *, first: bool = False
+) -> Iterator[object]:
+    """Attach ``handlers`` under a fresh token that no context holds: they act only on the rows
+    a ``RowMap`` gives that token, in forwards run inside ``shared_rows``. ``first`` puts them
+    before the attachments already at each site. Yields the token; detaches all on exit."""
+    token = object()
+    detaches: list[Detach] = []
+    try:
+        _attach_all(sites, handlers, token, detaches, first)
+        yield token
+    finally:
+        for detach in reversed(detaches):
+            detach()
+
+
+def _attach_all(
+    sites: ModelSites,
+    handlers: Sequence[Handler],
+    token: object,
+    detaches: list[Detach],
+    first: bool = False,
+) -> None:
+    """Attach ``handlers`` under ``token``, appending each undo to ``detaches`` as it goes (so
+    a failure half way still leaves the caller able to remove what was attached)."""
+    wanted: dict[tuple[Site, int], list[Handler]] = {}
+    for handler in handlers:
+        for key in handler.wants():
+            wanted.setdefault(key, []).append(handler)
+    for (site, layer), chain in sorted(wanted.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        module = _site_module(sites, site, layer)
+        detaches.append(_attach(module, (token, site, layer, tuple(chain)), first))

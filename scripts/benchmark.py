@@ -1,7 +1,7 @@
 """Speed claims, measured side by side in one run, printed as ratios against their goals.
 
     python scripts/benchmark.py                   # every section
-    python scripts/benchmark.py --only runtime    # one section: store, extract, runtime
+    python scripts/benchmark.py --only runtime    # one section: store, extract, runtime, serving
 
 Each section lives in its own module beside this script (``bench_<section>.py``) and returns
 rows of (measurement, value, note). Ratios are paired: both sides run interleaved in this
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("store", "extract", "runtime")
+SECTIONS = ("store", "extract", "runtime", "serving")
 
 
 def load_section(section: str) -> Any:

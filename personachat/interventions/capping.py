@@ -68,6 +68,7 @@ class Cap:
         self.levels = dict(levels)
         self.side: Side = side
         self.rows = rows  # 1 where a row is capped, 0 where it is left alone
+        self.positions: PositionMode = positions
         self._window = None if positions == "all" else Window(positions, last_n, prompt_len)
 
     def wants(self) -> Iterable[tuple[Site, int]]:

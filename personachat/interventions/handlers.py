@@ -81,6 +81,7 @@ class DirectionalAblation:
         self.units = dict(units)
         self.levels = dict(levels or {})
         self.rows = rows  # 1 where a row is ablated, 0 where it is left alone
+        self.positions: PositionMode = positions
         self._window = None if positions == "all" else Window(positions, last_n, prompt_len)
 
     def wants(self) -> Iterable[tuple[Site, int]]:
@@ -121,6 +122,8 @@ class Ablate:
         prompt_len: int | None = None,
     ) -> None:
         self.indices = dict(indices)
+        self.rows = rows  # True where a row is ablated
+        self.positions: PositionMode = positions
         self._window = None if positions == "all" else Window(positions, last_n, prompt_len)
         self.site: Site = site
         self.keep: dict[int, torch.Tensor] = {}
