@@ -85,23 +85,7 @@ def extract_axis(
     if method not in AXIS_METHODS:
         raise ValueError(f"unknown assistant-axis method {method!r}; use one of {AXIS_METHODS}")
     neutral, roles = split_personas(dataset)
-    layers = check_layers(lm, None)
-    conversations = [
-        (i, p.system_prompt, q, None)
-        for i, p in enumerate(dataset.personas)
-        for q in dataset.questions
-    ]
-    samples = build_samples(lm.tokenizer, conversations, (positions,))
-    spec = CaptureSpec(layers=tuple(layers), positions=(positions,))
-    with capture(
-        lm,
-        samples,
-        spec,
-        len(dataset.personas),
-        batch_size=batch_size,
-        progress=progress,
-        desc=f"{lm.info.model_id} assistant axis",
-    ) as cap:
+    with _capture(lm, dataset, positions, batch_size, progress) as cap:
         means = cap.means()[0].float()  # [P, L, D]
         axis = axis_direction(means, neutral, roles, method)
         personas, proj = _projections(cap, axis)
@@ -135,6 +119,28 @@ def extract_axis(
     )
     vector.baseline_mean = role_mean.mean
     return vector, role_mean
+
+
+def _capture(
+    lm: LoadedModel, dataset: PersonaDataset, positions: str, batch_size: int, progress: bool
+) -> Capture:
+    """Every persona's prompt for every question, captured at ``positions`` at every layer."""
+    conversations = [
+        (i, p.system_prompt, q, None)
+        for i, p in enumerate(dataset.personas)
+        for q in dataset.questions
+    ]
+    samples = build_samples(lm.tokenizer, conversations, (positions,))
+    spec = CaptureSpec(layers=tuple(check_layers(lm, None)), positions=(positions,))
+    return capture(
+        lm,
+        samples,
+        spec,
+        len(dataset.personas),
+        batch_size=batch_size,
+        progress=progress,
+        desc=f"{lm.info.model_id} assistant axis",
+    )
 
 
 def _projections(cap: Capture, axis: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
