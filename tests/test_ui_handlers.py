@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import html
 import inspect
+import json
 import re
 import threading
 from pathlib import Path
@@ -176,8 +177,15 @@ USER = [{"role": "user", "content": "Tell me about the ocean."}]
 
 
 def test_load_offers_the_registered_personas_sets_and_kinds(h: Handlers) -> None:
-    info, personas, sets, offer, slider, kinds, dataset, direction, status = h.load(MODEL)
+    loaded = h.load(MODEL)
+    info, personas, sets, offer, slider, kinds, dataset, direction = loaded[:8]
+    direction_from, note, examples, recipes, _, vector_personas, _, side, status = loaded[8:]
     assert dataset["value"] == "personas"  # not the bundled demo model
+    assert personas["value"] == [] and side is False  # the demo model's defaults are its own
+    assert recipes["visible"] is False and "Pick personas" in note
+    assert examples["samples"][0] == ["Tell me about the ocean."]
+    assert direction_from["value"] == "question_span"  # no prompt_last vectors here
+    assert vector_personas["choices"] == ["landlubber", "pirate", "poet"]
     assert personas["choices"] == ["landlubber", "pirate", "poet"]
     assert direction["choices"] == ["none", "landlubber", "pirate", "poet"]
     assert direction["value"] == "none"
@@ -214,8 +222,10 @@ def test_steered_chat_streams_the_engine_reply_and_readout(
     assert side[-1]["content"] == "—"  # side by side was off
     assert isinstance(inside, Readout) and inside.personas == ("pirate", "poet")
     assert expected.readout is not None and inside.projections is not None
-    want = np.nan_to_num(expected.readout.projections.numpy())
+    want = expected.readout.projections.numpy()
     np.testing.assert_allclose(inside.projections, want, rtol=1e-6, atol=1e-6)
+    assert np.isnan(inside.projections[-1]).all()  # never fed through the model: no value
+    assert np.isfinite(inside.projections[:-1]).all()
     assert inside.n_prompt == expected.readout.prompt_len
     assert tokens_html.count('class="pc-tok pc-') == 2 * len(inside.tokens)
 
@@ -336,8 +346,10 @@ def test_directional_ablation_matches_the_engine(
     assert status == f"Done. {verb} at layers 1-2{where}."
     assert inside.personas == tuple(READ)
     assert inside.projections is not None and expected.readout is not None
-    want = np.nan_to_num(expected.readout.projections.numpy())
+    want = expected.readout.projections.numpy()
     np.testing.assert_allclose(inside.projections, want, rtol=1e-6, atol=1e-6)
+    assert np.isnan(inside.projections[-1]).all()  # never fed through the model: no value
+    assert np.isfinite(inside.projections[:-1]).all()
     # the readout comes after the ablation: at layers 1-2 and the ablated tokens, pirate's
     # component sits at the level (its exact opposite, landlubber, at minus it)
     baseline = baseline_levels(store_root, "pirate")
@@ -355,7 +367,7 @@ def test_directional_ablation_matches_the_engine(
     if unablated is not None:  # the reply's tokens keep their own level
         assert np.abs(unablated - level[1:]).max() > 1e-2
     if positions == "generated":  # the prompt reads as if nothing were ablated
-        plain_readout = np.nan_to_num(plain.readout.projections.numpy())  # type: ignore[union-attr]
+        plain_readout = plain.readout.projections.numpy()  # type: ignore[union-attr]
         np.testing.assert_allclose(inside.projections[:n], plain_readout[:n], atol=1e-5)
 
 
@@ -454,7 +466,7 @@ def test_typed_neurons_are_ablated_and_ablation_toggles_off(
 
 
 def readout(reply: Any) -> np.ndarray:
-    return np.nan_to_num(reply.readout.projections.numpy())
+    return reply.readout.projections.numpy()
 
 
 WHOLE_MLPS = "1:0-63,2:0-63"
@@ -543,7 +555,7 @@ def test_a_patching_set_is_mean_ablated_at_the_prompt(h: Handlers, engine: ChatE
     history, _, _, status, _, inside = steps[-1]
     assert history[-1]["content"] == expected.text
     np.testing.assert_allclose(inside.projections, readout(expected), atol=1e-6)
-    assert np.abs(readout(expected) - readout(plain)).max() > 1e-3
+    assert np.nanmax(np.abs(readout(expected) - readout(plain))) > 1e-3
     assert status == f"Done. Ablating 4 MLP units ({PATCH_SET}) by mean (prompt tokens)."
 
 
@@ -610,7 +622,8 @@ BAD_INPUTS = [
     ),
     (
         {"direction": "pirate", "direction_positions": "middle"},
-        "Direction positions must be one of 'all', 'prompt', 'generated'; got 'middle'.",
+        "Direction positions must be one of 'all', 'prompt', 'last prompt token', 'generated'; "
+        "got 'middle'.",
     ),
     (
         {"neuron_sets": [SET], "ablation": "mean", "ablation_positions": "end"},
@@ -790,15 +803,23 @@ def test_tokens_view_and_heatmap_show_the_readout(h: Handlers, store_root: Path)
     assert "".join(inside.tokens[: inside.n_prompt]) == prompt
     titles = [html.unescape(t) for t in re.findall(r'title="([^"]*)"', html_text)]
     assert titles[inside.n_prompt - 1].startswith(repr(inside.tokens[inside.n_prompt - 1]))
-    image = h.heatmap(inside, "pirate")
-    assert image is not None and image.ndim == 3 and image.shape[2] == 3
+    plot = json.loads(h.heatmap(inside, "pirate").plot)  # Plotly: values on hover
+    heat = plot["data"][0]
+    assert heat["type"] == "heatmap" and "value %{z:.3f}" in heat["hovertemplate"]
+    grid = np.array([[np.nan if v is None else v for v in row] for row in heat["z"]]).T
+    np.testing.assert_allclose(grid[:, 2], expected, rtol=1e-3, atol=1e-3)
+    assert heat["z"][2][-1] is None  # the last token was never fed through: blank, not 0
+    assert plot["layout"]["xaxis"]["ticktext"][0] == "<|im_start|>"[:9] + "…"
+    assert plot["config"]["displaylogo"] is False
     assert h.heatmap(Readout()) is None
     assert "Send a message" in h.tokens(None, 0)
 
 
 def test_layer_plot_store_tables_and_persona_map(h: Handlers, store_root: Path) -> None:
-    plot = h.layer_plot(MODEL, ["pirate", "poet"])
-    assert plot is not None and plot.shape[2] == 3
+    plot = json.loads(h.layer_plot(MODEL, ["pirate", "poet"]).plot)
+    names = [trace["name"] for trace in plot["data"]]
+    assert names == ["pirate AUC", "pirate separation", "poet AUC", "poet separation"]
+    assert plot["data"][0]["y"] == pytest.approx([0.6, 0.9, 0.7])
     personas, models, metrics, sets = h.store_tables(MODEL)
     assert set(personas["persona"]) == {"default", "pirate", "poet", "landlubber"}
     assert list(models["model"]) == [MODEL] and int(models["layers"][0]) == 3
@@ -818,8 +839,8 @@ def test_layer_plot_store_tables_and_persona_map(h: Handlers, store_root: Path) 
     assert point is not None
     np.testing.assert_allclose(point, (direct - base).numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(residual_mean(tiny(), history, 1), direct.numpy(), atol=1e-5)
-    image = h.persona_map(MODEL, history, 1, ["pirate"])
-    assert image is not None and image.shape[2] == 3
+    points = json.loads(h.persona_map(MODEL, history, 1, ["pirate"]).plot)["data"]
+    assert points[0]["text"] == ["landlubber", "pirate", "poet"] and points[1]["name"] == "this chat"
     with pytest.warns(UserWarning, match="out of range"):
         assert h.persona_map(MODEL, history, 7, []) is None
 
@@ -919,7 +940,9 @@ def test_analysis_tab_finds_the_planted_collapse_on_the_demo_model() -> None:
     inputs = analysis_inputs("demo", ANALYSED)
     lm = backend.lm(DEMO)
     collapse = persona_collapse(lm, inputs.personas, inputs.items, progress=False)
-    assert f"- {collapse_finding(collapse)}" in text
+    assert f"<li>{collapse_finding(collapse)}</li>" in text  # the details, folded
+    assert "\n\n1. Different personas often give the same answer: on 7 of 7" in text  # plain
+    assert "2. Yet the persona is still there inside" in text and "\n3. " in text
     assert "Collapse on 7 of 7 preference questions (placement early" in text
     assert "personas with an answer of their own somewhere: pirate." in text
     assert "Patching pirate -> " in text and "Circuit: patching" in text
