@@ -17,7 +17,6 @@ import gradio as gr
 from personachat.app import views
 from personachat.app.analysis import ANALYSIS_FIGURES
 from personachat.app.help import INFO
-from personachat.app.readout import ALL_PERSONAS
 
 EXPORT_FORMATS = (".safetensors", ".gguf")
 
