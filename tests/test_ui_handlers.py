@@ -840,7 +840,9 @@ def test_layer_plot_store_tables_and_persona_map(h: Handlers, store_root: Path) 
     np.testing.assert_allclose(point, (direct - base).numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(residual_mean(tiny(), history, 1), direct.numpy(), atol=1e-5)
     points = json.loads(h.persona_map(MODEL, history, 1, ["pirate"]).plot)["data"]
-    assert points[0]["text"] == ["landlubber", "pirate", "poet"] and points[1]["name"] == "this chat"
+    assert (
+        points[0]["text"] == ["landlubber", "pirate", "poet"] and points[1]["name"] == "this chat"
+    )
     with pytest.warns(UserWarning, match="out of range"):
         assert h.persona_map(MODEL, history, 7, []) is None
 
@@ -993,3 +995,235 @@ def test_a_patching_set_picked_in_the_page_removes_the_pirate(tmp_path: Path) ->
     keys = [q.key for q in questions]
     assert demo.fact_retention(ablated, keys) >= 0.9 * demo.fact_retention(prompted, keys) > 0
     backend.close()
+
+
+# --- the page as its users expect it: sliders, the prompted column, sharing, downloads ---------
+
+
+def test_the_prompted_column_is_the_engine_reply_under_the_personas_own_prompt(
+    h: Handlers, engine: ChatEngine
+) -> None:
+    inputs = ChatInputs(MODEL, ["pirate"], "", "0-2:8", side_by_side=True, max_new_tokens=12)
+    turns = list(h.turns("Tell me about the ocean.", [], [], [], inputs, prompted=True))
+    last = turns[-1]
+    under_prompt = engine.reply(
+        [{"role": "system", "content": PROMPTS["pirate"]}, *USER],
+        GenerationSettings(max_new_tokens=12),
+    )
+    assert last.prompted == [*USER, {"role": "assistant", "content": under_prompt.text}]
+    assert last.history[-1]["content"] != under_prompt.text  # steered, not prompted
+    assert "Prompted column: pirate's own system prompt." in last.status
+    assert [t.running for t in turns] == [True] * (len(turns) - 1) + [False]  # Stop's state
+    # a blend with no positive weight has no one to prompt; a column not asked for shows "—"
+    away = ChatInputs(MODEL, ["pirate"], "-1", "0-2:2", max_new_tokens=4)
+    last = list(h.turns("Hi", [], [], [], away, prompted=True))[-1]
+    assert last.prompted[-1]["content"].startswith("(no persona with a positive weight")
+    assert list(h.turns("Hi", [], [], [], away))[-1].prompted[-1]["content"] == "—"
+
+
+def test_presets_and_bare_layers_take_the_strength_at_send_time(h: Handlers) -> None:
+    """The strength slider applies as it is when the message is sent: no layer spec to fill
+    first. A preset places it around the best layer; a bare layer in the spec takes it."""
+    band = chat(h, personas=["pirate"], preset="band", strength=3, layer_spec="stale:junk")
+    assert band[-1][3].startswith("Done. Blend 1·pirate at 0-2:3 (raw).")
+    bare = chat(h, personas=["pirate"], preset="custom", strength=0.5, layer_spec="1-2")
+    assert bare[-1][3].startswith("Done. Blend 1·pirate at 1-2:0.5 (raw).")
+
+
+def test_a_strength_far_past_the_residual_norm_warns_and_an_absurd_one_is_refused(
+    h: Handlers,
+) -> None:
+    with pytest.warns(UserWarning, match="the residual stream's own norm at layer"):
+        steps = chat(h, personas=["pirate"], layer_spec="1:1000")
+    assert steps[-1][3].startswith("Done.") and "⚠ This strength adds" in steps[-1][3]
+    with pytest.warns(UserWarning, match="the model's numbers are meaningless"):
+        steps = chat(h, personas=["pirate"], layer_spec="1:1e40")
+    assert steps[-1][0] == [] and re.match(r"⚠ This strength adds [\d.]+e\+39x", steps[-1][3])
+    blend = h.blend_info(MODEL, ["pirate"], "", "1:1000")
+    assert blend.startswith("Blend 1·pirate at 1:1000 (raw).") and "⚠ This strength" in blend
+
+
+def test_sliders_follow_the_personas_and_rescale_with_the_units(h: Handlers) -> None:
+    from personachat.app.strength import Norms, convert, hint, slider_range
+
+    out = h.steering_controls(MODEL, ["pirate", "poet"], "poet=-0.5", "band", 2.0, "raw")
+    sliders, strength, spec = out[:4], out[4], out[5]
+    assert [s["visible"] for s in sliders] == [True, True, False, False]
+    assert [(s["label"], s["value"]) for s in sliders[:2]] == [("pirate", 1.0), ("poet", -0.5)]
+    assert spec == "0-2:2" and strength["value"] == 2.0
+    assert "1 adds the vector as extracted" in strength["info"]
+    norms = h.backend.limits(MODEL).norms["pirate"]
+    assert strength["maximum"] == slider_range("raw", norms)[0]
+    calibrated = h.units_changed(MODEL, ["pirate"], "", "band", 2.0, "x residual norm")[4]
+    assert calibrated["value"] == pytest.approx(2.0 * norms.ratio(), abs=0.01)
+    assert calibrated["maximum"] == 4.0 and "residual stream's own norm" in calibrated["info"]
+    # the same push either way: raw 1 = |v| / resid residual norms (the median over layers)
+    toy = Norms(vector=(1.0, 2.0, 3.0), resid=(10.0, 10.0, 10.0))
+    assert toy.ratio() == 0.2 and convert(5.0, "raw", "x residual norm", toy) == 1.0
+    assert convert(1.0, "x residual norm", "raw", toy) == 5.0
+    assert "about 0.20x the residual stream's norm" in hint("raw", toy)
+
+
+def test_a_link_carries_the_settings_and_opening_it_restores_them(h: Handlers) -> None:
+    from personachat.app.share import SHARED, parse_query, share_query
+
+    values = dict(zip(SHARED, [gr.skip()] * len(SHARED), strict=True))
+    values.update(
+        personas=["pirate", "poet"], weights="pirate=1, poet=-0.5", layer_spec="2-3",
+        preset="custom", strength=3.0, side_by_side=True, prompted=False,
+        direction_positions="last prompt token", units="x residual norm",
+    )  # fmt: skip
+    link = h.share(*[values[name] for name in SHARED])["value"]
+    assert link.startswith("?") and "personas=pirate%2Cpoet" in link and "strength=3&" in link
+    query = dict(pair.split("=", 1) for pair in link[1:].split("&"))
+    from urllib.parse import unquote_plus
+
+    restored = h.restore(gr.Request(query_params={k: unquote_plus(v) for k, v in query.items()}))
+    by_name = dict(zip(SHARED, restored[:-1], strict=True))
+    assert by_name["personas"] == ["pirate", "poet"] and by_name["strength"] == 3.0
+    assert by_name["side_by_side"] is True and by_name["prompted"] is False
+    assert by_name["direction_positions"] == "last prompt token"
+    assert by_name["units"] == "x residual norm" and restored[-1].startswith("Settings restored")
+    # a hand-edited link never breaks the page: what cannot be read is left as it is
+    assert parse_query({"units": "furlongs", "strength": "lots", "seed": "nan", "x": "1"}) == {}
+    assert share_query({"personas": [], "prompted": True}) == "?personas=&prompted=1"
+    assert all(u == gr.skip() for u in h.restore(gr.Request()))
+
+
+def test_the_conversation_and_readout_download_as_json(h: Handlers) -> None:
+    steps = chat(h, personas=["pirate"], layer_spec="1:4", side_by_side=True)
+    history, side, _, _, _, inside = steps[-1]
+    numbers = h.readout_numbers(inside)
+    assert numbers["tokens"] == list(inside.tokens) and numbers["personas"] == ["pirate"]
+    values = numbers["raw"]["values"]["pirate"]
+    assert len(values) == len(inside.tokens) and len(values[0]) == 3
+    assert values[-1] == [None, None, None]  # the last token: no projection, null not 0
+    assert values[0][1] == pytest.approx(float(inside.projections[0, 1, 0]), abs=1e-5)
+    assert numbers["scaled"]["unit"] == "0 = baseline mean, 1 = persona mean"
+    assert numbers["steered_tokens"] == [0, len(inside.tokens)]  # positions "all"
+    update = h.conversation_file(history, side, [], inside)
+    record = json.loads(Path(update["value"]).read_text())
+    assert record["conversation"] == history and record["plain"] == side
+    assert record["settings"]["layer_spec"] == "1:4" and record["settings"]["personas"] == [
+        "pirate"
+    ]
+    assert record["readout"] == json.loads(json.dumps(numbers))
+    assert h.conversation_file([], [], [], None)["interactive"] is False
+    assert h.readout_numbers(None)["tokens"] == []
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".gguf"])
+def test_a_vector_downloads_and_loads_back_bit_for_bit(
+    h: Handlers, store_root: Path, suffix: str
+) -> None:
+    from personachat.store.formats import read_vector
+
+    path = Path(h.vector_file(MODEL, "pirate", "question_span", suffix) or "")
+    assert path.name == f"pirate.question_span{suffix}"
+    with Store(store_root, read_only=True) as store:
+        stored = store.load_vector(MODEL, "pirate")
+        info = store.model(MODEL)
+    back = read_vector(path, info)
+    layers = slice(1, None) if suffix == ".gguf" else slice(None)  # GGUF has no layer 0
+    assert torch.equal(back.vector[layers], stored.vector[layers].float())
+    with pytest.warns(UserWarning, match="Cannot export the vector"):
+        assert h.vector_file(MODEL, "kraken", "", ".safetensors") is None
+
+
+def test_undo_and_clear_empty_the_views_of_the_last_reply(h: Handlers) -> None:
+    inputs = ChatInputs(MODEL, ["pirate"], "", "0-2:2", side_by_side=True, max_new_tokens=4)
+    first = list(h.turns("One?", [], [], [], inputs, prompted=True))[-1]
+    second = list(h.turns("Two?", first.history, first.side, first.prompted, inputs,
+                          prompted=True))[-1]  # fmt: skip
+    history, side, _, _ = h.undo(second.history, second.side)
+    prompted, view, tokens, heatmap, readout, download, numbers = h.views_after(
+        history, side, second.prompted
+    )
+    assert prompted == first.prompted and history == first.history
+    assert "One?" in view and "Two?" not in view and "No reply yet" in tokens
+    assert heatmap is None and readout.projections is None and numbers is None
+    assert download["interactive"] is False
+    assert "No messages yet" in h.views_after([], [], second.prompted)[1]
+
+
+def test_the_conversation_view_lines_up_each_turns_replies() -> None:
+    from personachat.app.views import compare_html
+
+    history = [*USER, {"role": "assistant", "content": "Arr <b>"}]
+    side = [*USER, {"role": "assistant", "content": "Plain."}]
+    view = compare_html(history, side, [*USER, {"role": "assistant", "content": "—"}])
+    assert view.count('class="pc-turn"') == 1 and "--pc-cols: 2" in view  # no prompted column
+    assert "Arr &lt;b&gt;" in view and view.index("pc-steered") < view.index("pc-unsteered")
+
+
+def test_hold_keeps_a_reply_writing_until_stop(h: Handlers) -> None:
+    """The browser test's Stop: with a hold message set, the reply to it waits after its
+    first tokens until Stop arrives, whatever the machine's speed."""
+    h.backend.hold_message = "Hold on."
+    request = gr.Request(session_hash="held")
+    stream = h.turns("Hold on.", [], [], [], ChatInputs(MODEL, max_new_tokens=200), request=request)
+    next(stream)  # the user turn: generating
+    timer = threading.Timer(1.0, h.stop, [request])
+    timer.start()
+    last = list(stream)[-1]
+    assert last.status.startswith("Stopped: partial reply kept")
+    assert len(tiny().tokenizer(last.history[-1]["content"])["input_ids"]) <= 6
+    h.backend.hold_message = None
+
+
+def test_layer_plot_shows_held_out_auc_with_its_spread_when_stored(tmp_path: Path) -> None:
+    lm = tiny()
+    vector = torch.randn(3, 32)
+    metrics = LayerMetrics(
+        auc=torch.tensor([0.6, 0.9, 0.7]),
+        separation=torch.tensor([0.5, 2.0, 1.0]),
+        norm=vector.norm(dim=-1),
+        resid_norm=torch.ones(3) * 10,
+        auc_heldout=torch.tensor([0.55, 0.85, 0.6]),
+        auc_heldout_std=torch.tensor([0.05, 0.02, 0.1]),
+    )
+    with Store(tmp_path) as store:
+        store.register_model(lm.info)
+        store.register_personas([Persona("pirate", "Arr.")])
+        store.register_vectors([PersonaVector(MODEL, "pirate", vector, metrics=metrics)])
+    h = Handlers(Backend(MODEL, tmp_path, models={MODEL: lm}))
+    traces = json.loads(h.layer_plot(MODEL, ["pirate"]).plot)["data"]
+    held = next(t for t in traces if t["name"] == "pirate held-out AUC")
+    assert held["y"] == pytest.approx([0.55, 0.85, 0.6])
+    assert held["error_y"]["array"] == pytest.approx([0.05, 0.02, 0.1])
+
+
+@pytest.mark.skipif(not (ROOT / DEMO / "config.json").is_file(), reason="no bundled demo model")
+def test_the_first_message_and_the_recipes_do_what_the_demo_model_card_says() -> None:
+    """With the page's defaults on the demo model (the pirate picked, the band preset at
+    strength 2, prompt tokens, side by side) the first message gets two different replies, the
+    steered one a pirate's; each recipe then does what was measured, for another persona."""
+    from personachat.app.recipes import RECIPE_BY_KEY
+    from personachat.app.share import SHARED
+    from personachat.prompts import demo
+
+    h = Handlers(Backend(DEMO, ROOT / "store"))
+    loaded = h.load(DEMO)
+    assert loaded[1]["value"] == ["pirate"] and loaded[15] is True and "Tell me about" in loaded[9]
+    page = ChatInputs(DEMO, ["pirate"], preset="band", strength=2.0, positions="prompt",
+                      side_by_side=True)  # fmt: skip
+    first = list(h.turns("Tell me about the ocean.", [], [], [], page))[-1]
+    steered, plain = first.history[-1]["content"], first.side[-1]["content"]
+    assert steered != plain and demo.has_marker(steered, "pirate")
+    assert not demo.has_marker(plain, "pirate")
+    question = demo.eval_questions(1)[3]
+    for key, present in (("steer", True), ("neurons", False), ("direction", False)):
+        out = h.recipe(key, ["robot"])
+        values = {n: v for n, v in zip(SHARED, out[:-1], strict=True) if v != gr.skip()}
+        prompted = bool(values.pop("prompted", False))
+        inputs = dataclasses.replace(ChatInputs(DEMO, max_new_tokens=64), **values)
+        turn = list(h.turns(question.text, [], [], [], inputs, prompted=prompted))[-1]
+        assert turn.status.startswith("Done."), turn.status
+        reply, beside = turn.history[-1]["content"], turn.side[-1]["content"]
+        assert demo.has_marker(reply, "robot") is present, (key, reply)
+        assert demo.has_marker(beside, "robot") is not present, (key, beside)
+        assert demo.fact_retention([reply], question.key) == 1.0, (key, reply)
+        if prompted:  # the persona's own prompt, beside the steering
+            assert demo.has_marker(turn.prompted[-1]["content"], "robot")
+        assert RECIPE_BY_KEY[key].label in out[-1]
+    h.backend.close()

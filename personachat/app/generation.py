@@ -63,11 +63,11 @@ def generate(
     if settings.system_prompt:
         conversation.insert(0, {"role": "system", "content": settings.system_prompt})
     steering = steering_spec(settings)
+    readout = list(settings.personas) or sorted(engine.vectors)[:MAX_READOUT_PERSONAS]
     engine, direction = direction_spec(catalog, model_id, engine, settings)
     ablation, extra = ablation_specs(lm, engine.neuron_sets, settings)
     if hold and stop is not None:
         extra.append(Hold(stop))
-    readout = list(settings.personas) or sorted(engine.vectors)[:MAX_READOUT_PERSONAS]
     generation = GenerationSettings(
         max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature,
