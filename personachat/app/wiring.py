@@ -36,8 +36,6 @@ QUIET: dict[str, Any] = {**PRIVATE, "show_progress": "hidden"}
 # the page's own calls of handlers that also have a named endpoint: named apart, so the
 # endpoint keeps its name
 BLEND: dict[str, Any] = {**QUIET, "api_name": "page_blend"}
-# the API's defaults where the page starts elsewhere: hidden inputs of the API's events
-API_DEFAULTS = ("preset", "strength", "direction_layers", "direction_positions", "side_by_side")
 WEIGHTS_JS = """(personas, a, b, c, d) => (personas || []).slice(0, 4)
   .map((p, i) => `${p}=${[a, b, c, d][i]}`).join(", ")"""
 LINK_JS = """(q) => (q && q.startsWith('?'))
@@ -94,7 +92,9 @@ def controls(page: Page) -> dict[str, Any]:
 
 
 def api_controls(page: Page) -> dict[str, Any]:
-    """``controls`` with hidden inputs holding the API's defaults (``API_DEFAULTS``)."""
+    """``controls`` with hidden inputs holding the API's defaults where the page starts
+    elsewhere (the preset, the strength, the direction's layers, tokens and kind, side by
+    side)."""
     api = ChatInputs(None)
     hidden = {
         "preset": gr.Radio(list(PRESETS), value=api.preset, visible=False),
@@ -104,6 +104,7 @@ def api_controls(page: Page) -> dict[str, Any]:
             list(DIRECTION_POSITIONS), value=api.direction_positions, visible=False
         ),
         "side_by_side": gr.Checkbox(value=api.side_by_side, visible=False),
+        "direction_from": gr.Textbox(value=api.direction_from, visible=False),
     }
     return {**controls(page), **hidden}
 
