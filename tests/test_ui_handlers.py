@@ -1142,7 +1142,8 @@ def test_undo_and_clear_empty_the_views_of_the_last_reply(h: Handlers) -> None:
     assert prompted == first.prompted and history == first.history
     assert "One?" in view and "Two?" not in view and "No reply yet" in tokens
     assert heatmap is None and readout.projections is None and numbers is None
-    assert download["interactive"] is False
+    assert json.loads(Path(download["value"]).read_text())["conversation"] == history
+    assert h.views_after([], [], [])[5]["interactive"] is False
     assert "No messages yet" in h.views_after([], [], second.prompted)[1]
 
 

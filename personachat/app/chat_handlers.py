@@ -23,6 +23,7 @@ from typing import Any
 import gradio as gr
 
 from personachat.app.backend import Backend
+from personachat.app.export import conversation_file
 from personachat.app.generation import Step
 from personachat.app.handler_base import HandlerBase, Messages, gpu
 from personachat.app.readout import Readout, readout_html
@@ -189,14 +190,16 @@ class ChatHandlers(HandlerBase):
         self, history: Messages | None, side: Messages | None, prompted: Messages | None
     ) -> tuple[Any, ...]:
         """After Undo or Clear: the prompted conversation cut to the turns left, the
-        conversation view, and the views of the last reply emptied. Returns (prompted
-        conversation, conversation view, tokens, heatmap, readout, download, numbers)."""
+        conversation view, the views of the last reply emptied and the download holding what
+        is left. Returns (prompted conversation, conversation view, tokens, heatmap, readout,
+        download, numbers)."""
         turns = sum(1 for m in history or [] if m.get("role") == "user")
         users = [i for i, m in enumerate(prompted or []) if m.get("role") == "user"]
         third = list(prompted or [])[: users[turns]] if len(users) > turns else list(prompted or [])
         view = compare_html(history or [], side or [], third)
-        emptied = gr.update(value=None, interactive=False)
-        return third, view, empty_html(NO_REPLY), None, Readout(), emptied, None
+        path = conversation_file(history or [], side or [], third, None)
+        download = gr.update(value=str(path) if path else None, interactive=path is not None)
+        return third, view, empty_html(NO_REPLY), None, Readout(), download, None
 
     @gpu
     def _reply(

@@ -6,7 +6,8 @@ store, chat engines) is shared by all sessions: the model loads once, lazily, on
 differs per browser tab (settings, the last readout) travels in the inputs themselves or in
 ``gr.State``; steering is isolated per request by the runtime (``personachat.hooks`` scopes hooks
 to the request's context). ``CSS`` styles the conversation view and the phone layout; ``PAGE_JS``
-runs once in the browser: it closes the settings drawer on a phone and lets Esc press Stop.
+runs once in the browser: it closes the settings drawer on a phone, keeps the conversation view
+at its last turn and lets Esc press Stop.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ CSS = """
 .pc-tok.pc-none { outline: 1px dashed #999; }
 .pc-reply { font-weight: 700; }
 .pc-caption, .pc-caption p { font-size: 12px; opacity: 0.75; margin: 4px 0; }
-#compare { min-height: 140px; max-height: 460px; overflow-y: auto; }
+#compare { min-height: 140px; max-height: 460px; overflow-y: auto !important; }
 .pc-conv { display: flex; flex-direction: column; gap: 14px; padding: 4px; }
 .pc-empty { opacity: 0.7; padding: 24px 8px; text-align: center; }
 .pc-user { align-self: flex-end; max-width: 85%; background: var(--color-accent-soft);
@@ -60,6 +61,11 @@ PAGE_JS = """() => {
       else if (tries-- > 0) setTimeout(close, 100);
     };
     close();
+  }
+  const view = document.querySelector('#compare');
+  if (view) {  // the conversation view follows its last turn
+    new MutationObserver(() => { view.scrollTop = view.scrollHeight; })
+      .observe(view, {subtree: true, childList: true, characterData: true});
   }
   document.addEventListener('keydown', (event) => {
     const stop = document.querySelector('#stop');

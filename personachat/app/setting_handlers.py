@@ -189,5 +189,8 @@ class SettingHandlers(HandlerBase):
         persona = (personas or [DEMO_PERSONA])[0]
         prompt = persona_prompt(self.backend.store(), persona) or ""
         values = recipe.values(persona, prompt)
-        status = f"Recipe for {persona}: {recipe.label}. Send a message to see it."
+        status = (
+            f"Recipe for {persona}: {recipe.label}. Send a message to see it, in a new "
+            "conversation (Clear): the demo model was trained on single questions."
+        )
         return (*[values.get(name, gr.skip()) for name in SHARED], status)
