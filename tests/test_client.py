@@ -7,6 +7,7 @@ the model and the store, not from the page's backend.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 from collections.abc import Iterator
@@ -268,8 +269,6 @@ def test_other_endpoints_answer(served: tuple[Any, Backend]) -> None:
 
 
 def test_analysis_endpoint_answers_with_findings_and_figures(served: tuple[Any, Backend]) -> None:
-    from PIL import Image
-
     from personachat.analysis.inputs import analysis_inputs, default_dataset
 
     client, backend = served
@@ -279,9 +278,9 @@ def test_analysis_endpoint_answers_with_findings_and_figures(served: tuple[Any, 
     assert text.startswith("**Persona analysis of") and f"({', '.join(names)})" in text
     assert "preference questions (placement early" in text
     collapse = images[0]  # ui.ANALYSIS_FIGURES starts with the collapse figure
-    assert collapse["visible"] is True
-    with Image.open(collapse["value"]) as image:
-        assert image.size[0] > 300 and image.size[1] > 150
+    assert collapse["visible"] is True and collapse["value"]["type"] == "plotly"
+    plot = json.loads(collapse["value"]["plot"])
+    assert plot["layout"]["title"]["text"].startswith("Persona collapse: ")
     text, *images = client.predict(model_id=CONFIG.model, personas=["nobody"], api_name="/analysis")
     assert text.startswith("⚠ The analysis of") and "unknown personas ['nobody']" in text
     assert all(u["visible"] is False and u.get("value") is None for u in images)

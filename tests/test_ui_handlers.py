@@ -950,10 +950,11 @@ def test_analysis_tab_finds_the_planted_collapse_on_the_demo_model() -> None:
     assert "Patching pirate -> " in text and "Circuit: patching" in text
     shown = {key: u for (key, _), u in zip(ANALYSIS_FIGURES, images, strict=True)}
     for key in ("collapse", "probe", "persona_space", "assistant_axis", "patching_0", "heads_0"):
-        image = shown[key]["value"]
         assert shown[key]["visible"] is True, key
-        assert image.dtype == np.uint8 and image.shape[0] > 150 and image.shape[2] == 3, key
-        assert image.std() > 10, key  # a drawn figure, not a blank canvas
+        plot = json.loads(shown[key]["value"].plot)  # interactive: values on hover
+        assert plot["data"] and plot["layout"]["title"]["text"], key
+    bars = json.loads(shown["collapse"]["value"].plot)["data"][0]
+    assert bars["y"] == pytest.approx([q.modal_share for q in collapse.questions])
     # a second session reuses the result; a bad persona list says what is wrong, page goes on
     assert backend.analyze(DEMO, personas=ANALYSED) is backend.analyze(DEMO, personas=ANALYSED)
     text, *images = Handlers(backend).analysis(DEMO, ["pirate", "nobody"])

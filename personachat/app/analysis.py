@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from personachat.app import views
+from personachat.app.analysis_figures import analysis_figures
 from personachat.app.catalog import Catalog
+from personachat.app.figures import plot_json
 from personachat.app.models import is_demo
 
 Progress = Callable[[float, str], None]
@@ -45,7 +46,7 @@ class AnalysisView:
     dataset: str
     personas: tuple[str, ...]
     findings: tuple[str, ...]
-    figures: dict[str, np.ndarray]  # figure key -> RGB image
+    figures: dict[str, str]  # figure key -> Plotly JSON
     seconds: float  # how long the analysis took when it ran
     plain: tuple[str, ...] = ()  # three findings in plain words, first on the page
 
@@ -104,7 +105,6 @@ class Analyses:
         personas and questions ``scripts/analyze.py`` picks for it (``personas`` narrows them),
         with the store's vectors of the model. Computed once and shared by every session until
         the store's vectors of the model change; other sessions wait for a running analysis."""
-        from personachat.analysis.figures import report_figures
         from personachat.analysis.findings import findings
         from personachat.analysis.inputs import analysis_inputs, default_dataset, stored_vectors
         from personachat.analysis.run import analyze_model
@@ -138,7 +138,7 @@ class Analyses:
                 dataset=dataset,
             )
             say(0.9, "drawing the figures")
-            figures = {k: views.figure_image(f) for k, f in report_figures(result).items()}
+            figures = {k: plot_json(f) for k, f in analysis_figures(result).items()}
             view = AnalysisView(
                 model_id=store_id,
                 dataset=dataset,

@@ -122,6 +122,9 @@ def _findings(view: AnalysisView) -> str:
 
 def _analysis_images(view: AnalysisView) -> list[Any]:
     return [
-        gr.update(value=view.figures.get(key), visible=key in view.figures)
+        gr.update(
+            value=PlotData(type="plotly", plot=view.figures[key]) if key in view.figures else None,
+            visible=key in view.figures,
+        )
         for key, _ in ANALYSIS_FIGURES
     ]

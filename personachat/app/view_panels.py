@@ -262,12 +262,12 @@ class AnalysisPanel:
     personas: gr.Dropdown
     button: gr.Button
     text: gr.Markdown
-    images: list[gr.Image]
+    images: list[gr.Plot]
 
 
 def analysis_panel() -> AnalysisPanel:
     """The persona analysis of the current model: findings in plain words (the technical ones
-    folded), then one image per figure."""
+    folded), then one interactive plot per figure."""
     with gr.Tab("Analysis"):
         with gr.Row():
             personas = gr.Dropdown(
@@ -289,9 +289,7 @@ def analysis_panel() -> AnalysisPanel:
         )
         with gr.Accordion("Figures", open=True):
             images = [
-                gr.Image(
-                    label=label, show_label=False, interactive=False, visible=False, type="numpy"
-                )
-                for _, label in ANALYSIS_FIGURES
+                gr.Plot(label=label, show_label=False, visible=False, elem_id=f"analysis-{key}")
+                for key, label in ANALYSIS_FIGURES
             ]
     return AnalysisPanel(personas, button, text, images)

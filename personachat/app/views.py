@@ -1,10 +1,8 @@
-"""Render what the page shows as HTML or images: coloured tokens, the conversation's turns side
-by side, the analysis' matplotlib figures and findings.
+"""Render what the page shows as HTML: coloured tokens, the conversation's turns side by side,
+the analysis' findings.
 
-Pure functions from numbers and text to HTML strings or RGB images (numpy ``uint8`` arrays, which
-``gr.Image`` shows as they are); no model, no store, no Gradio. The interactive plots are in
-``personachat.app.figures``. matplotlib is imported inside the function that draws, so importing
-this module is cheap.
+Pure functions from numbers and text to HTML or Markdown strings; no model, no store, no Gradio.
+The interactive plots are in ``personachat.app.figures`` and ``personachat.app.analysis_figures``.
 """
 
 from __future__ import annotations
@@ -144,16 +142,6 @@ def compare_html(
 
 def _nth(turns: Sequence[tuple[str, str | None]], index: int) -> str | None:
     return turns[index][1] if index < len(turns) else None
-
-
-def figure_image(fig: Any) -> np.ndarray:
-    """A matplotlib ``Figure`` (built without pyplot, e.g. ``report.report_figures``) as RGB."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    if not isinstance(fig.canvas, FigureCanvasAgg):
-        FigureCanvasAgg(fig)
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
 def findings_markdown(
