@@ -175,46 +175,8 @@ def map_figure(
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    vectors = np.asarray(vectors, dtype=np.float64)
     if len(names) >= 2:
-        center = vectors.mean(axis=0)
-        _, _, vt = np.linalg.svd(vectors - center, full_matrices=False)
-        axes = vt[:2]
-        xy = (vectors - center) @ axes.T
-        if xy.shape[1] == 1:
-            xy = np.concatenate([xy, np.zeros_like(xy)], axis=1)
-        colours = ["#d62728" if n in highlight else "#7f7f7f" for n in names]
-        fig.add_trace(
-            go.Scatter(
-                x=xy[:, 0],
-                y=xy[:, 1],
-                mode="markers+text",
-                text=list(names),
-                textposition="top center",
-                marker={"size": 10, "color": colours},
-                name="persona vectors",
-                hovertemplate="%{text}<br>PC1 %{x:.2f}, PC2 %{y:.2f}<extra></extra>",
-            )
-        )
-        if point is not None:
-            p = (np.asarray(point, dtype=np.float64) - center) @ axes.T
-            py = float(p[1]) if len(p) > 1 else 0.0
-            fig.add_trace(
-                go.Scatter(
-                    x=[float(p[0])],
-                    y=[py],
-                    mode="markers+text",
-                    text=["this chat"],
-                    textposition="bottom center",
-                    name="this chat",
-                    marker={
-                        "symbol": "star",
-                        "size": 20,
-                        "color": "gold",
-                        "line": {"color": "black", "width": 1},
-                    },
-                )
-            )
+        _pca_points(fig, names, np.asarray(vectors, dtype=np.float64), point, highlight)
         fig.update_xaxes(title_text="PC 1")
         fig.update_yaxes(title_text="PC 2")
     else:
@@ -227,3 +189,51 @@ def map_figure(
         margin={"t": 60, "l": 50, "r": 20, "b": 50},
     )
     return fig
+
+
+def _pca_points(
+    fig: Any,
+    names: Sequence[str],
+    vectors: np.ndarray,
+    point: np.ndarray | None,
+    highlight: Sequence[str],
+) -> None:
+    """The vectors' PCA as named points, and ``point`` projected the same way as a star."""
+    import plotly.graph_objects as go
+
+    center = vectors.mean(axis=0)
+    _, _, vt = np.linalg.svd(vectors - center, full_matrices=False)
+    axes = vt[:2]
+    xy = (vectors - center) @ axes.T
+    if xy.shape[1] == 1:
+        xy = np.concatenate([xy, np.zeros_like(xy)], axis=1)
+    fig.add_trace(
+        go.Scatter(
+            x=xy[:, 0],
+            y=xy[:, 1],
+            mode="markers+text",
+            text=list(names),
+            textposition="top center",
+            marker={
+                "size": 10,
+                "color": ["#d62728" if n in highlight else "#7f7f7f" for n in names],
+            },
+            name="persona vectors",
+            hovertemplate="%{text}<br>PC1 %{x:.2f}, PC2 %{y:.2f}<extra></extra>",
+        )
+    )
+    if point is None:
+        return
+    p = (np.asarray(point, dtype=np.float64) - center) @ axes.T
+    star = {"symbol": "star", "size": 20, "color": "gold", "line": {"color": "black", "width": 1}}
+    fig.add_trace(
+        go.Scatter(
+            x=[float(p[0])],
+            y=[float(p[1]) if len(p) > 1 else 0.0],
+            mode="markers+text",
+            text=["this chat"],
+            textposition="bottom center",
+            name="this chat",
+            marker=star,
+        )
+    )

@@ -36,30 +36,16 @@ class ModelHandlers(HandlerBase):
             kinds = self.backend.vector_kinds(model_id)
             n_layers = self.backend.limits(model_id).n_layers
         except Exception as err:  # a model that cannot load must not break the page
-            log.warning("cannot load %s: %s", model_id, err)
-            message = f"⚠ Cannot load `{model_id}`: {err}"
-            gr.Warning(message)
-            empty = gr.update(choices=[], value=[])
-            direction = gr.update(choices=[NO_DIRECTION], value=NO_DIRECTION)
-            return (
-                message,
-                empty,
-                empty,
-                gr.update(visible=False),
-                *[gr.update()] * 3,
-                direction,
-                *[gr.update()] * 8,
-                message,
-            )
+            return self._not_loaded(model_id, err)
         demo = self.backend.is_demo(model_id)
         examples = recipes.examples(demo)
         offer = not personas and self.backend.can_extract(model_id)
         picked = [DEMO_PERSONA] if demo and DEMO_PERSONA in personas else []
         steer_kind = kinds[0] if kinds else None
         direction_kind = DIRECTION_KIND if DIRECTION_KIND in kinds else steer_kind
-        status = f"Model `{model_id}` ready: {len(personas)} personas, {len(sets)} neuron sets."
-        if offer:
-            status += " No persona vectors yet: extract them under 'Model and store'."
+        status = f"Model `{model_id}` ready: {len(personas)} personas, {len(sets)} neuron sets." + (
+            " No persona vectors yet: extract them under 'Model and store'." if offer else ""
+        )
         return (
             info,
             gr.update(choices=personas, value=picked),
@@ -82,6 +68,26 @@ class ModelHandlers(HandlerBase):
             gr.update(choices=kinds, value=steer_kind),
             demo,
             status,
+        )
+
+    @staticmethod
+    def _not_loaded(model_id: str, err: Exception) -> tuple[Any, ...]:
+        """``load``'s results for a model that cannot load: the reason, no choices."""
+        log.warning("cannot load %s: %s", model_id, err)
+        message = f"⚠ Cannot load `{model_id}`: {err}"
+        gr.Warning(message)
+        empty = gr.update(choices=[], value=[])
+        direction = gr.update(choices=[NO_DIRECTION], value=NO_DIRECTION)
+        hidden = gr.update(visible=False)
+        return (
+            message,
+            empty,
+            empty,
+            hidden,
+            *[gr.update()] * 3,
+            direction,
+            *[gr.update()] * 8,
+            message,
         )
 
     def refresh(
