@@ -276,7 +276,7 @@ def test_the_page_at_1366x768(
     #    answers single questions); a recipe removes the persona
     page.locator("#clear").click()
     wait_status(page, r"^Conversation cleared")
-    assert page.locator("#compare .pc-turn").count() == 0
+    page.wait_for_function("() => !document.querySelector('#compare .pc-turn')")
     assert "No reply yet" in page.locator("#tokens").inner_text()
     page.locator("#prompted input").check()
     send(page, QUESTION)
@@ -291,6 +291,7 @@ def test_the_page_at_1366x768(
         assert has_marker(three["prompted"], "pirate")
         page.locator("#clear").click()
         wait_status(page, r"^Conversation cleared")
+        page.wait_for_function("() => !document.querySelector('#compare .pc-turn')")
         page.locator("#recipe-direction").click()
         wait_status(page, r"^Recipe for pirate")
         send(page, QUESTION)

@@ -64,6 +64,18 @@ INFO = {
         "(moves as far as the persona does where the baseline sits far from zero)."
     ),
     "direction_positions": "Where the direction is ablated.",
+    "dataset": "A built-in set of personas and questions (demo: the demo model's own corpus).",
+    "extract_positions": (
+        "Where each vector is averaged: question_span (the user turn and the assistant "
+        "header), prompt_last (the last prompt token), prompt_avg, response_avg (the reply)."
+    ),
+    "extract_personas": "Only these personas (and the baseline): quicker. Empty: all of them.",
+    "extract_neurons": "Also score MLP units for each persona pair (attribution patching).",
+    "vector_persona": "Whose stored vector to write as a file.",
+    "vector_kind": "Which kind of that persona's vectors (where it was read from).",
+    "vector_format": ".safetensors: every layer with its metadata; .gguf: a llama.cpp control "
+    "vector (layers 1 on).",
+    "analysis_personas": "Only these personas (at least 2): quicker. Empty: all of the dataset's.",
     "view_layer": "The layer whose projections colour the tokens.",
     "view_persona": "Whose projection the tokens and the heatmap show.",
 }

@@ -91,9 +91,14 @@ def model_panel(default_model: str) -> ModelPanel:
         with gr.Group(visible=False) as extract_box:
             gr.Markdown("This model has no persona vectors in the store yet.")
             with gr.Row():
-                dataset = gr.Dropdown(dataset_names(), value="personas", label="Dataset")
+                dataset = gr.Dropdown(
+                    dataset_names(), value="personas", label="Dataset", info=INFO["dataset"]
+                )
                 extract_positions = gr.Dropdown(
-                    EXTRACT_POSITIONS, value="question_span", label="Read from"
+                    EXTRACT_POSITIONS,
+                    value="question_span",
+                    label="Read from",
+                    info=INFO["extract_positions"],
                 )
             extract_personas = gr.Dropdown(
                 dataset_personas("personas"),
@@ -101,10 +106,12 @@ def model_panel(default_model: str) -> ModelPanel:
                 allow_custom_value=True,  # choices follow the dataset picked
                 elem_id="extract-personas",
                 label="Only these personas (empty: all; quicker with few)",
+                info=INFO["extract_personas"],
             )
             extract_neurons = gr.Checkbox(
                 value=False,
                 label="Also find persona neurons (patching, top 32 per pair)",
+                info=INFO["extract_neurons"],
                 elem_id="extract-neurons",
             )
             extract_btn = gr.Button("Extract and register", elem_id="extract")

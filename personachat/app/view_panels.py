@@ -223,17 +223,22 @@ def store_panel() -> StorePanel:
                 vector_persona = gr.Dropdown(
                     [],
                     label="Download the vector of",
+                    info=INFO["vector_persona"],
                     allow_custom_value=True,
                     elem_id="vector-persona",
                 )
                 vector_kind = gr.Dropdown(
-                    [], label="read from", allow_custom_value=True, elem_id="vector-kind"
+                    [],
+                    label="read from",
+                    info=INFO["vector_kind"],
+                    allow_custom_value=True,
+                    elem_id="vector-kind",
                 )
                 vector_format = gr.Radio(
                     list(EXPORT_FORMATS),
                     value=".safetensors",
                     label="as",
-                    info=".gguf: a llama.cpp control vector (layers 1 on)",
+                    info=INFO["vector_format"],
                     elem_id="vector-format",
                 )
             export = gr.Button("Export the vector", size="sm", elem_id="export-vector")
@@ -275,6 +280,7 @@ def analysis_panel() -> AnalysisPanel:
                 multiselect=True,
                 allow_custom_value=True,  # checked by the analysis
                 label="Only these personas (empty: all; quicker with few)",
+                info=INFO["analysis_personas"],
                 elem_id="analysis-personas",
                 scale=3,
             )
