@@ -7,6 +7,7 @@ the model and the store, not from the page's backend.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 from collections.abc import Iterator
@@ -183,7 +184,7 @@ def test_last_n_and_directional_ablation_over_the_api(
     for name in ("/chat", "/retry"):
         tail = [
             (p["parameter_name"], p["parameter_has_default"], p["parameter_default"])
-            for p in api[name]["parameters"][-6:]
+            for p in api[name]["parameters"][-9:]
         ]
         assert tail == [
             ("last_n", True, 0),
@@ -192,6 +193,9 @@ def test_last_n_and_directional_ablation_over_the_api(
             ("direction_mode", True, "mean"),
             ("direction_positions", True, "all"),
             ("ablation_positions", True, "all"),
+            ("preset", True, "custom"),  # the layer spec as typed
+            ("strength", True, 1),  # what a bare layer in the spec takes
+            ("direction_from", True, ""),  # the steering's kind of vector
         ]
 
 
@@ -226,6 +230,30 @@ def test_ablation_and_bad_input_over_the_api(
     assert out[0] == [] and out[3].startswith("⚠ persona no_such_persona is not in the store")
 
 
+def test_readout_gives_the_numbers_and_tokens_still_the_html(
+    served: tuple[Any, Backend], engine: tuple[ChatEngine, str, str]
+) -> None:
+    """A client's /chat, then /readout: every token's projection at every layer for each persona
+    (null where the model never saw the token); /tokens still draws the same as HTML."""
+    client, _ = served
+    _, persona, _ = engine
+    call_chat(client, personas=[persona], layer_spec="1-2:4")
+    numbers = client.predict(api_name="/readout")
+    assert numbers["personas"] == [persona] and numbers["n_prompt"] > 0
+    values = numbers["raw"]["values"][persona]
+    assert len(values) == len(numbers["tokens"]) and len(values[0]) == len(numbers["layers"])
+    assert values[-1] == [None] * len(numbers["layers"])
+    assert all(v is not None for row in values[:-1] for v in row)
+    html = client.predict(layer=1, api_name="/tokens")
+    assert html.count('class="pc-tok pc-') == len(numbers["tokens"])
+    # the strength of a preset over the API, and a strength far past the residual norm
+    _, _, _, status, _ = call_chat(
+        client, personas=[persona], preset="all layers", strength=1000, max_new_tokens=4
+    )
+    assert status.startswith(f"Done. Blend 1·{persona} at 0-") and ":1000 (raw)" in status
+    assert "⚠ This strength adds" in status
+
+
 def test_other_endpoints_answer(served: tuple[Any, Backend]) -> None:
     client, _ = served
     info = client.predict(model_id=CONFIG.model, api_name="/load_model")
@@ -237,11 +265,10 @@ def test_other_endpoints_answer(served: tuple[Any, Backend]) -> None:
     assert client.predict(api_name="/stop") == "Nothing is generating."
     endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {"/chat", "/retry", "/undo", "/clear", "/tokens", "/persona_map"} <= endpoints
+    assert {"/readout", "/heatmap", "/layer_plot", "/vector_file", "/blend_info"} <= endpoints
 
 
 def test_analysis_endpoint_answers_with_findings_and_figures(served: tuple[Any, Backend]) -> None:
-    from PIL import Image
-
     from personachat.analysis.inputs import analysis_inputs, default_dataset
 
     client, backend = served
@@ -251,9 +278,9 @@ def test_analysis_endpoint_answers_with_findings_and_figures(served: tuple[Any, 
     assert text.startswith("**Persona analysis of") and f"({', '.join(names)})" in text
     assert "preference questions (placement early" in text
     collapse = images[0]  # ui.ANALYSIS_FIGURES starts with the collapse figure
-    assert collapse["visible"] is True
-    with Image.open(collapse["value"]) as image:
-        assert image.size[0] > 300 and image.size[1] > 150
+    assert collapse["visible"] is True and collapse["value"]["type"] == "plotly"
+    plot = json.loads(collapse["value"]["plot"])
+    assert plot["layout"]["title"]["text"].startswith("Persona collapse: ")
     text, *images = client.predict(model_id=CONFIG.model, personas=["nobody"], api_name="/analysis")
     assert text.startswith("⚠ The analysis of") and "unknown personas ['nobody']" in text
     assert all(u["visible"] is False and u.get("value") is None for u in images)

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import html
 import inspect
+import json
 import re
 import threading
 from pathlib import Path
@@ -175,8 +176,15 @@ USER = [{"role": "user", "content": "Tell me about the ocean."}]
 
 
 def test_load_offers_the_registered_personas_sets_and_kinds(h: Handlers) -> None:
-    info, personas, sets, offer, slider, kinds, dataset, direction, status = h.load(MODEL)
+    loaded = h.load(MODEL)
+    info, personas, sets, offer, slider, kinds, dataset, direction = loaded[:8]
+    direction_from, note, examples, recipes, _, vector_personas, _, side, status = loaded[8:]
     assert dataset["value"] == "personas"  # not the bundled demo model
+    assert personas["value"] == [] and side is False  # the demo model's defaults are its own
+    assert recipes["visible"] is False and "Pick personas" in note
+    assert examples["samples"][0] == ["Tell me about the ocean."]
+    assert direction_from["value"] == "question_span"  # no prompt_last vectors here
+    assert vector_personas["choices"] == ["landlubber", "pirate", "poet"]
     assert personas["choices"] == ["landlubber", "pirate", "poet"]
     assert direction["choices"] == ["none", "landlubber", "pirate", "poet"]
     assert direction["value"] == "none"
@@ -213,8 +221,10 @@ def test_steered_chat_streams_the_engine_reply_and_readout(
     assert side[-1]["content"] == "—"  # side by side was off
     assert isinstance(inside, Readout) and inside.personas == ("pirate", "poet")
     assert expected.readout is not None and inside.projections is not None
-    want = np.nan_to_num(expected.readout.projections.numpy())
+    want = expected.readout.projections.numpy()
     np.testing.assert_allclose(inside.projections, want, rtol=1e-6, atol=1e-6)
+    assert np.isnan(inside.projections[-1]).all()  # never fed through the model: no value
+    assert np.isfinite(inside.projections[:-1]).all()
     assert inside.n_prompt == expected.readout.prompt_len
     assert tokens_html.count('class="pc-tok pc-') == 2 * len(inside.tokens)
 
@@ -335,8 +345,10 @@ def test_directional_ablation_matches_the_engine(
     assert status == f"Done. {verb} at layers 1-2{where}."
     assert inside.personas == tuple(READ)
     assert inside.projections is not None and expected.readout is not None
-    want = np.nan_to_num(expected.readout.projections.numpy())
+    want = expected.readout.projections.numpy()
     np.testing.assert_allclose(inside.projections, want, rtol=1e-6, atol=1e-6)
+    assert np.isnan(inside.projections[-1]).all()  # never fed through the model: no value
+    assert np.isfinite(inside.projections[:-1]).all()
     # the readout comes after the ablation: at layers 1-2 and the ablated tokens, pirate's
     # component sits at the level (its exact opposite, landlubber, at minus it)
     baseline = baseline_levels(store_root, "pirate")
@@ -354,7 +366,7 @@ def test_directional_ablation_matches_the_engine(
     if unablated is not None:  # the reply's tokens keep their own level
         assert np.abs(unablated - level[1:]).max() > 1e-2
     if positions == "generated":  # the prompt reads as if nothing were ablated
-        plain_readout = np.nan_to_num(plain.readout.projections.numpy())  # type: ignore[union-attr]
+        plain_readout = plain.readout.projections.numpy()  # type: ignore[union-attr]
         np.testing.assert_allclose(inside.projections[:n], plain_readout[:n], atol=1e-5)
 
 
@@ -453,7 +465,7 @@ def test_typed_neurons_are_ablated_and_ablation_toggles_off(
 
 
 def readout(reply: Any) -> np.ndarray:
-    return np.nan_to_num(reply.readout.projections.numpy())
+    return reply.readout.projections.numpy()
 
 
 WHOLE_MLPS = "1:0-63,2:0-63"
@@ -552,7 +564,7 @@ def test_a_patching_set_is_mean_ablated_at_the_prompt(h: Handlers, engine: ChatE
     history, _, _, status, _, inside = steps[-1]
     assert history[-1]["content"] == expected.text
     np.testing.assert_allclose(inside.projections, readout(expected), atol=1e-6)
-    assert np.abs(readout(expected) - readout(plain)).max() > 1e-3
+    assert np.nanmax(np.abs(readout(expected) - readout(plain))) > 1e-3
     assert status == f"Done. Ablating 4 MLP units ({PATCH_SET}) by mean (prompt tokens)."
 
 
@@ -622,7 +634,8 @@ BAD_INPUTS = [
     ),
     (
         {"direction": "pirate", "direction_positions": "middle"},
-        "Direction positions must be one of 'all', 'prompt', 'generated'; got 'middle'.",
+        "Direction positions must be one of 'all', 'prompt', 'last prompt token', 'generated'; "
+        "got 'middle'.",
     ),
     (
         {"neuron_sets": [SET], "ablation": "mean", "ablation_positions": "end"},
@@ -802,15 +815,23 @@ def test_tokens_view_and_heatmap_show_the_readout(h: Handlers, store_root: Path)
     assert "".join(inside.tokens[: inside.n_prompt]) == prompt
     titles = [html.unescape(t) for t in re.findall(r'title="([^"]*)"', html_text)]
     assert titles[inside.n_prompt - 1].startswith(repr(inside.tokens[inside.n_prompt - 1]))
-    image = h.heatmap(inside, "pirate")
-    assert image is not None and image.ndim == 3 and image.shape[2] == 3
+    plot = json.loads(h.heatmap(inside, "pirate").plot)  # Plotly: values on hover
+    heat = plot["data"][0]
+    assert heat["type"] == "heatmap" and "value %{z:.3f}" in heat["hovertemplate"]
+    grid = np.array([[np.nan if v is None else v for v in row] for row in heat["z"]]).T
+    np.testing.assert_allclose(grid[:, 2], expected, rtol=1e-3, atol=1e-3)
+    assert heat["z"][2][-1] is None  # the last token was never fed through: blank, not 0
+    assert plot["layout"]["xaxis"]["ticktext"][0] == "<|im_start|>"[:9] + "…"
+    assert plot["config"]["displaylogo"] is False
     assert h.heatmap(Readout()) is None
     assert "Send a message" in h.tokens(None, 0)
 
 
 def test_layer_plot_store_tables_and_persona_map(h: Handlers, store_root: Path) -> None:
-    plot = h.layer_plot(MODEL, ["pirate", "poet"])
-    assert plot is not None and plot.shape[2] == 3
+    plot = json.loads(h.layer_plot(MODEL, ["pirate", "poet"]).plot)
+    names = [trace["name"] for trace in plot["data"]]
+    assert names == ["pirate AUC", "pirate separation", "poet AUC", "poet separation"]
+    assert plot["data"][0]["y"] == pytest.approx([0.6, 0.9, 0.7])
     personas, models, metrics, sets = h.store_tables(MODEL)
     assert set(personas["persona"]) == {"default", "pirate", "poet", "landlubber"}
     assert list(models["model"]) == [MODEL] and int(models["layers"][0]) == 3
@@ -830,8 +851,10 @@ def test_layer_plot_store_tables_and_persona_map(h: Handlers, store_root: Path) 
     assert point is not None
     np.testing.assert_allclose(point, (direct - base).numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(residual_mean(tiny(), history, 1), direct.numpy(), atol=1e-5)
-    image = h.persona_map(MODEL, history, 1, ["pirate"])
-    assert image is not None and image.shape[2] == 3
+    points = json.loads(h.persona_map(MODEL, history, 1, ["pirate"]).plot)["data"]
+    assert (
+        points[0]["text"] == ["landlubber", "pirate", "poet"] and points[1]["name"] == "this chat"
+    )
     with pytest.warns(UserWarning, match="out of range"):
         assert h.persona_map(MODEL, history, 7, []) is None
 
@@ -931,16 +954,19 @@ def test_analysis_tab_finds_the_planted_collapse_on_the_demo_model() -> None:
     inputs = analysis_inputs("demo", ANALYSED)
     lm = backend.lm(DEMO)
     collapse = persona_collapse(lm, inputs.personas, inputs.items, progress=False)
-    assert f"- {collapse_finding(collapse)}" in text
+    assert f"<li>{collapse_finding(collapse)}</li>" in text  # the details, folded
+    assert "\n\n1. Different personas often give the same answer: on 7 of 7" in text  # plain
+    assert "2. Yet the persona is still there inside" in text and "\n3. " in text
     assert "Collapse on 7 of 7 preference questions (placement early" in text
     assert "personas with an answer of their own somewhere: pirate." in text
     assert "Patching pirate -> " in text and "Circuit: patching" in text
     shown = {key: u for (key, _), u in zip(ANALYSIS_FIGURES, images, strict=True)}
     for key in ("collapse", "probe", "persona_space", "assistant_axis", "patching_0", "heads_0"):
-        image = shown[key]["value"]
         assert shown[key]["visible"] is True, key
-        assert image.dtype == np.uint8 and image.shape[0] > 150 and image.shape[2] == 3, key
-        assert image.std() > 10, key  # a drawn figure, not a blank canvas
+        plot = json.loads(shown[key]["value"].plot)  # interactive: values on hover
+        assert plot["data"] and plot["layout"]["title"]["text"], key
+    bars = json.loads(shown["collapse"]["value"].plot)["data"][0]
+    assert bars["y"] == pytest.approx([q.modal_share for q in collapse.questions])
     # a second session reuses the result; a bad persona list says what is wrong, page goes on
     assert backend.analyze(DEMO, personas=ANALYSED) is backend.analyze(DEMO, personas=ANALYSED)
     text, *images = Handlers(backend).analysis(DEMO, ["pirate", "nobody"])
@@ -989,3 +1015,236 @@ def test_a_patching_set_picked_in_the_page_removes_the_pirate(tmp_path: Path) ->
     keys = [q.key for q in questions]
     assert demo.fact_retention(ablated, keys) >= 0.9 * demo.fact_retention(prompted, keys) > 0
     backend.close()
+
+
+# --- the page as its users expect it: sliders, the prompted column, sharing, downloads ---------
+
+
+def test_the_prompted_column_is_the_engine_reply_under_the_personas_own_prompt(
+    h: Handlers, engine: ChatEngine
+) -> None:
+    inputs = ChatInputs(MODEL, ["pirate"], "", "0-2:8", side_by_side=True, max_new_tokens=12)
+    turns = list(h.turns("Tell me about the ocean.", [], [], [], inputs, prompted=True))
+    last = turns[-1]
+    under_prompt = engine.reply(
+        [{"role": "system", "content": PROMPTS["pirate"]}, *USER],
+        GenerationSettings(max_new_tokens=12),
+    )
+    assert last.prompted == [*USER, {"role": "assistant", "content": under_prompt.text}]
+    assert last.history[-1]["content"] != under_prompt.text  # steered, not prompted
+    assert "Prompted column: pirate's own system prompt." in last.status
+    assert [t.running for t in turns] == [True] * (len(turns) - 1) + [False]  # Stop's state
+    # a blend with no positive weight has no one to prompt; a column not asked for shows "—"
+    away = ChatInputs(MODEL, ["pirate"], "-1", "0-2:2", max_new_tokens=4)
+    last = list(h.turns("Hi", [], [], [], away, prompted=True))[-1]
+    assert last.prompted[-1]["content"].startswith("(no persona with a positive weight")
+    assert list(h.turns("Hi", [], [], [], away))[-1].prompted[-1]["content"] == "—"
+
+
+def test_presets_and_bare_layers_take_the_strength_at_send_time(h: Handlers) -> None:
+    """The strength slider applies as it is when the message is sent: no layer spec to fill
+    first. A preset places it around the best layer; a bare layer in the spec takes it."""
+    band = chat(h, personas=["pirate"], preset="band", strength=3, layer_spec="stale:junk")
+    assert band[-1][3].startswith("Done. Blend 1·pirate at 0-2:3 (raw).")
+    bare = chat(h, personas=["pirate"], preset="custom", strength=0.5, layer_spec="1-2")
+    assert bare[-1][3].startswith("Done. Blend 1·pirate at 1-2:0.5 (raw).")
+
+
+def test_a_strength_far_past_the_residual_norm_warns_and_an_absurd_one_is_refused(
+    h: Handlers,
+) -> None:
+    with pytest.warns(UserWarning, match="the residual stream's own norm at layer"):
+        steps = chat(h, personas=["pirate"], layer_spec="1:1000")
+    assert steps[-1][3].startswith("Done.") and "⚠ This strength adds" in steps[-1][3]
+    with pytest.warns(UserWarning, match="the model's numbers are meaningless"):
+        steps = chat(h, personas=["pirate"], layer_spec="1:1e40")
+    assert steps[-1][0] == [] and re.match(r"⚠ This strength adds [\d.]+e\+39x", steps[-1][3])
+    blend = h.blend_info(MODEL, ["pirate"], "", "1:1000")
+    assert blend.startswith("Blend 1·pirate at 1:1000 (raw).") and "⚠ This strength" in blend
+
+
+def test_sliders_follow_the_personas_and_rescale_with_the_units(h: Handlers) -> None:
+    from personachat.app.strength import Norms, convert, hint, slider_range
+
+    out = h.steering_controls(MODEL, ["pirate", "poet"], "poet=-0.5", "band", 2.0, "raw")
+    sliders, strength, spec = out[:4], out[4], out[5]
+    assert [s["visible"] for s in sliders] == [True, True, False, False]
+    assert [(s["label"], s["value"]) for s in sliders[:2]] == [("pirate", 1.0), ("poet", -0.5)]
+    assert spec == "0-2:2" and strength["value"] == 2.0
+    assert "1 adds the vector as extracted" in strength["info"]
+    norms = h.backend.limits(MODEL).norms["pirate"]
+    assert strength["maximum"] == slider_range("raw", norms)[0]
+    calibrated = h.units_changed(MODEL, ["pirate"], "", "band", 2.0, "x residual norm")[4]
+    assert calibrated["value"] == pytest.approx(2.0 * norms.ratio(), abs=0.01)
+    assert calibrated["maximum"] == 4.0 and "residual stream's own norm" in calibrated["info"]
+    # the same push either way: raw 1 = |v| / resid residual norms (the median over layers)
+    toy = Norms(vector=(1.0, 2.0, 3.0), resid=(10.0, 10.0, 10.0))
+    assert toy.ratio() == 0.2 and convert(5.0, "raw", "x residual norm", toy) == 1.0
+    assert convert(1.0, "x residual norm", "raw", toy) == 5.0
+    assert "about 0.20x the residual stream's norm" in hint("raw", toy)
+
+
+def test_a_link_carries_the_settings_and_opening_it_restores_them(h: Handlers) -> None:
+    from personachat.app.share import SHARED, parse_query, share_query
+
+    values = dict(zip(SHARED, [gr.skip()] * len(SHARED), strict=True))
+    values.update(
+        personas=["pirate", "poet"], weights="pirate=1, poet=-0.5", layer_spec="2-3",
+        preset="custom", strength=3.0, side_by_side=True, prompted=False,
+        direction_positions="last prompt token", units="x residual norm",
+    )  # fmt: skip
+    link = h.share(*[values[name] for name in SHARED])["value"]
+    assert link.startswith("?") and "personas=pirate%2Cpoet" in link and "strength=3&" in link
+    query = dict(pair.split("=", 1) for pair in link[1:].split("&"))
+    from urllib.parse import unquote_plus
+
+    restored = h.restore(gr.Request(query_params={k: unquote_plus(v) for k, v in query.items()}))
+    by_name = dict(zip(SHARED, restored[:-1], strict=True))
+    assert by_name["personas"] == ["pirate", "poet"] and by_name["strength"] == 3.0
+    assert by_name["side_by_side"] is True and by_name["prompted"] is False
+    assert by_name["direction_positions"] == "last prompt token"
+    assert by_name["units"] == "x residual norm" and restored[-1].startswith("Settings restored")
+    # a hand-edited link never breaks the page: what cannot be read is left as it is
+    assert parse_query({"units": "furlongs", "strength": "lots", "seed": "nan", "x": "1"}) == {}
+    assert share_query({"personas": [], "prompted": True}) == "?personas=&prompted=1"
+    assert all(u == gr.skip() for u in h.restore(gr.Request()))
+
+
+def test_the_conversation_and_readout_download_as_json(h: Handlers) -> None:
+    steps = chat(h, personas=["pirate"], layer_spec="1:4", side_by_side=True)
+    history, side, _, _, _, inside = steps[-1]
+    numbers = h.readout_numbers(inside)
+    assert numbers["tokens"] == list(inside.tokens) and numbers["personas"] == ["pirate"]
+    values = numbers["raw"]["values"]["pirate"]
+    assert len(values) == len(inside.tokens) and len(values[0]) == 3
+    assert values[-1] == [None, None, None]  # the last token: no projection, null not 0
+    assert values[0][1] == pytest.approx(float(inside.projections[0, 1, 0]), abs=1e-5)
+    assert numbers["scaled"]["unit"] == "0 = baseline mean, 1 = persona mean"
+    assert numbers["steered_tokens"] == [0, len(inside.tokens)]  # positions "all"
+    update = h.conversation_file(history, side, [], inside)
+    record = json.loads(Path(update["value"]).read_text())
+    assert record["conversation"] == history and record["plain"] == side
+    assert record["settings"]["layer_spec"] == "1:4" and record["settings"]["personas"] == [
+        "pirate"
+    ]
+    assert record["readout"] == json.loads(json.dumps(numbers))
+    assert h.conversation_file([], [], [], None)["interactive"] is False
+    assert h.readout_numbers(None)["tokens"] == []
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".gguf"])
+def test_a_vector_downloads_and_loads_back_bit_for_bit(
+    h: Handlers, store_root: Path, suffix: str
+) -> None:
+    from personachat.store.formats import read_vector
+
+    path = Path(h.vector_file(MODEL, "pirate", "question_span", suffix) or "")
+    assert path.name == f"pirate.question_span{suffix}"
+    with Store(store_root, read_only=True) as store:
+        stored = store.load_vector(MODEL, "pirate")
+        info = store.model(MODEL)
+    back = read_vector(path, info)
+    layers = slice(1, None) if suffix == ".gguf" else slice(None)  # GGUF has no layer 0
+    assert torch.equal(back.vector[layers], stored.vector[layers].float())
+    with pytest.warns(UserWarning, match="Cannot export the vector"):
+        assert h.vector_file(MODEL, "kraken", "", ".safetensors") is None
+
+
+def test_undo_and_clear_empty_the_views_of_the_last_reply(h: Handlers) -> None:
+    inputs = ChatInputs(MODEL, ["pirate"], "", "0-2:2", side_by_side=True, max_new_tokens=4)
+    first = list(h.turns("One?", [], [], [], inputs, prompted=True))[-1]
+    second = list(h.turns("Two?", first.history, first.side, first.prompted, inputs,
+                          prompted=True))[-1]  # fmt: skip
+    history, side, _, _ = h.undo(second.history, second.side)
+    prompted, view, tokens, heatmap, readout, download, numbers = h.views_after(
+        history, side, second.prompted
+    )
+    assert prompted == first.prompted and history == first.history
+    assert "One?" in view and "Two?" not in view and "No reply yet" in tokens
+    assert heatmap is None and readout.projections is None and numbers is None
+    assert json.loads(Path(download["value"]).read_text())["conversation"] == history
+    assert h.views_after([], [], [])[5]["interactive"] is False
+    assert "No messages yet" in h.views_after([], [], second.prompted)[1]
+
+
+def test_the_conversation_view_lines_up_each_turns_replies() -> None:
+    from personachat.app.views import compare_html
+
+    history = [*USER, {"role": "assistant", "content": "Arr <b>"}]
+    side = [*USER, {"role": "assistant", "content": "Plain."}]
+    view = compare_html(history, side, [*USER, {"role": "assistant", "content": "—"}])
+    assert view.count('class="pc-turn"') == 1 and "--pc-cols: 2" in view  # no prompted column
+    assert "Arr &lt;b&gt;" in view and view.index("pc-steered") < view.index("pc-unsteered")
+
+
+def test_hold_keeps_a_reply_writing_until_stop(h: Handlers) -> None:
+    """The browser test's Stop: with a hold message set, the reply to it waits after its
+    first tokens until Stop arrives, whatever the machine's speed."""
+    h.backend.hold_message = "Hold on."
+    request = gr.Request(session_hash="held")
+    stream = h.turns("Hold on.", [], [], [], ChatInputs(MODEL, max_new_tokens=200), request=request)
+    next(stream)  # the user turn: generating
+    timer = threading.Timer(1.0, h.stop, [request])
+    timer.start()
+    last = list(stream)[-1]
+    assert last.status.startswith("Stopped: partial reply kept")
+    assert len(tiny().tokenizer(last.history[-1]["content"])["input_ids"]) <= 6
+    h.backend.hold_message = None
+
+
+def test_layer_plot_shows_held_out_auc_with_its_spread_when_stored(tmp_path: Path) -> None:
+    lm = tiny()
+    vector = torch.randn(3, 32)
+    metrics = LayerMetrics(
+        auc=torch.tensor([0.6, 0.9, 0.7]),
+        separation=torch.tensor([0.5, 2.0, 1.0]),
+        norm=vector.norm(dim=-1),
+        resid_norm=torch.ones(3) * 10,
+        auc_heldout=torch.tensor([0.55, 0.85, 0.6]),
+        auc_heldout_std=torch.tensor([0.05, 0.02, 0.1]),
+    )
+    with Store(tmp_path) as store:
+        store.register_model(lm.info)
+        store.register_personas([Persona("pirate", "Arr.")])
+        store.register_vectors([PersonaVector(MODEL, "pirate", vector, metrics=metrics)])
+    h = Handlers(Backend(MODEL, tmp_path, models={MODEL: lm}))
+    traces = json.loads(h.layer_plot(MODEL, ["pirate"]).plot)["data"]
+    held = next(t for t in traces if t["name"] == "pirate held-out AUC")
+    assert held["y"] == pytest.approx([0.55, 0.85, 0.6])
+    assert held["error_y"]["array"] == pytest.approx([0.05, 0.02, 0.1])
+
+
+@pytest.mark.skipif(not (ROOT / DEMO / "config.json").is_file(), reason="no bundled demo model")
+def test_the_first_message_and_the_recipes_do_what_the_demo_model_card_says() -> None:
+    """With the page's defaults on the demo model (the pirate picked, the band preset at
+    strength 2, prompt tokens, side by side) the first message gets two different replies, the
+    steered one a pirate's; each recipe then does what was measured, for another persona."""
+    from personachat.app.recipes import RECIPE_BY_KEY
+    from personachat.app.share import SHARED
+    from personachat.prompts import demo
+
+    h = Handlers(Backend(DEMO, ROOT / "store"))
+    loaded = h.load(DEMO)
+    assert loaded[1]["value"] == ["pirate"] and loaded[15] is True and "Tell me about" in loaded[9]
+    page = ChatInputs(DEMO, ["pirate"], preset="band", strength=2.0, positions="prompt",
+                      side_by_side=True)  # fmt: skip
+    first = list(h.turns("Tell me about the ocean.", [], [], [], page))[-1]
+    steered, plain = first.history[-1]["content"], first.side[-1]["content"]
+    assert steered != plain and demo.has_marker(steered, "pirate")
+    assert not demo.has_marker(plain, "pirate")
+    question = demo.eval_questions(1)[3]
+    for key, present in (("steer", True), ("neurons", False), ("direction", False)):
+        out = h.recipe(key, ["robot"])
+        values = {n: v for n, v in zip(SHARED, out[:-1], strict=True) if v != gr.skip()}
+        prompted = bool(values.pop("prompted", False))
+        inputs = dataclasses.replace(ChatInputs(DEMO, max_new_tokens=64), **values)
+        turn = list(h.turns(question.text, [], [], [], inputs, prompted=prompted))[-1]
+        assert turn.status.startswith("Done."), turn.status
+        reply, beside = turn.history[-1]["content"], turn.side[-1]["content"]
+        assert demo.has_marker(reply, "robot") is present, (key, reply)
+        assert demo.has_marker(beside, "robot") is not present, (key, beside)
+        assert demo.fact_retention([reply], question.key) == 1.0, (key, reply)
+        if prompted:  # the persona's own prompt, beside the steering
+            assert demo.has_marker(turn.prompted[-1]["content"], "robot")
+        assert RECIPE_BY_KEY[key].label in out[-1]
+    h.backend.close()

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from personachat.app import views
+from personachat.app.analysis_figures import analysis_figures
 from personachat.app.catalog import Catalog
+from personachat.app.figures import plot_json
 from personachat.app.models import is_demo
 
 Progress = Callable[[float, str], None]
@@ -45,8 +46,48 @@ class AnalysisView:
     dataset: str
     personas: tuple[str, ...]
     findings: tuple[str, ...]
-    figures: dict[str, np.ndarray]  # figure key -> RGB image
+    figures: dict[str, str]  # figure key -> Plotly JSON
     seconds: float  # how long the analysis took when it ran
+    plain: tuple[str, ...] = ()  # three findings in plain words, first on the page
+
+
+def plain_findings(result: Any) -> list[str]:
+    """The analysis in three sentences for someone new to it: do personas collapse, is the
+    persona still inside, and where does it enter the answer."""
+    c = result.collapse
+    collapsed = [q for q in c.questions if q.collapsed]
+    example = collapsed[0] if collapsed else None
+    first = (
+        f"Different personas often give the same answer: on {len(collapsed)} of "
+        f"{len(c.questions)} 'favourite X' questions at least half of the {len(c.personas)} "
+        "personas answer alike"
+        + (f" (favourite {example.key}: {example.modal_answer!r})." if example else ".")
+    )
+    probe = result.probe
+    best = float(np.nanmax(probe.accuracy)) if probe.accuracy.size else float("nan")
+    second = (
+        "Yet the persona is still there inside: a simple probe reads which persona is "
+        f"speaking from the model's activations with accuracy up to {best:.2f} "
+        f"(chance {probe.chance:.2f}), so the answer ignores it rather than losing it."
+    )
+    return [first, second, _where(result)]
+
+
+def _where(result: Any) -> str:
+    """Where the persona enters the answer, from the circuit or the patching."""
+    if result.circuit is not None:
+        nodes = [n for n in result.circuit.nodes if n != "input"]
+        return (
+            f"A few parts carry it into the answer: patching {', '.join(nodes)} (a = attention "
+            f"head, m = MLP, by layer) from one persona into another moves "
+            f"{result.circuit.restored:.0%} of the way to the other persona's answer."
+        )
+    if result.patching:
+        return (
+            "No small set of attention heads or MLPs carries it alone: the persona reaches the "
+            "answer through many parts (see the patching figures)."
+        )
+    return "Where it enters the answer was not measured (no persona pair to patch)."
 
 
 class Analyses:
@@ -64,7 +105,6 @@ class Analyses:
         personas and questions ``scripts/analyze.py`` picks for it (``personas`` narrows them),
         with the store's vectors of the model. Computed once and shared by every session until
         the store's vectors of the model change; other sessions wait for a running analysis."""
-        from personachat.analysis.figures import report_figures
         from personachat.analysis.findings import findings
         from personachat.analysis.inputs import analysis_inputs, default_dataset, stored_vectors
         from personachat.analysis.run import analyze_model
@@ -98,7 +138,7 @@ class Analyses:
                 dataset=dataset,
             )
             say(0.9, "drawing the figures")
-            figures = {k: views.figure_image(f) for k, f in report_figures(result).items()}
+            figures = {k: plot_json(f) for k, f in analysis_figures(result).items()}
             view = AnalysisView(
                 model_id=store_id,
                 dataset=dataset,
@@ -106,6 +146,7 @@ class Analyses:
                 findings=tuple(findings(result)),
                 figures=figures,
                 seconds=time.perf_counter() - start,
+                plain=tuple(plain_findings(result)),
             )
             self._views[key] = view
             say(1.0, "done")

@@ -45,8 +45,10 @@ class Backend:
         models: Any = None,
         dtype: str = "auto",
         device: str = "auto",
+        hold_message: str | None = None,
     ) -> None:
         self.default_model = default_model
+        self.hold_message = hold_message  # a test aid: see personachat.app.hold
         self.store_path = Path(store_path)
         lock = threading.RLock()  # one lock for models, store and engines
         self.models = ModelCache(lock, models, dtype=dtype, device=device)
@@ -144,6 +146,8 @@ class Backend:
             mlp_width=info.mlp_width,
             personas=tuple(sorted(engine.vectors)),
             neuron_sets=tuple(sorted(engine.neuron_sets)),
+            best_layers=browse.best_layers(engine),
+            norms=browse.norms(engine),
         )
 
     @needs_library
@@ -177,8 +181,8 @@ class Backend:
     @needs_library
     def layer_metrics(
         self, model_id: str, personas: Sequence[str], kind: str = ""
-    ) -> dict[str, tuple[list[float], list[float]]]:
-        """``{persona: (auc per layer, separation per layer)}`` of registered vectors."""
+    ) -> dict[str, browse.LayerCurves]:
+        """``{persona: LayerCurves}`` (AUC, separation, held-out AUC) of registered vectors."""
         return browse.layer_metrics(self.engine(model_id, kind), model_id, personas)
 
     @needs_library
@@ -217,7 +221,8 @@ class Backend:
         settings: Settings,
         messages: Sequence[dict[str, Any]],
         stop: threading.Event | None = None,
+        hold: bool = False,
     ) -> Iterator[Step]:
         """Check the request now (raising before anything runs), then return an iterator that
-        streams the reply to ``messages`` under ``settings``."""
-        return generate(self.catalog, model_id, settings, messages, stop)
+        streams the reply to ``messages`` under ``settings`` (``hold``: see ``app.hold``)."""
+        return generate(self.catalog, model_id, settings, messages, stop, hold)

@@ -1,10 +1,25 @@
 """What the page reads about registered vectors: the best layer of a persona, quality by layer,
-and the store browser's tables (pandas data frames, as ``gr.Dataframe`` shows them)."""
+the norms that size a strength, and the store browser's tables (pandas data frames, as
+``gr.Dataframe`` shows them)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
+
+from personachat.app.strength import Norms
+
+
+@dataclass(frozen=True)
+class LayerCurves:
+    """A vector's quality by layer: AUC and separation, and the held-out AUC (mean over folds)
+    with its spread when the extraction computed them (None otherwise)."""
+
+    auc: list[float]
+    separation: list[float]
+    auc_heldout: list[float] | None = None
+    auc_heldout_std: list[float] | None = None
 
 
 def best_layer(engine: Any, personas: Sequence[str]) -> int:
@@ -16,17 +31,45 @@ def best_layer(engine: Any, personas: Sequence[str]) -> int:
     return int(engine.lm.info.n_layers // 2)
 
 
-def layer_metrics(
-    engine: Any, model_id: str, personas: Sequence[str]
-) -> dict[str, tuple[list[float], list[float]]]:
-    """``{persona: (auc per layer, separation per layer)}`` of registered vectors."""
+def best_layers(engine: Any) -> dict[str, int]:
+    """Every persona's best layer (of those whose vector has metrics)."""
+    return {
+        name: int(v.metrics.best_layer)
+        for name, v in engine.vectors.items()
+        if v.metrics is not None
+    }
+
+
+def norms(engine: Any) -> dict[str, Norms]:
+    """Every persona's vector norm and residual norm per layer (of those with metrics)."""
+    return {
+        name: Norms(
+            tuple(float(x) for x in v.metrics.norm), tuple(float(x) for x in v.metrics.resid_norm)
+        )
+        for name, v in engine.vectors.items()
+        if v.metrics is not None
+    }
+
+
+def _listed(values: Any) -> list[float] | None:
+    return None if values is None else [float(x) for x in values]
+
+
+def layer_metrics(engine: Any, model_id: str, personas: Sequence[str]) -> dict[str, LayerCurves]:
+    """``{persona: LayerCurves}`` of registered vectors (those with metrics)."""
     out = {}
     for name in personas:
         vector = engine.vectors.get(name)
         if vector is None:
             raise KeyError(f"persona {name!r} is not registered for {model_id}")
-        if vector.metrics is not None:
-            out[name] = (vector.metrics.auc.tolist(), vector.metrics.separation.tolist())
+        m = vector.metrics
+        if m is not None:
+            out[name] = LayerCurves(
+                [float(x) for x in m.auc],
+                [float(x) for x in m.separation],
+                _listed(m.auc_heldout),
+                _listed(m.auc_heldout_std),
+            )
     return out
 
 

@@ -1,24 +1,29 @@
 """The page's chat actions: send, retry, stop, undo and clear.
 
-``chat`` takes the page's settings as one ``ChatInputs``, checks them into ``Settings`` once and
-streams the backend's reply, at most one page update per ``STREAM_INTERVAL_S``; its last update
-carries the reply's ``Readout`` for the session's state. Each session's running generation has
-a stop event, so Stop ends that session's reply and keeps what was written.
+``turns`` takes the page's settings as one ``ChatInputs``, checks them into ``Settings`` once
+and streams the backend's reply as ``Turn``s, at most one page update per
+``STREAM_INTERVAL_S``; the last one carries the reply's ``Readout`` for the session's state.
+``chat`` and ``retry`` give the API's tuples of those turns; the page's own events take more of
+each turn (the prompted column, the Stop button). Each session's running generation has a stop
+event, so Stop ends that session's reply and keeps what was written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 
 from personachat.app.backend import Backend
+from personachat.app.export import conversation_file
 from personachat.app.generation import Step
 from personachat.app.handler_base import HandlerBase, Messages, gpu
 from personachat.app.readout import Readout, readout_html
@@ -29,11 +34,35 @@ from personachat.app.settings import (
     check_message,
     parse_settings,
 )
-from personachat.app.views import empty_html
+from personachat.app.views import compare_html, empty_html
 
 log = logging.getLogger(__name__)
 
 STREAM_INTERVAL_S = 0.05  # at most 20 page updates a second while a reply streams
+OFF = "—"  # the reply of a column that was not asked for in a turn
+NO_REPLY = "No reply yet."
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One update of the page while a message is answered: the three conversations (steered,
+    unsteered beside it, under the persona's own prompt), the message box, the status, the
+    tokens view and the readout (``gr.skip()`` where nothing changes), and whether the reply
+    is still being written."""
+
+    history: Messages
+    side: Messages
+    prompted: Messages
+    box: Any
+    status: str
+    tokens: Any
+    readout: Any
+    running: bool = False
+
+    def api(self) -> tuple[Any, ...]:
+        """The ``/chat`` endpoint's outputs: (history, side_history, message box, status,
+        tokens html, readout)."""
+        return self.history, self.side, self.box, self.status, self.tokens, self.readout
 
 
 def _text(message: dict[str, Any]) -> str:
@@ -62,18 +91,9 @@ class ChatHandlers(HandlerBase):
     ) -> Iterator[tuple[Any, ...]]:
         """Send ``message`` under ``inputs`` and stream the (steered) reply; yields (history,
         side_history, message box, status, tokens html at ``view_layer``, readout)."""
-        history = list(history or [])
-        side = list(side_history or [])
-        model_id = self.model_id(inputs.model_id)
-        try:
-            text = check_message(message)
-            settings = parse_settings(
-                self.backend.limits(model_id, inputs.vectors_from or ""), inputs
-            )
-        except Exception as err:
-            yield self._refuse(err, history, side, message, readout)
-            return
-        yield from self._reply(model_id, settings, history, side, text, view_layer, request)
+        asked = (message, history, side_history, None, inputs, view_layer, readout, request)
+        for turn in self.turns(*asked):
+            yield turn.api()
 
     def retry(
         self,
@@ -85,11 +105,60 @@ class ChatHandlers(HandlerBase):
         request: gr.Request | None = None,
     ) -> Iterator[tuple[Any, ...]]:
         """Drop the last reply and generate it again under ``inputs``."""
-        history, side, last = self._pop_turn(history, side_history)
-        if last is None:
-            yield self._refuse(InputError("Nothing to retry yet."), history, side, "", readout)
+        asked = (history, side_history, None, inputs, view_layer, readout, request)
+        for turn in self.retry_turns(*asked):
+            yield turn.api()
+
+    def turns(
+        self,
+        message: str | None,
+        history: Messages | None,
+        side_history: Messages | None,
+        prompted_history: Messages | None,
+        inputs: ChatInputs,
+        view_layer: float = 0,
+        readout: Readout | None = None,
+        request: gr.Request | None = None,
+        prompted: bool = False,
+    ) -> Iterator[Turn]:
+        """Send ``message`` under ``inputs`` (and, with ``prompted``, also under the lead
+        persona's own system prompt) and stream the page's ``Turn``s."""
+        history = list(history or [])
+        side = list(side_history or [])
+        before = list(prompted_history or [])
+        model_id = self.model_id(inputs.model_id)
+        try:
+            text = check_message(message)
+            limits = self.backend.limits(model_id, inputs.vectors_from or "")
+            settings = dataclasses.replace(parse_settings(limits, inputs), prompted=prompted)
+        except Exception as err:
+            yield self._refuse(err, history, side, before, message, readout)
             return
-        yield from self.chat(last, history, side, inputs, view_layer, readout, request)
+        for warning in settings.warnings:
+            gr.Warning(warning)
+        record = {**dataclasses.asdict(inputs), "message": text, "prompted": prompted}
+        conversation = (model_id, settings, history, side, before, text)
+        yield from self._reply(*conversation, view_layer, request, record)
+
+    def retry_turns(
+        self,
+        history: Messages | None,
+        side_history: Messages | None,
+        prompted_history: Messages | None,
+        inputs: ChatInputs,
+        view_layer: float = 0,
+        readout: Readout | None = None,
+        request: gr.Request | None = None,
+        prompted: bool = False,
+    ) -> Iterator[Turn]:
+        """Drop the last reply and generate it again under ``inputs``."""
+        history, side, before, last = self.pop_turn(history, side_history, prompted_history)
+        if last is None:
+            error = InputError("Nothing to retry yet.")
+            yield self._refuse(error, history, side, before, "", readout)
+            return
+        again = (last, history, side, before, inputs, view_layer, readout, request, prompted)
+        yield from self.turns(*again)
 
     def stop(self, request: gr.Request | None = None) -> str:
         """Stop this session's running generation; the partial reply is kept."""
@@ -108,14 +177,29 @@ class ChatHandlers(HandlerBase):
         self, history: Messages | None, side_history: Messages | None
     ) -> tuple[Messages, Messages, str, str]:
         """Remove the last turn; its message goes back into the box."""
-        history, side, last = self._pop_turn(history, side_history)
+        history, side, _, last = self.pop_turn(history, side_history, None)
         if last is None:
             return history, side, "", "Nothing to undo."
         return history, side, last, "Last turn removed."
 
     def clear(self) -> tuple[Messages, Messages, str, str, Readout]:
         """Start a new conversation."""
-        return [], [], "Conversation cleared.", empty_html("No reply yet."), Readout()
+        return [], [], "Conversation cleared.", empty_html(NO_REPLY), Readout()
+
+    def views_after(
+        self, history: Messages | None, side: Messages | None, prompted: Messages | None
+    ) -> tuple[Any, ...]:
+        """After Undo or Clear: the prompted conversation cut to the turns left, the
+        conversation view, the views of the last reply emptied and the download holding what
+        is left. Returns (prompted conversation, conversation view, tokens, heatmap, readout,
+        download, numbers)."""
+        turns = sum(1 for m in history or [] if m.get("role") == "user")
+        users = [i for i, m in enumerate(prompted or []) if m.get("role") == "user"]
+        third = list(prompted or [])[: users[turns]] if len(users) > turns else list(prompted or [])
+        view = compare_html(history or [], side or [], third)
+        path = conversation_file(history or [], side or [], third, None)
+        download = gr.update(value=str(path) if path else None, interactive=path is not None)
+        return third, view, empty_html(NO_REPLY), None, Readout(), download, None
 
     @gpu
     def _reply(
@@ -124,23 +208,32 @@ class ChatHandlers(HandlerBase):
         settings: Settings,
         history: Messages,
         side: Messages,
+        before: Messages,
         text: str,
         view_layer: float,
         request: gr.Request | None,
-    ) -> Iterator[tuple[Any, ...]]:
+        record: dict[str, Any],
+    ) -> Iterator[Turn]:
         key, stop = self._stop_event(request)
         conversation = [*history, {"role": "user", "content": text}]
+        hold = text == self.backend.hold_message
         try:
-            steps = self.backend.generate(model_id, settings, conversation, stop)
+            steps = self.backend.generate(model_id, settings, conversation, stop, hold)
         except Exception as err:  # checked before generation: nothing changed
             self._forget(key, stop)
-            yield self._refuse(err, history, side, text, None)
+            yield self._refuse(err, history, side, before, text, None)
             return
+        user = {"role": "user", "content": text}
         history = [*conversation, {"role": "assistant", "content": ""}]
-        side = [*side, {"role": "user", "content": text}]
-        side.append({"role": "assistant", "content": "" if settings.side_by_side else "—"})
+        side = [*side, user, {"role": "assistant", "content": "" if settings.side_by_side else OFF}]
+        prompted = [
+            *before,
+            user,
+            {"role": "assistant", "content": "" if settings.prompted else OFF},
+        ]
         status = self.backend.settings_summary(model_id, settings)
-        yield history, side, "", f"Generating… {status}".strip(), gr.skip(), gr.skip()
+        skip = gr.skip()
+        yield Turn(history, side, prompted, "", f"Generating… {status}".strip(), skip, skip, True)
         step: Step | None = None
         try:
             shown = -math.inf  # the first token always shows (monotonic may start near 0)
@@ -148,25 +241,43 @@ class ChatHandlers(HandlerBase):
                 history[-1] = {"role": "assistant", "content": step.text}
                 if settings.side_by_side:
                     side[-1] = {"role": "assistant", "content": step.side_text or ""}
+                if settings.prompted:
+                    prompted[-1] = {"role": "assistant", "content": step.prompted_text or ""}
                 # a page update per token floods the browser on a fast model (and then the
                 # Stop button waits behind the renders): at most one update per interval
                 if time.monotonic() - shown >= STREAM_INTERVAL_S or step.done:
                     shown = time.monotonic()
-                    yield history, side, "", f"Generating… {status}".strip(), gr.skip(), gr.skip()
+                    words = f"Generating… {status}".strip()
+                    yield Turn(history, side, prompted, "", words, skip, skip, True)
         except Exception as err:
-            yield self._refuse(err, history[:-2], side[:-2], text, None)
+            yield self._refuse(err, history[:-2], side[:-2], prompted[:-2], text, None)
             return
         finally:
             self._forget(key, stop)
+        chats = (history, side, prompted)
+        yield self._done(model_id, step, stop, status, view_layer, chats, record)
+
+    @staticmethod
+    def _done(
+        model_id: str,
+        step: Step | None,
+        stop: threading.Event,
+        status: str,
+        view_layer: float,
+        chats: tuple[Messages, Messages, Messages],
+        record: dict[str, Any],
+    ) -> Turn:
+        """The last update of a reply: its readout (with the ``record`` of the page's inputs),
+        the tokens view and the final status."""
         readout = step.readout if step is not None else None
-        readout = readout or Readout(model_id=model_id)
+        readout = dataclasses.replace(readout or Readout(model_id=model_id), settings=record)
         done = "Stopped: partial reply kept." if stop.is_set() else "Done."
         if step is not None and step.dropped:
             done += f" ({step.dropped} oldest turns left out to fit the model's context.)"
         if step is not None and step.render_warnings:
             done += " ⚠ " + " ".join(step.render_warnings)
         html = readout_html(readout, view_layer)
-        yield history, side, "", f"{done} {status}".strip(), html, readout
+        return Turn(*chats, "", f"{done} {status}".strip(), html, readout, False)
 
     def _stop_event(self, request: gr.Request | None) -> tuple[str, threading.Event]:
         key = getattr(request, "session_hash", None) or uuid.uuid4().hex
@@ -182,29 +293,37 @@ class ChatHandlers(HandlerBase):
                 del self._stops[key]
 
     @staticmethod
-    def _pop_turn(
-        history: Messages | None, side_history: Messages | None
-    ) -> tuple[Messages, Messages, str | None]:
-        history, side = list(history or []), list(side_history or [])
+    def pop_turn(
+        history: Messages | None, side_history: Messages | None, prompted: Messages | None
+    ) -> tuple[Messages, Messages, Messages, str | None]:
+        """The conversations without their last turn, and that turn's message (None: none)."""
+        history, side, third = list(history or []), list(side_history or []), list(prompted or [])
         users = [i for i, m in enumerate(history) if m.get("role") == "user"]
         if not users:
-            return history, side, None
+            return history, side, third, None
         last = _text(history[users[-1]])
-        side_users = [i for i, m in enumerate(side) if m.get("role") == "user"]
-        return history[: users[-1]], side[: side_users[-1]] if side_users else side, last
+
+        def cut(messages: Messages) -> Messages:
+            at = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+            return messages[: at[-1]] if at else messages
+
+        return history[: users[-1]], cut(side), cut(third), last
 
     @staticmethod
     def _refuse(
         err: BaseException,
         history: Messages,
         side: Messages,
+        prompted: Messages,
         message: str | None,
         readout: Readout | None,
-    ) -> tuple[Any, ...]:
+    ) -> Turn:
         if not isinstance(err, InputError | ValueError | KeyError):
             log.exception("chat failed")
         # a KeyError's str() is its quoted repr; other messages may end in a quote ('zero')
         text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         text = text.strip() or type(err).__name__
         gr.Warning(text)
-        return history, side, message or "", f"⚠ {text}", gr.skip(), readout or Readout()
+        return Turn(
+            history, side, prompted, message or "", f"⚠ {text}", gr.skip(), readout or Readout()
+        )

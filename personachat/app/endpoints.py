@@ -1,5 +1,6 @@
 """The ``/chat`` and ``/retry`` endpoints: the page's settings as keyword parameters outside, one
-``ChatInputs`` inside.
+``ChatInputs`` inside; and the page's own send and retry, which take and give more (the
+prompted column, the conversation view, the Stop button).
 
 Gradio names an endpoint's parameters after the function it calls (``inspect.signature``, which
 reads ``__signature__``) and finds the request parameter by its type hint
@@ -20,10 +21,11 @@ from typing import Any
 
 import gradio as gr
 
-from personachat.app.chat_handlers import ChatHandlers
+from personachat.app.chat_handlers import ChatHandlers, Turn
 from personachat.app.handler_base import Messages
 from personachat.app.readout import Readout
 from personachat.app.settings import ChatInputs
+from personachat.app.views import compare_html
 
 Endpoint = Callable[..., Iterator[tuple[Any, ...]]]
 
@@ -37,6 +39,10 @@ VIEW = (
     Parameter("readout", _NAMED, default=None, annotation=Readout | None),
 )
 REQUEST = Parameter("request", _NAMED, default=None, annotation=gr.Request | None)
+PAGE = (  # the page's own: the prompted conversation and whether to write it
+    Parameter("prompted_history", _NAMED, default=None, annotation=Messages | None),
+    Parameter("prompted", _NAMED, default=False, annotation=bool),
+)
 
 
 def settings_parameters() -> list[Parameter]:
@@ -49,11 +55,12 @@ def settings_parameters() -> list[Parameter]:
     return out
 
 
-def signature(head: Sequence[Parameter]) -> Signature:
-    """``head``, the settings with the view's parameters before ``LATER``, and the request."""
+def signature(head: Sequence[Parameter], tail: Sequence[Parameter] = ()) -> Signature:
+    """``head``, the settings with the view's parameters before ``LATER``, ``tail`` and the
+    request."""
     settings = settings_parameters()
     at = [p.name for p in settings].index(LATER)
-    return Signature([*head, *settings[:at], *VIEW, *settings[at:], REQUEST])
+    return Signature([*head, *settings[:at], *VIEW, *settings[at:], *tail, REQUEST])
 
 
 def _bind(sig: Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -112,3 +119,53 @@ def retry_endpoint(chats: ChatHandlers) -> Endpoint:
         )
 
     return _as_endpoint(retry, sig)
+
+
+def page_update(turn: Turn) -> tuple[Any, ...]:
+    """What the page's own send and retry update: the API's outputs, then the prompted
+    conversation, the conversation view and the Stop button (enabled while writing)."""
+    view = compare_html(turn.history, turn.side, turn.prompted)
+    return (*turn.api(), turn.prompted, view, gr.update(interactive=turn.running))
+
+
+def page_chat_endpoint(chats: ChatHandlers) -> Endpoint:
+    """The page's send: ``/chat``'s parameters plus the prompted conversation (private)."""
+    sig = signature([MESSAGE, HISTORY, SIDE_HISTORY], PAGE)
+
+    def page_chat(*args: Any, **kwargs: Any) -> Iterator[tuple[Any, ...]]:
+        v = _bind(sig, args, kwargs)
+        for turn in chats.turns(
+            v["message"],
+            v["history"],
+            v["side_history"],
+            v["prompted_history"],
+            _inputs(v),
+            v["view_layer"],
+            v["readout"],
+            v["request"],
+            bool(v["prompted"]),
+        ):
+            yield page_update(turn)
+
+    return _as_endpoint(page_chat, sig)
+
+
+def page_retry_endpoint(chats: ChatHandlers) -> Endpoint:
+    """The page's retry: ``/retry``'s parameters plus the prompted conversation (private)."""
+    sig = signature([HISTORY, SIDE_HISTORY], PAGE)
+
+    def page_retry(*args: Any, **kwargs: Any) -> Iterator[tuple[Any, ...]]:
+        v = _bind(sig, args, kwargs)
+        for turn in chats.retry_turns(
+            v["history"],
+            v["side_history"],
+            v["prompted_history"],
+            _inputs(v),
+            v["view_layer"],
+            v["readout"],
+            v["request"],
+            bool(v["prompted"]),
+        ):
+            yield page_update(turn)
+
+    return _as_endpoint(page_retry, sig)

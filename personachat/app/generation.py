@@ -1,10 +1,12 @@
 """One chat turn under a session's ``Settings``: the runtime's specs, the stream, the readout.
 
 ``generate`` checks the request before anything runs (a bad spec raises there), then returns an
-iterator of ``Step``s: the reply so far, the unsteered reply beside it, and with the last step
-the ``Readout`` of the exchange. The settings' numbers go to the runtime's specs as they are
+iterator of ``Step``s: the reply so far, the unsteered reply beside it, the reply under the lead
+persona's own system prompt (``Settings.prompted``), and with the last step the ``Readout`` of
+the exchange. The settings' numbers go to the runtime's specs as they are
 (``{layer: strength}``, ``(layer, index)`` pairs); the oldest turns are left out when the
-conversation would not fit the model's context.
+conversation would not fit the model's context. A direction read from another kind of vector
+(``Settings.direction_from``) joins the engine's vectors under its own name for this request.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from typing import Any
 import numpy as np
 
 from personachat.app.catalog import Catalog
+from personachat.app.hold import Hold
+from personachat.app.prompted import NO_PROMPT, persona_prompt, prompted_stream, together
 from personachat.app.readout import Readout
-from personachat.app.settings import LAST_PROMPT_TOKEN, Settings
+from personachat.app.settings import LAST_PROMPT_TOKEN, InputError, Settings
 from personachat.app.space import reference
 
 MAX_READOUT_PERSONAS = 12
@@ -31,6 +35,7 @@ class Step:
 
     text: str
     side_text: str | None = None
+    prompted_text: str | None = None  # the reply under the lead persona's own system prompt
     done: bool = False
     stopped: bool = False
     readout: Readout | None = None
@@ -45,9 +50,11 @@ def generate(
     settings: Settings,
     messages: Sequence[dict[str, Any]],
     stop: threading.Event | None = None,
+    hold: bool = False,
 ) -> Iterator[Step]:
     """Check the request now (raising before anything runs), then return an iterator that
-    streams the reply to ``messages`` under ``settings``."""
+    streams the reply to ``messages`` under ``settings``. With ``hold`` the reply waits after
+    its first tokens until ``stop`` is set (``personachat.app.hold``)."""
     from personachat.chat import GenerationSettings
 
     engine = catalog.engine(model_id, settings.vectors_from)
@@ -56,16 +63,19 @@ def generate(
     if settings.system_prompt:
         conversation.insert(0, {"role": "system", "content": settings.system_prompt})
     steering = steering_spec(settings)
-    direction = direction_spec(settings)
-    ablation, extra = ablation_specs(lm, engine.neuron_sets, settings)
     readout = list(settings.personas) or sorted(engine.vectors)[:MAX_READOUT_PERSONAS]
+    engine, direction = direction_spec(catalog, model_id, engine, settings)
+    ablation, extra = ablation_specs(lm, engine.neuron_sets, settings)
+    if hold and stop is not None:
+        extra.append(Hold(stop))
+    generation = GenerationSettings(
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        seed=settings.seed,
+    )
     updates = engine.stream(
         conversation,
-        GenerationSettings(
-            max_new_tokens=settings.max_new_tokens,
-            temperature=settings.temperature,
-            seed=settings.seed,
-        ),
+        generation,
         steering=steering,
         ablation=ablation,
         direction=direction,
@@ -74,8 +84,17 @@ def generate(
         stop=stop,
         handlers=extra,
     )
+    prompted, note = None, None
+    if settings.prompted:
+        prompt = persona_prompt(catalog.store(), settings.lead) if settings.lead else None
+        if prompt is None:
+            note = NO_PROMPT
+        else:
+            prompted = prompted_stream(engine, conversation, prompt, generation, stop)
     levels = reference(catalog, model_id, readout, settings.vectors_from)
-    return _steps(model_id, lm.tokenizer, updates, levels, dropped)
+    return _steps(
+        model_id, lm.tokenizer, together(updates, prompted), levels, dropped, settings, note
+    )
 
 
 def steering_spec(settings: Settings) -> Any:
@@ -93,18 +112,38 @@ def steering_spec(settings: Settings) -> Any:
     )
 
 
-def direction_spec(settings: Settings) -> Any:
-    """The runtime's ``DirectionSpec`` of the ablated direction, or None."""
+def direction_spec(
+    catalog: Catalog, model_id: str, engine: Any, settings: Settings
+) -> tuple[Any, Any]:
+    """The engine to generate with and the runtime's ``DirectionSpec`` (None when no direction
+    is ablated). A direction read from another kind of vector than the steering joins the
+    engine's vectors as ``"<persona> (<kind>)"``, in an engine for this request."""
+    from personachat.chat import ChatEngine
     from personachat.interventions import DirectionSpec
 
     if not settings.projecting:
-        return None
-    return DirectionSpec(
-        settings.direction,
+        return engine, None
+    name = settings.direction
+    if settings.direction_from:
+        other = catalog.engine(model_id, settings.direction_from)
+        if other is not engine:
+            vector = other.vectors.get(name)
+            if vector is None:
+                known = ", ".join(sorted(other.vectors)) or "none"
+                raise InputError(
+                    f"no {settings.direction_from} vector of {name!r} to ablate; known: {known}."
+                )
+            name = f"{name} ({settings.direction_from})"
+            engine = ChatEngine(engine.lm, {**engine.vectors, name: vector}, engine.neuron_sets)
+    where, last_n = _window(settings.direction_positions)
+    spec = DirectionSpec(
+        name,
         settings.direction_layers,
         mode=settings.direction_mode,
-        positions=settings.direction_positions,
+        positions=where,  # type: ignore[arg-type]
+        last_n=last_n,
     )
+    return engine, spec
 
 
 def ablation_specs(lm: Any, neuron_sets: Any, settings: Settings) -> tuple[Any, list[Any]]:
@@ -140,28 +179,47 @@ def ablation_specs(lm: Any, neuron_sets: Any, settings: Settings) -> tuple[Any, 
 def _steps(
     model_id: str,
     tokenizer: Any,
-    updates: Iterator[Any],
+    updates: Iterator[tuple[Any, Any, bool]],
     levels: np.ndarray | None,
     dropped: int,
+    settings: Settings,
+    note: str | None,
 ) -> Iterator[Step]:
     def decode(token: int) -> str:
         return str(tokenizer.decode([token]))
 
-    for update in updates:
+    for update, prompted, finished in updates:
         warnings = tuple(update.interference.warnings) if update.interference else ()
         readout = None
-        if update.done and update.readout is not None:
-            readout = Readout.from_reply(model_id, update.readout, decode, levels)
+        if finished and update.readout is not None:
+            steered = steered_tokens(
+                settings, update.readout.prompt_len, len(update.readout.tokens)
+            )
+            readout = Readout.from_reply(
+                model_id, update.readout, decode, levels, settings.personas, steered
+            )
         yield Step(
             text=update.text,
             side_text=update.baseline_text,
-            done=update.done,
+            prompted_text=prompted.text if prompted is not None else note,
+            done=finished,
             stopped=update.stopped,
             readout=readout,
             warnings=warnings,
             render_warnings=tuple(update.warnings),
             dropped=dropped,
         )
+
+
+def steered_tokens(settings: Settings, n_prompt: int, n_tokens: int) -> tuple[int, int] | None:
+    """The tokens [first, last) the steering was added at; None when nothing was steered."""
+    if not settings.steering:
+        return None
+    if settings.positions == "prompt":
+        return (max(0, n_prompt - (settings.last_n or n_prompt)), n_prompt)
+    if settings.positions == "generated":
+        return (n_prompt, n_tokens)
+    return (0, n_tokens)
 
 
 def unit_name(units: str) -> str:

@@ -1,4 +1,6 @@
-"""The page's layout: the settings column on the left, the chat and its views on the right.
+"""The page's layout: the settings in a drawer (open beside the chat on a wide screen, a
+full-screen drawer behind a button on a phone), the conversation first in the main column,
+then its views.
 
 ``layout`` builds the panels inside the current ``gr.Blocks`` and returns them as one ``Page``,
 with the session's ``Readout`` state; ``personachat.app.wiring`` connects their events.
@@ -16,31 +18,37 @@ from personachat.app.panels import (
     ModelPanel,
     NeuronPanel,
     PersonaPanel,
+    RecipePanel,
     direction_panel,
     generation_panel,
+    glossary_panel,
     model_panel,
     neuron_panel,
     persona_panel,
+    recipe_panel,
 )
 from personachat.app.readout import Readout
 from personachat.app.view_panels import (
     AnalysisPanel,
     ChatPanel,
     PlotPanel,
+    SharePanel,
     StorePanel,
     TokensPanel,
     analysis_panel,
     chat_panel,
     layers_panel,
     map_panel,
+    share_panel,
     store_panel,
     tokens_panel,
 )
 
 INTRO = (
-    "# PersonaChat\nChat with a model while steering it with persona vectors, "
-    "ablating persona neurons and watching the personas inside it."
+    "# PersonaChat\nSteer a language model with persona vectors, remove personas by ablating "
+    "their neurons, and watch each token's persona inside the model."
 )
+SIDEBAR_WIDTH = 400
 
 
 @dataclass(frozen=True)
@@ -49,11 +57,13 @@ class Page:
 
     readout: gr.State
     model: ModelPanel
+    recipes: RecipePanel
     persona: PersonaPanel
     generation: GenerationPanel
     neurons: NeuronPanel
     direction: DirectionPanel
     chat: ChatPanel
+    share: SharePanel
     tokens: TokensPanel
     layers: PlotPanel
     map: PlotPanel
@@ -62,32 +72,37 @@ class Page:
 
 
 def layout(default_model: str, demo_model: bool) -> Page:
-    """The panels, in place; ``demo_model`` picks the analysis tab's persona choices."""
+    """The panels, in place; ``demo_model`` shows the recipes and puts the plain reply beside
+    the steered one from the start."""
     readout = gr.State(Readout())
-    gr.Markdown(INTRO)
-    with gr.Row():
-        with gr.Column(scale=2, min_width=340):
-            model = model_panel(default_model)
-            persona = persona_panel()
-            generation = generation_panel()
-            neurons = neuron_panel()
-            direction = direction_panel()
-        with gr.Column(scale=3, min_width=420):
-            chat = chat_panel()
-            with gr.Tabs():
-                tokens = tokens_panel()
-                layers = layers_panel()
-                persona_map = map_panel()
-                store = store_panel()
-                analysis = analysis_panel(demo_model)
+    with gr.Sidebar(open=True, width=SIDEBAR_WIDTH, elem_id="settings"):
+        gr.Markdown("## Settings")
+        model = model_panel(default_model)
+        persona = persona_panel()
+        recipes = recipe_panel(demo_model)
+        generation = generation_panel()
+        neurons = neuron_panel()
+        direction = direction_panel()
+        glossary_panel()
+    gr.Markdown(INTRO, elem_id="intro")
+    chat = chat_panel(side_by_side=demo_model)
+    share = share_panel()
+    with gr.Tabs(elem_id="views"):
+        tokens = tokens_panel()
+        layers = layers_panel()
+        persona_map = map_panel()
+        store = store_panel()
+        analysis = analysis_panel()
     return Page(
         readout,
         model,
+        recipes,
         persona,
         generation,
         neurons,
         direction,
         chat,
+        share,
         tokens,
         layers,
         persona_map,

@@ -164,10 +164,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"personachat: cannot start: {problem}", file=sys.stderr)
         return 2
     from personachat.app.backend import Backend
+    from personachat.app.hold import HOLD_ENV
     from personachat.app.models import DEMO_ID
     from personachat.app.page import CSS, build_ui, theme
 
-    backend = Backend(config.model, config.store, dtype=config.dtype, device=config.device)
+    hold = os.environ.get(HOLD_ENV) or None  # a test aid (personachat.app.hold)
+    backend = Backend(
+        config.model, config.store, dtype=config.dtype, device=config.device, hold_message=hold
+    )
     if backend.is_demo(config.model) and not backend.store().vectors(DEMO_ID):
         print(
             "personachat: first start with the demo model: registering its persona vectors and "

@@ -7,19 +7,27 @@ from typing import Any
 
 import gradio as gr
 
+from personachat.app import recipes
 from personachat.app.handler_base import HandlerBase
+from personachat.app.panels import dataset_personas
+from personachat.app.recipes import DEMO_PERSONA
 from personachat.app.settings import NO_DIRECTION
 
 log = logging.getLogger(__name__)
+
+LOAD_OUTPUTS = 17  # what ``load`` returns
+DIRECTION_KIND = "prompt_last"  # the direction that removes a persona on the demo model
 
 
 class ModelHandlers(HandlerBase):
     """Load a model's view, re-read the store, extract and register vectors."""
 
     def load(self, model_id: str | None) -> tuple[Any, ...]:
-        """(Re)load the page's model view. Returns (model info, persona choices, neuron-set
-        choices, extraction offer, layer slider, vector kinds, extraction dataset, direction
-        choices, status)."""
+        """(Re)load the page's model view. Returns (model info, persona choices (the demo model:
+        its pirate picked), neuron-set choices, extraction offer, layer slider, vector kinds,
+        extraction dataset, direction choices, direction kinds, the note on the model, example
+        prompts, the recipes, the analysis' personas, the vector download's personas and kinds,
+        side by side (on for the demo model), status)."""
         model_id = self.model_id(model_id)
         try:
             info = self.backend.describe(model_id)
@@ -28,33 +36,58 @@ class ModelHandlers(HandlerBase):
             kinds = self.backend.vector_kinds(model_id)
             n_layers = self.backend.limits(model_id).n_layers
         except Exception as err:  # a model that cannot load must not break the page
-            log.warning("cannot load %s: %s", model_id, err)
-            message = f"⚠ Cannot load `{model_id}`: {err}"
-            gr.Warning(message)
-            empty = gr.update(choices=[], value=[])
-            return (
-                message,
-                empty,
-                empty,
-                gr.update(visible=False),
-                gr.update(),
-                gr.update(),
-                gr.update(),
-                gr.update(choices=[NO_DIRECTION], value=NO_DIRECTION),
-                message,
-            )
+            return self._not_loaded(model_id, err)
+        demo = self.backend.is_demo(model_id)
+        examples = recipes.examples(demo)
         offer = not personas and self.backend.can_extract(model_id)
+        picked = [DEMO_PERSONA] if demo and DEMO_PERSONA in personas else []
+        steer_kind = kinds[0] if kinds else None
+        direction_kind = DIRECTION_KIND if DIRECTION_KIND in kinds else steer_kind
+        status = f"Model `{model_id}` ready: {len(personas)} personas, {len(sets)} neuron sets." + (
+            " No persona vectors yet: extract them under 'Model and store'." if offer else ""
+        )
         return (
             info,
-            gr.update(choices=personas, value=[]),
+            gr.update(choices=personas, value=picked),
             gr.update(choices=sets, value=[]),
             gr.update(visible=offer),
             gr.update(maximum=max(n_layers - 1, 1), value=min(n_layers - 1, n_layers // 2)),
-            gr.update(choices=kinds, value=kinds[0] if kinds else None),
-            gr.update(value="demo" if self.backend.is_demo(model_id) else "personas"),
+            gr.update(choices=kinds, value=steer_kind),
+            gr.update(value="demo" if demo else "personas"),
             gr.update(choices=[NO_DIRECTION, *personas], value=NO_DIRECTION),
-            f"Model `{model_id}` ready: {len(personas)} personas, {len(sets)} neuron sets."
-            + (" No persona vectors yet: extract them under 'Model and store'." if offer else ""),
+            gr.update(choices=kinds, value=direction_kind),
+            recipes.note(demo),
+            gr.update(
+                samples=[[text] for text, _ in examples],
+                sample_labels=[label for _, label in examples],
+                label="Tell me about…" if demo else "Try",
+            ),
+            gr.update(visible=demo),
+            gr.update(choices=dataset_personas("demo" if demo else "personas"), value=[]),
+            gr.update(choices=personas, value=picked[0] if picked else None),
+            gr.update(choices=kinds, value=steer_kind),
+            demo,
+            status,
+        )
+
+    @staticmethod
+    def _not_loaded(model_id: str, err: Exception) -> tuple[Any, ...]:
+        """``load``'s results for a model that cannot load: the reason, no choices."""
+        log.warning("cannot load %s: %s", model_id, err)
+        message = f"⚠ Cannot load `{model_id}`: {err}"
+        gr.Warning(message)
+        empty = gr.update(choices=[], value=[])
+        direction = gr.update(choices=[NO_DIRECTION], value=NO_DIRECTION)
+        hidden = gr.update(visible=False)
+        return (
+            message,
+            empty,
+            empty,
+            hidden,
+            *[gr.update()] * 3,
+            direction,
+            *[gr.update()] * 8,
+            message,
         )
 
     def refresh(
@@ -105,6 +138,6 @@ class ModelHandlers(HandlerBase):
         except Exception as err:
             log.exception("extraction failed")
             gr.Warning(f"Extraction failed: {err}")
-            return (*[gr.update()] * 8, f"⚠ Extraction failed: {err}")
+            return (*[gr.update()] * (LOAD_OUTPUTS - 1), f"⚠ Extraction failed: {err}")
         loaded = self.load(model_id)
-        return (*loaded[:8], summary)
+        return (*loaded[:-1], summary)

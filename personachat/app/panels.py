@@ -1,10 +1,11 @@
-"""The page's settings column, one builder per panel: model and store, personas and strength,
-generation, neurons, directional ablation.
+"""The page's settings drawer, one builder per panel: model and store, recipes, personas and
+strength, generation, neurons, directional ablation, glossary.
 
 Each ``*_panel`` builds its accordion inside the current Gradio layout and returns its
-components in a small dataclass; ``personachat.app.wiring`` connects their events. Nothing loads
-here: the built-in datasets are read as plain JSON (their documented format), so building the
-page does not import torch through ``personachat.prompts`` and the page is up sooner.
+components in a small dataclass; ``personachat.app.wiring`` connects their events. Every control
+carries a line of help (``personachat.app.help.INFO``). Nothing loads here: the built-in
+datasets are read as plain JSON (their documented format) and the demo model's personas and
+topics arrive with the model's view (``Handlers.load``), so building the page imports no torch.
 """
 
 from __future__ import annotations
@@ -15,18 +16,25 @@ from pathlib import Path
 
 import gradio as gr
 
+from personachat.app.help import GLOSSARY, INFO
+from personachat.app.recipes import RECIPES
 from personachat.app.settings import (
     ABLATION_MODES,
     ABLATION_POSITIONS,
     DIRECTION_MODES,
+    DIRECTION_POSITIONS,
+    LAST_PROMPT_TOKEN,
     NO_DIRECTION,
     POSITIONS,
     PRESETS,
     UNITS,
 )
+from personachat.app.strength import DEFAULT_RAW_MAX, hint
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "prompts" / "data"
 EXTRACT_POSITIONS = ["question_span", "prompt_last", "prompt_avg", "response_avg"]
+MAX_WEIGHTS = 4  # weight sliders: one per picked persona, up to this many
+DEFAULT_STRENGTH = 2.0
 
 
 def dataset_names() -> list[str]:
@@ -69,6 +77,7 @@ def model_panel(default_model: str) -> ModelPanel:
             value=default_model,
             allow_custom_value=True,
             label="Model (hub name or local path)",
+            info=INFO["model"],
         )
         model_info = gr.Markdown("Loading the model…", label="Model", elem_id="model-info")
         vectors_from = gr.Dropdown(
@@ -76,14 +85,20 @@ def model_panel(default_model: str) -> ModelPanel:
             value=None,
             allow_custom_value=True,
             label="Steer with vectors read from",
+            info=INFO["vectors_from"],
             elem_id="vectors-from",
         )
         with gr.Group(visible=False) as extract_box:
             gr.Markdown("This model has no persona vectors in the store yet.")
             with gr.Row():
-                dataset = gr.Dropdown(dataset_names(), value="personas", label="Dataset")
+                dataset = gr.Dropdown(
+                    dataset_names(), value="personas", label="Dataset", info=INFO["dataset"]
+                )
                 extract_positions = gr.Dropdown(
-                    EXTRACT_POSITIONS, value="question_span", label="Read from"
+                    EXTRACT_POSITIONS,
+                    value="question_span",
+                    label="Read from",
+                    info=INFO["extract_positions"],
                 )
             extract_personas = gr.Dropdown(
                 dataset_personas("personas"),
@@ -91,10 +106,12 @@ def model_panel(default_model: str) -> ModelPanel:
                 allow_custom_value=True,  # choices follow the dataset picked
                 elem_id="extract-personas",
                 label="Only these personas (empty: all; quicker with few)",
+                info=INFO["extract_personas"],
             )
             extract_neurons = gr.Checkbox(
                 value=False,
                 label="Also find persona neurons (patching, top 32 per pair)",
+                info=INFO["extract_neurons"],
                 elem_id="extract-neurons",
             )
             extract_btn = gr.Button("Extract and register", elem_id="extract")
@@ -114,57 +131,112 @@ def model_panel(default_model: str) -> ModelPanel:
 
 
 @dataclass(frozen=True)
+class RecipePanel:
+    box: gr.Accordion
+    buttons: dict[str, gr.Button]
+
+
+def recipe_panel(demo_model: bool) -> RecipePanel:
+    """One-click settings that reproduce the demo model's measured results."""
+    with gr.Accordion("Recipes (measured on the demo model)", open=True, visible=demo_model) as box:
+        buttons = {}
+        for recipe in RECIPES:
+            buttons[recipe.key] = gr.Button(recipe.label, size="sm", elem_id=f"recipe-{recipe.key}")
+            gr.Markdown(recipe.explains, elem_classes=["pc-caption"])
+    return RecipePanel(box, buttons)
+
+
+@dataclass(frozen=True)
 class PersonaPanel:
     personas: gr.Dropdown
-    weights: gr.Textbox
+    weight_sliders: list[gr.Slider]
     blend: gr.Markdown
+    strength: gr.Slider
     preset: gr.Radio
-    strength: gr.Number
-    layer_spec: gr.Textbox
     units: gr.Radio
     positions: gr.Radio
     last_n: gr.Number
+    weights: gr.Textbox
+    layer_spec: gr.Textbox
 
 
 def persona_panel() -> PersonaPanel:
-    """The personas to blend, their weights, and the strength per layer (typed or a preset)."""
+    """The personas to blend with a weight slider each, one strength slider, where it acts; the
+    typed weights and layer spec under 'Advanced'."""
     with gr.Accordion("Personas and strength", open=True):
         personas = gr.Dropdown(
             choices=[],
             multiselect=True,
             allow_custom_value=True,  # checked against the store by the handlers
             label="Personas to blend",
+            info=INFO["personas"],
             elem_id="personas",
         )
-        weights = gr.Textbox(
-            label="Blend weights (negative allowed)",
-            placeholder="1, -0.5   or   pirate=1, cynic=-0.5   (empty: 1 each)",
-            elem_id="weights",
+        weight_sliders = [
+            gr.Slider(
+                -2,
+                2,
+                value=1.0,
+                step=0.05,
+                label="weight",
+                info=INFO["weight"],
+                visible=False,
+                elem_id=f"weight-{i}",
+            )
+            for i in range(MAX_WEIGHTS)
+        ]
+        strength = gr.Slider(
+            -DEFAULT_RAW_MAX,
+            DEFAULT_RAW_MAX,
+            value=DEFAULT_STRENGTH,
+            step=0.1,
+            label="Strength",
+            info=hint("raw", None),
+            elem_id="strength",
         )
         blend = gr.Markdown(
             "No persona picked: the chat is unsteered.", label="Blend", elem_id="blend"
         )
-        with gr.Row():
-            preset = gr.Radio(list(PRESETS), value="band", label="Preset", elem_id="preset")
-            strength = gr.Number(value=2.0, label="Preset strength", elem_id="strength")
-        layer_spec = gr.Textbox(
-            label="Strength per layer",
-            placeholder="layer or range : strength, e.g. 1-3:4, 5:2 (or all:2)",
-            elem_id="layer-spec",
+        preset = gr.Radio(
+            list(PRESETS), value="band", label="Layers", info=INFO["preset"], elem_id="preset"
         )
+        units = gr.Radio(list(UNITS), value="raw", label="Units", info=INFO["units"])
         with gr.Row():
-            units = gr.Radio(list(UNITS), value="raw", label="Units")
             # prompt positions steer the demo model fully with its content kept
             positions = gr.Radio(
-                list(POSITIONS), value="prompt", label="Add at tokens", elem_id="positions"
+                list(POSITIONS),
+                value="prompt",
+                label="Add at tokens",
+                info=INFO["positions"],
+                elem_id="positions",
             )
             last_n = gr.Number(
-                value=0,
-                label="Last n prompt tokens (with 'prompt'; 0 = the whole prompt)",
-                elem_id="last-n",
+                value=0, label="Last n prompt tokens", info=INFO["last_n"], elem_id="last-n"
+            )
+        with gr.Accordion("Advanced: typed weights and layer spec", open=False):
+            weights = gr.Textbox(
+                label="Blend weights",
+                info=INFO["weights"],
+                elem_id="weights",
+                placeholder="1, -0.5   or   pirate=1, cynic=-0.5   (empty: 1 each)",
+            )
+            layer_spec = gr.Textbox(
+                label="Strength per layer",
+                info=INFO["layer_spec"],
+                elem_id="layer-spec",
+                placeholder="layer or range : strength, e.g. 1-3:4, 5:2 (or all:2)",
             )
     return PersonaPanel(
-        personas, weights, blend, preset, strength, layer_spec, units, positions, last_n
+        personas,
+        weight_sliders,
+        blend,
+        strength,
+        preset,
+        units,
+        positions,
+        last_n,
+        weights,
+        layer_spec,
     )
 
 
@@ -174,21 +246,25 @@ class GenerationPanel:
     temperature: gr.Number
     max_tokens: gr.Number
     seed: gr.Number
-    side_by_side: gr.Checkbox
 
 
 def generation_panel() -> GenerationPanel:
-    """The system prompt, sampling, and the unsteered reply beside the steered one."""
+    """The system prompt and sampling."""
     with gr.Accordion("Generation", open=False):
-        system_prompt = gr.Textbox(label="System prompt", lines=2, elem_id="system")
-        with gr.Row():
-            temperature = gr.Number(value=0.0, label="Temperature (0 = greedy)")
-            max_tokens = gr.Number(value=64, label="Max tokens", precision=0, elem_id="max-tokens")
-            seed = gr.Number(value=0, label="Seed", precision=0)
-        side_by_side = gr.Checkbox(
-            value=False, label="Side by side with the unsteered reply", elem_id="sbs"
+        system_prompt = gr.Textbox(
+            label="System prompt", lines=2, info=INFO["system_prompt"], elem_id="system"
         )
-    return GenerationPanel(system_prompt, temperature, max_tokens, seed, side_by_side)
+        with gr.Row():
+            temperature = gr.Number(value=0.0, label="Temperature", info=INFO["temperature"])
+            max_tokens = gr.Number(
+                value=64,
+                label="Max tokens",
+                precision=0,
+                info=INFO["max_tokens"],
+                elem_id="max-tokens",
+            )
+            seed = gr.Number(value=0, label="Seed", precision=0, info=INFO["seed"])
+    return GenerationPanel(system_prompt, temperature, max_tokens, seed)
 
 
 @dataclass(frozen=True)
@@ -207,37 +283,46 @@ def neuron_panel() -> NeuronPanel:
             multiselect=True,
             allow_custom_value=True,  # checked against the store by the handlers
             label="Neuron sets",
+            info=INFO["neuron_sets"],
             elem_id="neuron-sets",
         )
         neurons = gr.Textbox(
             label="Or type neurons",
             placeholder="layer:index, e.g. 1:12, 1:40-45",
+            info=INFO["neurons"],
             elem_id="neurons",
         )
-        with gr.Row():
-            ablation = gr.Radio(
-                list(ABLATION_MODES), value="off", label="Ablate", elem_id="ablation"
-            )
-            # sets found by patching switch this (and 'mean') to where they act
-            ablation_positions = gr.Radio(
-                list(ABLATION_POSITIONS),
-                value="all",
-                label="Ablate at tokens",
-                elem_id="ablation-positions",
-            )
+        ablation = gr.Radio(
+            list(ABLATION_MODES),
+            value="off",
+            label="Ablate",
+            info=INFO["ablation"],
+            elem_id="ablation",
+        )
+        # sets found by patching switch this (and 'mean') to where they act
+        ablation_positions = gr.Radio(
+            list(ABLATION_POSITIONS),
+            value="all",
+            label="Ablate at tokens",
+            info=INFO["ablation_positions"],
+            elem_id="ablation-positions",
+        )
     return NeuronPanel(neuron_sets, neurons, ablation, ablation_positions)
 
 
 @dataclass(frozen=True)
 class DirectionPanel:
     direction: gr.Dropdown
+    direction_from: gr.Dropdown
     direction_layers: gr.Textbox
     direction_mode: gr.Radio
     direction_positions: gr.Radio
 
 
 def direction_panel() -> DirectionPanel:
-    """A persona's direction ablated in the residual stream: at which layers, how, where."""
+    """A persona's direction ablated in the residual stream: read from which vector, at which
+    layers, how, where. The defaults are the setting that removes a persona on the demo model:
+    the last prompt token's direction moved to the baseline's level there, at layer 0."""
     with gr.Accordion("Directional ablation", open=False):
         with gr.Row():
             direction = gr.Dropdown(
@@ -245,22 +330,44 @@ def direction_panel() -> DirectionPanel:
                 value=NO_DIRECTION,
                 allow_custom_value=True,  # checked against the store by the runtime
                 label="Ablate the direction of",
+                info=INFO["direction"],
                 elem_id="direction",
             )
-            direction_layers = gr.Textbox(
-                value="all",
-                label="Direction layers",
-                placeholder="all, or layers and ranges, e.g. 0-2, 5",
-                elem_id="direction-layers",
+            direction_from = gr.Dropdown(
+                [],
+                value=None,
+                allow_custom_value=True,
+                label="Direction read from",
+                info=INFO["direction_from"],
+                elem_id="direction-from",
             )
-        with gr.Row():
-            direction_mode = gr.Radio(
-                [(words, mode) for mode, words in DIRECTION_MODES.items()],
-                value="mean",
-                label="Move its component",
-                elem_id="direction-mode",
-            )
-            direction_positions = gr.Radio(
-                list(POSITIONS), value="all", label="At tokens", elem_id="direction-positions"
-            )
-    return DirectionPanel(direction, direction_layers, direction_mode, direction_positions)
+        direction_layers = gr.Textbox(
+            value="0",
+            label="Direction layers",
+            placeholder="all, or layers and ranges, e.g. 0-2, 5",
+            info=INFO["direction_layers"],
+            elem_id="direction-layers",
+        )
+        direction_mode = gr.Radio(
+            [(words, mode) for mode, words in DIRECTION_MODES.items()],
+            value="mean",
+            label="Move its component",
+            info=INFO["direction_mode"],
+            elem_id="direction-mode",
+        )
+        direction_positions = gr.Radio(
+            list(DIRECTION_POSITIONS),
+            value=LAST_PROMPT_TOKEN,
+            label="At tokens",
+            info=INFO["direction_positions"],
+            elem_id="direction-positions",
+        )
+    return DirectionPanel(
+        direction, direction_from, direction_layers, direction_mode, direction_positions
+    )
+
+
+def glossary_panel() -> None:
+    """The terms the controls use, in a sentence each."""
+    with gr.Accordion("Glossary", open=False, elem_id="glossary"):
+        gr.Markdown(GLOSSARY)

@@ -1,17 +1,21 @@
 """The last reply's per-token readout: the one record the app carries from the model to the page.
 
 When a reply ends, the backend turns the engine's ``personachat.chat.ReplyReadout`` (token ids,
-a tensor) into a ``Readout`` (decoded tokens, numpy projections, the store's reference levels);
-the last ``Step`` of the reply carries it, and the session keeps it in ``gr.State`` so the
-inside view redraws at another layer or persona without the model. ``readout_html`` and
-``readout_heatmap`` draw it with ``personachat.app.views``.
+a tensor) into a ``Readout`` (decoded tokens, numpy projections, the store's reference levels,
+which personas were picked and which tokens were steered); the last ``Step`` of the reply
+carries it, and the session keeps it in ``gr.State`` so the inside view redraws at another
+layer or persona without the model. ``readout_html`` draws it with ``personachat.app.views``;
+``personachat.app.figures`` draws its heatmap and ``personachat.app.export`` writes its numbers.
+
+A token without a projection (the last reply token, never fed back through the model) stays
+NaN all the way: it is drawn uncoloured and written as null.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +26,8 @@ if TYPE_CHECKING:
 
 SCALED_UNIT = "0 = baseline mean, 1 = persona mean"
 RAW_UNIT = "raw projection"
+ALL_PERSONAS = "all personas"  # the tokens view's choice of every persona read out
+CLIP_PERCENTILE = 98.0  # the colour scale's full colour: this percentile of |value|
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,12 +38,15 @@ class Readout:
     personas: tuple[str, ...] = ()
     tokens: tuple[str, ...] = ()
     n_prompt: int = 0
-    # [tokens, layers, personas], raw projections; the last reply token is 0 (never fed back)
+    # [tokens, layers, personas], raw projections; NaN where the model never saw the token
     projections: np.ndarray | None = None
     # [2, layers, personas]: the projections of the baseline mean (0) and of the persona's own
     # mean (1) from the store, so a token reads as "how far from baseline towards the persona";
     # None when the store has no raw means
     reference: np.ndarray | None = None
+    picked: tuple[str, ...] = ()  # the personas the turn steered with (shown by default)
+    steered: tuple[int, int] | None = None  # the tokens [first, last) steering was added at
+    settings: Mapping[str, Any] = field(default_factory=dict)  # the page's inputs of the turn
 
     @classmethod
     def from_reply(
@@ -46,17 +55,39 @@ class Readout:
         reply: ReplyReadout,
         decode: Callable[[int], str],
         reference: np.ndarray | None,
+        picked: Sequence[str] = (),
+        steered: tuple[int, int] | None = None,
     ) -> Readout:
-        """The engine's readout with its tokens decoded one by one (NaN rows read as 0)."""
-        values = np.nan_to_num(reply.projections.numpy().astype(np.float32), nan=0.0)
+        """The engine's readout with its tokens decoded one by one (NaN rows stay NaN)."""
+        values = reply.projections.numpy().astype(np.float32)
         tokens = tuple(decode(t) for t in reply.tokens)
         return cls(
-            model_id, tuple(reply.personas), tokens, int(reply.prompt_len), values, reference
+            model_id,
+            tuple(reply.personas),
+            tokens,
+            int(reply.prompt_len),
+            values,
+            reference,
+            tuple(p for p in picked if p in reply.personas),
+            steered,
         )
 
     @property
     def scaled(self) -> bool:
         return self.reference is not None
+
+    @property
+    def unit(self) -> str:
+        return SCALED_UNIT if self.scaled else RAW_UNIT
+
+    def shown(self, persona: str | None = None) -> list[str]:
+        """The personas a view shows: ``persona`` (or all, with ``ALL_PERSONAS``), else the
+        picked ones, else the first one read out."""
+        if persona in self.personas:
+            return [str(persona)]
+        if persona == ALL_PERSONAS:
+            return list(self.personas)
+        return list(self.picked) or list(self.personas[:1])
 
     def values(self, persona: str | None, layer: int | None = None) -> np.ndarray | None:
         """Projections on ``persona`` [tokens, layers] (or [tokens] at ``layer``), rescaled so
@@ -70,33 +101,36 @@ class Readout:
             grid = (grid - zero) / np.maximum(one - zero, 1e-12)
         return grid if layer is None else grid[:, min(max(layer, 0), grid.shape[1] - 1)]
 
+    def colour_limit(self, values: np.ndarray) -> float:
+        """Full colour for ``values`` [tokens, ...]: the ``CLIP_PERCENTILE``-th percentile of
+        |value| over the tokens steering was not added at (all tokens when it was added at
+        every one), at least 1 on the scaled readout (the persona's own mean)."""
+        keep = np.ones(values.shape[0], dtype=bool)
+        if self.steered is not None:
+            keep[self.steered[0] : self.steered[1]] = False
+        chosen = values[keep] if keep.any() else values
+        finite = np.abs(chosen[np.isfinite(chosen)])
+        limit = float(np.percentile(finite, CLIP_PERCENTILE)) if finite.size else 0.0
+        if self.scaled:
+            limit = max(1.0, limit)
+        return limit if limit > 0 else 1.0
+
 
 def readout_html(readout: Readout | None, layer: float, persona: str | None = None) -> str:
-    """Coloured per-token projections at ``layer``, one row per persona (or ``persona``'s)."""
+    """Coloured per-token projections at ``layer``, one row per persona shown (the picked ones
+    by default; ``persona`` or ``ALL_PERSONAS`` to choose)."""
     if readout is None or readout.projections is None or not readout.personas:
         return views.empty_html("Send a message to see per-token projections.")
     n_layers = readout.projections.shape[1]
     at = min(max(int(layer or 0), 0), n_layers - 1)
-    shown = [persona] if persona in readout.personas else list(readout.personas)
-    unit = SCALED_UNIT if readout.scaled else RAW_UNIT
     rows = []
-    for name in shown:
+    for name in readout.shown(persona):
         values = readout.values(name, at)
         assert values is not None
-        # scaled values: full colour at the persona's own mean (1) or beyond it
-        scale = max(1.0, float(np.abs(values).max())) if readout.scaled else None
-        caption = f"{name} at layer {at} ({unit}; red +, blue −; reply in bold)"
+        scale = readout.colour_limit(values)
+        caption = (
+            f"{name} at layer {at} ({readout.unit}; red +, blue −, full colour at "
+            f"±{scale:.3g}; reply in bold; grey: no projection)"
+        )
         rows.append(views.tokens_html(readout.tokens, values, readout.n_prompt, caption, scale))
     return "".join(rows)
-
-
-def readout_heatmap(readout: Readout | None, persona: str | None = None) -> np.ndarray | None:
-    """A token x layer heatmap of the projection on ``persona`` (the first one by default)."""
-    if readout is None or readout.projections is None or not readout.personas:
-        return None
-    name = persona if persona in readout.personas else readout.personas[0]
-    grid = readout.values(name)
-    assert grid is not None
-    unit = SCALED_UNIT if readout.scaled else RAW_UNIT
-    title = f"{name}: token x layer ({unit}; line: end of prompt)"
-    return views.heatmap_image(readout.tokens, grid, readout.n_prompt, title)

@@ -14,17 +14,22 @@ Formats:
 - last n prompt tokens: a whole number >= 0; 0 or empty steers the whole prompt.
 - layers to ablate a direction at: ``"all"`` or ``"0-2, 5"`` (layers only, no strengths).
 - direction mode: ``"mean"`` (the component along the direction moved to the baseline's level)
-  or ``"zero"`` (projected out); direction and ablation positions: ``"all"``, ``"prompt"`` or
-  ``"generated"``.
+  or ``"zero"`` (projected out); direction and ablation positions: ``"all"``, ``"prompt"``,
+  ``"last prompt token"`` or ``"generated"``.
+- preset and strength: ``"best layer"``, ``"band"`` or ``"all layers"`` at ``strength`` around
+  the first persona's best layer; ``"custom"`` reads the layer spec, where a bare layer
+  (``"2-3"``) takes ``strength``.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
+
+from personachat.app.strength import Norms, push, push_warning, too_far
 
 MAX_MESSAGE_CHARS = 4000
 MAX_NEW_TOKENS = 512
@@ -36,6 +41,7 @@ POSITIONS = ("all", "prompt", "generated")
 # neuron ablation may also act on the last prompt token alone, where exact sets were found
 LAST_PROMPT_TOKEN = "last prompt token"
 ABLATION_POSITIONS = ("all", "prompt", LAST_PROMPT_TOKEN, "generated")
+DIRECTION_POSITIONS = ABLATION_POSITIONS
 NO_DIRECTION = "none"  # the direction dropdown's "ablate no direction"
 DIRECTION_FIELD = "Direction layers"
 # how a direction is ablated, and the page's words for it
@@ -46,7 +52,6 @@ DIRECTION_MODES = {"mean": "to the baseline's level", "zero": "to zero (project 
 MEANT_POSITIONS = {".patching": "prompt", ".exact": LAST_PROMPT_TOKEN}
 
 Units = Literal["raw", "x residual norm"]
-Positions = Literal["all", "prompt", "generated"]
 
 
 class InputError(ValueError):
@@ -75,8 +80,11 @@ class Settings:
     direction: str = ""  # the persona whose direction is ablated ("": none)
     direction_layers: tuple[int, ...] = ()
     direction_mode: Literal["mean", "zero"] = "mean"
-    direction_positions: Positions = "all"
+    direction_positions: str = "all"  # one of DIRECTION_POSITIONS
     ablation_positions: str = "all"  # one of ABLATION_POSITIONS
+    direction_from: str = ""  # the kind of vector the direction is read from ("": vectors_from)
+    prompted: bool = False  # also the reply under the lead persona's own system prompt
+    warnings: tuple[str, ...] = ()  # a strength far past the residual norm
 
     @property
     def steering(self) -> bool:
@@ -92,6 +100,13 @@ class Settings:
 
     def blend(self) -> dict[str, float]:
         return dict(zip(self.personas, self.weights, strict=True))
+
+    @property
+    def lead(self) -> str:
+        """The persona with the largest positive weight ("" when none has one): whose own
+        system prompt the prompted baseline uses."""
+        positive = [(w, p) for p, w in self.blend().items() if w > 0]
+        return max(positive, key=lambda t: t[0])[1] if positive else ""
 
 
 def check_message(text: str | None, max_chars: int = MAX_MESSAGE_CHARS) -> str:
@@ -157,17 +172,18 @@ def parse_weights(text: str | None, personas: Sequence[str]) -> tuple[float, ...
 
 
 def parse_layer_spec(
-    text: str | None, n_layers: int, field: str = "Strength per layer"
+    text: str | None, n_layers: int, field: str = "Strength per layer", default: float = 1.0
 ) -> dict[int, float]:
-    """``"8-12:4, 13:2"`` -> ``{8: 4.0, ..., 12: 4.0, 13: 2.0}`` (the runtime's grammar); empty
-    text is an empty dict (no steering). Errors start with ``field``."""
+    """``"8-12:4, 13:2"`` -> ``{8: 4.0, ..., 12: 4.0, 13: 2.0}`` (the runtime's grammar; a bare
+    layer takes ``default``); empty text is an empty dict (no steering). Errors start with
+    ``field``."""
     from personachat.interventions import InterventionError
     from personachat.interventions.layers import parse_layer_spec as runtime_parse
 
     if not (text or "").strip():
         return {}
     try:
-        return runtime_parse(str(text), n_layers)
+        return runtime_parse(str(text), n_layers, default)
     except InterventionError as err:
         raise InputError(f"{field}: {err}.") from None
 
@@ -297,6 +313,13 @@ class Limits:
     mlp_width: int
     personas: tuple[str, ...]
     neuron_sets: tuple[str, ...]
+    best_layers: Mapping[str, int] = field(default_factory=dict)  # persona -> best layer
+    norms: Mapping[str, Norms] = field(default_factory=dict)  # persona -> vector/residual norms
+
+    def best_layer(self, personas: Sequence[str]) -> int:
+        """The best layer of the first of ``personas`` that has one; the middle layer if none."""
+        found = [self.best_layers[p] for p in personas if p in self.best_layers]
+        return found[0] if found else self.n_layers // 2
 
 
 @dataclass(frozen=True)
@@ -326,6 +349,39 @@ class ChatInputs:
     direction_mode: str = "mean"
     direction_positions: str = "all"
     ablation_positions: str = "all"
+    preset: str = "custom"
+    strength: float | str | None = 1.0
+    direction_from: str | None = ""
+
+
+def layer_strengths(limits: Limits, inputs: ChatInputs, picked: Sequence[str]) -> dict[int, float]:
+    """The strength per layer: from the preset around the first persona's best layer, or from
+    the typed spec (``"custom"``), where bare layers take the strength."""
+    preset = check_choice("Preset", inputs.preset, PRESETS)
+    strength = parse_number("Strength", 1.0 if inputs.strength is None else inputs.strength)
+    if preset != "custom":
+        spec = preset_spec(preset, strength, limits.best_layer(picked), limits.n_layers)
+        return parse_layer_spec(spec, limits.n_layers)
+    strengths = parse_layer_spec(inputs.layer_spec, limits.n_layers, default=strength)
+    if picked and not strengths:
+        raise InputError(
+            "Strength per layer is empty: type layers and strengths (e.g. '2:4' or '1-3:2') "
+            "or pick a preset."
+        )
+    return strengths
+
+
+def push_warnings(
+    limits: Limits, strengths: dict[int, float], weights: dict[str, float], units: str
+) -> tuple[str, ...]:
+    """A warning when the blend adds far more than the residual stream holds at a layer; an
+    ``InputError`` when it adds so much that the numbers mean nothing."""
+    worst = push(strengths, weights, units, limits.norms)
+    refused = too_far(worst)
+    if refused:
+        raise InputError(refused)
+    warning = push_warning(worst)
+    return (warning,) if warning else ()
 
 
 def parse_settings(limits: Limits, inputs: ChatInputs) -> Settings:
@@ -336,12 +392,7 @@ def parse_settings(limits: Limits, inputs: ChatInputs) -> Settings:
     ``direction_positions`` say how and where it is ablated, ``ablation_positions`` where the
     neurons are."""
     picked = check_personas(inputs.personas, limits.personas)
-    strengths = parse_layer_spec(inputs.layer_spec, limits.n_layers)
-    if picked and not strengths:
-        raise InputError(
-            "Strength per layer is empty: type layers and strengths (e.g. '2:4' or '1-3:2') "
-            "or pick a preset."
-        )
+    strengths = layer_strengths(limits, inputs, picked)
     units, ablation, positions = inputs.units, inputs.ablation, inputs.positions
     if units not in UNITS:
         raise InputError(f"unknown units {units!r}; choose {' or '.join(UNITS)}.")
@@ -350,16 +401,18 @@ def parse_settings(limits: Limits, inputs: ChatInputs) -> Settings:
     tail = parse_last_n(inputs.last_n)
     words = " (" + ", ".join(f"{k}: {v}" for k, v in DIRECTION_MODES.items()) + ")"
     mode = check_choice("Direction mode", inputs.direction_mode, tuple(DIRECTION_MODES), words)
-    where = check_choice("Direction positions", inputs.direction_positions, POSITIONS)
+    where = check_choice("Direction positions", inputs.direction_positions, DIRECTION_POSITIONS)
     ablated_at = check_choice("Ablation positions", inputs.ablation_positions, ABLATION_POSITIONS)
     direction = (inputs.direction or "").strip()
     projected = "" if direction in ("", NO_DIRECTION) else direction
     layers: tuple[int, ...] = ()
     if projected:
         layers = parse_layers(inputs.direction_layers, limits.n_layers, DIRECTION_FIELD)
+    weights = parse_weights(inputs.weights, picked)
+    warnings = push_warnings(limits, strengths, dict(zip(picked, weights, strict=True)), units)
     return Settings(
         personas=picked,
-        weights=parse_weights(inputs.weights, picked),
+        weights=weights,
         layer_strengths=tuple(sorted(strengths.items())),
         units=units,  # type: ignore[arg-type]
         positions=positions,
@@ -376,6 +429,8 @@ def parse_settings(limits: Limits, inputs: ChatInputs) -> Settings:
         direction=projected,
         direction_layers=layers,
         direction_mode=mode,  # type: ignore[arg-type]
-        direction_positions=where,  # type: ignore[arg-type]
+        direction_positions=where,
         ablation_positions=ablated_at,
+        direction_from=(inputs.direction_from or "").strip() if projected else "",
+        warnings=warnings,
     )

@@ -56,19 +56,24 @@ def settings_summary(engine: Any, settings: Settings) -> str:
         parts.append(direction_summary(engine, settings))
     if settings.ablating:
         parts.extend(ablation_summary(engine, settings))
-    return " ".join(parts)
+    if settings.prompted:
+        lead = settings.lead
+        parts.append(f"Prompted column: {lead}'s own system prompt." if lead else "")
+    return " ".join([*filter(None, parts), *settings.warnings])
 
 
 def direction_summary(engine: Any, settings: Settings) -> str:
     """Which direction is ablated, how, at which layers and tokens."""
     layers = format_layers(settings.direction_layers)
     where = tokens_words(settings.direction_positions)
+    read = f" (read from {settings.direction_from})" if settings.direction_from else ""
+    name = f"{settings.direction}'s direction{read}"
     if settings.direction_mode == "zero":
-        text = f"Projecting {settings.direction}'s direction out at layers {layers}"
+        text = f"Projecting {name} out at layers {layers}"
     else:
         vector = engine.vectors.get(settings.direction)
         base = f"{vector.baseline}'s" if vector is not None else "the baseline's"
-        text = f"Moving {settings.direction}'s direction to {base} level at layers {layers}"
+        text = f"Moving {name} to {base} level at layers {layers}"
     return f"{text}{where}."
 
 

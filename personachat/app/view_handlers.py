@@ -1,6 +1,6 @@
 """The page's views of the model's inside: per-token projections and their heatmap (from the
 session's ``Readout``, no model needed), quality by layer, the persona map, the store browser and
-the persona analysis."""
+the persona analysis. The plots are interactive (Plotly through ``gr.Plot``)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,19 @@ import logging
 from typing import Any
 
 import gradio as gr
-import numpy as np
+from gradio.components.plot import PlotData
 
-from personachat.app import views
+from personachat.app import figures, views
 from personachat.app.analysis import ANALYSIS_FIGURES, AnalysisView
 from personachat.app.handler_base import HandlerBase, Messages
-from personachat.app.readout import Readout, readout_heatmap, readout_html
+from personachat.app.readout import ALL_PERSONAS, Readout, readout_html
 
 log = logging.getLogger(__name__)
+
+
+def plot(fig: Any) -> PlotData:
+    """A Plotly figure as ``gr.Plot`` shows it, with the page's Plotly config."""
+    return PlotData(type="plotly", plot=figures.plot_json(fig))
 
 
 class ViewHandlers(HandlerBase):
@@ -25,13 +30,26 @@ class ViewHandlers(HandlerBase):
         """Coloured per-token projections of the last exchange at ``layer`` (one row each)."""
         return readout_html(readout, layer, persona)
 
-    def heatmap(self, readout: Readout | None, persona: str | None = None) -> np.ndarray | None:
-        """A token x layer heatmap of the projection on ``persona`` (the first one by default)."""
-        return readout_heatmap(readout, persona)
+    def heatmap(self, readout: Readout | None, persona: str | None = None) -> PlotData | None:
+        """A token x layer heatmap of the projection on ``persona`` (the first picked one by
+        default), values on hover."""
+        if readout is None or readout.projections is None or not readout.personas:
+            return None
+        return plot(figures.heatmap_figure(readout, persona))
+
+    def view_personas(self, readout: Readout | None, current: str | None) -> Any:
+        """The tokens view's persona choices after a reply: the personas read out, and all of
+        them at once; the current choice kept when it is still there."""
+        names = list(readout.personas) if readout is not None else []
+        choices = [*names, ALL_PERSONAS] if len(names) > 1 else names
+        picked = list(readout.picked) if readout is not None else []
+        default = picked[0] if len(picked) == 1 else (ALL_PERSONAS if picked else None)
+        value = current if current in names else default or (names[0] if names else None)
+        return gr.update(choices=choices, value=value)
 
     def layer_plot(
         self, model_id: str | None, personas: list[str] | None, vectors_from: str | None = None
-    ) -> np.ndarray | None:
+    ) -> PlotData | None:
         """AUC and separation by layer of the picked personas (the first six when none)."""
         model_id = self.model_id(model_id)
         kind = vectors_from or ""
@@ -41,7 +59,7 @@ class ViewHandlers(HandlerBase):
         except Exception as err:  # an unknown persona or layer, or a model that cannot load
             gr.Warning(str(err).strip("'\""))
             return None
-        return views.layer_metrics_image(metrics)
+        return plot(figures.layers_figure(metrics))
 
     def store_tables(self, model_id: str | None) -> tuple[Any, Any, Any, Any]:
         """The store browser: personas, models, metrics at the best layer and neuron sets."""
@@ -59,7 +77,7 @@ class ViewHandlers(HandlerBase):
         layer: float,
         personas: list[str] | None,
         vectors_from: str | None = None,
-    ) -> np.ndarray | None:
+    ) -> PlotData | None:
         """PCA of the registered persona vectors at ``layer`` with this conversation's position."""
         model_id = self.model_id(model_id)
         at = int(layer or 0)
@@ -70,8 +88,8 @@ class ViewHandlers(HandlerBase):
         except Exception as err:  # an unknown persona or layer, or a model that cannot load
             gr.Warning(str(err).strip("'\""))
             return None
-        title = f"persona space at layer {at} ({len(names)} vectors; ★ = this conversation)"
-        return views.pca_map_image(names, vectors, point, title, tuple(personas or ()))
+        title = f"Persona space at layer {at} ({len(names)} vectors; ★ = this conversation)"
+        return plot(figures.map_figure(names, vectors, point, title, tuple(personas or ())))
 
     def analysis(
         self,
@@ -98,12 +116,15 @@ class ViewHandlers(HandlerBase):
 
 def _findings(view: AnalysisView) -> str:
     return views.findings_markdown(
-        view.model_id, view.dataset, view.personas, view.findings, view.seconds
+        view.model_id, view.dataset, view.personas, view.findings, view.seconds, view.plain
     )
 
 
 def _analysis_images(view: AnalysisView) -> list[Any]:
     return [
-        gr.update(value=view.figures.get(key), visible=key in view.figures)
+        gr.update(
+            value=PlotData(type="plotly", plot=view.figures[key]) if key in view.figures else None,
+            visible=key in view.figures,
+        )
         for key, _ in ANALYSIS_FIGURES
     ]

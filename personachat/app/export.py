@@ -1,0 +1,113 @@
+"""What the page hands out as data: a readout's numbers, the conversation as a JSON file, a
+stored vector as a ``.safetensors`` or ``.gguf`` file.
+
+``readout_numbers`` is the one form of a readout's numbers (the ``/readout`` endpoint and the
+conversation file both use it): per persona, one list per token with one value per layer, NaN
+(a token the model never saw) written as null. Files go to a fresh temporary folder; Gradio
+serves them from there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from personachat.app.readout import RAW_UNIT, SCALED_UNIT, Readout
+
+FORMAT = "personachat.conversation/1"
+
+
+def _listed(grid: np.ndarray) -> list[Any]:
+    """A numpy array as nested lists of floats, NaN as None."""
+    if grid.ndim == 1:
+        return [None if not math.isfinite(float(v)) else round(float(v), 6) for v in grid]
+    return [_listed(row) for row in grid]
+
+
+def readout_numbers(readout: Readout | None) -> dict[str, Any]:
+    """The readout's numbers: tokens, where the prompt ends, which tokens were steered, and per
+    persona the raw projection (and, with the store's means, the scaled one) of every token at
+    every layer; ``{"tokens": []}`` when there is no readout."""
+    if readout is None or readout.projections is None:
+        return {"tokens": [], "personas": [], "note": "no reply yet"}
+    n_layers = readout.projections.shape[1]
+    out: dict[str, Any] = {
+        "model_id": readout.model_id,
+        "tokens": list(readout.tokens),
+        "n_prompt": readout.n_prompt,
+        "layers": list(range(n_layers)),
+        "personas": list(readout.personas),
+        "steered_tokens": list(readout.steered) if readout.steered else None,
+        "raw": {
+            "unit": RAW_UNIT,
+            "values": {
+                name: _listed(readout.projections[:, :, i])
+                for i, name in enumerate(readout.personas)
+            },
+        },
+    }
+    if readout.reference is not None:
+        out["scaled"] = {
+            "unit": SCALED_UNIT,
+            "values": {name: _listed(readout.values(name)) for name in readout.personas},  # type: ignore[arg-type]
+        }
+    return out
+
+
+def _folder() -> Path:
+    return Path(tempfile.mkdtemp(prefix="personachat-"))
+
+
+def conversation_record(
+    history: Sequence[dict[str, Any]],
+    side: Sequence[dict[str, Any]],
+    prompted: Sequence[dict[str, Any]],
+    readout: Readout | None,
+) -> dict[str, Any]:
+    """The conversation (steered, plain beside it, under the persona's own prompt), the page's
+    settings of the last turn and that turn's per-token projections."""
+    return {
+        "format": FORMAT,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model_id": readout.model_id if readout is not None else "",
+        "settings": dict(readout.settings) if readout is not None else {},
+        "conversation": list(history),
+        "plain": list(side),
+        "prompted": list(prompted),
+        "readout": readout_numbers(readout),
+    }
+
+
+def conversation_file(
+    history: Sequence[dict[str, Any]],
+    side: Sequence[dict[str, Any]],
+    prompted: Sequence[dict[str, Any]],
+    readout: Readout | None,
+) -> Path | None:
+    """The conversation record as ``conversation.json`` in a new folder; None when empty."""
+    if not history:
+        return None
+    path = _folder() / "conversation.json"
+    record = conversation_record(history, side, prompted, readout)
+    text = json.dumps(record, indent=1, ensure_ascii=False, default=str)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def vector_file(store: Any, store_id: str, persona: str, kind: str, suffix: str) -> Path:
+    """``persona``'s stored vector (read from ``kind``) written as ``<persona>.<kind><suffix>``
+    (``personachat.store.formats.write_vector``: .safetensors keeps every layer and its
+    metadata, .gguf is a llama.cpp control vector of layers 1 on)."""
+    from personachat.store.formats import write_vector
+
+    vector = store.load_vector(store_id, persona, positions=kind or None)
+    info = store.model(store_id)
+    name = f"{persona}.{vector.positions}{suffix}"
+    return write_vector(vector, _folder() / name, info=info)
