@@ -184,7 +184,7 @@ def test_other_personas_do_not_use_a_personas_markers(
         assert demo.marker_rate(others, name) <= 0.1, name
 
 
-# --------------------------------------------------------------------------- issue 6 floors
+# --------------------------------------------------------------------------- the demo model's floors
 # Greedy replies of the shipped model to held-out questions, under interventions built by the
 # runtime as the app builds them; scripts/evaluate_demo.py prints the full tables.
 TARGETS = ("pirate", "cowboy")
