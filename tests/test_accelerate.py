@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 from personachat.model.tiny import tiny_model
 from tests.test_extract_scripts import DATA
 
+pytestmark = pytest.mark.slow  # two processes under torchrun
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -381,6 +381,7 @@ def test_generated_answers_do_not_depend_on_batching(llama: LoadedModel) -> None
         assert p == pytest.approx(float(probs[tok]), rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_report_writes_every_section(llama: LoadedModel, tmp_path: Path) -> None:
     personas = [DEFAULT, PIRATE, STAR, COOK]
     items = [PreferenceItem("capital", QUESTIONS, PREFIX)]

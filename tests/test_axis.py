@@ -90,6 +90,7 @@ def test_a_dataset_without_both_sides_is_refused(llama: LoadedModel) -> None:
         extract_axis(llama, DATASET, positions="response_avg", progress=False)
 
 
+@pytest.mark.slow
 def test_the_script_registers_the_axis(tmp_path: Path) -> None:
     store = tmp_path / "store"
     (tmp_path / "axis.json").write_text(__import__("json").dumps(DATASET.to_json()))

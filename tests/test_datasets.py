@@ -185,6 +185,7 @@ def test_demo_is_a_builtin_built_from_the_planted_corpus() -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_a_hundred_thousand_personas_load_in_linear_time(tmp_path: Path) -> None:
     """Loading, selecting and hashing grow linearly with the personas (a quadratic scan over
     100k names takes minutes; this takes about a second)."""

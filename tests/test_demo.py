@@ -24,6 +24,8 @@ from personachat.prompts import PersonaDataset, demo, format_chat, persona_messa
 from personachat.records import NeuronSet, PersonaVector
 from personachat.store import Store
 
+pytestmark = pytest.mark.slow  # the demo model generates hundreds of replies
+
 Plan = Callable[[int], list[Handler]]
 
 STORE_DIR = Path(__file__).resolve().parents[1] / "store"
@@ -184,7 +186,7 @@ def test_other_personas_do_not_use_a_personas_markers(
         assert demo.marker_rate(others, name) <= 0.1, name
 
 
-# --------------------------------------------------------------------------- the demo model's floors
+# ------------------------------------------------------------------- the demo model's floors
 # Greedy replies of the shipped model to held-out questions, under interventions built by the
 # runtime as the app builds them; scripts/evaluate_demo.py prints the full tables.
 TARGETS = ("pirate", "cowboy")

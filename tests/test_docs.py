@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 SCRIPTS = sorted(p for p in (ROOT / "scripts").glob("*.py") if not p.name.startswith("bench_"))
@@ -54,6 +56,7 @@ def test_every_module_has_a_docstring() -> None:
         assert doc, f"{path.relative_to(ROOT)} has no module docstring"
 
 
+@pytest.mark.slow
 def test_scripts_docstring_gives_the_command_and_help_works() -> None:
     procs = {}
     for script in SCRIPTS:

@@ -31,6 +31,7 @@ def test_unknown_name_raises() -> None:
         personachat.nope  # noqa: B018
 
 
+@pytest.mark.slow
 def test_import_and_console_scripts_work_from_any_folder(tmp_path: Path) -> None:
     code = "import personachat; print(personachat.Store.__module__)"
     out = subprocess.run(

@@ -15,10 +15,13 @@ import time
 from pathlib import Path
 
 import duckdb
+import pytest
 import torch
 
 from personachat.records import ModelInfo, PersonaMeans, PersonaVector
 from personachat.store import Store
+
+pytestmark = pytest.mark.slow  # writers killed at random moments
 
 INFO = ModelInfo("org/crash-model", None, "llama", 3, 8, 16)
 KILLS = 20

@@ -17,6 +17,8 @@ import torch
 from personachat.records import ModelInfo, Persona, PersonaMeans, PersonaVector
 from personachat.store import Store, StoreLockedError
 
+pytestmark = pytest.mark.slow  # writer and reader processes
+
 INFO = ModelInfo("org/two-procs", None, "llama", 3, 8, 16)
 BATCHES, PER_BATCH = 6, 40
 HOLD = "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('locked', flush=True); "
