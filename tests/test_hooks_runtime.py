@@ -81,6 +81,7 @@ def test_hook_counts_normal_nested_exception() -> None:
     assert hook_count(lm.model) == before
 
 
+@pytest.mark.slow
 def test_cancelled_and_raising_generations_leave_nothing_behind() -> None:
     engine = engine_for()
     lm = engine.lm

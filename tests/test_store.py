@@ -542,6 +542,7 @@ def test_cli_round_trip(store: Store, tmp_path: Path, capsys: pytest.CaptureFixt
     assert "known personas" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_help_runs_as_a_script() -> None:
     out = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "store.py"), "--help"],

@@ -258,6 +258,7 @@ def run_capped(args: list[str]) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_absurd_sizes_on_import_allocate_nothing(root: Path, tmp_path: Path) -> None:
     one = tmp_path / "one.npz"
     np.savez(one, layer_3=np.zeros(60000, np.float32))

@@ -195,6 +195,7 @@ def cli() -> ModuleType:
     return module
 
 
+@pytest.mark.slow
 def test_cli_sql_refuses_escapes_in_one_line(
     root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
