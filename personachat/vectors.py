@@ -5,8 +5,9 @@ No model here: inputs are per-persona means ``[P, L, D]`` and per-sample project
 - Vector of persona ``p`` = mean(p) - baseline, where the baseline is a named persona's mean or,
   for ``records.MEAN_BASELINE``, the unweighted mean of all personas' means.
 - Metrics per layer, from each sample's projection onto the unit vector at that layer:
-  AUC (scikit-learn ``roc_auc_score``) of persona samples (label 1) against baseline samples
-  (label 0), and separation = Cohen's d (difference of mean projections over the pooled std).
+  AUC (scikit-learn's ``roc_auc_score``, computed from ranks) of persona samples (label 1)
+  against baseline samples (label 0), and separation = Cohen's d (difference of mean
+  projections over the pooled std).
   Baseline samples are the named baseline persona's samples, or for the mean baseline every other
   persona's samples.
 - Held out: the questions are split into k folds (``question_folds``); the vectors of a fold are
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
+from scipy.stats import rankdata
 from sklearn.model_selection import KFold
 
 from personachat.records import (
@@ -69,12 +70,16 @@ def project(pooled: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
 
 
 def auc_by_layer(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-    """[L] AUC of ``pos`` [n1, L] (label 1) against ``neg`` [n2, L]; 0.5 where undefined."""
-    if len(pos) == 0 or len(neg) == 0:
+    """[L] AUC of ``pos`` [n1, L] (label 1) against ``neg`` [n2, L]; 0.5 where undefined.
+
+    The Mann-Whitney form, all layers at once: the positives' mean rank among all samples (ties
+    share their average rank), which is what scikit-learn's ``roc_auc_score`` gives.
+    """
+    n1, n2 = len(pos), len(neg)
+    if n1 == 0 or n2 == 0:
         return np.full(pos.shape[1], 0.5)
-    labels = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
-    scores = np.concatenate([pos, neg])
-    return np.array([roc_auc_score(labels, scores[:, i]) for i in range(scores.shape[1])])
+    ranks = rankdata(np.concatenate([pos, neg]), axis=0)
+    return (ranks[:n1].sum(0) - n1 * (n1 + 1) / 2) / (n1 * n2)
 
 
 def separation_by_layer(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
