@@ -211,6 +211,25 @@ def test_vllm_is_refused_here_naming_what_is_missing(tmp_path: Path, capsys) -> 
     assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
 
 
+def test_the_script_prints_each_phase_and_what_chose_the_best_layers(
+    tmp_path: Path,
+    capsys,  # type: ignore[no-untyped-def]
+) -> None:
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(tmp_path / "model")
+    lm.tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "live.json").write_text(json.dumps(DATA.to_json()))
+    argv = ["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "live.json")]
+    argv += ["--quiet", "--no-store", "--max-new-tokens", "6", "--cache-dir", str(tmp_path)]
+    assert cli_module("extract_vectors").main([*argv, "--batch-size", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "chosen by" in out and "AUC held out" in out
+    assert "time: generation + capture" in out and "metrics" in out
+    assert "best layers chosen by: " in out
+    assert cli_module("extract_vectors").main(argv) == 0  # the cache: teacher-forced this time
+    assert "time: capture" in capsys.readouterr().out
+
+
 def test_batch_size_auto_or_a_whole_number() -> None:
     import argparse
 
