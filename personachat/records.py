@@ -65,13 +65,46 @@ class LayerMetrics:
     auc_heldout_std: torch.Tensor | None = None
     separation_heldout: torch.Tensor | None = None
     separation_heldout_std: torch.Tensor | None = None
-    best_by: str = "auc"  # the figure ``best_layer`` is chosen by
+    best_by: str = "auc"  # the figure ``best_layer`` is chosen by: one of ``BEST_BY``
 
     @property
     def best_layer(self) -> int:
-        """Highest AUC; ties broken by the larger separation."""
-        key = self.auc * 1e6 + self.separation.clamp(-1e5, 1e5)
-        return int(torch.argmax(key))
+        """The layer ``best_by`` names (see ``BEST_BY``).
+
+        ``auc``: the highest in-sample AUC, ties broken by the larger separation. The others
+        rank the layers that hold a vector (nonzero norm): ``separation`` by in-sample
+        separation among the layers sharing the top in-sample AUC (AUC saturated there);
+        ``auc_heldout`` by held-out AUC, ties broken by held-out separation;
+        ``separation_heldout`` by held-out separation among the layers sharing the top
+        held-out AUC. A held-out choice on metrics without held-out figures raises.
+        """
+        if self.best_by not in BEST_BY:
+            raise ValueError(f"unknown best_by {self.best_by!r}; use one of {BEST_BY}")
+        if self.best_by == "auc":
+            key = self.auc * 1e6 + self.separation.clamp(-1e5, 1e5)
+            return int(torch.argmax(key))
+        auc, sep = self.auc, self.separation
+        if self.best_by.endswith("_heldout"):
+            if self.auc_heldout is None or self.separation_heldout is None:
+                raise ValueError(
+                    f"best_by {self.best_by!r} needs held-out metrics; these have none"
+                )
+            auc, sep = self.auc_heldout, self.separation_heldout
+        return top_then(auc, sep, self.norm > 0)
+
+
+# The figures a best layer can be chosen by (``LayerMetrics.best_by``).
+BEST_BY = ("auc", "separation", "auc_heldout", "separation_heldout")
+TIE = 1e-6  # figures this close count as tied
+
+
+def top_then(first: torch.Tensor, then: torch.Tensor, allowed: torch.Tensor) -> int:
+    """The index with the highest ``first`` (within ``TIE``) among ``allowed`` ones (all when
+    none is), ties broken by the highest ``then``."""
+    ok = allowed if bool(allowed.any()) else torch.ones_like(allowed, dtype=torch.bool)
+    a = first.double().masked_fill(~ok, float("-inf"))
+    tied = ok & (a >= a.max() - TIE)
+    return int(torch.argmax(then.double().masked_fill(~tied, float("-inf"))))
 
 
 # The levels of stored projection quantiles: every whole percent, 0 to 100.

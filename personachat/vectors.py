@@ -5,10 +5,16 @@ No model here: inputs are per-persona means ``[P, L, D]`` and per-sample project
 - Vector of persona ``p`` = mean(p) - baseline, where the baseline is a named persona's mean or,
   for ``records.MEAN_BASELINE``, the unweighted mean of all personas' means.
 - Metrics per layer, from each sample's projection onto the unit vector at that layer:
-  AUC (scikit-learn ``roc_auc_score``) of persona samples (label 1) against baseline samples
-  (label 0), and separation = Cohen's d (difference of mean projections over the pooled std).
+  AUC (scikit-learn's ``roc_auc_score``, computed from ranks) of persona samples (label 1)
+  against baseline samples (label 0), and separation = Cohen's d (difference of mean
+  projections over the pooled std).
   Baseline samples are the named baseline persona's samples, or for the mean baseline every other
   persona's samples.
+- Held out: the questions are split into k folds (``question_folds``); the vectors of a fold are
+  fit on the other folds' samples (``fold_vectors``) and scored on this fold's samples
+  (``heldout_by_layer``: the mean and the spread of AUC and separation over folds), so a question
+  never both builds and scores a vector. ``choose_best_by`` names the figure the best layer is
+  chosen by (``records.LayerMetrics.best_layer``).
 """
 
 from __future__ import annotations
@@ -17,14 +23,19 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
+from scipy.stats import rankdata
+from sklearn.model_selection import KFold
 
 from personachat.records import (
     MEAN_BASELINE,
     QUANTILE_LEVELS,
+    TIE,
     LayerMetrics,
     ProjectionQuantiles,
 )
+
+FOLDS = 5  # k of the k-fold split across questions
+MIN_PER_FOLD = 2  # questions a fold needs; fewer questions than 2 folds of these: in-sample only
 
 
 def baseline_mean(means: torch.Tensor, names: Sequence[str], baseline: str) -> torch.Tensor:
@@ -59,12 +70,16 @@ def project(pooled: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
 
 
 def auc_by_layer(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-    """[L] AUC of ``pos`` [n1, L] (label 1) against ``neg`` [n2, L]; 0.5 where undefined."""
-    if len(pos) == 0 or len(neg) == 0:
+    """[L] AUC of ``pos`` [n1, L] (label 1) against ``neg`` [n2, L]; 0.5 where undefined.
+
+    The Mann-Whitney form, all layers at once: the positives' mean rank among all samples (ties
+    share their average rank), which is what scikit-learn's ``roc_auc_score`` gives.
+    """
+    n1, n2 = len(pos), len(neg)
+    if n1 == 0 or n2 == 0:
         return np.full(pos.shape[1], 0.5)
-    labels = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
-    scores = np.concatenate([pos, neg])
-    return np.array([roc_auc_score(labels, scores[:, i]) for i in range(scores.shape[1])])
+    ranks = rankdata(np.concatenate([pos, neg]), axis=0)
+    return (ranks[:n1].sum(0) - n1 * (n1 + 1) / 2) / (n1 * n2)
 
 
 def separation_by_layer(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
@@ -86,20 +101,107 @@ def layer_metrics(
     neg_proj: np.ndarray,
     resid_norm: torch.Tensor,
     captured: Sequence[int] | None = None,
+    heldout: Sequence[np.ndarray] | None = None,
 ) -> LayerMetrics:
     """Metrics over all ``vector`` layers; projections cover the ``captured`` layers only.
 
-    Layers that were not captured get zeros (vector, AUC, separation, norms).
+    ``heldout`` is ``heldout_by_layer``'s four arrays (AUC mean and std, separation mean and
+    std over folds, on the captured layers), or None when they could not be computed.
+    Layers that were not captured get zeros (vector, AUC, separation, norms). The best layer is
+    chosen by the figure ``choose_best_by`` names.
     """
     n_layers = vector.shape[0]
     rows = list(range(n_layers)) if captured is None else list(captured)
-    auc = torch.zeros(n_layers, dtype=torch.float32)
-    sep = torch.zeros(n_layers, dtype=torch.float32)
-    auc[rows] = torch.from_numpy(auc_by_layer(pos_proj, neg_proj)).float()
-    sep[rows] = torch.from_numpy(separation_by_layer(pos_proj, neg_proj)).float()
+
+    def full(values: np.ndarray) -> torch.Tensor:
+        out = torch.zeros(n_layers, dtype=torch.float32)
+        out[rows] = torch.from_numpy(np.asarray(values, dtype=np.float64)).float()
+        return out
+
+    auc = full(auc_by_layer(pos_proj, neg_proj))
+    sep = full(separation_by_layer(pos_proj, neg_proj))
+    norm = vector.float().norm(dim=-1)
+    held = [full(a) for a in heldout] if heldout is not None else [None] * 4
     return LayerMetrics(
-        auc=auc, separation=sep, norm=vector.float().norm(dim=-1), resid_norm=resid_norm.float()
+        auc=auc,
+        separation=sep,
+        norm=norm,
+        resid_norm=resid_norm.float(),
+        auc_heldout=held[0],
+        auc_heldout_std=held[1],
+        separation_heldout=held[2],
+        separation_heldout_std=held[3],
+        best_by=choose_best_by(auc, held[0], norm),
     )
+
+
+def choose_best_by(auc: torch.Tensor, auc_heldout: torch.Tensor | None, norm: torch.Tensor) -> str:
+    """The figure the best layer is chosen by: held-out AUC when there is one, else in-sample
+    AUC; when several layers share the top AUC (saturated, e.g. 1.0 at many layers), the
+    separation of the same kind (``separation_heldout`` / ``separation``) chooses among them."""
+    figure = auc if auc_heldout is None else auc_heldout
+    kept = figure.double()[norm > 0] if bool((norm > 0).any()) else figure.double()
+    saturated = int((kept >= kept.max() - TIE).sum()) > 1
+    kind = "separation" if saturated else "auc"
+    return kind if auc_heldout is None else f"{kind}_heldout"
+
+
+def question_folds(n_questions: int, k: int = FOLDS, seed: int = 0) -> np.ndarray | None:
+    """The fold of each question (scikit-learn ``KFold`` over the questions, shuffled with
+    ``seed``): ``min(k, n_questions // MIN_PER_FOLD)`` folds, or None below two folds."""
+    n_folds = min(k, n_questions // MIN_PER_FOLD)
+    if n_folds < 2:
+        return None
+    fold = np.empty(n_questions, dtype=np.int64)
+    split = KFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for f, (_, scored) in enumerate(split.split(np.arange(n_questions))):
+        fold[scored] = f
+    return fold
+
+
+def fold_vectors(
+    sums: torch.Tensor,
+    counts: torch.Tensor,
+    fold_sums: torch.Tensor,
+    fold_counts: torch.Tensor,
+    names: Sequence[str],
+    baseline: str,
+) -> tuple[list[str], torch.Tensor]:
+    """(vector names, [K, V, L, D]) each fold's vectors, fit without that fold's samples.
+
+    ``sums`` [P, L, D] and ``counts`` [P] cover every sample; ``fold_sums`` [K, P, L, D] and
+    ``fold_counts`` [K, P] each fold's share.
+    """
+    out = []
+    order: list[str] = []
+    for f in range(fold_sums.shape[0]):
+        n = (counts - fold_counts[f]).clamp(min=1).to(sums.dtype)[:, None, None]
+        vecs = difference_of_means((sums - fold_sums[f]) / n, names, baseline)
+        order = list(vecs)
+        out.append(torch.stack([vecs[name] for name in order]))
+    return order, torch.stack(out)
+
+
+def heldout_by_layer(
+    proj: np.ndarray, persona: np.ndarray, fold: np.ndarray, positive: int, negative: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(AUC mean, AUC std, separation mean, separation std) [L] over the folds, from each
+    sample's projection ``proj`` [N, L] onto the vector fit without its fold. In each fold the
+    ``positive`` persona's samples score against the ``negative`` personas' samples; a fold
+    without either is skipped. The std is the population std over folds (0 for one fold)."""
+    is_neg = np.isin(persona, list(negative))
+    aucs, seps = [], []
+    for f in np.unique(fold):
+        here = fold == f
+        pos, neg = proj[here & (persona == positive)], proj[here & is_neg]
+        if len(pos) and len(neg):
+            aucs.append(auc_by_layer(pos, neg))
+            seps.append(separation_by_layer(pos, neg))
+    if not aucs:
+        zero = np.zeros(proj.shape[1])
+        return np.full(proj.shape[1], 0.5), zero, zero, zero
+    a, s = np.stack(aucs), np.stack(seps)
+    return a.mean(0), a.std(0), s.mean(0), s.std(0)
 
 
 def projection_quantiles(

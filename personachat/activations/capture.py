@@ -5,8 +5,13 @@ A forward pass runs the *base* model (``sites.base``: no LM head) through
 handler pools each position's span per sample ([B, D] per layer) and, once per batch, adds the
 pooled vectors into per-persona float64 sums on the CPU, so memory does not grow with the number
 of samples. Per-sample pooled vectors (needed later for AUC) are appended to a file in a
-temporary folder, read back in chunks by ``Capture.iter_pooled``. Multi-process runs shard
-samples with ``Dist`` and sum the accumulators across processes.
+temporary folder, read back in chunks by ``Capture.iter_pooled``, with each sample's persona and
+question. Multi-process runs shard samples with ``Dist`` and sum the accumulators across
+processes.
+
+``capture`` does it all for a list of samples. A run that also reads activations while it
+generates (``personachat.activations.live``) opens one ``Capture`` (``open_capture``), fills it
+from both (``capture_into``, ``Capture.add``) and closes the spill (``Capture.finish``).
 """
 
 from __future__ import annotations
@@ -92,8 +97,10 @@ class Capture:
     counts: torch.Tensor  # [P] samples per persona
     sq_sums: torch.Tensor | None = None
     sample_personas: list[int] = field(default_factory=list)
+    sample_questions: list[int] = field(default_factory=list)  # in spill order, as the personas
     spill_path: Path | None = None
     _tmp: tempfile.TemporaryDirectory[str] | None = None
+    _writer: BinaryIO | None = None
 
     @property
     def n_positions(self) -> int:
@@ -111,10 +118,40 @@ class Capture:
         if self.sq_sums is not None:
             self.sq_sums = dist.all_reduce(self.sq_sums)
 
+    def add(
+        self,
+        personas: Sequence[int],
+        questions: Sequence[int],
+        pooled: torch.Tensor,
+        norms: torch.Tensor,
+    ) -> None:
+        """Add a batch's pooled vectors [B, n_pos, L, D] and mean token norms [B, n_pos, L] to
+        the per-persona sums, and append the pooled vectors to the spill."""
+        index = torch.tensor(list(personas), dtype=torch.long)
+        pooled64 = pooled.double().transpose(0, 1)  # [n_pos, B, L, D]
+        self.sums.index_add_(1, index, pooled64)
+        self.norm_sums.index_add_(1, index, norms.double().transpose(0, 1))
+        self.counts.index_add_(0, index, torch.ones_like(index))
+        if self.sq_sums is not None:
+            self.sq_sums.index_add_(1, index, pooled64.square())
+        if self._writer is not None:
+            pooled.float().contiguous().numpy().tofile(self._writer)
+            self.sample_personas.extend(int(i) for i in personas)
+            self.sample_questions.extend(int(q) for q in questions)
+
+    def finish(self) -> None:
+        """Close the spill for writing (reading it back needs no more)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
     def iter_pooled(self, chunk: int = 256) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """(persona indices [n], pooled [n, n_pos, L, D] float32) in chunks of ``chunk`` samples."""
+        """(persona indices [n], pooled [n, n_pos, L, D] float32) in chunks of ``chunk`` samples,
+        in spill order (``sample_questions`` gives each one's question in the same order)."""
         if self.spill_path is None:
             raise RuntimeError("this capture kept no per-sample vectors (spill=False)")
+        if self._writer is not None:
+            self._writer.flush()
         row = self.n_positions * self.sums.shape[2] * self.sums.shape[3]
         personas = np.asarray(self.sample_personas, dtype=np.int64)
         with open(self.spill_path, "rb") as f:
@@ -125,6 +162,7 @@ class Capture:
                 yield personas[start : start + n], block
 
     def close(self) -> None:
+        self.finish()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -134,6 +172,35 @@ class Capture:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_capture(
+    lm: LoadedModel,
+    spec: CaptureSpec,
+    n_personas: int,
+    *,
+    spill_dir: str | Path | None = None,
+) -> Capture:
+    """An empty capture of ``spec`` (zero sums; the spill opened when ``spec.spill``), once its
+    layers are known to be the model's."""
+    if not spec.layers:
+        raise ValueError("no layers to capture")
+    for layer in spec.layers:
+        lm.sites.check_layer(layer)
+    width = lm.sites.hidden_size if spec.site == "residual" else lm.sites.mlp_width
+    shape = (len(spec.positions), n_personas, len(spec.layers), width)
+    cap = Capture(
+        spec=spec,
+        sums=torch.zeros(shape, dtype=torch.float64),
+        norm_sums=torch.zeros(shape[:3], dtype=torch.float64),
+        counts=torch.zeros(n_personas, dtype=torch.int64),
+        sq_sums=torch.zeros(shape, dtype=torch.float64) if spec.squares else None,
+    )
+    if spec.spill:
+        cap._tmp = tempfile.TemporaryDirectory(prefix="personachat-", dir=spill_dir)
+        cap.spill_path = Path(cap._tmp.name) / "pooled.f32"
+        cap._writer = open(cap.spill_path, "wb")  # noqa: SIM115 - closed by finish()/close()
+    return cap
 
 
 def capture(
@@ -151,13 +218,31 @@ def capture(
     """Capture ``spec`` over ``samples``: per-persona sums, and the per-sample spill if asked."""
     if not samples:
         raise ValueError("no samples to capture: the dataset selection is empty")
-    cap = _empty(lm, spec, n_personas)
-    spill = None
-    if spec.spill:
-        cap._tmp = tempfile.TemporaryDirectory(prefix="personachat-", dir=spill_dir)
-        cap.spill_path = Path(cap._tmp.name) / "pooled.f32"
-        spill = open(cap.spill_path, "wb")  # noqa: SIM115 - closed in finally below
-    handler = _PoolHandler(spec)
+    cap = open_capture(lm, spec, n_personas, spill_dir=spill_dir)
+    try:
+        capture_into(
+            cap, lm, samples, batch_size=batch_size, side=side, progress=progress, desc=desc
+        )
+    except BaseException:
+        cap.close()
+        raise
+    cap.finish()
+    return cap
+
+
+def capture_into(
+    cap: Capture,
+    lm: LoadedModel,
+    samples: Sequence[Sample],
+    *,
+    batch_size: int = 8,
+    side: str | None = None,
+    progress: bool = True,
+    desc: str = "activations",
+) -> None:
+    """Teacher-forced capture of ``samples`` into ``cap``: length-sorted batches, each forward
+    stopped after the last layer needed."""
+    handler = _PoolHandler(cap.spec)
     order = sorted(samples, key=lambda s: -len(s.ids))  # similar lengths batch together
     pad_id = int(lm.tokenizer.pad_token_id or 0)
     pad_side = padding_side(lm, side)
@@ -167,54 +252,10 @@ def capture(
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 batch = pad_batch(chunk, pad_id, pad_side, lm.device)
-                handler.start(span_weights(chunk, batch, len(spec.positions)))
+                handler.start(span_weights(chunk, batch, len(cap.spec.positions)))
                 run_forward(lm, batch)
                 pooled, norms = handler.collect()
-                _add(cap, chunk, pooled, norms, spill)
+                cap.add([s.persona for s in chunk], [s.question for s in chunk], pooled, norms)
                 bar.update(len(chunk))
-    except BaseException:
-        cap.close()
-        raise
     finally:
         bar.close()
-        if spill is not None:
-            spill.close()
-    return cap
-
-
-def _empty(lm: LoadedModel, spec: CaptureSpec, n_personas: int) -> Capture:
-    """A capture of ``spec`` with zero sums, once its layers are known to be the model's."""
-    if not spec.layers:
-        raise ValueError("no layers to capture")
-    for layer in spec.layers:
-        lm.sites.check_layer(layer)
-    width = lm.sites.hidden_size if spec.site == "residual" else lm.sites.mlp_width
-    shape = (len(spec.positions), n_personas, len(spec.layers), width)
-    return Capture(
-        spec=spec,
-        sums=torch.zeros(shape, dtype=torch.float64),
-        norm_sums=torch.zeros(shape[:3], dtype=torch.float64),
-        counts=torch.zeros(n_personas, dtype=torch.int64),
-        sq_sums=torch.zeros(shape, dtype=torch.float64) if spec.squares else None,
-    )
-
-
-def _add(
-    cap: Capture,
-    chunk: Sequence[Sample],
-    pooled: torch.Tensor,
-    norms: torch.Tensor,
-    spill: BinaryIO | None,
-) -> None:
-    """Add one batch's pooled vectors [B, n_pos, L, D] and token norms [B, n_pos, L] to the
-    per-persona sums, and append the pooled vectors to the spill."""
-    index = torch.tensor([s.persona for s in chunk])
-    pooled64 = pooled.double().transpose(0, 1)  # [n_pos, B, L, D]
-    cap.sums.index_add_(1, index, pooled64)
-    cap.norm_sums.index_add_(1, index, norms.double().transpose(0, 1))
-    cap.counts.index_add_(0, index, torch.ones_like(index))
-    if cap.sq_sums is not None:
-        cap.sq_sums.index_add_(1, index, pooled64.square())
-    if spill is not None:
-        pooled.contiguous().numpy().tofile(spill)
-        cap.sample_personas.extend(s.persona for s in chunk)

@@ -8,6 +8,10 @@ every position kind (``personachat.records.POSITIONS``):
 - ``prompt_avg``: every prompt token (system turn, user turn, assistant header);
 - ``question_span``: the user turn plus the assistant header (from the user's own text where
   the system prompt is folded into the user turn; never system text).
+
+A response is text (tokenized on its own, without special tokens) or the token ids a model
+generated, read as they are. Each sample keeps the index of its question, by which held-out
+metrics split the samples into folds.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from personachat.prompts.render import prompt_spans
 from personachat.records import POSITIONS
 
 Span = tuple[int, int]
+Response = str | Sequence[int] | None  # text, generated token ids, or none
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,7 @@ class Sample:
     ids: tuple[int, ...]
     spans: tuple[Span, ...]
     n_prompt: int
+    question: int = 0  # the question's index in the dataset (held-out folds split by it)
 
 
 @dataclass(frozen=True)
@@ -55,12 +61,16 @@ class Encoded:
 
 
 def encode(
-    tokenizer: PreTrainedTokenizerBase, system: str, question: str, response: str | None
+    tokenizer: PreTrainedTokenizerBase, system: str, question: str, response: Response
 ) -> Encoded:
     """``system`` + ``question`` rendered by ``personachat.prompts.prompt_spans`` (the ids chat
-    feeds the model), then the response's own tokens, with the spans of the position kinds."""
+    feeds the model), then the response's tokens (text tokenized on its own; ids as they are),
+    with the spans of the position kinds."""
     spans = prompt_spans(tokenizer, system or None, question)
-    reply = tokenizer(response, add_special_tokens=False)["input_ids"] if response else []
+    if isinstance(response, str):
+        reply = tokenizer(response, add_special_tokens=False)["input_ids"] if response else []
+    else:
+        reply = list(response or [])
     return Encoded(
         ids=[*spans.input_ids, *(int(i) for i in reply)],
         n_prompt=len(spans.input_ids),
@@ -70,16 +80,20 @@ def encode(
 
 def build_samples(
     tokenizer: PreTrainedTokenizerBase,
-    conversations: Iterable[tuple[int, str, str, str | None]],
+    conversations: Iterable[tuple[int, str, str, Response]],
     positions: Sequence[str],
     *,
     max_tokens: int | None = None,
+    questions: Sequence[str] | None = None,
 ) -> list[Sample]:
     """Samples from ``(persona index, system prompt, question, response)`` tuples.
 
     With a response, ``response_avg`` needs at least one response token; a response that
     tokenizes to nothing raises. ``max_tokens`` truncates long responses (never the prompt).
+    Each sample's ``question`` is its question's index in ``questions`` (default: the order in
+    which the conversations first ask them).
     """
+    index = {q: i for i, q in enumerate(dict.fromkeys(questions or ()))}
     out = []
     for persona, system, question, response in conversations:
         enc = encode(tokenizer, system, question, response)
@@ -92,5 +106,6 @@ def build_samples(
                     f"position {pos!r} is empty for question {question!r:.60} (response "
                     f"{response!r:.40}); the response needs at least one token"
                 )
-        out.append(Sample(persona=persona, ids=tuple(ids), spans=spans, n_prompt=enc.n_prompt))
+        q = index.setdefault(question, len(index))
+        out.append(Sample(persona, tuple(ids), spans, enc.n_prompt, q))
     return out

@@ -34,6 +34,7 @@ from personachat.pipeline import (
     extract_pairs,
     extract_vectors,
     find_neurons,
+    format_run,
     format_summary,
     load,
     model_configs,
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for lm, dataset, result, _ in results:
         title = f"{lm.info.model_id} / {dataset.name}"
-        print(f"\n== {title}\n{format_summary(result.summary)}")
+        print(f"\n== {title}\n{format_summary(result.summary)}\n{format_run(result)}")
         if cfg.run.out is not None:
             folder = cfg.run.out / re.sub(r"[^A-Za-z0-9_.-]+", "_", lm.info.model_id) / dataset.name
             save_results(result, dataset, folder, title)

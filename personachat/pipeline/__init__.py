@@ -15,7 +15,12 @@ from personachat.pipeline.options import (
     parse_list,
     run_options,
 )
-from personachat.pipeline.register import format_summary, register_results, save_results
+from personachat.pipeline.register import (
+    format_run,
+    format_summary,
+    register_results,
+    save_results,
+)
 from personachat.pipeline.scorers import SCORERS, Scorer, Scores, Scoring
 from personachat.pipeline.selection import check_layers, select_personas
 from personachat.pipeline.vectors import (
@@ -24,11 +29,14 @@ from personachat.pipeline.vectors import (
     extract_pairs,
     extract_vectors,
 )
+from personachat.pipeline.vllm import ENGINES, EngineError, check_engine
 
 __all__ = [
     "AXIS_METHODS",
     "AXIS_PERSONA",
+    "ENGINES",
     "SCORERS",
+    "EngineError",
     "ExtractionResult",
     "ModelConfig",
     "RunOptions",
@@ -38,11 +46,13 @@ __all__ = [
     "SummaryRow",
     "add_model_args",
     "add_run_args",
+    "check_engine",
     "check_layers",
     "extract_axis",
     "extract_pairs",
     "extract_vectors",
     "find_neurons",
+    "format_run",
     "format_summary",
     "load",
     "model_configs",

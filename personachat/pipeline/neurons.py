@@ -32,7 +32,7 @@ def find_neurons(
     *,
     dataset: PersonaDataset | None = None,
     positions: str = "response_avg",
-    batch_size: int = 8,
+    batch_size: int | None = 8,
     progress: bool = True,
     generation: GenerationConfig | None = None,
     cache_dir: str | Path | None = None,
@@ -69,7 +69,7 @@ def find_neurons(
         layers=chosen,
         positions=kinds,
         k=k,
-        batch_size=batch_size,
+        batch_size=batch_size or 8,
         progress=progress and dist.is_main,
         dist=dist,
     )

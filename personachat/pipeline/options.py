@@ -17,6 +17,7 @@ import torch
 from personachat.activations import Dist
 from personachat.interventions import InterventionError, parse_layer_list
 from personachat.model import LoadedModel, SiteTemplates, load_model, templates_from_args
+from personachat.pipeline.passes import AUTO_BATCH
 from personachat.pipeline.responses import GenerationConfig
 
 
@@ -62,7 +63,7 @@ class RunOptions:
 
     store: Path | None
     out: Path | None
-    batch_size: int
+    batch_size: int | None  # None: chosen for the device (``batch_size_for``)
     generation: GenerationConfig
     cache_dir: Path | None
     progress: bool
@@ -76,7 +77,12 @@ def add_run_args(parser: argparse.ArgumentParser, *, out_help: str) -> None:
     parser.add_argument("--no-store", action="store_true", help="do not register in the store")
     parser.add_argument("--out", type=Path, help=out_help)
     parser.add_argument(
-        "--batch-size", type=int, default=8, help="rows per forward (capture and generation)"
+        "--batch-size",
+        type=parse_batch_size,
+        default=None,
+        metavar="N|auto",
+        help="rows per forward, capture and generation (default auto: vectors "
+        f"{AUTO_BATCH['cpu']} on a CPU, {AUTO_BATCH['cuda']} on a GPU; neuron scores 8)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="for generated responses")
     parser.add_argument("--seed", type=int, default=0, help="for generated responses")
@@ -95,11 +101,24 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         out=args.out,
         batch_size=args.batch_size,
         generation=GenerationConfig(
-            max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size
+            max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size or 8
         ),
         cache_dir=args.cache_dir,
         progress=not args.quiet,
     )
+
+
+def parse_batch_size(text: str) -> int | None:
+    """``"auto"`` -> None (chosen for the device); otherwise a whole number from 1."""
+    if text.strip() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"batch size {text!r}: use a whole number from 1 or auto")
+    return value
 
 
 def parse_list(text: str | None) -> list[str] | None:

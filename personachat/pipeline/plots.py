@@ -1,6 +1,7 @@
 """PNG plots of extraction results (matplotlib, Agg backend): metrics by layer, cosine map, PCA.
 
-- ``plot_layer_metrics``: AUC and separation by layer, one line per persona.
+- ``plot_layer_metrics``: AUC and separation by layer, one line per persona (held out with its
+  spread when computed, in-sample dotted).
 - ``plot_cosine``: cosine similarity of mean-centered persona vectors at one layer.
 - ``plot_pca``: persona vectors at one layer in their first two principal components, coloured by
   their projection onto the assistant axis (mean of the neutral personas minus the mean of the
@@ -34,21 +35,44 @@ def _save(fig: Any, path: str | Path) -> Path:
 
 
 def plot_layer_metrics(vectors: Sequence[PersonaVector], path: str | Path, title: str = "") -> Path:
+    """AUC and separation by layer, one line per persona: held out (the mean over folds, a band
+    for the spread) with the in-sample figures dotted, or in-sample alone."""
     fig, (ax_auc, ax_sep) = plt.subplots(1, 2, figsize=(11, 4))
+    held = False
     for v in vectors:
-        if v.metrics is None:
+        m = v.metrics
+        if m is None:
             continue
-        layers = range(v.n_layers)
-        ax_auc.plot(layers, v.metrics.auc.numpy(), marker=".", label=v.persona)
-        ax_sep.plot(layers, v.metrics.separation.numpy(), marker=".", label=v.persona)
+        held = held or m.auc_heldout is not None
+        _curve(ax_auc, m.auc, m.auc_heldout, m.auc_heldout_std, v.persona)
+        _curve(ax_sep, m.separation, m.separation_heldout, m.separation_heldout_std, v.persona)
     for ax in (ax_auc, ax_sep):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_auc.set(xlabel="layer", ylabel="AUC", title="AUC by layer", ylim=(0, 1.02))
-    ax_sep.set(xlabel="layer", ylabel="separation (Cohen's d)", title="Separation by layer")
+    how = " (held out ± spread; dotted: in-sample)" if held else " (in-sample)"
+    ax_auc.set(xlabel="layer", ylabel="AUC", title="AUC by layer" + how, ylim=(0, 1.02))
+    ax_sep.set(xlabel="layer", ylabel="separation (Cohen's d)", title="Separation by layer" + how)
     if len(vectors) <= 25:
         ax_sep.legend(fontsize=7, ncol=2, loc="best")
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def _curve(
+    ax: Any,
+    in_sample: torch.Tensor,
+    held: torch.Tensor | None,
+    spread: torch.Tensor | None,
+    label: str,
+) -> None:
+    layers = list(range(len(in_sample)))
+    if held is None:
+        ax.plot(layers, in_sample.numpy(), marker=".", label=label)
+        return
+    (line,) = ax.plot(layers, held.numpy(), marker=".", label=label)
+    if spread is not None:
+        low, high = (held - spread).numpy(), (held + spread).numpy()
+        ax.fill_between(layers, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+    ax.plot(layers, in_sample.numpy(), ls=":", lw=0.8, color=line.get_color())
 
 
 def plot_cosine(

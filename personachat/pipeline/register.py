@@ -1,5 +1,6 @@
 """Where results go: the store (``register_results``), an output folder (``save_results``:
-summary, vectors as safetensors, plots) and the printed summary table (``format_summary``)."""
+summary, vectors as safetensors, plots) and the printed summary (``format_summary``: the table;
+``format_run``: the time of each phase and how the best layers were chosen)."""
 
 from __future__ import annotations
 
@@ -33,17 +34,49 @@ def register_results(
 
 
 def format_summary(rows: Sequence[SummaryRow]) -> str:
-    """The summary table: persona, positions, best layer, AUC, separation, norm, samples."""
+    """The summary table: persona, positions, best layer and the figure that chose it, held-out
+    AUC and separation (mean ± spread over folds; ``-`` when in-sample only), in-sample AUC and
+    separation, norm, samples."""
     head = (
-        f"{'persona':<24} {'positions':<14} {'best':>4} {'AUC':>6} {'sep':>7} {'norm':>8} {'n':>5}"
+        f"{'persona':<24} {'positions':<14} {'best':>4} {'chosen by':<18} "
+        f"{'AUC held out':>14} {'sep held out':>14} {'AUC in':>6} {'sep in':>7} {'norm':>8} "
+        f"{'n':>5}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r.persona:<24} {r.positions:<14} {r.best_layer:>4} {r.auc:>6.3f} "
-            f"{r.separation:>7.2f} {r.norm:>8.2f} {r.n_samples:>5}"
+            f"{r.persona:<24} {r.positions:<14} {r.best_layer:>4} {r.best_by:<18} "
+            f"{_spread(r.auc_heldout, r.auc_heldout_std, 3):>14} "
+            f"{_spread(r.separation_heldout, r.separation_heldout_std, 2):>14} "
+            f"{r.auc:>6.3f} {r.separation:>7.2f} {r.norm:>8.2f} {r.n_samples:>5}"
         )
     return "\n".join(lines)
+
+
+def _spread(mean: float | None, std: float | None, digits: int) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f} ± {std or 0.0:.{digits}f}"
+
+
+def format_run(result: ExtractionResult) -> str:
+    """What the table does not say: the time of each phase, how best layers were chosen and any
+    fallback (in-sample only)."""
+    phases = ", ".join(f"{name} {sec:.1f} s" for name, sec in result.seconds.items())
+    chosen = sorted({r.best_by for r in result.summary})
+    lines = [f"time: {phases or '-'} (total {sum(result.seconds.values()):.1f} s)"]
+    lines.append("best layers chosen by: " + (", ".join(chosen) or "-") + _why(chosen))
+    lines += [f"note: {note}" for note in result.notes]
+    return "\n".join(lines)
+
+
+def _why(chosen: Sequence[str]) -> str:
+    parts = []
+    if any(c.startswith("separation") for c in chosen):
+        parts.append("separation where AUC tied at the top (saturated) across layers")
+    if any(not c.endswith("_heldout") for c in chosen):
+        parts.append("in-sample figures where held-out ones could not be computed")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def save_results(
@@ -58,7 +91,8 @@ def save_results(
     out.mkdir(parents=True, exist_ok=True)
     rows = [asdict(r) for r in result.summary]
     (out / "summary.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
-    (out / "summary.txt").write_text(f"{title}\n{format_summary(result.summary)}\n", "utf-8")
+    text = f"{title}\n{format_summary(result.summary)}\n{format_run(result)}\n"
+    (out / "summary.txt").write_text(text, "utf-8")
     paths = [out / "summary.json", out / "summary.txt"]
     categories = {p.name: p.category for p in dataset.personas}
     for kind in dict.fromkeys(v.positions for v in result.vectors):

@@ -7,9 +7,9 @@ where a position kind needs one, sharded across the processes of a multi-process
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 
-from personachat.activations import Dist, Sample, build_samples
+from personachat.activations import Dist, Response, Sample, build_samples
 from personachat.model import LoadedModel
 from personachat.prompts import DatasetError, PersonaDataset
 from personachat.records import MEAN_BASELINE, POSITIONS
@@ -53,13 +53,21 @@ def select_personas(
 
 
 def _conversations(
-    dataset: PersonaDataset, with_response: bool
-) -> list[tuple[int, str, str, str | None]]:
-    return [
-        (i, p.system_prompt, q, dataset.response(p.name, q) if with_response else None)
-        for i, p in enumerate(dataset.personas)
-        for q in dataset.questions
-    ]
+    dataset: PersonaDataset,
+    with_response: bool,
+    ids: Mapping[tuple[str, str], Sequence[int]],
+    skip: Collection[tuple[str, str]],
+) -> list[tuple[int, str, str, Response]]:
+    out: list[tuple[int, str, str, Response]] = []
+    for i, p in enumerate(dataset.personas):
+        for q in dataset.questions:
+            if (p.name, q) in skip:
+                continue
+            response: Response = None
+            if with_response:
+                response = ids.get((p.name, q)) or dataset.response(p.name, q)
+            out.append((i, p.system_prompt, q, response))
+    return out
 
 
 def shard_samples(
@@ -68,9 +76,15 @@ def shard_samples(
     kinds: tuple[str, ...],
     max_tokens: int | None,
     dist: Dist,
+    *,
+    ids: Mapping[tuple[str, str], Sequence[int]] | None = None,
+    skip: Collection[tuple[str, str]] = (),
 ) -> list[Sample]:
     """This process's share of ``data``'s conversations (every persona with every question,
-    persona-major), encoded for the position ``kinds``, with the responses when ``response_avg``
-    is one of them."""
-    convs = dist.shard(_conversations(data, "response_avg" in kinds))
-    return build_samples(lm.tokenizer, convs, kinds, max_tokens=max_tokens)
+    persona-major, but the ``skip`` cells), encoded for the position ``kinds``, with the
+    responses when ``response_avg`` is one of them: the generated ``ids`` of a cell where
+    known, else its text."""
+    convs = _conversations(data, "response_avg" in kinds, ids or {}, set(skip))
+    return build_samples(
+        lm.tokenizer, dist.shard(convs), kinds, max_tokens=max_tokens, questions=data.questions
+    )
