@@ -265,7 +265,8 @@ def drift_figure(drift: Drift) -> Any:
             "scaled: 0 = baseline mean, 1 = persona mean (band: the reference's, same colour)",
         ),
     )
-    fig.add_hrect(y0=low, y1=high, fillcolor="#2ca02c", opacity=0.12, line_width=0, row=1, col=1)
+    band = {"line_width": 0, "layer": "below", "exclude_empty_subplots": False}
+    fig.add_hrect(y0=low, y1=high, fillcolor="#2ca02c", opacity=0.15, row=1, col=1, **band)
     missing = []
     for i, (name, track) in enumerate(drift.tracks.items()):
         colour = PALETTE[i % len(PALETTE)]
@@ -281,7 +282,7 @@ def drift_figure(drift: Drift) -> Any:
         fig.add_trace(go.Scatter(x=turns, y=scaled, name=label, showlegend=shown, **style), 2, 1)
         if track.band is not None and turns:
             lo, hi = (float(v) for v in track.band[:, track.layer])
-            fig.add_hrect(y0=lo, y1=hi, fillcolor=colour, opacity=0.1, line_width=0, row=2, col=1)
+            fig.add_hrect(y0=lo, y1=hi, fillcolor=colour, opacity=0.15, row=2, col=1, **band)
     notes = [f"{', '.join(missing)}: raw and scaled only (no reference distribution stored)"]
     if not drift.turns:
         notes = ["send a message: each reply adds a turn (pick a persona or register the axis)"]
