@@ -5,8 +5,9 @@ demo model and store/; ``PERSONACHAT_MODEL`` / ``PERSONACHAT_STORE`` override th
 app), then does what a person would, on a laptop (1366x768) and on a phone (390x844): pick an
 example prompt and see the steered and the plain reply side by side, move the strength without
 pressing Enter, switch units, add the prompted column, hover the heatmap, use a recipe, share
-the settings and open the link, download the conversation and a vector, stop a reply, undo it.
-It asserts no request leaves localhost and saves ``tests/screenshots/app.png`` and
+the settings and open the link, see the conversation's drift, hold the assistant with the hold
+panel's recipe, download the conversation and a vector, stop a reply, undo it. It asserts no
+request leaves localhost and saves ``tests/screenshots/app.png``, ``app_drift.png`` and
 ``app_phone.png`` for the README. Skipped only when /usr/bin/chromium is missing.
 
 Stop is tested without a race: the app runs with ``PERSONACHAT_HOLD_MESSAGE`` set, so its
@@ -272,6 +273,7 @@ def test_the_page_at_1366x768(
     page.wait_for_function(
         "() => Math.abs(document.querySelector('#strength input[type=number]').value - 3) < 0.15"
     )
+    check_drift(page, demo)
 
     # 4. the persona's own prompt as a third column, in a new conversation (the demo model
     #    answers single questions); a recipe removes the persona
@@ -327,6 +329,10 @@ def test_the_page_at_1366x768(
         assert other.locator("#prompted input").is_checked()
     other.close()
 
+    # 5b. the hold panel's recipe holds the assistant: the pirate's own prompt, no pirate
+    if demo:
+        check_hold(page)
+
     # 6. downloads: the conversation as JSON, a vector that loads back bit for bit
     with page.expect_download() as done:
         page.locator("#download-conversation").click()
@@ -365,6 +371,53 @@ def test_the_page_at_1366x768(
     assert page.locator("#message textarea").input_value() == QUESTION
     context.close()
     assert external == [], f"requests left the machine: {external}"
+
+
+DRIFT_TURNS = """() => {
+  const plot = document.querySelector('#drift .js-plotly-plot');
+  return plot && plot.data ? plot.data.map((t) => [t.name, (t.x || []).length]) : [];
+}"""
+
+
+def check_drift(page: Page, demo: bool) -> None:
+    """After two messages the Drift tab charts two turns of each tracked vector (the pirate;
+    on the demo model also the assistant axis, as a percentile and scaled)."""
+    page.get_by_role("tab", name="Drift").click()
+    page.locator("#drift .main-svg").first.wait_for(timeout=20000)
+    page.wait_for_function(f"() => ({DRIFT_TURNS})().some((t) => t[1] === 2)")
+    traces = page.evaluate(DRIFT_TURNS)
+    assert all(n == 2 for _, n in traces), traces
+    if demo:
+        names = {name.split(" (")[0] for name, _ in traces}
+        assert names == {"pirate", "assistant_axis"}, traces
+        text = str(page.locator("#drift").inner_text())
+        assert "normal band: its 5th-95th" in text and "raw and scaled only" in text
+    page.locator("#drift").scroll_into_view_if_needed()
+    SHOTS.mkdir(exist_ok=True)
+    page.locator("#drift").screenshot(path=str(SHOTS / "app_drift.png"))
+    page.get_by_role("tab", name="Tokens").click()
+
+
+def check_hold(page: Page) -> None:
+    """The hold panel's recipe sets the model card's setting; the reply under the pirate's own
+    prompt is the default's, the plain column beside it stays the pirate's."""
+    from personachat.prompts.demo import has_marker
+
+    page.locator("#clear").click()
+    wait_status(page, r"^Conversation cleared")
+    page.get_by_text("Hold the persona", exact=True).click()
+    page.locator("#cap-recipe").click()
+    wait_status(page, r"^Recipe for pirate: Hold the assistant")
+    page.wait_for_function(
+        "() => document.querySelector('#cap-info').innerText.startsWith('Holding assistant_axis')"
+    )
+    assert page.locator("#cap input").first.input_value() == "assistant_axis"
+    assert page.locator("#cap-layers textarea").input_value() == "0"
+    send(page, QUESTION)
+    held = replies(page)
+    assert not has_marker(held["steered"], "pirate") and has_marker(held["unsteered"], "pirate")
+    status = page.locator("#status").inner_text()
+    assert "Holding assistant_axis's projection at least the 5th percentile" in status
 
 
 def check_vector_download(page: Page, store: Path, folder: Path) -> None:
@@ -415,7 +468,7 @@ def test_the_page_on_a_phone(app_url: tuple[str, float, Path], browser: Any) -> 
     send(page)
     assert len(replies(page)) == 2
     # every view's tab is reachable, none hidden behind an overflow menu
-    for name in ("Tokens", "Layers", "Map", "Store", "Analysis"):
+    for name in ("Tokens", "Drift", "Layers", "Map", "Store", "Analysis"):
         assert page.get_by_role("tab", name=name).is_visible(), name
     page.get_by_role("tab", name="Layers").click()
     page.locator("#plot-layers").click()

@@ -21,7 +21,7 @@ from personachat.app import main as app
 from personachat.app.backend import Backend
 from personachat.app.page import CSS, build_ui
 from personachat.chat import ChatEngine, GenerationSettings
-from personachat.interventions import AblationSpec, DirectionSpec, SteeringSpec
+from personachat.interventions import AblationSpec, CapSpec, DirectionSpec, SteeringSpec
 from personachat.model import load_model
 from personachat.store import Store
 
@@ -182,10 +182,12 @@ def test_last_n_and_directional_ablation_over_the_api(
     # the new parameters come last, with defaults: calls that leave them out keep working
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     for name in ("/chat", "/retry"):
-        tail = [
+        params = [
             (p["parameter_name"], p["parameter_has_default"], p["parameter_default"])
-            for p in api[name]["parameters"][-9:]
+            for p in api[name]["parameters"]
         ]
+        at = [p[0] for p in params].index("last_n")
+        tail = params[at : at + 9]
         assert tail == [
             ("last_n", True, 0),
             ("direction", True, "none"),
@@ -196,6 +198,14 @@ def test_last_n_and_directional_ablation_over_the_api(
             ("preset", True, "custom"),  # the layer spec as typed
             ("strength", True, 1),  # what a bare layer in the spec takes
             ("direction_from", True, ""),  # the steering's kind of vector
+        ]
+        assert params[at + 9 :] == [  # holding a persona: nothing held, else the measured setting
+            ("cap", True, "none"),
+            ("cap_side", True, "above"),
+            ("cap_by", True, "percentile"),
+            ("cap_level", True, 5),
+            ("cap_layers", True, "0"),
+            ("cap_positions", True, "last prompt token"),
         ]
 
 
@@ -239,7 +249,8 @@ def test_readout_gives_the_numbers_and_tokens_still_the_html(
     _, persona, _ = engine
     call_chat(client, personas=[persona], layer_spec="1-2:4")
     numbers = client.predict(api_name="/readout")
-    assert numbers["personas"] == [persona] and numbers["n_prompt"] > 0
+    axis = ["assistant_axis"] if axis_of(served[1]) is not None else []  # read out too
+    assert numbers["personas"] == [persona, *axis] and numbers["n_prompt"] > 0
     values = numbers["raw"]["values"][persona]
     assert len(values) == len(numbers["tokens"]) and len(values[0]) == len(numbers["layers"])
     assert values[-1] == [None] * len(numbers["layers"])
@@ -254,6 +265,97 @@ def test_readout_gives_the_numbers_and_tokens_still_the_html(
     assert "⚠ This strength adds" in status
 
 
+def axis_of(backend: Backend) -> Any:
+    """The model's assistant axis as the store holds it, or None."""
+    store_id = backend.store_id(CONFIG.model)
+    with Store(backend.store_path, read_only=True) as store:
+        kinds = [e.positions for e in store.vectors(store_id, "assistant_axis")]
+        if not kinds:
+            return None
+        kind = "prompt_last" if "prompt_last" in kinds else kinds[0]
+        return store.load_vector(store_id, "assistant_axis", positions=kind)
+
+
+def test_drift_and_the_calibrated_readout_over_the_api(
+    served: tuple[Any, Backend], engine: tuple[ChatEngine, str, str]
+) -> None:
+    """Two turns of a client's /chat: /drift gives each turn's projection on the persona and
+    the assistant axis (pooled as each vector was read); /readout reads every token three
+    ways and names the vectors without a reference distribution."""
+    client, backend = served
+    chat_engine, persona, _ = engine
+    axis = axis_of(backend)
+    settings: dict[str, Any] = {"personas": [persona], "layer_spec": "1-2:4", "max_new_tokens": 16}
+    history = call_chat(client, **settings)[0]
+    history = call_chat(client, message="Tell me about bees.", history=history, **settings)[0]
+    drift = client.predict(api_name="/drift")
+    assert drift["turns"] == [1, 2] and persona in drift["vectors"]
+    numbers = client.predict(api_name="/readout")
+    assert set(numbers["percentile"]["values"]) | set(numbers["uncalibrated"]) == set(
+        numbers["personas"]
+    )
+    assert numbers["turn"][persona]["positions"] == chat_engine.vectors[persona].positions
+    assert numbers["drift"] == drift
+    if axis is None:
+        return
+    messages = [
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": text(history[1])},
+        {"role": "user", "content": "Tell me about bees."},
+    ]
+    reply = ChatEngine(chat_engine.lm, {**chat_engine.vectors, "assistant_axis": axis}).reply(
+        messages,
+        GenerationSettings(max_new_tokens=16),
+        steering=SteeringSpec({persona: 1.0}, layers="1-2:4", positions="prompt"),
+        readout=["assistant_axis"],
+    )
+    assert reply.readout is not None and reply.text == text(history[-1])
+    track = drift["vectors"]["assistant_axis"]
+    assert track["positions"] == axis.positions == "prompt_last"
+    pooled = reply.readout.pooled("prompt_last")[:, 0].tolist()
+    assert track["raw_by_layer"][1] == pytest.approx(pooled, abs=1e-3)
+    assert track["percentile"][1] is not None and 0 <= track["percentile"][1] <= 100
+
+
+def test_holding_the_assistant_over_the_api(
+    served: tuple[Any, Backend], engine: tuple[ChatEngine, str, str]
+) -> None:
+    client, backend = served
+    chat_engine, persona, _ = engine
+    axis = axis_of(backend)
+    if axis is None:
+        pytest.skip("the store has no assistant axis for this model")
+    prompt = "You are a pirate." if persona == "pirate" else f"You are a {persona}."
+    history, side, _, status, _ = call_chat(
+        client, system_prompt=prompt, cap="assistant_axis", side_by_side=True
+    )
+    messages = [{"role": "system", "content": prompt}, {"role": "user", "content": QUESTION}]
+    spec = CapSpec("assistant_axis", layers=[0], percentile=5.0, reference="persona",
+                   positions="prompt", last_n=1)  # fmt: skip
+    held = ChatEngine(chat_engine.lm, [axis]).reply(
+        messages, GenerationSettings(max_new_tokens=40), cap=spec
+    )
+    plain = chat_engine.reply(messages, GenerationSettings(max_new_tokens=40))
+    assert text(history[-1]) == held.text and text(side[-1]) == plain.text
+    assert "Holding assistant_axis's projection at least the 5th percentile" in status
+    out = call_chat(client, cap="assistant_axis", cap_by="percentile", cap_level=150)
+    assert out[0] == [] and out[3].startswith("⚠ Hold percentile must be between 0.0 and 100.0")
+    with pytest.raises(AppError, match=r"'sideways' .* not in the list of choices"):
+        call_chat(client, cap="assistant_axis", cap_side="sideways")
+
+
+def test_the_axis_registers_over_the_api(served: tuple[Any, Backend]) -> None:
+    client, backend = served
+    dataset = "demo" if backend.is_demo(CONFIG.model) else "personas"
+    line, _, status = client.predict(
+        model_id=CONFIG.model, dataset=dataset, api_name="/register_axis"
+    )
+    assert status.startswith("Registered the assistant axis of"), status
+    assert line.startswith("**Assistant axis**: registered (axis_means, read from prompt_last")
+    axis = axis_of(backend)
+    assert axis is not None and axis.quantiles is not None and axis.positions == "prompt_last"
+
+
 def test_other_endpoints_answer(served: tuple[Any, Backend]) -> None:
     client, _ = served
     info = client.predict(model_id=CONFIG.model, api_name="/load_model")
@@ -266,6 +368,7 @@ def test_other_endpoints_answer(served: tuple[Any, Backend]) -> None:
     endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {"/chat", "/retry", "/undo", "/clear", "/tokens", "/persona_map"} <= endpoints
     assert {"/readout", "/heatmap", "/layer_plot", "/vector_file", "/blend_info"} <= endpoints
+    assert {"/drift", "/register_axis"} <= endpoints
 
 
 def test_analysis_endpoint_answers_with_findings_and_figures(served: tuple[Any, Backend]) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from personachat.app import browse, extraction, space, summary
+from personachat.app import browse, calibration, extraction, space, summary
 from personachat.app.analysis import Analyses, AnalysisView, Progress
 from personachat.app.catalog import Catalog
 from personachat.app.generation import Step, generate
@@ -129,6 +129,17 @@ class Backend:
         return extraction.extract(
             self.catalog, model_id, dataset, positions, personas, neurons, neuron_personas
         )
+
+    @needs_library
+    def register_axis(self, model_id: str, dataset: str = "personas") -> str:
+        """Read the model's assistant axis from a built-in dataset and register it (a store
+        write, like ``extract``)."""
+        return extraction.register_axis(self.catalog, model_id, dataset)
+
+    @needs_library
+    def axis(self, model_id: str) -> Any:
+        """The model's assistant axis from the store (None when it has none)."""
+        return calibration.axis_vector(self.catalog, model_id)
 
     @needs_library
     def register_demo(self) -> str | None:

@@ -23,6 +23,7 @@ from typing import Any
 import gradio as gr
 
 from personachat.app.backend import Backend
+from personachat.app.capping import parse_cap
 from personachat.app.export import conversation_file
 from personachat.app.generation import Step
 from personachat.app.handler_base import HandlerBase, Messages, gpu
@@ -69,6 +70,11 @@ def _text(message: dict[str, Any]) -> str:
     from personachat.prompts import message_text
 
     return message_text(message)
+
+
+def _drift_only(readout: Readout | None) -> Readout | None:
+    """An empty readout that keeps ``readout``'s drift (a failed reply keeps the chart)."""
+    return Readout(drift=readout.drift) if readout is not None else None
 
 
 class ChatHandlers(HandlerBase):
@@ -130,7 +136,9 @@ class ChatHandlers(HandlerBase):
         try:
             text = check_message(message)
             limits = self.backend.limits(model_id, inputs.vectors_from or "")
-            settings = dataclasses.replace(parse_settings(limits, inputs), prompted=prompted)
+            settings = dataclasses.replace(
+                parse_settings(limits, inputs), prompted=prompted, cap=parse_cap(limits, inputs)
+            )
         except Exception as err:
             yield self._refuse(err, history, side, before, message, readout)
             return
@@ -138,7 +146,7 @@ class ChatHandlers(HandlerBase):
             gr.Warning(warning)
         record = {**dataclasses.asdict(inputs), "message": text, "prompted": prompted}
         conversation = (model_id, settings, history, side, before, text)
-        yield from self._reply(*conversation, view_layer, request, record)
+        yield from self._reply(*conversation, view_layer, request, record, readout)
 
     def retry_turns(
         self,
@@ -187,19 +195,24 @@ class ChatHandlers(HandlerBase):
         return [], [], "Conversation cleared.", empty_html(NO_REPLY), Readout()
 
     def views_after(
-        self, history: Messages | None, side: Messages | None, prompted: Messages | None
+        self,
+        history: Messages | None,
+        side: Messages | None,
+        prompted: Messages | None,
+        readout: Readout | None = None,
     ) -> tuple[Any, ...]:
         """After Undo or Clear: the prompted conversation cut to the turns left, the
-        conversation view, the views of the last reply emptied and the download holding what
-        is left. Returns (prompted conversation, conversation view, tokens, heatmap, readout,
-        download, numbers)."""
+        conversation view, the views of the last reply emptied (``readout``'s drift kept for
+        the turns left) and the download holding what is left. Returns (prompted
+        conversation, conversation view, tokens, heatmap, readout, download, numbers)."""
         turns = sum(1 for m in history or [] if m.get("role") == "user")
         users = [i for i, m in enumerate(prompted or []) if m.get("role") == "user"]
         third = list(prompted or [])[: users[turns]] if len(users) > turns else list(prompted or [])
         view = compare_html(history or [], side or [], third)
         path = conversation_file(history or [], side or [], third, None)
         download = gr.update(value=str(path) if path else None, interactive=path is not None)
-        return third, view, empty_html(NO_REPLY), None, Readout(), download, None
+        kept = Readout(drift=readout.drift.upto(turns)) if readout is not None else Readout()
+        return third, view, empty_html(NO_REPLY), None, kept, download, None
 
     @gpu
     def _reply(
@@ -213,6 +226,7 @@ class ChatHandlers(HandlerBase):
         view_layer: float,
         request: gr.Request | None,
         record: dict[str, Any],
+        previous: Readout | None = None,
     ) -> Iterator[Turn]:
         key, stop = self._stop_event(request)
         conversation = [*history, {"role": "user", "content": text}]
@@ -221,7 +235,7 @@ class ChatHandlers(HandlerBase):
             steps = self.backend.generate(model_id, settings, conversation, stop, hold)
         except Exception as err:  # checked before generation: nothing changed
             self._forget(key, stop)
-            yield self._refuse(err, history, side, before, text, None)
+            yield self._refuse(err, history, side, before, text, _drift_only(previous))
             return
         user = {"role": "user", "content": text}
         history = [*conversation, {"role": "assistant", "content": ""}]
@@ -250,12 +264,13 @@ class ChatHandlers(HandlerBase):
                     words = f"Generating… {status}".strip()
                     yield Turn(history, side, prompted, "", words, skip, skip, True)
         except Exception as err:
-            yield self._refuse(err, history[:-2], side[:-2], prompted[:-2], text, None)
+            kept = _drift_only(previous)
+            yield self._refuse(err, history[:-2], side[:-2], prompted[:-2], text, kept)
             return
         finally:
             self._forget(key, stop)
         chats = (history, side, prompted)
-        yield self._done(model_id, step, stop, status, view_layer, chats, record)
+        yield self._done(model_id, step, stop, status, view_layer, chats, record, previous)
 
     @staticmethod
     def _done(
@@ -266,11 +281,15 @@ class ChatHandlers(HandlerBase):
         view_layer: float,
         chats: tuple[Messages, Messages, Messages],
         record: dict[str, Any],
+        previous: Readout | None = None,
     ) -> Turn:
-        """The last update of a reply: its readout (with the ``record`` of the page's inputs),
-        the tokens view and the final status."""
+        """The last update of a reply: its readout (with the ``record`` of the page's inputs,
+        and the conversation's drift: ``previous``'s turns, then this one), the tokens view and
+        the final status."""
         readout = step.readout if step is not None else None
         readout = dataclasses.replace(readout or Readout(model_id=model_id), settings=record)
+        turn = sum(1 for m in chats[0] if m.get("role") == "user")
+        readout = readout.after(previous, turn)
         done = "Stopped: partial reply kept." if stop.is_set() else "Done."
         if step is not None and step.dropped:
             done += f" ({step.dropped} oldest turns left out to fit the model's context.)"

@@ -3,7 +3,9 @@ stored vector as a ``.safetensors`` or ``.gguf`` file.
 
 ``readout_numbers`` is the one form of a readout's numbers (the ``/readout`` endpoint and the
 conversation file both use it): per persona, one list per token with one value per layer, NaN
-(a token the model never saw) written as null. Files go to a fresh temporary folder; Gradio
+(a token the model never saw) written as null: raw, scaled (with the store's means) and as a
+percentile of the vector's reference (with its stored quantiles); then the turn pooled as each
+vector was read, and the conversation's drift. Files go to a fresh temporary folder; Gradio
 serves them from there.
 """
 
@@ -19,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from personachat.app.readout import RAW_UNIT, SCALED_UNIT, Readout
+from personachat.app.drift import PERCENTILE_UNIT
+from personachat.app.readout import RAW_UNIT, SCALED_UNIT, UNCALIBRATED, Readout
 
 FORMAT = "personachat.conversation/1"
 
@@ -57,6 +60,40 @@ def readout_numbers(readout: Readout | None) -> dict[str, Any]:
         out["scaled"] = {
             "unit": SCALED_UNIT,
             "values": {name: _listed(readout.values(name)) for name in readout.personas},  # type: ignore[arg-type]
+        }
+    return {**out, **calibrated_numbers(readout)}
+
+
+def calibrated_numbers(readout: Readout) -> dict[str, Any]:
+    """The readout's percentiles (of each vector with a reference distribution; the others
+    named under ``uncalibrated``), the turn pooled as each vector was read, and the drift."""
+    ranked = {n: readout.percentiles(n) for n in readout.personas}
+    out: dict[str, Any] = {
+        "percentile": {
+            "unit": PERCENTILE_UNIT,
+            "reference": {
+                n: readout.references[i].words
+                for i, n in enumerate(readout.personas)
+                if ranked[n] is not None
+            },
+            "values": {n: _listed(v) for n, v in ranked.items() if v is not None},
+        },
+        "uncalibrated": [n for n, v in ranked.items() if v is None],
+        "uncalibrated_note": UNCALIBRATED,
+        "turn": {},
+        "drift": readout.drift.numbers(),
+    }
+    for i, name in enumerate(readout.personas):
+        point = readout.turn_point(name)
+        if point is None:
+            continue
+        ref = readout.references[i]
+        out["turn"][name] = {
+            "positions": ref.positions,
+            "best_layer": ref.best_layer,
+            "raw": _listed(point.raw),
+            "scaled": _listed(point.scaled) if point.scaled is not None else None,
+            "percentile": _listed(point.percentile) if point.percentile is not None else None,
         }
     return out
 

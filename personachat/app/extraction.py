@@ -1,5 +1,6 @@
 """Extraction from the page: persona vectors (and persona neurons) of a model from a built-in
-dataset, registered in the store; and the demo model's first start, which registers its own.
+dataset, registered in the store; the model's assistant axis (as scripts/register_axis.py
+registers it); and the demo model's first start, which registers its own.
 
 The store is opened for writing only for the registration, then the ``Catalog`` re-reads it so
 every session sees the new personas.
@@ -15,6 +16,10 @@ from personachat.app.models import DEMO_ID, is_demo
 DEMO_DATASET = "demo"
 DEMO_NEURON_PERSONAS: tuple[str, ...] = ()  # first start: persona neurons of every pair
 DEMO_POSITIONS = "question_span,response_avg,prompt_last"  # the kinds registered on first start
+# the assistant axis the page registers: read at the last prompt token (on the demo model the
+# one that holds the personas; the question span's holds none), neutral mean minus roles' mean
+AXIS_POSITIONS = "prompt_last"
+AXIS_METHOD = "axis_means"
 
 
 def extract(
@@ -55,6 +60,40 @@ def extract(
     found = f" and {len(sets)} neuron sets" if sets else ""
     best = ", ".join(f"{r.persona} L{r.best_layer} AUC {r.auc:.2f}" for r in result.summary[:6])
     return f"Registered {len(result.vectors)} vectors{found} for `{lm.info.model_id}` ({best}, …)."
+
+
+def register_axis(
+    catalog: Catalog,
+    model_id: str,
+    dataset: str = "personas",
+    positions: str = AXIS_POSITIONS,
+    method: str = AXIS_METHOD,
+) -> str:
+    """Read ``model_id``'s assistant axis from a built-in dataset's prompts
+    (``personachat.pipeline.extract_axis``) and register it with its role personas' mean,
+    as ``scripts/register_axis.py`` does (persona ``assistant_axis``, baseline ``roles``)."""
+    from personachat.pipeline import extract_axis, register_results
+    from personachat.pipeline.axis import axis_personas
+    from personachat.pipeline.vectors import ExtractionResult
+    from personachat.prompts import DatasetError, builtin_names, load_dataset
+    from personachat.store import Store
+
+    lm = catalog.models.get(model_id)
+    if dataset not in builtin_names():  # the page offers built-in sets, never server paths
+        raise DatasetError(f"no built-in dataset {dataset!r}; built-in: {builtin_names()}")
+    data = load_dataset(dataset)
+    vector, role_mean = extract_axis(lm, data, positions=positions, method=method, progress=True)
+    result = ExtractionResult([vector], [role_mean], [], personas=[vector.persona])
+    with Store(catalog.store_path) as store:
+        register_results(store, lm, axis_personas(data.name), result)
+    catalog.refresh()
+    assert vector.metrics is not None
+    best = vector.metrics.best_layer
+    return (
+        f"Registered the assistant axis of `{lm.info.model_id}` ({method}, read from "
+        f"{positions}, dataset {data.name}): best layer {best}, AUC "
+        f"{float(vector.metrics.auc[best]):.2f}, {vector.n_samples} neutral samples."
+    )
 
 
 def register_demo(catalog: Catalog, model_id: str) -> str | None:

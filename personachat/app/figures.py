@@ -1,5 +1,5 @@
 """The page's interactive plots (Plotly): the token x layer heatmap of a readout, quality by
-layer, and the persona map.
+layer, the persona map, and the conversation's drift.
 
 Pure functions from numbers to ``plotly.graph_objects.Figure``; ``plot_data`` turns a figure
 into what ``gr.Plot`` shows, with the page's Plotly config. Gradio's own frontend bundles
@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from personachat.app.readout import token_details
 from personachat.app.views import printable
 
 if TYPE_CHECKING:
     from personachat.app.browse import LayerCurves
+    from personachat.app.drift import Drift
     from personachat.app.readout import Readout
 
 CONFIG = {"displaylogo": False, "responsive": True, "modeBarButtonsToRemove": ["lasso2d"]}
@@ -55,18 +57,22 @@ def heatmap_figure(readout: Readout, persona: str | None = None) -> Any:
     n, n_layers = grid.shape
     z = [[None if not np.isfinite(v) else float(v) for v in row] for row in grid.T]
     shown = [printable(t) for t in readout.tokens]
+    details = [token_details(readout, name, layer) for layer in range(n_layers)]
     fig = go.Figure(
         go.Heatmap(
             z=z,
             x=list(range(n)),
             y=list(range(n_layers)),
-            customdata=[shown for _ in range(n_layers)],
+            customdata=[list(zip(shown, row, strict=True)) for row in details],
             zmin=-limit,
             zmax=limit,
             colorscale="RdBu",
             reversescale=True,
             hoverongaps=False,
-            hovertemplate="'%{customdata}'<br>layer %{y}<br>value %{z:.3f}<extra></extra>",
+            hovertemplate=(
+                "'%{customdata[0]}'<br>layer %{y}<br>value %{z:.3f}<br>%{customdata[1]}"
+                "<extra></extra>"
+            ),
             colorbar={"title": {"text": readout.unit.replace(", ", "<br>"), "side": "right"}},
         )
     )
@@ -237,3 +243,59 @@ def _pca_points(
             marker=star,
         )
     )
+
+
+def drift_figure(drift: Drift) -> Any:
+    """Each assistant turn's projection on the tracked vectors, at each one's best layer: as a
+    percentile of its reference (above; the reference's ``BAND`` shaded) and scaled (below; 0 =
+    baseline mean, 1 = persona mean; each vector's band in its colour)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from personachat.app.drift import BAND
+
+    low, high = BAND
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.12,
+        subplot_titles=(
+            f"percentile of the reference (normal band: its {low}th-{high}th, shaded)",
+            "scaled: 0 = baseline mean, 1 = persona mean (band: the reference's, same colour)",
+        ),
+    )
+    band = {"line_width": 0, "layer": "below", "exclude_empty_subplots": False}
+    fig.add_hrect(y0=low, y1=high, fillcolor="#2ca02c", opacity=0.15, row=1, col=1, **band)
+    missing = []
+    for i, (name, track) in enumerate(drift.tracks.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        label = f"{name} (layer {track.layer}, {track.positions})"
+        style = {"mode": "lines+markers", "line": {"color": colour}, "legendgroup": name}
+        turns, ranks = drift.series(name, "percentile")
+        if track.reference:
+            fig.add_trace(go.Scatter(x=turns, y=ranks, name=label, **style), 1, 1)
+        else:
+            missing.append(name)
+        turns, scaled = drift.series(name, "scaled")
+        shown = not track.reference
+        fig.add_trace(go.Scatter(x=turns, y=scaled, name=label, showlegend=shown, **style), 2, 1)
+        if track.band is not None and turns:
+            lo, hi = (float(v) for v in track.band[:, track.layer])
+            fig.add_hrect(y0=lo, y1=hi, fillcolor=colour, opacity=0.15, row=2, col=1, **band)
+    notes = [f"{', '.join(missing)}: raw and scaled only (no reference distribution stored)"]
+    if not drift.turns:
+        notes = ["send a message: each reply adds a turn (pick a persona or register the axis)"]
+    if missing or not drift.turns:
+        fig.add_annotation(text=notes[0], xref="paper", yref="paper", x=0, y=-0.22, showarrow=False)
+    fig.update_yaxes(title_text="percentile", range=[-3, 103], row=1, col=1)
+    fig.update_yaxes(title_text="scaled", row=2, col=1)
+    fig.update_xaxes(title_text="assistant turn", dtick=1, row=2, col=1)
+    fig.update_layout(
+        title={"text": "Drift over the conversation, turn by turn", "x": 0.01},
+        height=520,
+        margin={"t": 80, "l": 60, "r": 20, "b": 90},
+        font=FONT,
+        legend={"orientation": "h", "y": -0.28},
+    )
+    return fig

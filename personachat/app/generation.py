@@ -6,7 +6,9 @@ persona's own system prompt (``Settings.prompted``), and with the last step the 
 the exchange. The settings' numbers go to the runtime's specs as they are
 (``{layer: strength}``, ``(layer, index)`` pairs); the oldest turns are left out when the
 conversation would not fit the model's context. A direction read from another kind of vector
-(``Settings.direction_from``) joins the engine's vectors under its own name for this request.
+(``Settings.direction_from``) joins the engine's vectors under its own name for this request;
+so does the model's assistant axis when it is held (``Settings.cap``) or read out
+(``personachat.app.calibration``, which also calibrates the last step's readout).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from personachat.app.calibration import Calibrator, read_vectors
+from personachat.app.capping import cap_spec
 from personachat.app.catalog import Catalog
 from personachat.app.hold import Hold
 from personachat.app.prompted import NO_PROMPT, persona_prompt, prompted_stream, together
@@ -65,6 +69,8 @@ def generate(
     steering = steering_spec(settings)
     readout = list(settings.personas) or sorted(engine.vectors)[:MAX_READOUT_PERSONAS]
     engine, direction = direction_spec(catalog, model_id, engine, settings)
+    engine, cap = cap_spec(catalog, model_id, engine, settings)
+    readout, calibrate = read_vectors(catalog, model_id, engine, readout, lm, conversation)
     ablation, extra = ablation_specs(lm, engine.neuron_sets, settings)
     if hold and stop is not None:
         extra.append(Hold(stop))
@@ -83,6 +89,7 @@ def generate(
         side_by_side=settings.side_by_side,
         stop=stop,
         handlers=extra,
+        cap=cap,
     )
     prompted, note = None, None
     if settings.prompted:
@@ -92,9 +99,8 @@ def generate(
         else:
             prompted = prompted_stream(engine, conversation, prompt, generation, stop)
     levels = reference(catalog, model_id, readout, settings.vectors_from)
-    return _steps(
-        model_id, lm.tokenizer, together(updates, prompted), levels, dropped, settings, note
-    )
+    streams = together(updates, prompted)
+    return _steps(model_id, lm.tokenizer, streams, levels, dropped, settings, note, calibrate)
 
 
 def steering_spec(settings: Settings) -> Any:
@@ -184,6 +190,7 @@ def _steps(
     dropped: int,
     settings: Settings,
     note: str | None,
+    calibrate: Calibrator,
 ) -> Iterator[Step]:
     def decode(token: int) -> str:
         return str(tokenizer.decode([token]))
@@ -198,6 +205,7 @@ def _steps(
             readout = Readout.from_reply(
                 model_id, update.readout, decode, levels, settings.personas, steered
             )
+            readout = calibrate(readout, update.readout)
         yield Step(
             text=update.text,
             side_text=update.baseline_text,

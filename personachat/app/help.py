@@ -76,6 +76,28 @@ INFO = {
     "vector_format": ".safetensors: every layer with its metadata; .gguf: a llama.cpp control "
     "vector (layers 1 on).",
     "analysis_personas": "Only these personas (at least 2): quicker. Empty: all of the dataset's.",
+    "cap": (
+        "Keep the projection on this direction on one side of a level. The assistant axis "
+        "(from the role personas toward the default assistant) holds the assistant; a persona's "
+        "vector keeps that persona in check."
+    ),
+    "cap_side": (
+        "At least the level: the projection is raised where it falls below (holds the "
+        "assistant on its axis). At most: lowered where it rises above (caps a persona)."
+    ),
+    "cap_by": (
+        "Percentile: of the vector's reference (a persona vector's baseline samples, the "
+        "assistant axis' default-assistant samples), per layer. Threshold: a raw projection."
+    ),
+    "cap_level": "The percentile (0-100) or the raw threshold.",
+    "cap_layers": "'all', or layers and ranges, e.g. '0-2, 5'.",
+    "cap_positions": (
+        "Where it is held. The last prompt token decides the reply's persona on the demo model."
+    ),
+    "axis": (
+        "Read from the dataset the extraction box offers (demo: the demo corpus), at the last "
+        "prompt token: neutral personas' mean minus the role personas' mean, per layer."
+    ),
     "view_layer": "The layer whose projections colour the tokens.",
     "view_persona": "Whose projection the tokens and the heatmap show.",
 }
@@ -102,4 +124,10 @@ GLOSSARY = """
   bar steering is judged against.
 - **Projection**: a token's residual stream along the unit persona vector; scaled, 0 is the
   baseline's mean and 1 the persona's own.
+- **Percentile**: where a projection ranks among the vector's reference samples at that layer
+  (a persona vector's baseline, the assistant axis' default assistant); 50 is typical.
+- **Assistant axis**: the direction from the role personas toward the default assistant.
+- **Drift**: each assistant turn's projection, pooled the way the vector was read, turn by turn.
+- **Hold (cap)**: keep a projection on one side of a level; positions already there are left
+  exactly as they were.
 """

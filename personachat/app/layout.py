@@ -1,6 +1,6 @@
 """The page's layout: the settings in a drawer (open beside the chat on a wide screen, a
-full-screen drawer behind a button on a phone), the conversation first in the main column,
-then its views.
+full-screen drawer behind a button on a phone; holding a persona last), the conversation first
+in the main column, then its views (the drift beside the tokens).
 
 ``layout`` builds the panels inside the current ``gr.Blocks`` and returns them as one ``Page``,
 with the session's ``Readout`` state; ``personachat.app.wiring`` connects their events.
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from personachat.app.calib_panels import CapPanel, DriftPanel, cap_panel, drift_panel
 from personachat.app.panels import (
     DirectionPanel,
     GenerationPanel,
@@ -69,6 +70,8 @@ class Page:
     map: PlotPanel
     store: StorePanel
     analysis: AnalysisPanel
+    cap: CapPanel
+    drift: DriftPanel
 
 
 def layout(default_model: str, demo_model: bool) -> Page:
@@ -83,12 +86,14 @@ def layout(default_model: str, demo_model: bool) -> Page:
         generation = generation_panel()
         neurons = neuron_panel()
         direction = direction_panel()
+        cap = cap_panel()
         glossary_panel()
     gr.Markdown(INTRO, elem_id="intro")
     chat = chat_panel(side_by_side=demo_model)
     share = share_panel()
     with gr.Tabs(elem_id="views"):
         tokens = tokens_panel()
+        drift = drift_panel()
         layers = layers_panel()
         persona_map = map_panel()
         store = store_panel()
@@ -108,4 +113,6 @@ def layout(default_model: str, demo_model: bool) -> Page:
         persona_map,
         store,
         analysis,
+        cap,
+        drift,
     )

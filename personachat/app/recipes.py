@@ -64,6 +64,7 @@ CLEAN = {  # what every recipe resets, so only its own intervention acts
     "neurons": "",
     "ablation": "off",
     "direction": "none",
+    "cap": "none",
     "system_prompt": "",
     "temperature": 0.0,
     "side_by_side": True,
@@ -108,6 +109,28 @@ def _direction(persona: str, system_prompt: str) -> dict[str, Any]:
     }
 
 
+def _hold(persona: str, system_prompt: str) -> dict[str, Any]:
+    return {
+        **CLEAN,
+        "system_prompt": system_prompt,
+        "cap": "assistant_axis",
+        "cap_side": "above",
+        "cap_by": "percentile",
+        "cap_level": 5.0,
+        "cap_layers": "0",
+        "cap_positions": "last prompt token",
+    }
+
+
+HOLD = Recipe(
+    "hold",
+    "Hold the assistant: cap the assistant axis",
+    "Under the persona's own system prompt, the last-prompt-token assistant axis kept at least "
+    "at the default's 5th percentile, at layer 0, at the last prompt token: all 11 personas held "
+    "to the default with 100% of the facts kept, the default's own replies unchanged "
+    "(measured). Beside it: the same prompt, nothing held.",
+    _hold,
+)
 RECIPES = (
     Recipe(
         "steer",
@@ -133,5 +156,6 @@ RECIPES = (
         "personas; measured).",
         _direction,
     ),
+    HOLD,
 )
 RECIPE_BY_KEY = {r.key: r for r in RECIPES}

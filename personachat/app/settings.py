@@ -19,6 +19,8 @@ Formats:
 - preset and strength: ``"best layer"``, ``"band"`` or ``"all layers"`` at ``strength`` around
   the first persona's best layer; ``"custom"`` reads the layer spec, where a bare layer
   (``"2-3"``) takes ``strength``.
+- holding a persona (``cap``, ``"none"``: nothing held): parsed by ``personachat.app.capping``
+  into ``CapSettings``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,21 @@ class InputError(ValueError):
 
 
 @dataclass(frozen=True)
+class CapSettings:
+    """A persona held, checked (``personachat.app.capping`` parses and applies it): keep the
+    projection on ``direction`` (a persona, or the assistant axis) on ``side`` of a level at
+    ``layers`` and ``positions``; the level is a ``percentile`` of the vector's reference
+    distribution or a raw ``threshold``."""
+
+    direction: str
+    side: Literal["above", "below"] = "above"
+    percentile: float | None = 5.0
+    threshold: float | None = None
+    layers: tuple[int, ...] = (0,)
+    positions: str = LAST_PROMPT_TOKEN  # one of ABLATION_POSITIONS
+
+
+@dataclass(frozen=True)
 class Settings:
     """One session's steering, ablation and sampling settings, already checked."""
 
@@ -85,6 +102,7 @@ class Settings:
     direction_from: str = ""  # the kind of vector the direction is read from ("": vectors_from)
     prompted: bool = False  # also the reply under the lead persona's own system prompt
     warnings: tuple[str, ...] = ()  # a strength far past the residual norm
+    cap: CapSettings | None = None  # the persona held (``personachat.app.capping``); None: none
 
     @property
     def steering(self) -> bool:
@@ -352,6 +370,12 @@ class ChatInputs:
     preset: str = "custom"
     strength: float | str | None = 1.0
     direction_from: str | None = ""
+    cap: str | None = NO_DIRECTION  # hold this persona ("none": nothing held)
+    cap_side: str = "above"  # above: keep its projection at least the level; below: at most
+    cap_by: str = "percentile"  # the level as a percentile of its reference, or a raw threshold
+    cap_level: float | str | None = 5.0
+    cap_layers: str | None = "0"
+    cap_positions: str = LAST_PROMPT_TOKEN
 
 
 def layer_strengths(limits: Limits, inputs: ChatInputs, picked: Sequence[str]) -> dict[int, float]:

@@ -30,7 +30,7 @@ from personachat.app.settings import (
 SHARED = (*(f.name for f in dataclasses.fields(ChatInputs) if f.name != "model_id"), "prompted")
 LISTS = frozenset({"personas", "neuron_sets"})
 FLAGS = frozenset({"side_by_side", "prompted"})
-NUMBERS = frozenset({"temperature", "max_new_tokens", "seed", "last_n", "strength"})
+NUMBERS = frozenset({"temperature", "max_new_tokens", "seed", "last_n", "strength", "cap_level"})
 CHOICES: dict[str, Sequence[str]] = {
     "units": UNITS,
     "positions": POSITIONS,
@@ -39,6 +39,9 @@ CHOICES: dict[str, Sequence[str]] = {
     "direction_positions": DIRECTION_POSITIONS,
     "ablation_positions": ABLATION_POSITIONS,
     "preset": PRESETS,
+    "cap_side": ("above", "below"),
+    "cap_by": ("percentile", "threshold"),
+    "cap_positions": ABLATION_POSITIONS,
 }
 
 

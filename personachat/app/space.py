@@ -34,14 +34,15 @@ def baseline_mean(catalog: Catalog, model_id: str, vector: Any) -> np.ndarray | 
 
 
 def reference(
-    catalog: Catalog, model_id: str, personas: Sequence[str], kind: str = ""
+    catalog: Catalog, model_id: str, personas: Sequence[Any], kind: str = ""
 ) -> np.ndarray | None:
     """[2, layers, personas]: projections of the baseline mean and of the persona mean on
-    each unit persona vector (persona mean = baseline + vector, so row 1 = row 0 + |v|)."""
+    each unit persona vector (persona mean = baseline + vector, so row 1 = row 0 + |v|);
+    ``personas`` are names of ``kind``'s vectors or vector records."""
     engine = catalog.engine(model_id, kind)
     rows = []
     for name in personas:
-        vector = engine.vectors[name]
+        vector = engine.vectors[name] if isinstance(name, str) else name
         base = baseline_mean(catalog, model_id, vector)
         if base is None:
             return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from personachat.app.capping import cap_words
 from personachat.app.settings import (
     LAST_PROMPT_TOKEN,
     Settings,
@@ -46,8 +47,8 @@ def blend_summary(engine: Any, settings: Settings) -> str:
 
 def settings_summary(engine: Any, settings: Settings) -> str:
     """What this turn does to the model: the blend (with interference), where it is added
-    when only the last prompt tokens, the ablated direction and the neuron ablation (with
-    a note when a patching set is ablated otherwise than by mean at the prompt)."""
+    when only the last prompt tokens, the ablated direction, the neuron ablation (with a note
+    when a patching set is ablated otherwise than by mean at the prompt) and the persona held."""
     parts = [blend_summary(engine, settings)] if settings.steering else []
     if settings.steering and settings.last_n is not None:
         n = settings.last_n
@@ -56,6 +57,8 @@ def settings_summary(engine: Any, settings: Settings) -> str:
         parts.append(direction_summary(engine, settings))
     if settings.ablating:
         parts.extend(ablation_summary(engine, settings))
+    if settings.cap is not None:
+        parts.append(cap_words(settings.cap))
     if settings.prompted:
         lead = settings.lead
         parts.append(f"Prompted column: {lead}'s own system prompt." if lead else "")

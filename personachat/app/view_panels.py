@@ -16,6 +16,7 @@ import gradio as gr
 
 from personachat.app import views
 from personachat.app.analysis import ANALYSIS_FIGURES
+from personachat.app.calib_panels import AxisPanel, axis_panel
 from personachat.app.help import INFO
 
 EXPORT_FORMATS = (".safetensors", ".gguf")
@@ -213,11 +214,13 @@ class StorePanel:
     vector_format: gr.Radio
     export: gr.Button
     vector_file: gr.File
+    axis: AxisPanel
 
 
 def store_panel() -> StorePanel:
-    """The store browser's tables, and a vector to download."""
+    """The store browser's tables, a vector to download, and the model's assistant axis."""
     with gr.Tab("Store"):
+        axis = axis_panel()
         with gr.Group():
             with gr.Row():
                 vector_persona = gr.Dropdown(
@@ -259,6 +262,7 @@ def store_panel() -> StorePanel:
         vector_format,
         export,
         vector_file,
+        axis,
     )
 
 

@@ -42,12 +42,14 @@ def tokens_html(
     n_prompt: int,
     caption: str = "",
     scale: float | None = None,
+    details: Sequence[str] = (),
 ) -> str:
     """Tokens coloured by ``values``: red positive, blue negative, full colour at |value| >=
     ``scale`` (default: the largest |value|); a NaN value (no projection) stays uncoloured.
 
     Prompt tokens come first (``n_prompt`` of them); reply tokens are bold. Each token is a
-    ``span.pc-tok`` with its value in ``title`` and ``data-value``.
+    ``span.pc-tok`` with its value in ``title`` and ``data-value``; ``details`` (one text per
+    token) follow the value in ``title``.
     """
     vals = np.asarray(values, dtype=np.float64)
     if scale is None:
@@ -61,6 +63,7 @@ def tokens_html(
             r, g, b = POSITIVE if value >= 0 else NEGATIVE
             alpha = min(1.0, abs(value) / scale) * 0.85
             style, said = f"background: rgba({r},{g},{b},{alpha:.2f})", f"{value:+.3f}"
+            said += f" ({details[i]})" if i < len(details) else ""
         else:
             kind += " pc-none"
             style, said = "", "no projection (never fed through the model)"

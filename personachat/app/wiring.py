@@ -1,13 +1,14 @@
 """The page's events: which handler each control calls, with which inputs and outputs.
 
-``wire`` connects them in five groups (model and store, steering settings, chat, views,
-sharing). Every action with an ``api_name`` is a named endpoint that ``gradio_client`` can call;
-the others are private. ``/chat`` and ``/retry`` get their inputs in the order of their
-endpoint's parameters (``personachat.app.endpoints``), so the components and the parameters
-cannot drift apart. The API's chat, retry and blend line hang on hidden triggers with their own
-outputs and, where the page's defaults differ from the API's (the preset, the strength, the
-direction's layers and tokens, side by side), hidden inputs holding the API's defaults; the
-page's own events take and give more.
+``wire`` connects them in six groups (model and store, steering settings, chat, views,
+sharing, calibration: the drift, the hold panel, the assistant axis). Every action with an
+``api_name`` is a named endpoint that ``gradio_client`` can call; the others are private.
+``/chat`` and ``/retry`` get their inputs in the order of their endpoint's parameters
+(``personachat.app.endpoints``), so the components and the parameters cannot drift apart. The
+API's chat, retry and blend line hang on hidden triggers with their own outputs and, where the
+page's defaults differ from the API's (the preset, the strength, the direction's layers and
+tokens, side by side), hidden inputs holding the API's defaults; the page's own events take and
+give more.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from personachat.app.endpoints import (
 from personachat.app.handlers import Handlers
 from personachat.app.layout import Page
 from personachat.app.panels import dataset_personas
-from personachat.app.recipes import RECIPES
+from personachat.app.recipes import HOLD, RECIPES
 from personachat.app.settings import DIRECTION_POSITIONS, PRESETS, ChatInputs
 from personachat.app.share import SHARED
 
@@ -50,6 +51,7 @@ def wire(page: Page, h: Handlers, demo: gr.Blocks, concurrency: int) -> None:
     wire_chat(page, h, concurrency)
     wire_views(page, h)
     wire_share(page, h)
+    wire_calibration(page, h)
 
 
 def controls(page: Page) -> dict[str, Any]:
@@ -87,6 +89,12 @@ def controls(page: Page) -> dict[str, Any]:
         "preset": p.preset,
         "strength": p.strength,
         "direction_from": d.direction_from,
+        "cap": page.cap.cap,
+        "cap_side": page.cap.cap_side,
+        "cap_by": page.cap.cap_by,
+        "cap_level": page.cap.cap_level,
+        "cap_layers": page.cap.cap_layers,
+        "cap_positions": page.cap.cap_positions,
         "prompted": c.prompted,
     }
 
@@ -157,31 +165,36 @@ def wire_model(page: Page, h: Handlers, demo: gr.Blocks) -> None:
     loaded = load_outputs(page)
     steer_in, steer_out, blend_in = steering_io(page)
     shared = [controls(page)[name] for name in SHARED]
+    choices = (h.cap_choices, [m.model, m.vectors_from], [page.cap.cap, page.store.axis.info])
     demo.load(h.load, [m.model], loaded, api_name="load_model").then(
         h.restore, None, [*shared, status], **PRIVATE
     ).then(h.steering_controls, steer_in, steer_out, **QUIET).then(
         h.blend_info, blend_in, page.persona.blend, **BLEND
-    )
+    ).then(*choices, **QUIET)
     m.model.input(h.load, [m.model], loaded, **PRIVATE).then(
         h.steering_controls, steer_in, steer_out, **QUIET
-    )
+    ).then(*choices, **QUIET)
     refresh_in = [m.model, page.persona.personas, m.vectors_from, page.direction.direction]
     refresh_out = [page.persona.personas, page.neurons.neuron_sets, page.direction.direction]
-    m.refresh_btn.click(h.refresh, refresh_in, [*refresh_out, status], api_name="refresh")
+    m.refresh_btn.click(h.refresh, refresh_in, [*refresh_out, status], api_name="refresh").then(
+        *choices, **QUIET
+    )
     m.extract_btn.click(
         h.extract,
         [m.model, m.dataset, m.extract_positions, m.extract_personas, m.extract_neurons],
         loaded,
         api_name="extract",
         concurrency_limit=1,
-    )
+    ).then(*choices, **QUIET)
     m.dataset.change(
         lambda name: gr.update(choices=dataset_personas(name), value=[]),
         m.dataset,
         m.extract_personas,
         **PRIVATE,
     )
-    m.vectors_from.input(h.refresh, refresh_in, [*refresh_out, status], **PRIVATE)
+    m.vectors_from.input(h.refresh, refresh_in, [*refresh_out, status], **PRIVATE).then(
+        *choices, **QUIET
+    )
 
 
 def wire_settings(page: Page, h: Handlers) -> None:
@@ -256,7 +269,7 @@ def wire_chat(page: Page, h: Handlers, concurrency: int) -> None:
             h.heatmap, [readout, t.view_persona], t.heatmap, **PRIVATE, api_name="page_heatmap"
         ).then(h.conversation_file, chats, page.share.download, **PRIVATE).then(
             lambda: gr.update(interactive=False), None, c.stop, **PRIVATE
-        )
+        ).then(h.drift_plot, readout, page.drift.plot, **QUIET)
     # the reply's own last update says "Stopped"; the stop result goes to a hidden box so it
     # cannot arrive after (and overwrite) that status
     stopped = gr.Textbox(visible=False, label="Stop")
@@ -271,13 +284,14 @@ def wire_chat(page: Page, h: Handlers, concurrency: int) -> None:
         t.numbers,
     ]
     undo_out = [c.chatbot, c.side_chat, c.message, c.status]
+    after = [c.chatbot, c.side_chat, c.prompted_chat, readout]  # the drift of the turns left
     c.undo.click(h.undo, [c.chatbot, c.side_chat], undo_out, api_name="undo").then(
-        h.views_after, [c.chatbot, c.side_chat, c.prompted_chat], views, **PRIVATE
-    )
+        h.views_after, after, views, **PRIVATE
+    ).then(h.drift_plot, readout, page.drift.plot, **QUIET)
     clear_out = [c.chatbot, c.side_chat, c.status, t.tokens, readout]
     c.clear.click(h.clear, None, clear_out, api_name="clear").then(
-        h.views_after, [c.chatbot, c.side_chat, c.prompted_chat], views, **PRIVATE
-    )
+        h.views_after, after, views, **PRIVATE
+    ).then(h.drift_plot, readout, page.drift.plot, **QUIET)
 
 
 def wire_views(page: Page, h: Handlers) -> None:
@@ -336,3 +350,29 @@ def wire_share(page: Page, h: Handlers) -> None:
         None, link, link, js=LINK_JS, **PRIVATE
     )
     page.chat.settings_button.click(None, None, None, js=OPEN_SETTINGS_JS, **PRIVATE)
+
+
+def wire_calibration(page: Page, h: Handlers) -> None:
+    """The drift's numbers, the hold panel's words and recipe, the assistant axis' button."""
+    k, model, kind, readout = page.cap, page.model.model, page.model.vectors_from, page.readout
+    page.drift.numbers_btn.click(h.drift_numbers, [readout], page.drift.numbers, api_name="drift")
+    cap_in = [model, kind, k.cap, k.cap_side, k.cap_by, k.cap_level, k.cap_layers, k.cap_positions]
+    for control in (k.cap, k.cap_side, k.cap_by, k.cap_level, k.cap_layers, k.cap_positions):
+        control.change(h.cap_info, cap_in, k.info, trigger_mode="always_last", **QUIET)
+    shared = [controls(page)[name] for name in SHARED]
+    steer_in, steer_out, blend_in = steering_io(page)
+    k.recipe.click(
+        h.recipe,
+        [gr.State(HOLD.key), page.persona.personas],
+        [*shared, page.chat.status],
+        **PRIVATE,
+    ).then(h.steering_controls, steer_in, steer_out, **QUIET).then(
+        h.blend_info, blend_in, page.persona.blend, **BLEND
+    )
+    page.store.axis.button.click(
+        h.register_axis,
+        [model, page.model.dataset, kind],
+        [page.store.axis.info, k.cap, page.chat.status],
+        api_name="register_axis",
+        concurrency_limit=1,
+    )

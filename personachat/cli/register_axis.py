@@ -28,24 +28,12 @@ from personachat.pipeline import (
     model_configs,
     register_results,
 )
-from personachat.pipeline.axis import AXIS_BASELINE, AXIS_PERSONA
+from personachat.pipeline.axis import axis_personas
 from personachat.pipeline.vectors import ExtractionResult
 from personachat.prompts import load_dataset
-from personachat.records import POSITIONS, Persona
+from personachat.records import POSITIONS
 
 PROMPT_POSITIONS = tuple(p for p in POSITIONS if p != "response_avg")
-
-
-def axis_personas(source: str) -> list[Persona]:
-    """The store's rows for the axis and its baseline (they have no system prompt of their own)."""
-    return [
-        Persona(
-            AXIS_PERSONA, "", "from the role personas toward the default assistant", "axis", source
-        ),
-        Persona(
-            AXIS_BASELINE, "", "the role personas the assistant axis starts from", "axis", source
-        ),
-    ]
 
 
 def parser() -> argparse.ArgumentParser:

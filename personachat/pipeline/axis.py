@@ -26,12 +26,24 @@ from personachat.activations import Capture, CaptureSpec, build_samples, capture
 from personachat.model import LoadedModel
 from personachat.pipeline.selection import check_layers
 from personachat.prompts import DatasetError, PersonaDataset, conditions
-from personachat.records import PersonaMeans, PersonaVector
+from personachat.records import Persona, PersonaMeans, PersonaVector
 from personachat.vectors import layer_metrics, neutral_personas, project, projection_quantiles
 
 AXIS_PERSONA = "assistant_axis"
 AXIS_BASELINE = "roles"
 AXIS_METHODS = ("axis_means", "axis_pc1")
+
+
+def axis_personas(source: str) -> list[Persona]:
+    """The store's rows for the axis and its baseline (they have no system prompt of their own)."""
+    return [
+        Persona(
+            AXIS_PERSONA, "", "from the role personas toward the default assistant", "axis", source
+        ),
+        Persona(
+            AXIS_BASELINE, "", "the role personas the assistant axis starts from", "axis", source
+        ),
+    ]
 
 
 def split_personas(dataset: PersonaDataset) -> tuple[list[int], list[int]]:
