@@ -135,7 +135,7 @@ class InterpChatEngine(ChatEngine):
             while any(live):
                 step = []
                 for r, out in enumerate(outs):
-                    item = out.get() if live[r] else END
+                    item: Any = out.get() if live[r] else END
                     if isinstance(item, Failed):
                         sink.put(item)
                         return
