@@ -3,6 +3,9 @@ the per-request path a ZeroGPU Space takes (under ``spaces.GPU``, the identity o
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -150,3 +153,18 @@ def test_the_per_request_path_runs_and_streams_under_the_gpu_decorator(store_roo
     assert len(turns) > 2 and turns[0].running and not turns[-1].running
     expected = solo(store_root, steering=SteeringSpec({"pirate": 1.0}, {1: 4.0, 2: 4.0}))
     assert turns[-1].history[-1]["content"] == expected.text
+
+
+def test_the_gpu_check_fails_fast_without_a_gpu() -> None:
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "gpu_check: cannot run: no CUDA GPU on this machine" in done.stderr
+    assert time.perf_counter() - started < 60  # before any model loads

@@ -191,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     from personachat.app.serving import for_environment
 
     hold = os.environ.get(HOLD_ENV) or None  # a test aid (personachat.app.hold)
-    serving = for_environment(config.engine, config.num_gpus, config.concurrency)
+    try:
+        serving = for_environment(config.engine, config.num_gpus, config.concurrency)
+    except ValueError as err:
+        print(f"personachat: cannot start: {err}", file=sys.stderr)
+        return 2
     backend = Backend(
         config.model,
         config.store,
