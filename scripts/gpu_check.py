@@ -36,21 +36,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def why_not() -> str | None:
-    """Why this machine cannot run the check, or None."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return "no CUDA GPU on this machine; run it where `nvidia-smi` shows one"
-    try:
-        from interp_engine import vllm_installed
-    except ImportError:
-        return "interp-engine is not installed: pip install 'interp-engine[vllm]'"
-    if not vllm_installed():
-        return "vLLM is not installed: pip install 'interp-engine[vllm]'"
-    return None
-
-
 def steerings(personas: list[str]) -> list[Any]:
     """Eight requests' ``steering``: additive at all, prompt and generated positions, blends."""
     a = "pirate" if "pirate" in personas else personas[0]
@@ -111,7 +96,9 @@ def burst(url: str, model: str, asks: list[Any], max_tokens: int) -> tuple[list[
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    problem = why_not()
+    from personachat.chat.interp import vllm_problem
+
+    problem = vllm_problem()
     if problem is not None:
         print(f"gpu_check: cannot run: {problem}", file=sys.stderr)
         return 2

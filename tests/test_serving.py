@@ -166,5 +166,17 @@ def test_the_gpu_check_fails_fast_without_a_gpu() -> None:
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert done.returncode == 2, done.stderr
-    assert "gpu_check: cannot run: no CUDA GPU on this machine" in done.stderr
+    assert (
+        "gpu_check: cannot run: --engine vllm needs a CUDA GPU and this machine has none"
+        in done.stderr
+    )
     assert time.perf_counter() - started < 60  # before any model loads
+
+
+def test_the_app_refuses_engine_vllm_without_a_gpu_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from personachat.app.main import main
+
+    assert main(["--engine", "vllm", "--store", str(tmp_path)]) == 2
+    assert "cannot start: --engine vllm needs a CUDA GPU" in capsys.readouterr().err

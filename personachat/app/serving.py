@@ -127,11 +127,17 @@ def for_environment(
 ) -> Serving:
     """The serving this process should use: on a ZeroGPU Space one request at a time, each
     inside its own ``spaces.GPU`` call (the vLLM engine is refused there), else the shared
-    batch."""
+    batch; ``ValueError`` when ``--engine vllm`` cannot run here (no GPU, no vLLM)."""
     zero = on_zero_gpu(env)
     if zero and engine_kind != "hf":
         raise ValueError(
             "--engine vllm cannot run on a ZeroGPU Space (the GPU is lent per call); "
             "use --engine hf there"
         )
+    if engine_kind == "vllm":
+        from personachat.chat.interp import vllm_problem
+
+        problem = vllm_problem()
+        if problem is not None:
+            raise ValueError(problem)
     return Serving(engine_kind, not zero, num_gpus, max_requests)

@@ -44,23 +44,31 @@ class InterpJob(Job):
     rows_steering: list[RowSteering] = field(default_factory=list)
 
 
+def vllm_problem() -> str | None:
+    """Why ``--engine vllm`` cannot run on this machine (no GPU, no vLLM), or None."""
+    if not torch.cuda.is_available():
+        return "--engine vllm needs a CUDA GPU and this machine has none; use --engine hf"
+    try:
+        from interp_engine import vllm_installed
+    except ImportError:
+        vllm_installed = None
+    if vllm_installed is None or not vllm_installed():
+        return (
+            "--engine vllm needs interp-engine with vLLM: pip install 'interp-engine[vllm]' "
+            "(or use --engine hf)"
+        )
+    return None
+
+
 def load_vllm(lm: LoadedModel, num_gpus: int = 1) -> Any:
     """``lm``'s checkpoint on interp-engine's hooked vLLM backend, sharded over ``num_gpus``
     (``PERSONACHAT_VLLM_MEMORY``: the share of each GPU's memory vLLM may take, default 0.5, so
     the transformers model the page's other tools use fits beside it)."""
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "--engine vllm needs a CUDA GPU and this machine has none; use --engine hf"
-        )
-    try:
-        from interp_engine import load_model, vllm_installed
-    except ImportError:
-        vllm_installed = None
-    if vllm_installed is None or not vllm_installed():
-        raise RuntimeError(
-            "--engine vllm needs interp-engine with vLLM: pip install 'interp-engine[vllm]' "
-            "(or use --engine hf)"
-        )
+    problem = vllm_problem()
+    if problem is not None:
+        raise RuntimeError(problem)
+    from interp_engine import load_model
+
     dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     share = float(os.environ.get("PERSONACHAT_VLLM_MEMORY", "0.5"))
     name = str(getattr(lm.model, "name_or_path", "") or lm.info.model_id)
