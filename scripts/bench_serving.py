@@ -8,11 +8,13 @@ a random Qwen2.5-0.5B-shaped model (random vectors; no download):
 - aggregate tokens/s of 8 concurrent sessions with 8 different settings (steering at one layer,
   at all layers, a blend at generated tokens only, at the prompt's last tokens only; neuron
   ablation; directional ablation; readouts; a side-by-side pair) through ``Scheduler`` against
-  the same 8 through ``ChatEngine.stream`` in 8 threads, today's way (goal >= 4x on the demo
-  and tiny models, >= 2x on the 0.5B-shaped one). Every reply is exactly ``tokens`` long
-  (``min_new_tokens = max_new_tokens``), and both ways must give the same tokens;
+  the same 8 through ``ChatEngine.stream`` in 8 threads, the per-request path a ZeroGPU Space
+  takes (goal >= 4x on the demo and tiny models, >= 2x on the 0.5B-shaped one). Every reply
+  is exactly ``tokens`` long (``min_new_tokens = max_new_tokens``), and both ways must give the
+  same tokens;
 - time to the first token of a request arriving while 7 sessions decode, against the same
-  request alone (through the idle scheduler, and through ``ChatEngine`` as today; goal <= 1.5x).
+  request alone (through the idle scheduler, and through ``ChatEngine`` per request; goal
+  <= 1.5x).
 
 Times are wall-clock (the work spreads over threads) with one intra-op thread per op; the two
 ways run interleaved in this process (A/B then B/A), each pair gives a ratio, and the median is

@@ -346,7 +346,9 @@ def test_directional_ablation_matches_the_engine(
     assert inside.personas == tuple(READ)
     assert inside.projections is not None and expected.readout is not None
     want = expected.readout.projections.numpy()
-    np.testing.assert_allclose(inside.projections, want, rtol=1e-6, atol=1e-6)
+    # the page's reply runs through the shared scheduler, whose batched decode steps round
+    # differently from a lone generate (tests/test_scheduler.py: readouts within rounding)
+    np.testing.assert_allclose(inside.projections, want, rtol=1e-6, atol=1e-5)
     assert np.isnan(inside.projections[-1]).all()  # never fed through the model: no value
     assert np.isfinite(inside.projections[:-1]).all()
     # the readout comes after the ablation: at layers 1-2 and the ablated tokens, pirate's

@@ -8,9 +8,12 @@ without a restart.
 
 Per-session values never live here: every call takes the session's ``Settings`` and returns
 plain results (``Step``, ``Readout``, ``AnalysisView``), so sessions cannot see each other's
-steering. ``analyze(model_id)`` runs the persona analysis of a model once (``Analyses``) and
-keeps the result for every session until the store's vectors of that model change. The parts
-live in their own modules; the methods here only pick the model's engine and pass it on.
+steering. Replies take the path of the app's ``Serving`` (``personachat.app.serving``: by
+default one shared scheduler per model), at most ``Serving.max_requests`` at once across the
+page and the API. ``analyze(model_id)`` runs the persona analysis of a model once
+(``Analyses``) and keeps the result for every session until the store's vectors of that model
+change. The parts live in their own modules; the methods here only pick the model's engine and
+pass it on.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from personachat.app.catalog import Catalog
 from personachat.app.generation import Step, generate
 from personachat.app.library import needs_library
 from personachat.app.models import ModelCache, is_demo
+from personachat.app.serving import Serving
 from personachat.app.settings import Limits, Settings
 
 log = logging.getLogger(__name__)
@@ -46,13 +50,15 @@ class Backend:
         dtype: str = "auto",
         device: str = "auto",
         hold_message: str | None = None,
+        serving: Serving | None = None,
     ) -> None:
         self.default_model = default_model
         self.hold_message = hold_message  # a test aid: see personachat.app.hold
         self.store_path = Path(store_path)
         lock = threading.RLock()  # one lock for models, store and engines
         self.models = ModelCache(lock, models, dtype=dtype, device=device)
-        self.catalog = Catalog(self.models, self.store_path, lock)
+        self.serving = serving or Serving()
+        self.catalog = Catalog(self.models, self.store_path, lock, self.serving)
         self.analyses = Analyses(self.catalog)
 
     # -- loading ------------------------------------------------------------------------------
@@ -235,5 +241,7 @@ class Backend:
         hold: bool = False,
     ) -> Iterator[Step]:
         """Check the request now (raising before anything runs), then return an iterator that
-        streams the reply to ``messages`` under ``settings`` (``hold``: see ``app.hold``)."""
-        return generate(self.catalog, model_id, settings, messages, stop, hold)
+        streams the reply to ``messages`` under ``settings`` (``hold``: see ``app.hold``); it
+        waits for a slot among ``Serving.max_requests`` when it starts."""
+        steps = generate(self.catalog, model_id, settings, messages, stop, hold)
+        return self.serving.gate.through(steps)

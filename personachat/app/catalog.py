@@ -4,7 +4,9 @@
 ``Catalog.engine(model_id, positions)`` builds a ``ChatEngine`` over the model's registered
 vectors read from ``positions`` (the preferred kind when empty) and its neuron sets, and builds it
 again when the store's catalog of that model changed. ``refresh()`` drops the engines so personas
-registered (or removed) by a script show up without a restart.
+registered (or removed) by a script show up without a restart. The engines come from the app's
+``Serving`` (``personachat.app.serving``): by default every engine over one model shares its
+scheduler.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from personachat.app.models import ModelCache, folder
+from personachat.app.serving import Serving
 
 # Which vectors steer by default: on the demo model, vectors read from the question span steered
 # where reply-average ones did not.
@@ -23,8 +26,15 @@ PREFERRED_POSITIONS = ("question_span", "prompt_last", "response_avg", "prompt_a
 class Catalog:
     """The read-only store and the chat engines built from it, shared by every session."""
 
-    def __init__(self, models: ModelCache, store_path: Path, lock: threading.RLock) -> None:
+    def __init__(
+        self,
+        models: ModelCache,
+        store_path: Path,
+        lock: threading.RLock,
+        serving: Serving | None = None,
+    ) -> None:
         self.models = models
+        self.serving = serving or Serving()
         self.store_path = store_path
         self._lock = lock
         self._store: Any = None
@@ -52,11 +62,10 @@ class Catalog:
             signature = self.signature(store_id, kind)
             cached = self._engines.get(key)
             if cached is None or cached[0] != signature:
-                from personachat.chat import ChatEngine
-
                 vectors = self._vectors(store_id, kind, lm.info.hidden_size)
                 sets = self._neuron_sets(store_id)
-                self._engines[key] = (signature, ChatEngine(lm, vectors, sets))
+                engine = self.serving.engine(model_id, lm, vectors, sets)
+                self._engines[key] = (signature, engine)
             return self._engines[key][1]
 
     def refresh(self) -> None:
@@ -131,3 +140,4 @@ class Catalog:
         with self._lock:
             for key in [k for k in self._engines if k[0] == model_id]:
                 self._engines.pop(key)
+            self.serving.forget(model_id)

@@ -68,6 +68,8 @@ def generate(
         conversation.insert(0, {"role": "system", "content": settings.system_prompt})
     steering = steering_spec(settings)
     readout = list(settings.personas) or sorted(engine.vectors)[:MAX_READOUT_PERSONAS]
+    if not engine.reads_out:  # an engine that cannot read out says so in its last update
+        readout = []
     engine, direction = direction_spec(catalog, model_id, engine, settings)
     engine, cap = cap_spec(catalog, model_id, engine, settings)
     readout, calibrate = read_vectors(catalog, model_id, engine, readout, lm, conversation)
@@ -124,7 +126,6 @@ def direction_spec(
     """The engine to generate with and the runtime's ``DirectionSpec`` (None when no direction
     is ablated). A direction read from another kind of vector than the steering joins the
     engine's vectors as ``"<persona> (<kind>)"``, in an engine for this request."""
-    from personachat.chat import ChatEngine
     from personachat.interventions import DirectionSpec
 
     if not settings.projecting:
@@ -140,7 +141,7 @@ def direction_spec(
                     f"no {settings.direction_from} vector of {name!r} to ablate; known: {known}."
                 )
             name = f"{name} ({settings.direction_from})"
-            engine = ChatEngine(engine.lm, {**engine.vectors, name: vector}, engine.neuron_sets)
+            engine = engine.with_vectors({name: vector})
     where, last_n = _window(settings.direction_positions)
     spec = DirectionSpec(
         name,

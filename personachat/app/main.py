@@ -5,8 +5,10 @@
     PERSONACHAT_MODEL=... PERSONACHAT_STORE=... python app.py
 
 Binds 127.0.0.1 unless ``--host`` says otherwise or ``SPACE_ID`` is set (a Hugging Face Space:
-0.0.0.0). Analytics are off and nothing is fetched from the network. The model loads lazily on
-first use; a missing model folder or store is reported and the app exits with status 2.
+0.0.0.0). One server answers the page at ``/`` and the OpenAI-compatible API at ``/v1``
+(``personachat.app.api``); replies take the path ``--engine`` picks (``personachat.app.serving``).
+Analytics are off and nothing is fetched from the network. The model loads lazily on first use;
+a missing model folder or store is reported and the app exits with status 2.
 """
 
 from __future__ import annotations
@@ -36,14 +38,35 @@ class AppConfig:
     store: Path
     host: str
     port: int
-    concurrency: int = 2
+    concurrency: int = 8
     dtype: str = "auto"  # auto: bfloat16 on a GPU (float16 where it lacks bf16), float32 on CPU
     device: str = "auto"  # auto: the GPUs when there are any, else the CPU
+    engine: str = "hf"  # hf: PersonaChat's runtime; vllm: interp-engine's vLLM backend
+    num_gpus: int = 1  # tensor parallelism of --engine vllm
 
 
 def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> AppConfig:
     env = dict(os.environ) if env is None else env
     parser = argparse.ArgumentParser(description="PersonaChat: steer and watch personas in a chat.")
+    _add_model_args(parser, env)
+    _add_serving_args(parser, env)
+    args = parser.parse_args(argv)
+    host = args.host or ("0.0.0.0" if env.get("SPACE_ID") else "127.0.0.1")
+    return AppConfig(
+        model=_resolve(args.model),
+        store=Path(_resolve(args.store)),
+        host=host,
+        port=args.port,
+        concurrency=max(1, args.concurrency),
+        dtype=args.dtype,
+        device=args.device,
+        engine=args.engine,
+        num_gpus=max(1, args.num_gpus),
+    )
+
+
+def _add_model_args(parser: argparse.ArgumentParser, env: dict[str, str]) -> None:
+    """What to load, where from, in which dtype and on which device."""
     parser.add_argument(
         "--model",
         default=env.get("PERSONACHAT_MODEL", DEFAULT_MODEL),
@@ -53,20 +76,6 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         "--store",
         default=env.get("PERSONACHAT_STORE", DEFAULT_STORE),
         help="the persona store folder (env PERSONACHAT_STORE; default: store/)",
-    )
-    parser.add_argument(
-        "--host",
-        default=env.get("PERSONACHAT_HOST"),
-        help="address to bind (default 127.0.0.1; 0.0.0.0 on a Space, when SPACE_ID is set)",
-    )
-    parser.add_argument(
-        "--port", type=int, default=int(env.get("PERSONACHAT_PORT", env.get("PORT", "7860")))
-    )
-    parser.add_argument(
-        "--concurrency",
-        type=int,
-        default=int(env.get("PERSONACHAT_CONCURRENCY", "2")),
-        help="generations running at once across all sessions (default 2)",
     )
     parser.add_argument(
         "--dtype",
@@ -80,16 +89,37 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         type=_device,
         help="auto, cpu, cuda or cuda:N (env PERSONACHAT_DEVICE; auto: the GPUs if any)",
     )
-    args = parser.parse_args(argv)
-    host = args.host or ("0.0.0.0" if env.get("SPACE_ID") else "127.0.0.1")
-    return AppConfig(
-        model=_resolve(args.model),
-        store=Path(_resolve(args.store)),
-        host=host,
-        port=args.port,
-        concurrency=max(1, args.concurrency),
-        dtype=args.dtype,
-        device=args.device,
+
+
+def _add_serving_args(parser: argparse.ArgumentParser, env: dict[str, str]) -> None:
+    """Where to listen, how many requests at once, and which engine generates."""
+    parser.add_argument(
+        "--host",
+        default=env.get("PERSONACHAT_HOST"),
+        help="address to bind (default 127.0.0.1; 0.0.0.0 on a Space, when SPACE_ID is set)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=int(env.get("PERSONACHAT_PORT", env.get("PORT", "7860")))
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=int(env.get("PERSONACHAT_CONCURRENCY", "8")),
+        help="chat requests generating at once, page and API together; they share one batch "
+        "(default 8; more wait for a slot)",
+    )
+    parser.add_argument(
+        "--engine",
+        default=env.get("PERSONACHAT_ENGINE", "hf"),
+        choices=("hf", "vllm"),
+        help="hf: PersonaChat's runtime (every setting); vllm: interp-engine's vLLM backend "
+        "(additive steering, directions and caps; pip install 'interp-engine[vllm]')",
+    )
+    parser.add_argument(
+        "--num-gpus",
+        type=int,
+        default=int(env.get("PERSONACHAT_NUM_GPUS", "1")),
+        help="GPUs to shard the model over with --engine vllm (tensor parallelism; default 1)",
     )
 
 
@@ -163,14 +193,26 @@ def main(argv: list[str] | None = None) -> int:
         for problem in problems:
             print(f"personachat: cannot start: {problem}", file=sys.stderr)
         return 2
+    from personachat.app.api.server import build_app, serve
     from personachat.app.backend import Backend
     from personachat.app.hold import HOLD_ENV
     from personachat.app.models import DEMO_ID
     from personachat.app.page import CSS, build_ui, theme
+    from personachat.app.serving import for_environment
 
     hold = os.environ.get(HOLD_ENV) or None  # a test aid (personachat.app.hold)
+    try:
+        serving = for_environment(config.engine, config.num_gpus, config.concurrency)
+    except ValueError as err:
+        print(f"personachat: cannot start: {err}", file=sys.stderr)
+        return 2
     backend = Backend(
-        config.model, config.store, dtype=config.dtype, device=config.device, hold_message=hold
+        config.model,
+        config.store,
+        dtype=config.dtype,
+        device=config.device,
+        hold_message=hold,
+        serving=serving,
     )
     if backend.is_demo(config.model) and not backend.store().vectors(DEMO_ID):
         print(
@@ -181,22 +223,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"personachat: {backend.register_demo()}", flush=True)
     demo = build_ui(backend, concurrency=config.concurrency)
     demo.queue(default_concurrency_limit=config.concurrency)
-    demo.launch(
-        server_name=config.host,
-        server_port=config.port,
-        css=CSS,
-        theme=theme(),
-        footer_links=["api"],
-        prevent_thread_lock=True,
-        quiet=True,
-    )
+    app = build_app(demo, backend, css=CSS, theme=theme(), footer_links=["api"])
+    try:
+        server = serve(app, config.host, config.port)
+    except OSError as err:
+        print(f"personachat: cannot start: {err}", file=sys.stderr)
+        return 2
     print(
         f"PersonaChat on http://{config.host}:{config.port} (model {config.model}, "
-        f"store {config.store}); page ready in {time.perf_counter() - started:.1f} s",
+        f"store {config.store}; OpenAI API at /v1; replies through {serving.path}); "
+        f"page ready in {time.perf_counter() - started:.1f} s",
         flush=True,
     )
     backend.warm_up()
-    demo.block_thread()
+    server.wait()
     return 0
 
 

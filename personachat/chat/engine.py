@@ -27,6 +27,7 @@ shared forward it would act on other sessions' rows).
 from __future__ import annotations
 
 import contextvars
+import copy
 import queue
 import threading
 from collections.abc import Generator, Iterable, Mapping, Sequence
@@ -62,6 +63,8 @@ class ChatEngine:
     call, so one engine serves many sessions and threads. ``scheduler`` (for ``lm``) runs the
     requests of all sessions as rows of shared batches instead of one ``generate`` each.
     """
+
+    reads_out = True  # whether replies can carry the per-token readout
 
     def __init__(
         self,
@@ -145,6 +148,12 @@ class ChatEngine:
             pass
         assert last is not None
         return last
+
+    def with_vectors(self, extra: Mapping[str, PersonaVector]) -> ChatEngine:
+        """This engine (same model, sets and scheduler) with ``extra`` vectors added by name."""
+        other = copy.copy(self)
+        other.vectors = {**self.vectors, **extra}
+        return other
 
     def token_pieces(self, tokens: Sequence[int]) -> list[str]:
         """The text of each token on its own (for per-token displays of a readout)."""
