@@ -89,11 +89,9 @@ def axis_vector(catalog: Catalog, model_id: str) -> Any:
 def with_axis(engine: Any, axis: Any) -> Any:
     """``engine``, or an engine for this request whose ``AXIS`` is ``axis`` (the model's own
     assistant axis, when the steering kind's vectors lack it or hold another kind's)."""
-    from personachat.chat import ChatEngine
-
     if engine.vectors.get(AXIS) is axis:
         return engine
-    return ChatEngine(engine.lm, {**engine.vectors, AXIS: axis}, engine.neuron_sets)
+    return engine.with_vectors({AXIS: axis})  # the same model, sets and shared scheduler
 
 
 @dataclass(frozen=True)
@@ -127,7 +125,10 @@ def read_vectors(
     catalog: Catalog, model_id: str, engine: Any, names: Sequence[str], lm: Any, messages: Any
 ) -> tuple[list[Any], Calibrator]:
     """What a turn reads out (``names``, and the model's assistant axis when the store has it)
-    and its ``Calibrator`` for the prompt ``messages``."""
+    and its ``Calibrator`` for the prompt ``messages``. An engine that cannot read out reads
+    nothing, not even the axis."""
+    if not getattr(engine, "reads_out", True):
+        return [], Calibrator((), None)
     axis = axis_vector(catalog, model_id)
     if axis is not None and axis.baseline_mean is None:
         axis = None  # without its baseline's mean it would take the scaled readout away
