@@ -150,6 +150,29 @@ def test_every_setting_maps_to_the_runtimes_specs(served: tuple[str, Backend], c
     assert reply == expected.text
 
 
+def test_holding_the_assistant_axis_gives_the_pages_reply(
+    served: tuple[str, Backend], client: Any
+) -> None:
+    """``steering.cap`` on ``assistant_axis`` holds the model's own axis, as the page's hold
+    panel does: the same reply as the page under the pirate's own system prompt."""
+    from gradio_client import Client
+
+    from tests.test_client import axis_of
+
+    if axis_of(served[1]) is None:
+        pytest.skip("the store has no assistant axis for this model")
+    prompt = "You are a pirate."
+    page = Client(served[0] + "/", verbose=False)
+    history = call_chat(page, system_prompt=prompt, cap="assistant_axis", max_new_tokens=40)[0]
+    cap = {"persona": "assistant_axis", "layers": [0], "side": "above", "percentile": 5,
+           "reference": "persona", "positions": "prompt", "last_n": 1}  # fmt: skip
+    messages = [{"role": "system", "content": prompt}, {"role": "user", "content": QUESTION}]
+    reply = ask(client, {"cap": cap}, messages=messages).choices[0].message.content
+    assert reply == text(history[-1])
+    plain = ask(client, messages=messages).choices[0].message.content
+    assert plain != reply
+
+
 def test_eight_clients_at_once_get_their_solo_replies(client: Any) -> None:
     asks = [
         (PIRATE, {}),

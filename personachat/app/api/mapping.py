@@ -59,6 +59,7 @@ def prepare(backend: Any, request: ChatRequest) -> Call:
         engine = backend.engine(backend.default_model, kind)
     except ValueError as err:  # an unknown kind of vectors
         raise ApiError(str(err), "steering.vectors_from") from None
+    engine = _with_axis(backend, engine, steering)
     messages = [dict(m) for m in request.messages]
     settings = GenerationSettings(
         max_new_tokens=request.max_tokens,
@@ -77,6 +78,22 @@ def prepare(backend: Any, request: ChatRequest) -> Call:
         raise ApiError(str(err), "steering", "invalid_steering") from None
     call.updates = backend.serving.gate.through(updates)
     return call
+
+
+def _with_axis(backend: Any, engine: Any, steering: Steering | None) -> Any:
+    """``engine`` with the model's assistant axis among its vectors when the request holds or
+    ablates it by name (as the page does), else ``engine``."""
+    from personachat.app.calibration import AXIS, axis_vector, with_axis
+
+    named = {
+        getattr(steering, part).persona
+        for part in ("cap", "direction")
+        if steering is not None and getattr(steering, part) is not None
+    }
+    if AXIS not in named or AXIS in engine.vectors:
+        return engine
+    axis = axis_vector(backend.catalog, backend.default_model)
+    return engine if axis is None else with_axis(engine, axis)
 
 
 def engine_specs(engine: Any, steering: Steering | None, side_by_side: bool) -> dict[str, Any]:
