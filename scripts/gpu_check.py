@@ -30,8 +30,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=str(ROOT / "store" / "models" / "demo"))
     parser.add_argument("--store", default=str(ROOT / "store"))
     parser.add_argument("--num-gpus", type=int, default=1, help="tensor parallelism of vLLM")
-    parser.add_argument("--dtype", default="float32", help="both engines' dtype (float32 keeps "
-                        "greedy replies comparable token for token)")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="both engines' dtype (float32 keeps greedy replies comparable token for token)",
+    )
     parser.add_argument("--max-tokens", type=int, default=48)
     return parser.parse_args(argv)
 
@@ -121,13 +124,17 @@ def main(argv: list[str] | None = None) -> int:
         tokens = sum(r.usage.completion_tokens for r in replies)
         rates[kind] = tokens / seconds
         texts[kind] = [r.choices[0].message.content for r in replies]
-        print(f"{kind}: {REQUESTS} concurrent steered requests, {tokens} tokens in "
-              f"{seconds:.2f} s: {rates[kind]:.1f} tokens/s")  # fmt: skip
+        print(
+            f"{kind}: {REQUESTS} concurrent steered requests, {tokens} tokens in "
+            f"{seconds:.2f} s: {rates[kind]:.1f} tokens/s"
+        )
     differ = [i for i in range(REQUESTS) if texts["vllm"][i] != texts["hf"][i]]
     for i in differ:
         print(f"request {i} differs:\n  vllm: {texts['vllm'][i]!r}\n  hf:   {texts['hf'][i]!r}")
-    print(f"{REQUESTS - len(differ)}/{REQUESTS} replies equal; vllm/hf tokens/s: "
-          f"{rates['vllm'] / rates['hf']:.2f}x")  # fmt: skip
+    print(
+        f"{REQUESTS - len(differ)}/{REQUESTS} replies equal; vllm/hf tokens/s: "
+        f"{rates['vllm'] / rates['hf']:.2f}x"
+    )
     return 1 if differ else 0
 
 

@@ -164,8 +164,15 @@ def test_holding_the_assistant_axis_gives_the_pages_reply(
     prompt = "You are a pirate."
     page = Client(served[0] + "/", verbose=False)
     history = call_chat(page, system_prompt=prompt, cap="assistant_axis", max_new_tokens=40)[0]
-    cap = {"persona": "assistant_axis", "layers": [0], "side": "above", "percentile": 5,
-           "reference": "persona", "positions": "prompt", "last_n": 1}  # fmt: skip
+    cap = {
+        "persona": "assistant_axis",
+        "layers": [0],
+        "side": "above",
+        "percentile": 5,
+        "reference": "persona",
+        "positions": "prompt",
+        "last_n": 1,
+    }
     messages = [{"role": "system", "content": prompt}, {"role": "user", "content": QUESTION}]
     reply = ask(client, {"cap": cap}, messages=messages).choices[0].message.content
     assert reply == text(history[-1])

@@ -208,8 +208,10 @@ def test_the_drift_follows_a_three_turn_conversation(h: Handlers, store_root: Pa
     axis_vector = stored(store_root, AXIS, "prompt_last")
     assert axis_vector.metrics is not None and axis_vector.quantiles is not None
     at = {"pirate": pirate["layer"], AXIS: axis["layer"]}
-    assert at == {"pirate": stored(store_root, "pirate").metrics.best_layer,  # type: ignore[union-attr]
-                  AXIS: axis_vector.metrics.best_layer}  # fmt: skip
+    assert at == {
+        "pirate": stored(store_root, "pirate").metrics.best_layer,  # type: ignore[union-attr]
+        AXIS: axis_vector.metrics.best_layer,
+    }
     assert pirate["positions"] == "question_span" and axis["positions"] == "prompt_last"
     assert pirate["raw"] == pytest.approx(
         [float(w[at["pirate"]]) for w in want["pirate"]], abs=1e-4
@@ -228,9 +230,15 @@ def test_the_drift_follows_a_three_turn_conversation(h: Handlers, store_root: Pa
         drift["vectors"]["pirate"]["scaled"], abs=1e-4
     )
     # a retried turn replaces its point; Undo keeps the turns left; Clear starts over
-    again = list(h.retry_turns(turn.history, turn.side, turn.prompted,
-                               ChatInputs(MODEL, max_new_tokens=8, **STEER),
-                               readout=turn.readout))[-1]  # fmt: skip
+    again = list(
+        h.retry_turns(
+            turn.history,
+            turn.side,
+            turn.prompted,
+            ChatInputs(MODEL, max_new_tokens=8, **STEER),
+            readout=turn.readout,
+        )
+    )[-1]
     assert h.drift_numbers(again.readout)["turns"] == [1, 2, 3]
     history_left, side_left, _, _ = h.undo(again.history, again.side)
     kept = h.views_after(history_left, side_left, again.prompted, again.readout)[4]
@@ -274,8 +282,7 @@ def test_the_hold_settings_reach_a_cap_spec(h: Handlers, store_root: Path) -> No
         ),
     ]
     for values, spec in cases:
-        turn = send(h, messages[0]["content"], **UNSTEERED, side_by_side=True,
-                    **values)  # fmt: skip
+        turn = send(h, messages[0]["content"], **UNSTEERED, side_by_side=True, **values)
         held = chat.reply(messages, settings, cap=spec).text
         assert turn.history[-1]["content"] == held != plain
         assert turn.side[-1]["content"] == plain  # the plain column is never held
@@ -296,7 +303,10 @@ def test_the_hold_settings_reach_a_cap_spec(h: Handlers, store_root: Path) -> No
     assert h.cap_info(MODEL, "", "none", "above", "percentile", 5, "0", "all") == "Nothing held."
     query = share_query({"cap": AXIS, "cap_level": 5.0, "cap_side": "below"})
     assert parse_query(dict(p.split("=") for p in query[1:].split("&"))) == {
-        "cap": AXIS, "cap_level": 5.0, "cap_side": "below"}  # fmt: skip
+        "cap": AXIS,
+        "cap_level": 5.0,
+        "cap_side": "below",
+    }
     choices, line = h.cap_choices(MODEL)
     assert choices["choices"] == ["none", AXIS, "chef", "pirate", "plain"]
     assert line.startswith("**Assistant axis**: registered (axis_means, read from prompt_last")
@@ -334,14 +344,17 @@ def test_holding_the_assistant_on_the_demo_model() -> None:
     assert values["cap"] == AXIS and values["system_prompt"] == "You are a pirate."
     inputs = dataclasses.replace(ChatInputs(DEMO, max_new_tokens=48), **values)
     axis = h.backend.axis(DEMO)
-    spec = CapSpec(AXIS, layers=[0], percentile=5.0, reference="persona", positions="prompt",
-                   last_n=1)  # fmt: skip
+    spec = CapSpec(
+        AXIS, layers=[0], percentile=5.0, reference="persona", positions="prompt", last_n=1
+    )
     chat = ChatEngine(h.backend.lm(DEMO), [axis])
     for question in demo.eval_questions(1)[:3]:
         turn = list(h.turns(question.text, [], [], [], inputs, prompted=prompted))[-1]
         reply, beside = turn.history[-1]["content"], turn.side[-1]["content"]
-        messages = [{"role": "system", "content": "You are a pirate."},
-                    {"role": "user", "content": question.text}]  # fmt: skip
+        messages = [
+            {"role": "system", "content": "You are a pirate."},
+            {"role": "user", "content": question.text},
+        ]
         assert reply == chat.reply(messages, GenerationSettings(max_new_tokens=48), cap=spec).text
         assert not demo.has_marker(reply, "pirate") and demo.has_marker(beside, "pirate")
         assert demo.fact_retention([reply], question.key) == 1.0

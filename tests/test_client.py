@@ -330,8 +330,14 @@ def test_holding_the_assistant_over_the_api(
         client, system_prompt=prompt, cap="assistant_axis", side_by_side=True
     )
     messages = [{"role": "system", "content": prompt}, {"role": "user", "content": QUESTION}]
-    spec = CapSpec("assistant_axis", layers=[0], percentile=5.0, reference="persona",
-                   positions="prompt", last_n=1)  # fmt: skip
+    spec = CapSpec(
+        "assistant_axis",
+        layers=[0],
+        percentile=5.0,
+        reference="persona",
+        positions="prompt",
+        last_n=1,
+    )
     held = ChatEngine(chat_engine.lm, [axis]).reply(
         messages, GenerationSettings(max_new_tokens=40), cap=spec
     )

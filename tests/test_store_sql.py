@@ -27,10 +27,12 @@ def root(tmp_path: Path) -> Path:
         store.register_model(INFO)
         store.register_personas([Persona("pirate", "Arr.")])
         store.register_vectors(
-            [PersonaVector(INFO.model_id, p, torch.randn(3, 8), n_samples=i) for i, p in
-             enumerate(["pirate", "robot"])],
+            [
+                PersonaVector(INFO.model_id, p, torch.randn(3, 8), n_samples=i)
+                for i, p in enumerate(["pirate", "robot"])
+            ],
             [PersonaMeans(INFO.model_id, "pirate", "response_avg", torch.randn(3, 8), 4)],
-        )  # fmt: skip
+        )
         store.register_neurons(
             [NeuronSet(INFO.model_id, "units", "gate", [0, 1], [3, 4], [0.5, 0.25])]
         )

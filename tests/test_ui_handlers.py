@@ -1091,10 +1091,16 @@ def test_a_link_carries_the_settings_and_opening_it_restores_them(h: Handlers) -
 
     values = dict(zip(SHARED, [gr.skip()] * len(SHARED), strict=True))
     values.update(
-        personas=["pirate", "poet"], weights="pirate=1, poet=-0.5", layer_spec="2-3",
-        preset="custom", strength=3.0, side_by_side=True, prompted=False,
-        direction_positions="last prompt token", units="x residual norm",
-    )  # fmt: skip
+        personas=["pirate", "poet"],
+        weights="pirate=1, poet=-0.5",
+        layer_spec="2-3",
+        preset="custom",
+        strength=3.0,
+        side_by_side=True,
+        prompted=False,
+        direction_positions="last prompt token",
+        units="x residual norm",
+    )
     link = h.share(*[values[name] for name in SHARED])["value"]
     assert link.startswith("?") and "personas=pirate%2Cpoet" in link and "strength=3&" in link
     query = dict(pair.split("=", 1) for pair in link[1:].split("&"))
@@ -1155,8 +1161,9 @@ def test_a_vector_downloads_and_loads_back_bit_for_bit(
 def test_undo_and_clear_empty_the_views_of_the_last_reply(h: Handlers) -> None:
     inputs = ChatInputs(MODEL, ["pirate"], "", "0-2:2", side_by_side=True, max_new_tokens=4)
     first = list(h.turns("One?", [], [], [], inputs, prompted=True))[-1]
-    second = list(h.turns("Two?", first.history, first.side, first.prompted, inputs,
-                          prompted=True))[-1]  # fmt: skip
+    second = list(
+        h.turns("Two?", first.history, first.side, first.prompted, inputs, prompted=True)
+    )[-1]
     history, side, _, _ = h.undo(second.history, second.side)
     prompted, view, tokens, heatmap, readout, download, numbers = h.views_after(
         history, side, second.prompted
@@ -1228,8 +1235,9 @@ def test_the_first_message_and_the_recipes_do_what_the_demo_model_card_says() ->
     h = Handlers(Backend(DEMO, ROOT / "store"))
     loaded = h.load(DEMO)
     assert loaded[1]["value"] == ["pirate"] and loaded[15] is True and "Tell me about" in loaded[9]
-    page = ChatInputs(DEMO, ["pirate"], preset="band", strength=2.0, positions="prompt",
-                      side_by_side=True)  # fmt: skip
+    page = ChatInputs(
+        DEMO, ["pirate"], preset="band", strength=2.0, positions="prompt", side_by_side=True
+    )
     first = list(h.turns("Tell me about the ocean.", [], [], [], page))[-1]
     steered, plain = first.history[-1]["content"], first.side[-1]["content"]
     assert steered != plain and demo.has_marker(steered, "pirate")

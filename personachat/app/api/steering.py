@@ -36,12 +36,19 @@ WINDOW_KEYS = ("positions", "last_n")
 Layers = str | tuple[tuple[int, float], ...] | tuple[int, ...]
 KEYS = {
     "steering": (
-        "personas", "layers", "strength", "units", "vectors_from", "ablation", "direction", "cap"
+        "personas",
+        "layers",
+        "strength",
+        "units",
+        "vectors_from",
+        "ablation",
+        "direction",
+        "cap",
     ),
     "ablation": ("neuron_sets", "neurons", "mode"),
     "direction": ("persona", "layers", "mode"),
     "cap": ("persona", "layers", "side", "threshold", "percentile", "reference"),
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
