@@ -268,3 +268,53 @@ def test_models_are_listed_and_the_page_still_answers(served: tuple[str, Backend
     page = httpx.get(url + "/", timeout=30)
     assert page.status_code == 200 and "<html" in page.text.lower()
     assert httpx.get(url + "/gradio_api/info", timeout=30).status_code == 200
+
+
+def test_a_vector_read_under_other_render_conditions_warns_in_the_reply(
+    served: tuple[str, Backend],
+) -> None:
+    """The runtime's render warning reaches the completion and the stream's last chunk."""
+    import dataclasses
+
+    from personachat.app.api.mapping import Call
+    from personachat.app.api.replies import completion, events
+    from personachat.app.api.schema import parse_request
+    from personachat.chat.job import eos_ids
+    from personachat.prompts import RenderConditions
+
+    engine: ChatEngine = served[1].engine(CONFIG.model)
+    vector = engine.vectors["pirate"]
+    then = RenderConditions.from_json(vector.render)
+    other = dataclasses.replace(then, template_sha256="0" * 64).to_json()
+    moved = ChatEngine(engine.lm, {"pirate": dataclasses.replace(vector, render=other)})
+    body = {
+        "model": CONFIG.model,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    request = parse_request(body)
+
+    def call() -> Call:
+        spec = SteeringSpec({"pirate": 1.0}, layers="1-2:4", positions="prompt")
+        updates = moved.stream(
+            [dict(m) for m in request.messages], GenerationSettings(max_new_tokens=8), steering=spec
+        )
+        return Call(iter(updates), 1, frozenset(eos_ids(engine.lm)))
+
+    whole = completion(request, call())
+    assert len(whole["warnings"]) == 1 and whole["warnings"][0].startswith("pirate was read from")
+    chunks = [json.loads(e[6:]) for e in events(request, call()) if e != "data: [DONE]\n\n"]
+    assert chunks[-1]["warnings"] == whole["warnings"]
+    assert "warnings" not in completion(
+        request,
+        Call(
+            iter(
+                engine.stream(
+                    [dict(m) for m in request.messages], GenerationSettings(max_new_tokens=8)
+                )
+            ),
+            1,
+            frozenset(),
+        ),
+    )

@@ -28,6 +28,9 @@ class Call:
     prompt_tokens: int
     eos: frozenset[int]
     stop: threading.Event = field(default_factory=threading.Event)
+    # What the runtime warns about (a blend's interference, a vector read under other render
+    # conditions), in order, once each
+    warnings: list[str] = field(default_factory=list)
 
 
 def served_models(backend: Any) -> list[str]:

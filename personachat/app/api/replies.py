@@ -4,7 +4,9 @@ Choice 0 is the reply as the request asked for it; with ``side_by_side`` choice 
 unsteered reply from the same batched generation. ``Choice`` follows one reply's text: it cuts
 the text at the first stop sequence (and then asks the generation to stop once every choice is
 done), holds back the tail that could still become a stop sequence, and hands out the rest as
-deltas, so a stream's deltas concatenate to the whole reply's text.
+deltas, so a stream's deltas concatenate to the whole reply's text. What the runtime warns
+about (e.g. a vector read under other render conditions than the chat's) travels in an extra
+top-level ``warnings`` list, on the completion or on the stream's last choice chunk.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def follow(call: Call, choices: list[Choice]) -> Iterator[list[str]]:
     """Each update's new text per choice; asks the generation to stop once every choice has met
     a stop sequence."""
     for update in call.updates:
+        call.warnings.extend(w for w in update.warnings if w not in call.warnings)
         texts = [(update.text, update.tokens), (update.baseline_text, update.baseline_tokens)]
         deltas = [
             choice.update(text or "", tokens, update.done)
@@ -83,6 +86,7 @@ def completion(request: ChatRequest, call: Call) -> dict[str, Any]:
             for i, c in enumerate(choices)
         ],
         "usage": usage(call, choices),
+        **_warnings(call),
     }
 
 
@@ -101,7 +105,7 @@ def events(request: ChatRequest, call: Call) -> Iterator[str]:
             _delta(i, {}, c.finish_reason(request.max_tokens, call.eos))
             for i, c in enumerate(choices)
         ]
-        yield _event({**head, "choices": ends})
+        yield _event({**head, "choices": ends, **_warnings(call)})
         if request.include_usage:
             yield _event({**head, "choices": [], "usage": usage(call, choices)})
     except Exception as err:  # the reply failed after it started: say so in the stream
@@ -122,6 +126,11 @@ def usage(call: Call, choices: Sequence[Choice]) -> dict[str, int]:
         "completion_tokens": generated,
         "total_tokens": call.prompt_tokens + generated,
     }
+
+
+def _warnings(call: Call) -> dict[str, list[str]]:
+    """``{"warnings": [...]}`` beside OpenAI's fields when the runtime warned, else nothing."""
+    return {"warnings": list(call.warnings)} if call.warnings else {}
 
 
 def _head(request: ChatRequest, kind: str) -> dict[str, Any]:
