@@ -27,7 +27,7 @@ from personachat.app.capping import parse_cap
 from personachat.app.export import conversation_file
 from personachat.app.generation import Step
 from personachat.app.handler_base import HandlerBase, Messages, gpu
-from personachat.app.limits import check_history
+from personachat.app.limits import check_history, message_text
 from personachat.app.readout import Readout, readout_html
 from personachat.app.settings import (
     ChatInputs,
@@ -74,8 +74,16 @@ def _text(message: dict[str, Any]) -> str:
 
 
 def _lists(*values: Any) -> tuple[Messages, ...]:
-    """Each conversation as a list (one that is not a list, sent through the API: empty)."""
-    return tuple(list(v) if isinstance(v, list | tuple) else [] for v in values)
+    """Each conversation as a list; one not made of user and assistant messages (sent so
+    through the API) is shown back empty."""
+
+    def shaped(value: Any) -> bool:
+        try:
+            return all(bool(message_text(m, "")) or True for m in value)
+        except (TypeError, ValueError):
+            return False
+
+    return tuple(list(v) if shaped(v) else [] for v in values)
 
 
 def _drift_only(readout: Readout | None) -> Readout | None:

@@ -150,3 +150,12 @@ def new_tokens(value: Any, param: str) -> int:
             param,
         )
     return integer(value, param, 1, BOUNDS.new_tokens)
+
+
+def parse_stop(value: Any) -> tuple[str, ...]:
+    stops = [value] if isinstance(value, str) else value if value is not None else []
+    if not isinstance(stops, list) or len(stops) > 4:
+        raise ApiError("stop must be a string or a list of at most 4 strings", "stop")
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ApiError("each stop sequence must be a non-empty string", "stop")
+    return tuple(stops)
