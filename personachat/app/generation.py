@@ -262,10 +262,10 @@ def fit_context(
 ) -> tuple[list[dict[str, Any]], int]:
     """``messages`` (after the ``system`` prompt, when given) without their oldest turns as far
     as needed (never the last message) so the prompt fits ``BOUNDS.prompt_tokens`` and, with
-    ``max_new_tokens``, the model's context; returns them and how many turns went. Linear in
-    the conversation: each message is tokenized once, the turns to drop are read off the
-    running sums, and the whole prompt is counted again only while a turn more must go (the
-    template's own tokens). ``BoundError`` when the last message alone is past the bound."""
+    ``max_new_tokens``, the model's context; returns them and how many turns went (the fewest
+    that make it fit). Near linear in the conversation: each message is tokenized once for a
+    first guess, then the prompt is counted a few times (doubling steps, then halving), each
+    time near the budget's size. ``BoundError`` when the last message alone is past it."""
     from personachat.prompts import message_text
 
     head = [{"role": "system", "content": system}] if system else []
@@ -280,15 +280,33 @@ def fit_context(
         return head + kept, 0
     texts = [message_text(m) for m in kept]
     sizes = [len(ids) for ids in lm.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    over, gone, dropped = n - budget, 0, 0
-    while len(kept) > 1 and gone < over:  # a user turn and its reply, by their text's tokens
-        step = 2 if len(kept) > 2 else 1
-        gone += sum(sizes[:step])
-        kept, sizes, dropped = kept[step:], sizes[step:], dropped + 1
+    most = len(kept) // 2  # turns that may go: the last message always stays
+
+    def cut(k: int) -> list[dict[str, Any]]:  # without the k oldest turns (user + reply)
+        return kept[min(2 * k, len(kept) - 1) :]
+
+    def fits(k: int) -> bool:
+        return prompt_length(lm, head + cut(k)) <= budget
+
+    # a first guess from the messages' own tokens, then the fewest turns that make it fit:
+    # forward while it does not fit, or back by doubling steps and halving (few counts, each
+    # of a prompt near the budget's size)
+    over, gone, guess = n - budget, 0, 0
+    while guess < most and gone < over:
+        gone += sum(sizes[2 * guess : 2 * guess + 2])
+        guess += 1
+    low, high = 0, max(guess, 1)  # fits(low) is False (n > budget)
+    while high < most and not fits(high):
+        low, high = high, high + 1
+    step = 1
+    while high - step > low and fits(high - step):
+        high, step = high - step, step * 2
+    low = max(low, high - step)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    dropped = high
+    kept = cut(dropped)
     n = prompt_length(lm, head + kept)
-    while n > budget and len(kept) > 1:
-        kept = kept[2:] if len(kept) > 2 else kept[1:]
-        dropped += 1
-        n = prompt_length(lm, head + kept)
     check_prompt_tokens(n, budget)
     return head + kept, dropped
