@@ -159,12 +159,18 @@ def test_too_few_questions_fall_back_to_in_sample_with_a_label(
     assert " - " in format_summary(res.summary)
 
 
-def test_the_shipped_store_still_loads_with_its_best_layers() -> None:
+def test_the_shipped_store_carries_held_out_metrics_and_its_best_layers() -> None:
+    """Every shipped persona vector has its held-out figures and the best layer they chose;
+    the assistant axis (one vector over all prompts, no folds) keeps its in-sample choice."""
     with Store(read_only=True) as store:
         entries = store.vectors("store/models/demo")
-        assert entries
+        assert len(entries) == 34
         for entry in entries:
             vec = store.load_vector("store/models/demo", entry.persona, positions=entry.positions)
-            assert vec.metrics is not None and vec.metrics.best_by == "auc"
-            assert vec.metrics.auc_heldout is None
-            assert vec.metrics.best_layer == entry.best_layer
+            assert vec.metrics is not None and vec.metrics.best_layer == entry.best_layer
+            if entry.method == "diff_means":
+                assert vec.metrics.auc_heldout is not None
+                assert vec.metrics.separation_heldout is not None
+                assert vec.metrics.best_by in ("auc_heldout", "separation_heldout")
+            else:
+                assert vec.metrics.best_by == "auc"

@@ -407,3 +407,34 @@ def test_demo_model_eight_staggered_requests_equal_their_solo_replies() -> None:
         assert_same_reply(g, a)
     assert_shared(steps, rows=4)
     assert hook_count(lm.model) == before
+
+
+class Calls:
+    """An extra handler that counts its calls at one layer's residual output."""
+
+    def __init__(self, layer: int) -> None:
+        self.layer, self.calls = layer, 0
+
+    def wants(self) -> Iterable[tuple[Site, int]]:
+        return [("residual", self.layer)]
+
+    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> None:
+        self.calls += 1
+
+
+def test_a_stop_while_the_prompt_runs_ends_it_before_its_last_layer() -> None:
+    _, shared = tiny_engines("llama")
+    lm = shared.lm
+    before = hook_count(lm.model)
+    stop = threading.Event()
+    last = Calls(lm.info.n_layers - 1)
+    long = [{"role": "user", "content": " ".join(PROMPTS * 8)}]
+    handlers = [StopAt(stop, 1), last]  # Stop pressed while layer 1 of the prompt runs
+    reply = shared.reply(long, GenerationSettings(max_new_tokens=50), stop=stop, handlers=handlers)
+    assert lm.info.n_layers > 2
+    assert reply.stopped and reply.tokens == () and reply.text == ""
+    assert last.calls == 0  # the layers after the stop never ran
+    assert hook_count(lm.model) == before
+    stop.set()  # a request stopped before its prompt runs runs nothing
+    again = shared.reply(long, GenerationSettings(max_new_tokens=50), stop=stop, handlers=[last])
+    assert again.stopped and again.tokens == () and last.calls == 0

@@ -607,7 +607,9 @@ def test_an_exact_set_is_mean_ablated_at_the_last_prompt_token(
 
 BAD_INPUTS = [
     ({"message": "   "}, "The message is empty"),
-    ({"message": "x" * 5000}, "The message has 5000 characters; the limit is 4000"),
+    ({"message": "x" * 9000}, "The message has 9000 characters; the limit is 8000 (message_"),
+    ({"system_prompt": "x" * 9000}, "The system prompt has 9000 characters; the limit is 8000"),
+    ({"neurons": "1:0-63,2:0-63," * 40, "ablation": "zero"}, "names 5120 neurons; the limit is"),
     ({"personas": ["pirate"], "weights": "lots", "layer_spec": "1:2"}, "weight of pirate must be"),
     ({"personas": ["pirate"], "weights": "1, 2", "layer_spec": "1:2"}, "2 weights for 1 picked"),
     ({"personas": ["pirate"], "layer_spec": "1:strong"}, "strength 'strong'"),
@@ -619,7 +621,7 @@ BAD_INPUTS = [
     ({"personas": ["kraken"], "layer_spec": "1:2"}, "persona kraken is not in the store"),
     ({"neuron_sets": ["nope"], "ablation": "zero"}, "neuron set nope is not in the store"),
     ({"temperature": "hot"}, "temperature must be a number"),
-    ({"max_new_tokens": 100000}, "max tokens must be between 1 and 512"),
+    ({"max_new_tokens": 100000}, "max tokens (new_tokens) must be between 1 and 512"),
     ({"neurons": "1:3", "ablation": "mean"}, "mean ablation of typed neurons needs baseline"),
     ({"positions": "prompt", "last_n": -1}, "Last n prompt tokens must be a whole number, 0 or"),
     ({"positions": "prompt", "last_n": 2.5}, "Last n prompt tokens must be a whole number"),

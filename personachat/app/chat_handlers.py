@@ -27,6 +27,7 @@ from personachat.app.capping import parse_cap
 from personachat.app.export import conversation_file
 from personachat.app.generation import Step
 from personachat.app.handler_base import HandlerBase, Messages, gpu
+from personachat.app.limits import check_history, message_text
 from personachat.app.readout import Readout, readout_html
 from personachat.app.settings import (
     ChatInputs,
@@ -70,6 +71,19 @@ def _text(message: dict[str, Any]) -> str:
     from personachat.prompts import message_text
 
     return message_text(message)
+
+
+def _lists(*values: Any) -> tuple[Messages, ...]:
+    """Each conversation as a list; one not made of user and assistant messages (sent so
+    through the API) is shown back empty."""
+
+    def shaped(value: Any) -> bool:
+        try:
+            return all(bool(message_text(m, "")) or True for m in value)
+        except (TypeError, ValueError):
+            return False
+
+    return tuple(list(v) if shaped(v) else [] for v in values)
 
 
 def _drift_only(readout: Readout | None) -> Readout | None:
@@ -129,11 +143,11 @@ class ChatHandlers(HandlerBase):
     ) -> Iterator[Turn]:
         """Send ``message`` under ``inputs`` (and, with ``prompted``, also under the lead
         persona's own system prompt) and stream the page's ``Turn``s."""
-        history = list(history or [])
-        side = list(side_history or [])
-        before = list(prompted_history or [])
+        history_of = history
+        history, side, before = _lists(history, side_history, prompted_history)
         model_id = self.model_id(inputs.model_id)
         try:
+            check_history([] if history_of is None else history_of)
             text = check_message(message)
             limits = self.backend.limits(model_id, inputs.vectors_from or "")
             settings = dataclasses.replace(
@@ -160,6 +174,12 @@ class ChatHandlers(HandlerBase):
         prompted: bool = False,
     ) -> Iterator[Turn]:
         """Drop the last reply and generate it again under ``inputs``."""
+        try:
+            check_history([] if history is None else history)
+        except ValueError as err:
+            shown, side, before = _lists(history, side_history, prompted_history)
+            yield self._refuse(err, shown, side, before, "", readout)
+            return
         history, side, before, last = self.pop_turn(history, side_history, prompted_history)
         if last is None:
             error = InputError("Nothing to retry yet.")
@@ -185,6 +205,11 @@ class ChatHandlers(HandlerBase):
         self, history: Messages | None, side_history: Messages | None
     ) -> tuple[Messages, Messages, str, str]:
         """Remove the last turn; its message goes back into the box."""
+        try:
+            check_history([] if history is None else history)
+        except ValueError as err:
+            shown, side = _lists(history, side_history)
+            return shown, side, "", f"⚠ {err}"
         history, side, _, last = self.pop_turn(history, side_history, None)
         if last is None:
             return history, side, "", "Nothing to undo."

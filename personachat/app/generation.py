@@ -24,6 +24,7 @@ from personachat.app.calibration import Calibrator, read_vectors
 from personachat.app.capping import cap_spec
 from personachat.app.catalog import Catalog
 from personachat.app.hold import Hold
+from personachat.app.limits import BOUNDS, check_prompt_tokens
 from personachat.app.prompted import NO_PROMPT, persona_prompt, prompted_stream, together
 from personachat.app.readout import Readout
 from personachat.app.settings import LAST_PROMPT_TOKEN, InputError, Settings
@@ -63,9 +64,8 @@ def generate(
 
     engine = catalog.engine(model_id, settings.vectors_from)
     lm = engine.lm
-    conversation, dropped = fit_context(lm, messages, settings.max_new_tokens)
-    if settings.system_prompt:
-        conversation.insert(0, {"role": "system", "content": settings.system_prompt})
+    system = settings.system_prompt
+    conversation, dropped = fit_context(lm, messages, settings.max_new_tokens, system)
     steering = steering_spec(settings)
     readout = list(settings.personas) or sorted(engine.vectors)[:MAX_READOUT_PERSONAS]
     if not engine.reads_out:  # an engine that cannot read out says so in its last update
@@ -249,21 +249,64 @@ def context_limit(lm: Any) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-def fit_context(
-    lm: Any, messages: Sequence[dict[str, Any]], max_new_tokens: int
-) -> tuple[list[dict[str, Any]], int]:
-    """``messages`` without their oldest turns as far as needed (never the last message) so the
-    prompt plus ``max_new_tokens`` fits the model's context; returns them and how many went."""
+def prompt_length(lm: Any, messages: Sequence[dict[str, Any]]) -> int:
+    """The tokens of ``messages`` as the model reads them (chat template, generation prompt)."""
     from personachat.prompts import format_chat
 
+    text = format_chat(lm.tokenizer, messages, add_generation_prompt=True)
+    return len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def fit_context(
+    lm: Any, messages: Sequence[dict[str, Any]], max_new_tokens: int, system: str = ""
+) -> tuple[list[dict[str, Any]], int]:
+    """``messages`` (after the ``system`` prompt, when given) without their oldest turns as far
+    as needed (never the last message) so the prompt fits ``BOUNDS.prompt_tokens`` and, with
+    ``max_new_tokens``, the model's context; returns them and how many turns went (the fewest
+    that make it fit). Near linear in the conversation: each message is tokenized once for a
+    first guess, then the prompt is counted a few times (doubling steps, then halving), each
+    time near the budget's size. ``BoundError`` when the last message alone is past it."""
+    from personachat.prompts import message_text
+
+    head = [{"role": "system", "content": system}] if system else []
     kept = list(messages)
     limit = context_limit(lm)
-    dropped = 0
-    while limit is not None and len(kept) > 1:
-        text = format_chat(lm.tokenizer, kept, add_generation_prompt=True)
-        n = len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if n + max_new_tokens <= limit:
-            break
-        kept = kept[2:] if len(kept) > 2 else kept[1:]  # a user turn and its reply
-        dropped += 1
-    return kept, dropped
+    budget = BOUNDS.prompt_tokens
+    if limit is not None:
+        budget = min(budget, limit - max_new_tokens)
+    n = prompt_length(lm, head + kept)
+    if n <= budget or len(kept) <= 1:
+        check_prompt_tokens(n, budget)
+        return head + kept, 0
+    texts = [message_text(m) for m in kept]
+    sizes = [len(ids) for ids in lm.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    most = len(kept) // 2  # turns that may go: the last message always stays
+
+    def cut(k: int) -> list[dict[str, Any]]:  # without the k oldest turns (user + reply)
+        return kept[min(2 * k, len(kept) - 1) :]
+
+    def fits(k: int) -> bool:
+        return prompt_length(lm, head + cut(k)) <= budget
+
+    # a first guess from the messages' own tokens, then the fewest turns that make it fit:
+    # forward while it does not fit, or back by doubling steps and halving (few counts, each
+    # of a prompt near the budget's size)
+    over, gone, guess = n - budget, 0, 0
+    while guess < most and gone < over:
+        gone += sum(sizes[2 * guess : 2 * guess + 2])
+        guess += 1
+    low, high = 0, max(guess, 1)  # fits(low) is False (n > budget)
+    while high < most and not fits(high):
+        low, high = high, high + 1
+    step = 1
+    while high - step > low and fits(high - step):
+        high, step = high - step, step * 2
+    low = max(low, high - step)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    dropped = high
+    kept = cut(dropped)
+    n = prompt_length(lm, head + kept)
+    check_prompt_tokens(n, budget)
+    return head + kept, dropped

@@ -17,6 +17,7 @@ import gradio as gr
 from personachat.app.backend import Backend
 from personachat.app.handlers import Handlers
 from personachat.app.layout import layout
+from personachat.app.limits import BOUNDS
 from personachat.app.wiring import wire
 
 CSS = """
@@ -86,4 +87,7 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
         page = layout(backend.default_model, backend.is_demo(backend.default_model))
         wire(page, h, demo, concurrency)
         demo.load(None, None, None, js=PAGE_JS)
+    # Gradio keeps each session's copy of the page's settings (10,000 sessions by default,
+    # a few hundred KB each): keep the most recently used few; ``launch`` sets its own.
+    demo.state_session_capacity = BOUNDS.sessions_kept
     return demo

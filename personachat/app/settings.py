@@ -31,11 +31,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from personachat.app.limits import BOUNDS, BoundError, check_chars, check_neuron_count
 from personachat.app.strength import Norms, push, push_warning, too_far
 
-MAX_MESSAGE_CHARS = 4000
-MAX_NEW_TOKENS = 512
-MAX_NEURONS = 4096
+MAX_MESSAGE_CHARS = BOUNDS.message_chars
+MAX_NEW_TOKENS = BOUNDS.new_tokens
+MAX_NEURONS = BOUNDS.neurons
+NEW_TOKENS = "max tokens (new_tokens)"  # the field and its bound, as refusals name them
 UNITS = ("raw", "x residual norm")
 PRESETS = ("best layer", "band", "all layers", "custom")
 ABLATION_MODES = ("off", "zero", "mean")
@@ -134,10 +136,19 @@ def check_message(text: str | None, max_chars: int = MAX_MESSAGE_CHARS) -> str:
         raise InputError("The message is empty: type something to send.")
     if len(message) > max_chars:
         raise InputError(
-            f"The message has {len(message)} characters; the limit is {max_chars}. "
-            "Shorten it and send again."
+            f"The message has {len(message)} characters; the limit is {max_chars} "
+            "(message_chars). Shorten it and send again."
         )
     return message
+
+
+def system_prompt(text: str | None) -> str:
+    """The system prompt stripped; past ``BOUNDS.system_prompt_chars`` an ``InputError``."""
+    prompt = (text or "").strip()
+    try:
+        return check_chars("The system prompt", prompt, "system_prompt_chars", "Shorten it.")
+    except ValueError as err:
+        raise InputError(str(err)) from None
 
 
 def parse_number(
@@ -271,11 +282,12 @@ def parse_neurons(text: str | None, n_layers: int, mlp_width: int) -> tuple[tupl
 
     cleaned = ",".join(i.strip() for i in re.split(r"[,;\n]", text or "") if i.strip())
     try:
+        check_neuron_count(cleaned, "Neurons")
         neurons = runtime_parse(cleaned, n_layers, mlp_width)
+    except BoundError as err:
+        raise InputError(str(err)) from None
     except InterventionError as err:
         raise InputError(f"Neurons: {err}.") from None
-    if len(neurons) > MAX_NEURONS:
-        raise InputError(f"{len(neurons)} neurons typed; ablate at most {MAX_NEURONS} at a time.")
     return tuple(dict.fromkeys(neurons))
 
 
@@ -440,9 +452,9 @@ def parse_settings(limits: Limits, inputs: ChatInputs) -> Settings:
         layer_strengths=tuple(sorted(strengths.items())),
         units=units,  # type: ignore[arg-type]
         positions=positions,
-        system_prompt=(inputs.system_prompt or "").strip(),
+        system_prompt=system_prompt(inputs.system_prompt),
         temperature=parse_number("temperature", inputs.temperature, low=0.0, high=5.0),
-        max_new_tokens=parse_int("max tokens", inputs.max_new_tokens, low=1, high=MAX_NEW_TOKENS),
+        max_new_tokens=parse_int(NEW_TOKENS, inputs.max_new_tokens, low=1, high=MAX_NEW_TOKENS),
         seed=parse_int("seed", inputs.seed, low=0, high=2**31 - 1),
         neuron_sets=check_neuron_sets(inputs.neuron_sets, limits.neuron_sets),
         neurons=parse_neurons(inputs.neurons, limits.n_layers, limits.mlp_width),

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from personachat.app.catalog import Catalog
+from personachat.app.limits import check_prompt_tokens
 
 
 def baseline_mean(catalog: Catalog, model_id: str, vector: Any) -> np.ndarray | None:
@@ -79,7 +80,8 @@ def persona_space(
 
 
 def residual_mean(lm: Any, messages: Sequence[dict[str, Any]], layer: int) -> np.ndarray:
-    """The mean residual stream at ``layer`` over the tokens of ``messages`` (chat template)."""
+    """The mean residual stream at ``layer`` over the tokens of ``messages`` (chat template);
+    a conversation past ``BOUNDS.prompt_tokens`` is a ``BoundError``."""
     import torch
 
     from personachat.activations import Recorder, pad, run_forward
@@ -88,6 +90,7 @@ def residual_mean(lm: Any, messages: Sequence[dict[str, Any]], layer: int) -> np
 
     text = format_chat(lm.tokenizer, messages, add_generation_prompt=False)
     ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    check_prompt_tokens(int(ids.shape[1]))
     rec = Recorder.at("residual", [layer], stop=True)
     with torch.no_grad(), intervene(lm.sites, [rec]):
         run_forward(lm, pad([ids[0].tolist()], 0, "left", lm.device))

@@ -20,10 +20,12 @@ import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from personachat.app.limits import BOUNDS
+
 RAW = "raw"
 CALIBRATED = "x residual norm"
 FAR = 3.0  # a push past this many residual norms: warn
-BROKEN = 1e4  # ... past this many: refuse
+BROKEN = BOUNDS.push  # ... past this many: refuse
 SLIDER_PUSH = 4.0  # the slider reaches this push at a typical layer
 TYPICAL = (0.75, 2.0)  # pushes that steer with the content kept (demo model: 0.75-2.2)
 DEFAULT_RAW_MAX = 10.0  # the raw slider's reach when no vector metrics are known
@@ -127,6 +129,7 @@ def too_far(worst: tuple[float, int] | None) -> str:
     ratio, layer = worst
     return (
         f"This strength adds {ratio:.3g}x the residual stream's own norm at layer {layer}: "
-        "the model's numbers are meaningless (or overflow) that far out. Use a strength "
+        f"the limit is {BROKEN:g}x (push): the model's numbers are meaningless (or overflow) "
+        "that far out. Use a strength "
         f"that adds at most a few residual norms (typical {TYPICAL[0]:g}-{TYPICAL[1]:g}x)."
     )

@@ -13,6 +13,7 @@ from gradio.components.plot import PlotData
 from personachat.app import figures, views
 from personachat.app.analysis import ANALYSIS_FIGURES, AnalysisView
 from personachat.app.handler_base import HandlerBase, Messages
+from personachat.app.limits import check_history
 from personachat.app.readout import ALL_PERSONAS, Readout, readout_html
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class ViewHandlers(HandlerBase):
         model_id = self.model_id(model_id)
         at = int(layer or 0)
         try:
+            check_history([] if history is None else history)
             names, vectors, point = self.backend.persona_space(
                 model_id, history or [], at, vectors_from or ""
             )

@@ -102,7 +102,7 @@ def controls(page: Page) -> dict[str, Any]:
 def api_controls(page: Page) -> dict[str, Any]:
     """``controls`` with hidden inputs holding the API's defaults where the page starts
     elsewhere (the preset, the strength, the direction's layers, tokens and kind, side by
-    side)."""
+    side), and the conversations as plain JSON."""
     api = ChatInputs(None)
     hidden = {
         "preset": gr.Radio(list(PRESETS), value=api.preset, visible=False),
@@ -113,6 +113,10 @@ def api_controls(page: Page) -> dict[str, Any]:
         ),
         "side_by_side": gr.Checkbox(value=api.side_by_side, visible=False),
         "direction_from": gr.Textbox(value=api.direction_from, visible=False),
+        # a client's conversation as sent: the handlers check its shape and say what is wrong
+        # (the chatbot's own check would end in a generic error)
+        "history": gr.JSON(value=[], visible=False),
+        "side_history": gr.JSON(value=[], visible=False),
     }
     return {**controls(page), **hidden}
 

@@ -6,7 +6,8 @@ plain argmax), the effects of its plan on each row at generated tokens (stacked 
 rows' by ``personachat.interventions.shared``), the token its extra handlers are attached under,
 and its readout so far. ``prepare`` builds those before the request is queued; ``prefill`` runs
 the prompt alone (no padding, in the reader's thread), under the request's own plan exactly as
-a lone ``generate`` does, and picks the first token of each row.
+a lone ``generate`` does, and picks the first token of each row. A stop asked for while the
+prompt runs ends it at the next layer (``StopCheck``): no token is picked then.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from transformers import (
 )
 
 from personachat.chat.job import END, Failed, Job
-from personachat.hooks import attached, intervene
+from personachat.hooks import Site, StopForward, attached, intervene
 from personachat.interventions.shared import RowEffects, row_effects
 from personachat.model import LoadedModel
 
@@ -73,6 +74,22 @@ def eos_floor(processors: LogitsProcessorList, prompt_len: int) -> tuple[int, li
             floor = max(floor, p.min_length - prompt_len)
         ids.update(int(i) for i in torch.as_tensor(p.eos_token_id).flatten().tolist())
     return floor, sorted(ids)
+
+
+class StopCheck:
+    """A handler at every layer's residual output that ends the forward (``StopForward``) once
+    any of ``events`` is set: a long prompt stops between layers, not after its last one."""
+
+    def __init__(self, n_layers: int, events: list[threading.Event]) -> None:
+        self.n_layers = n_layers
+        self.events = events
+
+    def wants(self) -> list[tuple[Site, int]]:
+        return [("residual", layer) for layer in range(self.n_layers)]
+
+    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> None:
+        if any(event.is_set() for event in self.events):
+            raise StopForward
 
 
 @dataclass(eq=False)
@@ -137,10 +154,15 @@ class Running:
         positions = torch.arange(job.prompt_len, device=ids.device).expand(job.rows, -1)
         cache = DynamicCache(config=lm.model.config)
         extra: dict[str, Any] = {"logits_to_keep": 1} if logits_to_keep else {}
-        with intervene(lm.sites, job.handlers):
-            out = lm.model(
-                input_ids=ids, position_ids=positions, cache=cache, use_cache=True, **extra
-            )
+        events = [self.halt] + ([self.stop] if self.stop is not None else [])
+        check = StopCheck(lm.info.n_layers, events)
+        try:
+            with intervene(lm.sites, [*job.handlers, check]):
+                out = lm.model(
+                    input_ids=ids, position_ids=positions, cache=cache, use_cache=True, **extra
+                )
+        except StopForward:  # asked to stop while the prompt ran: no token, nothing kept
+            return
         scores = self.process(out.logits[:, -1].to(copy=True, dtype=torch.float32))
         self.advance(scores.argmax(dim=-1).tolist())
         if job.plan.readout is not None:
@@ -187,7 +209,7 @@ class Running:
             self.hooks.close()
             if error is not None:
                 self.sink.put(Failed(error))
-            elif self.job.plan.readout is not None and all(self.readout):
+            elif self.job.plan.readout is not None and self.readout and all(self.readout):
                 self.job.readout_result = self._readout_result()
         except BaseException as err:  # the reader gets it
             self.sink.put(Failed(err))

@@ -117,6 +117,9 @@ class Scheduler:
         """Start a request, in its reader's thread: run its prompt alone (in a context of its
         own, while the worker goes on with the batch), send its first tokens, and queue it to
         join the batch (or finish it there, if that was all)."""
+        if running.asked_to_stop:  # stopped before its prompt ran: nothing to run
+            running.finish()
+            return
         if self.one_at_a_time is None:
             running.prepare(self.lm)
             with self._lock:

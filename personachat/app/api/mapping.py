@@ -18,6 +18,7 @@ from typing import Any
 from personachat.app.api.fields import ApiError
 from personachat.app.api.schema import ChatRequest
 from personachat.app.api.steering import Steering, Window
+from personachat.app.limits import BOUNDS, check_neuron_count, check_prompt_tokens
 
 
 @dataclass
@@ -144,6 +145,10 @@ def _ablation(engine: Any, steering: Steering, side_by_side: bool) -> dict[str, 
 
     a = steering.ablation
     assert a is not None
+    try:
+        check_neuron_count(a.neurons, "steering.ablation.neurons")
+    except ValueError as err:
+        raise ApiError(str(err), "steering.ablation.neurons") from None
     where = _window(a.window)
     first = a.sets[0] if a.sets else None
     handlers = []
@@ -168,6 +173,11 @@ def _prompt_tokens(engine: Any, messages: list[dict[str, Any]], max_tokens: int)
     from personachat.app.generation import context_limit
 
     n = int(engine.prompt_ids(messages).shape[1])
+    if n > BOUNDS.prompt_tokens:
+        try:
+            check_prompt_tokens(n)
+        except ValueError as err:
+            raise ApiError(str(err), "messages", "context_length_exceeded") from None
     limit = context_limit(engine.lm)
     if limit is not None and n + max_tokens > limit:
         raise ApiError(

@@ -19,10 +19,8 @@ from typing import Any
 
 from personachat.app.api.fields import ApiError, flag, integer, number
 from personachat.app.api.steering import Steering, parse_steering
-from personachat.app.settings import MAX_NEW_TOKENS
+from personachat.app.limits import BOUNDS
 
-MAX_MESSAGES = 256
-MAX_CONTENT_CHARS = 32_000
 DEFAULT_MAX_TOKENS = 128
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 REFUSED = {  # field -> the value that asks for nothing (anything else is refused)
@@ -81,7 +79,7 @@ def parse_request(body: Any) -> ChatRequest:
     return ChatRequest(
         model=model.strip(),
         messages=parse_messages(body.get("messages")),
-        max_tokens=integer(limit, param, 1, MAX_NEW_TOKENS),
+        max_tokens=new_tokens(limit, param),
         temperature=number(body.get("temperature", 1.0), "temperature", 0.0, 2.0),
         top_p=number(body.get("top_p", 1.0), "top_p", 0.0, 1.0, low_open=True),
         seed=integer(body.get("seed", 0), "seed", 0, 2**31 - 1),
@@ -97,8 +95,13 @@ def parse_messages(value: Any) -> tuple[Mapping[str, str], ...]:
     """The conversation as ``{"role", "content"}`` dicts of text; the last one the user's."""
     if not isinstance(value, list) or not value:
         raise ApiError("messages must be a non-empty list of {role, content}", "messages")
-    if len(value) > MAX_MESSAGES:
-        raise ApiError(f"{len(value)} messages; send at most {MAX_MESSAGES}", "messages")
+    if len(value) > BOUNDS.history_messages + 1:
+        limit = BOUNDS.history_messages + 1
+        raise ApiError(
+            f"{len(value)} messages; the limit is {limit} (history_messages, plus the last "
+            "message): send fewer turns",
+            "messages",
+        )
     out = []
     for i, message in enumerate(value):
         where = f"messages[{i}]"
@@ -108,7 +111,15 @@ def parse_messages(value: Any) -> tuple[Mapping[str, str], ...]:
         if role not in ROLES:
             known = ", ".join(ROLES)
             raise ApiError(f"{where}.role {role!r} is not served; use one of {known}", where)
-        out.append({"role": ROLES[role], "content": content_text(message.get("content"), where)})
+        text = content_text(message.get("content"), where)
+        bound = "system_prompt_chars" if ROLES[role] == "system" else "message_chars"
+        if len(text) > getattr(BOUNDS, bound):
+            raise ApiError(
+                f"{where}.content has {len(text)} characters; the limit is "
+                f"{getattr(BOUNDS, bound)} ({bound}): shorten it",
+                where,
+            )
+        out.append({"role": ROLES[role], "content": text})
     if out[-1]["role"] != "user":
         raise ApiError("the last message must be the user's: it is what gets a reply", "messages")
     return tuple(out)
@@ -126,9 +137,19 @@ def content_text(content: Any, where: str) -> str:
         content = "".join(p if isinstance(p, str) else "" for p in parts)
     if not isinstance(content, str):
         raise ApiError(f"{where}.content must be text or a list of text parts", where)
-    if len(content) > MAX_CONTENT_CHARS:
-        raise ApiError(f"{where}.content has {len(content)} characters; at most 32000", where)
     return content
+
+
+def new_tokens(value: Any, param: str) -> int:
+    """The tokens asked for, at most ``BOUNDS.new_tokens``."""
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if whole and value > BOUNDS.new_tokens:
+        raise ApiError(
+            f"{param} is {value}; the limit is {BOUNDS.new_tokens} tokens per reply "
+            "(new_tokens): ask for fewer",
+            param,
+        )
+    return integer(value, param, 1, BOUNDS.new_tokens)
 
 
 def parse_stop(value: Any) -> tuple[str, ...]:
