@@ -183,3 +183,18 @@ def test_the_server_keeps_the_state_of_a_bounded_number_of_sessions(
         page.reset_session()
         page.predict(api_name="/clear")
     assert len(demo.state_holder.session_data) == BOUNDS.sessions_kept
+
+
+def test_one_sessions_state_does_not_grow_with_its_replies(
+    served: tuple[str, Any, Backend], page: Any
+) -> None:
+    """The session's copy of the page's components stays the same size reply after reply
+    (a skipped HTML output used to leave one more component in it per reply)."""
+    demo = served[1]
+    page.reset_session()
+    call_chat(page, max_new_tokens=4)
+    session = demo.state_holder.session_data[page.session_hash]
+    size = len(session.blocks_config.blocks)
+    for _ in range(4):
+        call_chat(page, max_new_tokens=4)
+    assert len(session.blocks_config.blocks) == size

@@ -38,6 +38,10 @@ from personachat.app.settings import (
 )
 from personachat.app.views import compare_html, empty_html
 
+# The tokens view while a reply streams. A value, not gr.skip(): Gradio answers a skip of an
+# HTML output by building a new component for the session, which it then keeps, one per reply.
+PENDING_TOKENS = empty_html("Generating… the per-token projections come with the reply's end.")
+
 log = logging.getLogger(__name__)
 
 STREAM_INTERVAL_S = 0.05  # at most 20 page updates a second while a reply streams
@@ -271,8 +275,10 @@ class ChatHandlers(HandlerBase):
             {"role": "assistant", "content": "" if settings.prompted else OFF},
         ]
         status = self.backend.settings_summary(model_id, settings)
-        skip = gr.skip()
-        yield Turn(history, side, prompted, "", f"Generating… {status}".strip(), skip, skip, True)
+        skip, pending = gr.skip(), PENDING_TOKENS
+        yield Turn(
+            history, side, prompted, "", f"Generating… {status}".strip(), pending, skip, True
+        )
         step: Step | None = None
         try:
             shown = -math.inf  # the first token always shows (monotonic may start near 0)
@@ -287,7 +293,7 @@ class ChatHandlers(HandlerBase):
                 if time.monotonic() - shown >= STREAM_INTERVAL_S or step.done:
                     shown = time.monotonic()
                     words = f"Generating… {status}".strip()
-                    yield Turn(history, side, prompted, "", words, skip, skip, True)
+                    yield Turn(history, side, prompted, "", words, pending, skip, True)
         except Exception as err:
             kept = _drift_only(previous)
             yield self._refuse(err, history[:-2], side[:-2], prompted[:-2], text, kept)
