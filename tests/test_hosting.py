@@ -1,0 +1,121 @@
+"""Hosting the app in public, through the real HTTP API of a served app (page and ``/v1``).
+
+Each app here serves a copy of the app's store on a free localhost port, as ``app.py`` builds it
+(``build_ui`` + ``build_app`` + ``serve``); ``gradio_client`` drives the page's endpoints, each
+``Client`` its own session, and ``urllib`` the raw routes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gradio_client import Client
+
+from personachat.app import main as app
+from personachat.app.api.server import Server, build_app, serve
+from personachat.app.backend import Backend
+from personachat.app.page import CSS, build_ui
+
+CONFIG = app.parse_args([], env={})
+HOLD = "Hold this reply."
+QUESTION = "Tell me about the ocean."
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        bool(app.missing(CONFIG)), reason=f"the app's model or store is missing: {CONFIG.model}"
+    ),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def store_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the app's store (its models folder left out)."""
+    copy = tmp_path_factory.mktemp("store")
+    shutil.copytree(CONFIG.store, copy, dirs_exist_ok=True, ignore=shutil.ignore_patterns("models"))
+    return copy
+
+
+def start(backend: Backend) -> tuple[Server, str]:
+    """Serve ``backend``'s page and API on a free port; returns the server and its url."""
+    demo = build_ui(backend)
+    demo.queue(default_concurrency_limit=8)
+    server = serve(build_app(demo, backend, css=CSS), "127.0.0.1", free_port())
+    return server, server.url + "/"
+
+
+@pytest.fixture(scope="module")
+def local(store_copy: Path) -> Iterator[tuple[str, Backend]]:
+    """The app as run locally, with the test aid that holds a reply until Stop."""
+    backend = Backend(CONFIG.model, store_copy, hold_message=HOLD)
+    server, url = start(backend)
+    try:
+        yield url, backend
+    finally:
+        server.close()
+        backend.close()
+
+
+def chat(client: Client, message: str, max_new_tokens: int = 40) -> Any:
+    """A ``/chat`` job (not yet finished) of ``client``'s session."""
+    return client.submit(
+        message=message,
+        history=[],
+        side_history=[],
+        model_id=CONFIG.model,
+        max_new_tokens=max_new_tokens,
+        api_name="/chat",
+    )
+
+
+def post(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
+    """POST ``body`` as JSON; (status, parsed reply)."""
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data, {"Content-Type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+def test_stop_ends_only_the_callers_own_reply(local: tuple[str, Backend]) -> None:
+    """Session A's reply is held after its first tokens (the shared batch waits with it);
+    session B's reply joins. A stop without a session is refused, a stop from a third session
+    stops nothing, and A's own stop ends A alone: B's reply completes exactly as alone."""
+    url, _ = local
+    solo_client = Client(url, verbose=False)
+    solo = chat(solo_client, QUESTION).result()
+    a, b, c = (Client(url, verbose=False) for _ in range(3))
+    held = chat(a, HOLD, max_new_tokens=200)
+    time.sleep(2.0)  # A is past its prefill and holds the batch
+    other = chat(b, QUESTION)
+    time.sleep(2.0)
+    status, reply = post(url + "gradio_api/run/stop", {"data": []})
+    assert status != 200 or "error" in json.dumps(reply), reply
+    assert "Stop needs the session that is generating" in json.dumps(reply)
+    assert c.predict(api_name="/stop") == "Nothing is generating."
+    assert not held.done() and not other.done()
+    assert a.predict(api_name="/stop") == "Stopping…"
+    history, _, _, a_status, *_ = held.result(timeout=60)
+    assert a_status.startswith("Stopped: partial reply kept")
+    b_history, _, _, b_status, *_ = other.result(timeout=60)
+    assert b_status.startswith("Done.")
+    assert b_history == solo[0]
+    assert history[-1]["content"] != b_history[-1]["content"]
