@@ -8,8 +8,11 @@ Each app here serves a copy of the app's store on a free localhost port, as ``ap
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +28,7 @@ from personachat.app.api.server import Server, build_app, serve
 from personachat.app.backend import Backend
 from personachat.app.page import CSS, build_ui
 
+ROOT = Path(__file__).resolve().parent.parent
 CONFIG = app.parse_args([], env={})
 HOLD = "Hold this reply."
 QUESTION = "Tell me about the ocean."
@@ -119,3 +123,27 @@ def test_stop_ends_only_the_callers_own_reply(local: tuple[str, Backend]) -> Non
     assert b_status.startswith("Done.")
     assert b_history == solo[0]
     assert history[-1]["content"] != b_history[-1]["content"]
+
+
+def test_a_corrupt_catalog_stops_the_app_with_one_line_and_status_2(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(CONFIG.store, store, ignore=shutil.ignore_patterns("models"))
+    catalog = store / "catalog.duckdb"
+    data = bytearray(catalog.read_bytes())
+    data[100:5000] = bytes(range(256)) * 19 + bytes(36)
+    catalog.write_bytes(bytes(data))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = ["--model", CONFIG.model, "--store", str(store), "--port", str(free_port())]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"personachat: cannot start: the store's catalog in {store}")
+    assert f"Restore {catalog} from a backup" in lines[0]

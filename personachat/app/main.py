@@ -183,12 +183,32 @@ def missing(config: AppConfig) -> list[str]:
     return problems
 
 
+def unreadable_store(store: Path) -> list[str]:
+    """The store's catalog cannot be opened (a damaged ``catalog.duckdb``): one line saying so
+    and what to do; nothing when it opens."""
+    from personachat.store import Store
+
+    try:
+        with Store(store, read_only=True) as opened:
+            opened.models()
+    except Exception as err:  # duckdb's corrupt-file errors, a StoreError, an OSError
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return [
+            f"the store's catalog in {store} cannot be read ({reason}). Restore "
+            f"{store / 'catalog.duckdb'} from a backup, or start from an empty store "
+            "(--store NEW_FOLDER) and register the vectors again."
+        ]
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("personachat").setLevel(os.environ.get("PERSONACHAT_LOG", "INFO").upper())
     config = parse_args(argv)
     problems = missing(config)
+    if not problems:
+        problems = unreadable_store(config.store)
     if problems:
         for problem in problems:
             print(f"personachat: cannot start: {problem}", file=sys.stderr)
