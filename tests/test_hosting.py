@@ -27,6 +27,7 @@ from personachat.app import main as app
 from personachat.app.api.server import Server, build_app, serve
 from personachat.app.backend import Backend
 from personachat.app.page import CSS, build_ui
+from personachat.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = app.parse_args([], env={})
@@ -147,3 +148,102 @@ def test_a_corrupt_catalog_stops_the_app_with_one_line_and_status_2(tmp_path: Pa
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"personachat: cannot start: the store's catalog in {store}")
     assert f"Restore {catalog} from a backup" in lines[0]
+
+
+@pytest.fixture
+def own_store(tmp_path: Path) -> Path:
+    """A copy of the app's store for one test to damage."""
+    copy = tmp_path / "store"
+    shutil.copytree(CONFIG.store, copy, ignore=shutil.ignore_patterns("models"))
+    return copy
+
+
+@pytest.fixture
+def served_on(own_store: Path) -> Iterator[tuple[str, Backend]]:
+    """The app over ``own_store``; the test damages the store before its first request."""
+    backend = Backend(CONFIG.model, own_store)
+    server, url = start(backend)
+    try:
+        yield url, backend
+    finally:
+        server.close()
+        backend.close()
+
+
+def vector_file(store: Path, persona: str, kind: str = "question_span") -> Path:
+    with Store(store, read_only=True) as opened:
+        (entry,) = [e for e in opened.vectors(positions=kind) if e.persona == persona]
+        return store / entry.file
+
+
+def test_a_missing_or_damaged_vector_file_disables_that_vector_alone(
+    own_store: Path, served_on: tuple[str, Backend]
+) -> None:
+    url, _ = served_on
+    vector_file(own_store, "chef").unlink()
+    vector_file(own_store, "cowboy").write_bytes(b"not a safetensors file")
+    client = Client(url, verbose=False)
+    status = client.predict(model_id=CONFIG.model, api_name="/load_model")[-1]
+    repair = "repair the store with `python scripts/store.py verify --repair`, or register it again"
+    assert status == (
+        f"Model `{CONFIG.model}` ready: 9 personas, 33 neuron sets. "
+        "⚠ the question_span vector of 'chef' is disabled: its file is missing. "
+        f"To use it, {repair}. the question_span vector of 'cowboy' is disabled: its file does "
+        f"not match the catalog (changed or damaged). To use it, {repair}."
+    )
+    plain = client.predict(
+        message=QUESTION, history=[], side_history=[], model_id=CONFIG.model, api_name="/chat"
+    )
+    assert plain[3].startswith("Done.") and plain[0][-1]["content"]
+    steered = client.predict(
+        message=QUESTION,
+        history=[],
+        side_history=[],
+        model_id=CONFIG.model,
+        personas=["pirate"],
+        layer_spec="1-2:4",
+        api_name="/chat",
+    )
+    assert steered[3].startswith("Done. Blend 1·pirate at 1-2:4"), steered[3]
+    refused = client.predict(
+        message=QUESTION,
+        history=[],
+        side_history=[],
+        model_id=CONFIG.model,
+        personas=["chef"],
+        layer_spec="1-2:4",
+        api_name="/chat",
+    )
+    assert refused[3].startswith("⚠ persona chef is not in the store"), refused[3]
+
+
+def test_a_persona_removed_while_the_engine_reads_does_not_fail_a_chat(
+    own_store: Path, served_on: tuple[str, Backend]
+) -> None:
+    """Another process removes a persona after the catalog listed it and before its vector is
+    read: the chat goes on without it."""
+    url, backend = served_on
+    store = backend.store()
+    read = store.load_vector
+    removed: list[int] = []
+
+    def racing(model_id: str, persona: str, **filters: Any) -> Any:
+        if persona == "chef" and not removed:  # listed, not yet read: another process removes
+            with Store(own_store) as writer:
+                removed.append(writer.remove_persona("surfer"))
+        return read(model_id, persona, **filters)
+
+    store.load_vector = racing
+    client = Client(url, verbose=False)
+    out = client.predict(
+        message=QUESTION,
+        history=[],
+        side_history=[],
+        model_id=CONFIG.model,
+        personas=["pirate"],
+        layer_spec="1-2:4",
+        api_name="/chat",
+    )
+    assert out[3].startswith("Done. Blend 1·pirate at 1-2:4"), out[3]
+    assert removed[0] > 0
+    assert "surfer" not in backend.persona_names(CONFIG.model)

@@ -84,6 +84,11 @@ class Backend:
         return self.catalog.store_id(model_id)
 
     @needs_library
+    def problems(self, model_id: str, positions: str = "") -> list[str]:
+        """The vectors and neuron sets of ``model_id`` left out as unreadable, in words."""
+        return self.catalog.problems(model_id, positions)
+
+    @needs_library
     def vector_kinds(self, model_id: str) -> list[str]:
         """The positions kinds this model has vectors for, preferred first."""
         return self.catalog.vector_kinds(model_id)

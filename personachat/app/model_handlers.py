@@ -35,6 +35,7 @@ class ModelHandlers(HandlerBase):
             sets = self.backend.neuron_set_names(model_id)
             kinds = self.backend.vector_kinds(model_id)
             n_layers = self.backend.limits(model_id).n_layers
+            problems = self.backend.problems(model_id)
         except Exception as err:  # a model that cannot load must not break the page
             return self._not_loaded(model_id, err)
         demo = self.backend.is_demo(model_id)
@@ -46,6 +47,9 @@ class ModelHandlers(HandlerBase):
         status = f"Model `{model_id}` ready: {len(personas)} personas, {len(sets)} neuron sets." + (
             " No persona vectors yet: extract them under 'Model and store'." if offer else ""
         )
+        if problems:
+            gr.Warning(" ".join(problems))
+            status += " ⚠ " + " ".join(problems)
         return (
             info,
             gr.update(choices=personas, value=picked),
