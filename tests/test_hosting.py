@@ -27,6 +27,7 @@ from personachat.app import main as app
 from personachat.app.api.server import Server, build_app, serve
 from personachat.app.backend import Backend
 from personachat.app.page import CSS, build_ui
+from personachat.app.public import ADMIN_ENV
 from personachat.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -247,3 +248,88 @@ def test_a_persona_removed_while_the_engine_reads_does_not_fail_a_chat(
     assert out[3].startswith("Done. Blend 1·pirate at 1-2:4"), out[3]
     assert removed[0] > 0
     assert "surfer" not in backend.persona_names(CONFIG.model)
+
+
+TOKEN = "s3cret-admin"
+
+
+@pytest.fixture(scope="module")
+def public(store_copy: Path) -> Iterator[tuple[str, Backend]]:
+    """The app in public mode with an admin token and a 1000-byte upload cap."""
+    config = app.parse_args(["--public", "--max-upload-bytes", "1000"], env={})
+    backend = Backend(CONFIG.model, store_copy, access=app.access(config, {ADMIN_ENV: TOKEN}))
+    demo = build_ui(backend)
+    demo.queue()
+    web = build_app(demo, backend, css=CSS, max_file_size=config.max_upload_bytes)
+    server = serve(web, "127.0.0.1", free_port())
+    try:
+        yield server.url + "/", backend
+    finally:
+        server.close()
+        backend.close()
+
+
+def vector_count(store: Path) -> int:
+    with Store(store, read_only=True) as opened:
+        return len(opened.vectors())
+
+
+def test_public_mode_limits_models_store_writes_paths_and_uploads(
+    public: tuple[str, Backend], store_copy: Path
+) -> None:
+    url, _ = public
+    client = Client(url, verbose=False)
+    elsewhere = str(ROOT / "store" / "models")
+    status = client.predict(model_id=elsewhere, api_name="/load_model")[-1]
+    assert status == (
+        "⚠ Cannot load `…/models`: model '…/models' is not offered on this public server; use "
+        "one of: store/models/demo (the server's --allow-models)"
+    )
+    info, *_, status = client.predict(model_id=CONFIG.model, api_name="/load_model")
+    assert "ready" in status and str(store_copy) not in info and "`…/" in info
+    before = vector_count(store_copy)
+    status = client.predict(model_id=CONFIG.model, dataset="demo", api_name="/register_axis")[-1]
+    assert status == (
+        "⚠ Registering the assistant axis failed: Registering the assistant axis needs the admin "
+        "token on this public server: enter it in the 'Admin token' box (API: an "
+        "'Authorization: Bearer TOKEN' header); none was given."
+    )
+    wrong = Client(url, verbose=False, headers={"Authorization": "Bearer guess"})
+    out = wrong.predict(
+        model_id=CONFIG.model, dataset="demo", personas=["pirate"], api_name="/extract"
+    )
+    assert out[-1].endswith("the token given is wrong.")
+    assert vector_count(store_copy) == before
+    admin = Client(url, verbose=False, headers={"Authorization": f"Bearer {TOKEN}"})
+    status = admin.predict(model_id=CONFIG.model, dataset="demo", api_name="/register_axis")[-1]
+    assert status.startswith("Registered the assistant axis of"), status
+    # an upload over the cap is refused, naming the limit
+    body = b"x" * 2000
+    boundary = "pcboundary"
+    data = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="big.txt"\r\n'
+            f"Content-Type: text/plain\r\n\r\n"
+        ).encode()
+        + body
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        url + "gradio_api/upload",
+        data,
+        {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 413
+    assert "1000" in refused.value.read().decode()
+
+
+def test_local_mode_keeps_loading_any_folder_and_naming_paths(local: tuple[str, Backend]) -> None:
+    url, _ = local
+    client = Client(url, verbose=False)
+    folder = str((ROOT / CONFIG.model).resolve())
+    assert "ready" in client.predict(model_id=folder, api_name="/load_model")[-1]
+    missing = str(ROOT / "no_such_model_folder")
+    status = client.predict(model_id=missing, api_name="/load_model")[-1]
+    assert status.startswith(f"⚠ Cannot load `{missing}`") and status.count(missing) >= 1

@@ -334,8 +334,8 @@ class ChatHandlers(HandlerBase):
 
         return history[: users[-1]], cut(side), cut(third), last
 
-    @staticmethod
     def _refuse(
+        self,
         err: BaseException,
         history: Messages,
         side: Messages,
@@ -345,9 +345,9 @@ class ChatHandlers(HandlerBase):
     ) -> Turn:
         if not isinstance(err, InputError | ValueError | KeyError):
             log.exception("chat failed")
-        # a KeyError's str() is its quoted repr; other messages may end in a quote ('zero')
-        text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-        text = text.strip() or type(err).__name__
+        # a KeyError's str() is its quoted repr (others may end in a quote: 'zero'); no paths
+        # on a public server
+        text = self.backend.access.error(err)
         gr.Warning(text)
         return Turn(
             history, side, prompted, message or "", f"⚠ {text}", gr.skip(), readout or Readout()

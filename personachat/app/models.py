@@ -51,6 +51,7 @@ class ModelCache:
         self._lock = lock
         self._models: dict[str, Any] = dict(models or {})
         self._on_drop: list[Callable[[str], None]] = []
+        self.check: Callable[[str], None] | None = None  # raises for a model not to be loaded
 
     def on_drop(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(model_id)`` whenever a model is dropped to make room."""
@@ -59,6 +60,8 @@ class ModelCache:
     def get(self, model_id: str) -> Any:
         """The loaded model ``model_id`` (loaded on first use, shared by all sessions)."""
         with self._lock:
+            if self.check is not None:
+                self.check(model_id)
             if model_id not in self._models:
                 from personachat.model import load_model
 
