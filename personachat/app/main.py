@@ -255,9 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("personachat").setLevel(os.environ.get("PERSONACHAT_LOG", "INFO").upper())
     config = parse_args(argv)
-    problems = missing(config)
-    if not problems:
-        problems = unreadable_store(config.store)
+    problems = missing(config) or unreadable_store(config.store)
     if problems:
         for problem in problems:
             print(f"personachat: cannot start: {problem}", file=sys.stderr)
@@ -293,10 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"personachat: {backend.register_demo()}", flush=True)
     demo = build_ui(backend, concurrency=config.concurrency)
     demo.queue(default_concurrency_limit=config.concurrency)
-    page = {"css": CSS, "theme": theme(), "footer_links": ["api"]}
-    if config.public:
-        page["max_file_size"] = config.max_upload_bytes
-    app = build_app(demo, backend, **page)
+    cap = {"max_file_size": config.max_upload_bytes} if config.public else {}
+    app = build_app(demo, backend, css=CSS, theme=theme(), footer_links=["api"], **cap)
     try:
         server = serve(app, config.host, config.port)
     except OSError as err:
