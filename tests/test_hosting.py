@@ -333,3 +333,22 @@ def test_local_mode_keeps_loading_any_folder_and_naming_paths(local: tuple[str, 
     missing = str(ROOT / "no_such_model_folder")
     status = client.predict(model_id=missing, api_name="/load_model")[-1]
     assert status.startswith(f"⚠ Cannot load `{missing}`") and status.count(missing) >= 1
+
+
+def test_a_fresh_session_takes_any_layer_of_the_model_without_load_model(
+    local: tuple[str, Backend],
+) -> None:
+    """The layer slider's range is the model's from the start: a client that never called
+    /load_model reads the persona map and the tokens at the model's last layer."""
+    url, _ = local
+    client = Client(url, verbose=False)
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": QUESTION}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "The ocean is deep."}]},
+    ]
+    plot = client.predict(
+        model_id=CONFIG.model, history=history, layer=3, personas=[], api_name="/persona_map"
+    )
+    assert "at layer 3" in json.dumps(plot)
+    client = Client(url, verbose=False)
+    assert client.predict(layer=3, api_name="/tokens").startswith("<")
