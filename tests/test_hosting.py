@@ -352,3 +352,15 @@ def test_a_fresh_session_takes_any_layer_of_the_model_without_load_model(
     assert "at layer 3" in json.dumps(plot)
     client = Client(url, verbose=False)
     assert client.predict(layer=3, api_name="/tokens").startswith("<")
+
+
+def test_public_mode_is_on_for_a_space_and_off_locally() -> None:
+    assert app.parse_args([], env={"SPACE_ID": "me/app"}).public is True
+    assert app.parse_args(["--no-public"], env={"SPACE_ID": "me/app"}).public is False
+    local = app.parse_args([], env={})
+    assert local.public is False and app.access(local, {ADMIN_ENV: TOKEN}).public is False
+    flags = ["--public", "--allow-models", "a/b,c/d", "--allow-models", "e"]
+    config = app.parse_args(flags, env={})
+    assert config.allow_models == ("a/b", "c/d", "e")
+    assert app.access(config, {}).models == (CONFIG.model, "a/b", "c/d", "e")
+    assert app.access(config, {}).admin_token is None
