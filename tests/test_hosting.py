@@ -291,8 +291,8 @@ def test_public_mode_limits_models_store_writes_paths_and_uploads(
     status = client.predict(model_id=CONFIG.model, dataset="demo", api_name="/register_axis")[-1]
     assert status == (
         "⚠ Registering the assistant axis failed: Registering the assistant axis needs the admin "
-        "token on this public server: enter it in the 'Admin token' box (API: an "
-        "'Authorization: Bearer TOKEN' header); none was given."
+        "token on this public server: send it as an 'Authorization: Bearer TOKEN' header "
+        "(gradio_client: Client(url, headers=...)); none was given."
     )
     wrong = Client(url, verbose=False, headers={"Authorization": "Bearer guess"})
     out = wrong.predict(
