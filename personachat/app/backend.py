@@ -32,6 +32,7 @@ from personachat.app.catalog import Catalog
 from personachat.app.generation import Step, generate
 from personachat.app.library import needs_library
 from personachat.app.models import ModelCache, is_demo
+from personachat.app.public import Access
 from personachat.app.serving import Serving
 from personachat.app.settings import Limits, Settings
 
@@ -51,12 +52,15 @@ class Backend:
         device: str = "auto",
         hold_message: str | None = None,
         serving: Serving | None = None,
+        access: Access | None = None,
     ) -> None:
         self.default_model = default_model
         self.hold_message = hold_message  # a test aid: see personachat.app.hold
         self.store_path = Path(store_path)
         lock = threading.RLock()  # one lock for models, store and engines
+        self.access = access or Access()  # what visitors may do (personachat.app.public)
         self.models = ModelCache(lock, models, dtype=dtype, device=device)
+        self.models.check = self.access.check_model
         self.serving = serving or Serving()
         self.catalog = Catalog(self.models, self.store_path, lock, self.serving)
         self.analyses = Analyses(self.catalog)
@@ -82,6 +86,11 @@ class Backend:
     def store_id(self, model_id: str) -> str:
         """The id the store files ``model_id`` under."""
         return self.catalog.store_id(model_id)
+
+    @needs_library
+    def problems(self, model_id: str, positions: str = "") -> list[str]:
+        """The vectors and neuron sets of ``model_id`` left out as unreadable, in words."""
+        return self.catalog.problems(model_id, positions)
 
     @needs_library
     def vector_kinds(self, model_id: str) -> list[str]:

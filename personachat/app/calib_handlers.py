@@ -13,6 +13,7 @@ from gradio.components.plot import PlotData
 from personachat.app import figures
 from personachat.app.capping import cap_words, parse_cap
 from personachat.app.handler_base import HandlerBase
+from personachat.app.public import bearer
 from personachat.app.readout import AXIS, Readout
 from personachat.app.settings import NO_DIRECTION, ChatInputs
 
@@ -66,6 +67,7 @@ class CalibrationHandlers(HandlerBase):
         dataset: str | None = None,
         vectors_from: str | None = None,
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 - Gradio's idiom
+        request: gr.Request | None = None,
     ) -> tuple[Any, Any, str]:
         """Read the model's assistant axis from a built-in dataset (the one the extraction box
         offers) and register it; a progress bar shows while it runs. Returns (the Store tab's
@@ -73,11 +75,13 @@ class CalibrationHandlers(HandlerBase):
         model_id = self.model_id(model_id)
         name = dataset or ("demo" if self.backend.is_demo(model_id) else "personas")
         try:
+            self.backend.access.check_admin(bearer(request), "Registering the assistant axis")
             summary = self.backend.register_axis(model_id, name)
         except Exception as err:
             log.exception("registering the assistant axis failed")
-            gr.Warning(f"Registering the assistant axis failed: {err}")
-            return gr.update(), gr.update(), f"⚠ Registering the assistant axis failed: {err}"
+            text = self.backend.access.error(err)
+            gr.Warning(f"Registering the assistant axis failed: {text}")
+            return gr.update(), gr.update(), f"⚠ Registering the assistant axis failed: {text}"
         choices, line = self.cap_choices(model_id, vectors_from)
         return line, choices, summary
 

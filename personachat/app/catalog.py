@@ -7,16 +7,25 @@ again when the store's catalog of that model changed. ``refresh()`` drops the en
 registered (or removed) by a script show up without a restart. The engines come from the app's
 ``Serving`` (``personachat.app.serving``): by default every engine over one model shares its
 scheduler.
+
+A vector or neuron set whose file is missing or damaged, or that another process removed between
+the listing and the load, is left out of the engine alone: ``problems`` names each one and how
+to repair it, and everything else keeps working.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Any
 
 from personachat.app.models import ModelCache, folder
 from personachat.app.serving import Serving
+
+log = logging.getLogger(__name__)
+
+REPAIR = "repair the store with `python scripts/store.py verify --repair`, or register it again"
 
 # Which vectors steer by default: on the demo model, vectors read from the question span steered
 # where reply-average ones did not.
@@ -40,6 +49,8 @@ class Catalog:
         self._store: Any = None
         # (model id, positions kind) -> (catalog signature, ChatEngine)
         self._engines: dict[tuple[str, str], tuple[Any, Any]] = {}
+        # (model id, positions kind) -> what was left out of its engine, in words
+        self._problems: dict[tuple[str, str], list[str]] = {}
         models.on_drop(self._forget)
 
     def store(self) -> Any:
@@ -62,11 +73,21 @@ class Catalog:
             signature = self.signature(store_id, kind)
             cached = self._engines.get(key)
             if cached is None or cached[0] != signature:
-                vectors = self._vectors(store_id, kind, lm.info.hidden_size)
-                sets = self._neuron_sets(store_id)
+                problems: list[str] = []
+                vectors = self._vectors(store_id, kind, lm.info.hidden_size, problems)
+                sets = self._neuron_sets(store_id, problems)
                 engine = self.serving.engine(model_id, lm, vectors, sets)
                 self._engines[key] = (signature, engine)
+                self._problems[key] = problems
             return self._engines[key][1]
+
+    def problems(self, model_id: str, positions: str = "") -> list[str]:
+        """What the engine of ``model_id`` (vectors read from ``positions``) left out: each
+        vector or neuron set that could not be read, why, and how to repair it."""
+        with self._lock:
+            self.engine(model_id, positions)
+            kind = self._kind(self.store_id(model_id), positions)
+            return list(self._problems.get((model_id, kind), []))
 
     def refresh(self) -> None:
         """Re-read the store now (it also re-reads by itself when another process wrote)."""
@@ -123,17 +144,33 @@ class Catalog:
             return positions
         return next((k for k in PREFERRED_POSITIONS if k in have), sorted(have)[0] if have else "")
 
-    def _vectors(self, store_id: str, kind: str, hidden_size: int) -> dict[str, Any]:
+    def _vectors(
+        self, store_id: str, kind: str, hidden_size: int, problems: list[str]
+    ) -> dict[str, Any]:
+        """The model's vectors of ``kind``; those that cannot be read go to ``problems``."""
         store = self.store()
         names = dict.fromkeys(e.persona for e in store.vectors(store_id, positions=kind or None))
-        return {
-            name: store.load_vector(store_id, name, positions=kind or None, hidden_size=hidden_size)
-            for name in names
-        }
+        vectors = {}
+        for name in names:
+            what = f"the {kind} vector of {name!r}" if kind else f"the vector of {name!r}"
+            try:
+                vectors[name] = store.load_vector(
+                    store_id, name, positions=kind or None, hidden_size=hidden_size
+                )
+            except Exception as err:
+                problems.append(_left_out(what, err))
+        return vectors
 
-    def _neuron_sets(self, store_id: str) -> dict[str, Any]:
+    def _neuron_sets(self, store_id: str, problems: list[str]) -> dict[str, Any]:
+        """The model's neuron sets; those that cannot be read go to ``problems``."""
         store = self.store()
-        return {e.label: store.load_neurons(store_id, e.label) for e in store.neuron_sets(store_id)}
+        sets = {}
+        for entry in store.neuron_sets(store_id):
+            try:
+                sets[entry.label] = store.load_neurons(store_id, entry.label)
+            except Exception as err:
+                problems.append(_left_out(f"the neuron set {entry.label!r}", err))
+        return sets
 
     def _forget(self, model_id: str) -> None:
         """Drop the engines built on ``model_id`` (the model itself was dropped)."""
@@ -141,3 +178,21 @@ class Catalog:
             for key in [k for k in self._engines if k[0] == model_id]:
                 self._engines.pop(key)
             self.serving.forget(model_id)
+
+
+def _left_out(what: str, err: Exception) -> str:
+    """Why ``what`` is not offered, and what to do: gone (another process removed it while it
+    was read) or damaged (its file is missing or does not match the catalog)."""
+    from personachat.store import IntegrityError, UnknownError
+    from personachat.store.errors import MissingFileError
+
+    log.warning("left out %s: %s", what, err)
+    if isinstance(err, UnknownError):
+        return f"{what} was removed from the store while it was read; re-read the store."
+    if isinstance(err, MissingFileError):
+        reason = "its file is missing"
+    elif isinstance(err, IntegrityError):
+        reason = "its file does not match the catalog (changed or damaged)"
+    else:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return f"{what} is disabled: {reason}. To use it, {REPAIR}."

@@ -100,7 +100,7 @@ class ChatHandlers(HandlerBase):
 
     def __init__(self, backend: Backend) -> None:
         super().__init__(backend)
-        self._stops: dict[str, threading.Event] = {}
+        self._stops: dict[str, list[threading.Event]] = {}  # session -> its generations
         self._lock = threading.Lock()
 
     def chat(
@@ -193,13 +193,16 @@ class ChatHandlers(HandlerBase):
         yield from self.turns(*again)
 
     def stop(self, request: gr.Request | None = None) -> str:
-        """Stop this session's running generation; the partial reply is kept."""
+        """Stop this session's running generations; the partial replies are kept. A request
+        without a session is refused: it has no generation of its own to stop."""
         key = getattr(request, "session_hash", None)
+        if not key:
+            raise gr.Error(
+                "Stop needs the session that is generating: call /stop from the client (the "
+                "session_hash) that sent the message; a request without a session stops nothing."
+            )
         with self._lock:
-            if key is None:  # an API call without a session: stop every generation
-                events = list(self._stops.values())
-            else:
-                events = [self._stops[key]] if key in self._stops else []
+            events = list(self._stops.get(key, ()))
         for event in events:
             event.set()
         log.debug("stop for session %s: %d generation(s)", key, len(events))
@@ -333,14 +336,17 @@ class ChatHandlers(HandlerBase):
         key = getattr(request, "session_hash", None) or uuid.uuid4().hex
         event = threading.Event()
         with self._lock:
-            self._stops[key] = event
+            self._stops.setdefault(key, []).append(event)
         log.debug("generation for session %s", key)
         return key, event
 
     def _forget(self, key: str, event: threading.Event) -> None:
         with self._lock:
-            if self._stops.get(key) is event:
-                del self._stops[key]
+            events = self._stops.get(key, [])
+            if event in events:
+                events.remove(event)
+            if not events:
+                self._stops.pop(key, None)
 
     @staticmethod
     def pop_turn(
@@ -359,8 +365,8 @@ class ChatHandlers(HandlerBase):
 
         return history[: users[-1]], cut(side), cut(third), last
 
-    @staticmethod
     def _refuse(
+        self,
         err: BaseException,
         history: Messages,
         side: Messages,
@@ -370,9 +376,9 @@ class ChatHandlers(HandlerBase):
     ) -> Turn:
         if not isinstance(err, InputError | ValueError | KeyError):
             log.exception("chat failed")
-        # a KeyError's str() is its quoted repr; other messages may end in a quote ('zero')
-        text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-        text = text.strip() or type(err).__name__
+        # a KeyError's str() is its quoted repr (others may end in a quote: 'zero'); no paths
+        # on a public server
+        text = self.backend.access.error(err)
         gr.Warning(text)
         return Turn(
             history, side, prompted, message or "", f"⚠ {text}", gr.skip(), readout or Readout()

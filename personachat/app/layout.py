@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from personachat.app.calib_panels import CapPanel, DriftPanel, cap_panel, drift_panel
+from personachat.app.models import last_layer
 from personachat.app.panels import (
     DirectionPanel,
     GenerationPanel,
@@ -92,7 +93,7 @@ def layout(default_model: str, demo_model: bool) -> Page:
     chat = chat_panel(side_by_side=demo_model)
     share = share_panel()
     with gr.Tabs(elem_id="views"):
-        tokens = tokens_panel()
+        tokens = tokens_panel(last_layer(default_model))
         drift = drift_panel()
         layers = layers_panel()
         persona_map = map_panel()

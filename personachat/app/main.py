@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from personachat.app.public import ADMIN_ENV, MAX_UPLOAD_BYTES, Access
+
 ROOT = Path(__file__).resolve().parents[2]  # the repository: default model and store live here
 DEFAULT_MODEL = "store/models/demo"
 DEFAULT_STORE = "store"
@@ -43,6 +45,9 @@ class AppConfig:
     device: str = "auto"  # auto: the GPUs when there are any, else the CPU
     engine: str = "hf"  # hf: PersonaChat's runtime; vllm: interp-engine's vLLM backend
     num_gpus: int = 1  # tensor parallelism of --engine vllm
+    public: bool = False  # what visitors may do: personachat.app.public
+    allow_models: tuple[str, ...] = ()  # models loadable in public mode besides --model
+    max_upload_bytes: int = 1_000_000  # the upload cap in public mode
 
 
 def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> AppConfig:
@@ -50,6 +55,7 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     parser = argparse.ArgumentParser(description="PersonaChat: steer and watch personas in a chat.")
     _add_model_args(parser, env)
     _add_serving_args(parser, env)
+    _add_public_args(parser, env)
     args = parser.parse_args(argv)
     host = args.host or ("0.0.0.0" if env.get("SPACE_ID") else "127.0.0.1")
     return AppConfig(
@@ -62,6 +68,9 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
         device=args.device,
         engine=args.engine,
         num_gpus=max(1, args.num_gpus),
+        public=args.public,
+        allow_models=tuple(m.strip() for m in ",".join(args.allow_models).split(",") if m.strip()),
+        max_upload_bytes=max(0, args.max_upload_bytes),
     )
 
 
@@ -121,6 +130,46 @@ def _add_serving_args(parser: argparse.ArgumentParser, env: dict[str, str]) -> N
         default=int(env.get("PERSONACHAT_NUM_GPUS", "1")),
         help="GPUs to shard the model over with --engine vllm (tensor parallelism; default 1)",
     )
+
+
+def _add_public_args(parser: argparse.ArgumentParser, env: dict[str, str]) -> None:
+    """Hosting in public: which models load, and the upload cap (personachat.app.public)."""
+    default = env.get("PERSONACHAT_PUBLIC", "1" if env.get("SPACE_ID") else "0")
+    parser.add_argument(
+        "--public",
+        action=argparse.BooleanOptionalAction,
+        default=default.lower() in {"1", "true", "yes", "on"},
+        help="public mode: only allowed models load, store writes need the admin token "
+        f"({ADMIN_ENV}), errors show no server path, uploads are capped (env PERSONACHAT_PUBLIC; "
+        "on by default on a Space, when SPACE_ID is set; --no-public turns it off)",
+    )
+    parser.add_argument(
+        "--allow-models",
+        action="append",
+        default=[env.get("PERSONACHAT_ALLOW_MODELS", "")],
+        help="more models a public server may load besides --model, comma-separated "
+        "(env PERSONACHAT_ALLOW_MODELS)",
+    )
+    parser.add_argument(
+        "--max-upload-bytes",
+        type=int,
+        default=int(env.get("PERSONACHAT_MAX_UPLOAD_BYTES", str(MAX_UPLOAD_BYTES))),
+        help=f"the largest upload a public server takes, in bytes (default {MAX_UPLOAD_BYTES})",
+    )
+
+
+def access(config: AppConfig, env: dict[str, str] | None = None) -> Access:
+    """What visitors may do under ``config`` (the admin token from ``PERSONACHAT_ADMIN_TOKEN``)."""
+    from personachat.app.models import DEMO_ID, is_demo
+
+    env = dict(os.environ) if env is None else env
+    if not config.public:
+        return Access()
+    models = [config.model, *config.allow_models]
+    if is_demo(config.model):
+        models.append(DEMO_ID)
+    token = env.get(ADMIN_ENV, "").strip() or None
+    return Access(True, tuple(dict.fromkeys(models)), token, config.max_upload_bytes)
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -183,12 +232,30 @@ def missing(config: AppConfig) -> list[str]:
     return problems
 
 
+def unreadable_store(store: Path) -> list[str]:
+    """The store's catalog cannot be opened (a damaged ``catalog.duckdb``): one line saying so
+    and what to do; nothing when it opens."""
+    from personachat.store import Store
+
+    try:
+        with Store(store, read_only=True) as opened:
+            opened.models()
+    except Exception as err:  # duckdb's corrupt-file errors, a StoreError, an OSError
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return [
+            f"the store's catalog in {store} cannot be read ({reason}). Restore "
+            f"{store / 'catalog.duckdb'} from a backup, or start from an empty store "
+            "(--store NEW_FOLDER) and register the vectors again."
+        ]
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("personachat").setLevel(os.environ.get("PERSONACHAT_LOG", "INFO").upper())
     config = parse_args(argv)
-    problems = missing(config)
+    problems = missing(config) or unreadable_store(config.store)
     if problems:
         for problem in problems:
             print(f"personachat: cannot start: {problem}", file=sys.stderr)
@@ -213,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         device=config.device,
         hold_message=hold,
         serving=serving,
+        access=access(config),
     )
     if backend.is_demo(config.model) and not backend.store().vectors(DEMO_ID):
         print(
@@ -223,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"personachat: {backend.register_demo()}", flush=True)
     demo = build_ui(backend, concurrency=config.concurrency)
     demo.queue(default_concurrency_limit=config.concurrency)
-    app = build_app(demo, backend, css=CSS, theme=theme(), footer_links=["api"])
+    cap = {"max_file_size": config.max_upload_bytes} if config.public else {}
+    app = build_app(demo, backend, css=CSS, theme=theme(), footer_links=["api"], **cap)
     try:
         server = serve(app, config.host, config.port)
     except OSError as err:

@@ -10,6 +10,7 @@ import gradio as gr
 from personachat.app import recipes
 from personachat.app.handler_base import HandlerBase
 from personachat.app.panels import dataset_personas
+from personachat.app.public import Access, bearer
 from personachat.app.recipes import DEMO_PERSONA
 from personachat.app.settings import NO_DIRECTION
 
@@ -30,13 +31,14 @@ class ModelHandlers(HandlerBase):
         side by side (on for the demo model), status)."""
         model_id = self.model_id(model_id)
         try:
-            info = self.backend.describe(model_id)
+            info = self.backend.access.scrub(self.backend.describe(model_id))
             personas = self.backend.persona_names(model_id)
             sets = self.backend.neuron_set_names(model_id)
             kinds = self.backend.vector_kinds(model_id)
             n_layers = self.backend.limits(model_id).n_layers
+            problems = self.backend.problems(model_id)
         except Exception as err:  # a model that cannot load must not break the page
-            return self._not_loaded(model_id, err)
+            return self._not_loaded(self.backend.access.scrub(model_id), err, self.backend.access)
         demo = self.backend.is_demo(model_id)
         examples = recipes.examples(demo)
         offer = not personas and self.backend.can_extract(model_id)
@@ -46,6 +48,9 @@ class ModelHandlers(HandlerBase):
         status = f"Model `{model_id}` ready: {len(personas)} personas, {len(sets)} neuron sets." + (
             " No persona vectors yet: extract them under 'Model and store'." if offer else ""
         )
+        if problems:
+            gr.Warning(" ".join(problems))
+            status += " ⚠ " + " ".join(problems)
         return (
             info,
             gr.update(choices=personas, value=picked),
@@ -71,10 +76,10 @@ class ModelHandlers(HandlerBase):
         )
 
     @staticmethod
-    def _not_loaded(model_id: str, err: Exception) -> tuple[Any, ...]:
+    def _not_loaded(model_id: str, err: Exception, access: Access) -> tuple[Any, ...]:
         """``load``'s results for a model that cannot load: the reason, no choices."""
         log.warning("cannot load %s: %s", model_id, err)
-        message = f"⚠ Cannot load `{model_id}`: {err}"
+        message = f"⚠ Cannot load `{model_id}`: {access.error(err)}"
         gr.Warning(message)
         empty = gr.update(choices=[], value=[])
         direction = gr.update(choices=[NO_DIRECTION], value=NO_DIRECTION)
@@ -105,8 +110,9 @@ class ModelHandlers(HandlerBase):
             known = self.backend.persona_names(model_id, vectors_from or "")
             sets = self.backend.neuron_set_names(model_id)
         except Exception as err:  # the store or the model failed: say so, keep the page
-            gr.Warning(f"Cannot re-read the store: {err}")
-            return gr.update(), gr.update(), gr.update(), f"⚠ Cannot re-read the store: {err}"
+            text = self.backend.access.error(err)
+            gr.Warning(f"Cannot re-read the store: {text}")
+            return gr.update(), gr.update(), gr.update(), f"⚠ Cannot re-read the store: {text}"
         kept = [p for p in personas or [] if p in known]
         gone = sorted(set(personas or []) - set(known))
         note = f" No longer in the store: {', '.join(gone)}." if gone else ""
@@ -128,16 +134,19 @@ class ModelHandlers(HandlerBase):
         personas: list[str] | None = None,
         neurons: bool = False,
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 - Gradio's idiom
+        request: gr.Request | None = None,
     ) -> tuple[Any, ...]:
         """Extract persona vectors from a built-in dataset (all personas, or those picked) and
         register them; a progress bar shows while it runs, then the page offers the personas."""
         model_id = self.model_id(model_id)
         try:
+            self.backend.access.check_admin(bearer(request), "Extraction")
             picked = tuple(personas or ())
             summary = self.backend.extract(model_id, dataset, positions, picked, bool(neurons))
         except Exception as err:
             log.exception("extraction failed")
-            gr.Warning(f"Extraction failed: {err}")
-            return (*[gr.update()] * (LOAD_OUTPUTS - 1), f"⚠ Extraction failed: {err}")
+            text = self.backend.access.error(err)
+            gr.Warning(f"Extraction failed: {text}")
+            return (*[gr.update()] * (LOAD_OUTPUTS - 1), f"⚠ Extraction failed: {text}")
         loaded = self.load(model_id)
         return (*loaded[:-1], summary)

@@ -51,6 +51,7 @@ class ModelCache:
         self._lock = lock
         self._models: dict[str, Any] = dict(models or {})
         self._on_drop: list[Callable[[str], None]] = []
+        self.check: Callable[[str], None] | None = None  # raises for a model not to be loaded
 
     def on_drop(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(model_id)`` whenever a model is dropped to make room."""
@@ -59,6 +60,8 @@ class ModelCache:
     def get(self, model_id: str) -> Any:
         """The loaded model ``model_id`` (loaded on first use, shared by all sessions)."""
         with self._lock:
+            if self.check is not None:
+                self.check(model_id)
             if model_id not in self._models:
                 from personachat.model import load_model
 
@@ -74,3 +77,31 @@ class ModelCache:
                     lm = replace(lm, info=replace(lm.info, model_id=DEMO_ID))
                 self._models[model_id] = lm
             return self._models[model_id]
+
+
+UNKNOWN_LAST_LAYER = 255  # a layer range wide enough for any model whose config cannot be read
+
+
+def last_layer(model_id: str) -> int:
+    """The last layer of ``model_id`` from its ``config.json`` (a local folder, or the hub's
+    cache), read without loading the model; ``UNKNOWN_LAST_LAYER`` when it cannot be read."""
+    import json
+
+    path = Path(model_id).expanduser() / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model_id, "config.json")
+        except Exception:  # not a valid repo id
+            cached = None
+        if not isinstance(cached, str):
+            return UNKNOWN_LAST_LAYER
+        path = Path(cached)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return UNKNOWN_LAST_LAYER
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    layers = config.get("num_hidden_layers", config.get("n_layer"))
+    return layers - 1 if isinstance(layers, int) and layers > 0 else UNKNOWN_LAST_LAYER

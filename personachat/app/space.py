@@ -30,7 +30,7 @@ def baseline_mean(catalog: Catalog, model_id: str, vector: Any) -> np.ndarray | 
             means = [store.load_means(store_id, n, positions=kind).mean for n in names]
             return np.stack([m.float().numpy() for m in means]).mean(0) if means else None
         return store.load_means(store_id, vector.baseline, positions=kind).mean.float().numpy()
-    except LookupError:
+    except (LookupError, RuntimeError):  # gone, or a StoreError: a missing or damaged file
         return None
 
 

@@ -154,13 +154,20 @@ class TokensPanel:
     numbers: gr.JSON
 
 
-def tokens_panel() -> TokensPanel:
-    """The last reply's per-token projections at a layer, its token x layer heatmap and its
-    numbers."""
+def tokens_panel(last_layer: int = 1) -> TokensPanel:
+    """The last reply's per-token projections at a layer (0 to ``last_layer``, the default
+    model's, so a session that never loaded the model takes any of its layers), its token x
+    layer heatmap and its numbers."""
     with gr.Tab("Tokens"):
         with gr.Row():
             view_layer = gr.Slider(
-                0, 1, value=0, step=1, label="Layer", info=INFO["view_layer"], elem_id="view-layer"
+                0,
+                max(last_layer, 1),
+                value=0,
+                step=1,
+                label="Layer",
+                info=INFO["view_layer"],
+                elem_id="view-layer",
             )
             view_persona = gr.Dropdown(
                 choices=[],

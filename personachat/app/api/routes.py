@@ -64,7 +64,7 @@ def router(backend: Any) -> APIRouter:
             return JSONResponse(err.body(), status_code=err.status)
         except Exception as err:  # a bug or a failed generation: answer, and keep serving
             log.exception("chat completion failed")
-            message = f"the reply failed: {type(err).__name__}: {err}"
+            message = f"the reply failed: {type(err).__name__}: {backend.access.scrub(str(err))}"
             failure = ApiError(message, None, "failed", 500)
             return JSONResponse(failure.body(), status_code=500)
 
