@@ -198,3 +198,17 @@ def test_one_sessions_state_does_not_grow_with_its_replies(
     for _ in range(4):
         call_chat(page, max_new_tokens=4)
     assert len(session.blocks_config.blocks) == size
+
+
+def test_conversation_downloads_keep_a_bounded_number_of_files(
+    served: tuple[str, Any, Backend],
+) -> None:
+    """A conversation file is written after every reply: the oldest are deleted beyond
+    ``MAX_EXPORTS``, and Gradio's copies of served files are cleaned every hour."""
+    from personachat.app import export
+
+    history = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "Hi."}]
+    paths = [export.conversation_file(history, [], [], None) for _ in range(export.MAX_EXPORTS + 8)]
+    alive = [p for p in paths if p is not None and p.exists()]
+    assert len(alive) == export.MAX_EXPORTS and alive[0] == paths[8]
+    assert served[1].delete_cache == (3600, 3600)

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -98,8 +101,21 @@ def calibrated_numbers(readout: Readout) -> dict[str, Any]:
     return out
 
 
+# The newest export folders kept; older ones are deleted as new ones are made, so a server
+# that writes a conversation file after every reply holds a bounded number of them.
+MAX_EXPORTS = 64
+_exports: deque[Path] = deque()
+_exports_lock = threading.Lock()
+
+
 def _folder() -> Path:
-    return Path(tempfile.mkdtemp(prefix="personachat-"))
+    """A new folder for one exported file; the oldest beyond ``MAX_EXPORTS`` are removed."""
+    folder = Path(tempfile.mkdtemp(prefix="personachat-"))
+    with _exports_lock:
+        _exports.append(folder)
+        while len(_exports) > MAX_EXPORTS:
+            shutil.rmtree(_exports.popleft(), ignore_errors=True)
+    return folder
 
 
 def conversation_record(

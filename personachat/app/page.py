@@ -83,7 +83,9 @@ def theme() -> gr.themes.Base:
 def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
     """The page. Nothing loads here: the model loads on the first event that needs it."""
     h = Handlers(backend)
-    with gr.Blocks(title="PersonaChat", analytics_enabled=False) as demo:
+    # Gradio's copies of served files (the conversation downloads) older than an hour are
+    # deleted every hour
+    with gr.Blocks(title="PersonaChat", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         page = layout(backend.default_model, backend.is_demo(backend.default_model))
         wire(page, h, demo, concurrency)
         demo.load(None, None, None, js=PAGE_JS)
