@@ -125,6 +125,11 @@ API_REFUSALS = [
         "steering.ablation.neurons",
         "names 5000 neurons; the limit is 4096 per request (neurons)",
     ),
+    (
+        {"steering": {"personas": {"pirate": 1.0}, "layers": {"1": 900000}}},
+        "steering.strength",
+        "the limit is 10000x (push)",
+    ),
 ]
 
 

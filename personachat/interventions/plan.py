@@ -107,7 +107,7 @@ def lookup(vectors: Mapping[str, PersonaVector], persona: str) -> PersonaVector:
     return vectors[persona]
 
 
-def _best_layer(vector: PersonaVector) -> int | None:
+def best_layer(vector: PersonaVector) -> int | None:
     return vector.metrics.best_layer if vector.metrics is not None else None
 
 
@@ -161,7 +161,7 @@ def build_steer(
         terms.append((persona, float(weight), vector))
     n_layers = lm.info.n_layers
     lead = max(terms, key=lambda t: abs(t[1]))[2]
-    strengths = layer_strengths(spec.layers, spec.strength, n_layers, _best_layer(lead), spec.band)
+    strengths = layer_strengths(spec.layers, spec.strength, n_layers, best_layer(lead), spec.band)
     scaled: list[tuple[str, float, torch.Tensor]] = []
     for persona, weight, vector in terms:
         v = vector.vector.float()
@@ -321,7 +321,7 @@ def build_directional(
     _check_positions(spec.positions, spec.last_n)
     vector = lookup(vectors, spec.persona)
     check_vector(lm, vector)
-    layers = layer_strengths(spec.layers, 1.0, lm.info.n_layers, _best_layer(vector), 2)
+    layers = layer_strengths(spec.layers, 1.0, lm.info.n_layers, best_layer(vector), 2)
     unit = unit_vectors(lm, vector)
     levels: dict[int, float] = {}
     if spec.mode == "mean":
@@ -361,7 +361,7 @@ def build_cap(
     check_cap(spec)
     vector = lookup(vectors, spec.persona)
     check_vector(lm, vector)
-    layers = layer_strengths(spec.layers, 1.0, lm.info.n_layers, _best_layer(vector), 2)
+    layers = layer_strengths(spec.layers, 1.0, lm.info.n_layers, best_layer(vector), 2)
     unit = unit_vectors(lm, vector)
     return Cap(
         {layer: unit[layer].to(site_device(lm, "residual", layer)) for layer in layers},

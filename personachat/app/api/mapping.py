@@ -75,6 +75,7 @@ def prepare(backend: Any, request: ChatRequest) -> Call:
     try:
         call.prompt_tokens = _prompt_tokens(engine, messages, request.max_tokens)
         specs = engine_specs(engine, steering, request.side_by_side)
+        _check_push(engine, specs.get("steering"))
         updates = engine.stream(
             messages, settings, side_by_side=request.side_by_side, stop=call.stop, **specs
         )
@@ -98,6 +99,25 @@ def _with_axis(backend: Any, engine: Any, steering: Steering | None) -> Any:
         return engine
     axis = axis_vector(backend.catalog, backend.default_model)
     return engine if axis is None else with_axis(engine, axis)
+
+
+def _check_push(engine: Any, spec: Any) -> None:
+    """Refuse a steering that adds more than ``BOUNDS.push`` residual norms at a layer, as the
+    page does (``personachat.app.strength``)."""
+    from personachat.app import browse
+    from personachat.app.strength import CALIBRATED, RAW, push, too_far
+    from personachat.interventions.layers import layer_strengths
+    from personachat.interventions.plan import best_layer, lookup
+
+    if spec is None:
+        return
+    lead = lookup(engine.vectors, max(spec.blend, key=lambda p: abs(spec.blend[p])))
+    n_layers = engine.lm.info.n_layers
+    strengths = layer_strengths(spec.layers, spec.strength, n_layers, best_layer(lead), spec.band)
+    units = RAW if spec.units == "raw" else CALIBRATED
+    refused = too_far(push(strengths, dict(spec.blend), units, browse.norms(engine)))
+    if refused:
+        raise ApiError(refused, "steering.strength", "invalid_steering")
 
 
 def engine_specs(engine: Any, steering: Steering | None, side_by_side: bool) -> dict[str, Any]:
