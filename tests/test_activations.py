@@ -177,6 +177,7 @@ MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_samples() -> None:
     root = Path(__file__).resolve().parent.parent
     # glibc keeps freed batch buffers in its heaps, so the high-water mark drifted by 0-17 MB from

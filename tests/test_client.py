@@ -377,6 +377,7 @@ def test_other_endpoints_answer(served: tuple[Any, Backend]) -> None:
     assert {"/drift", "/register_axis"} <= endpoints
 
 
+@pytest.mark.slow
 def test_analysis_endpoint_answers_with_findings_and_figures(served: tuple[Any, Backend]) -> None:
     from personachat.analysis.inputs import analysis_inputs, default_dataset
 

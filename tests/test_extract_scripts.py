@@ -54,6 +54,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "model": root / "model", "data": root / "small.json"}
 
 
+@pytest.mark.slow
 def test_help_shows_the_exact_command() -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "extract_vectors.py"), "--help"],

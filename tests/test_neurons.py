@@ -237,6 +237,7 @@ def test_patching_equals_a_finite_difference_towards_the_low_persona() -> None:
     assert down_units and all(pirate.scores[position[(la, ix)]] == 0.0 for la, ix in down_units)
 
 
+@pytest.mark.slow
 def test_exact_effects_equal_patching_each_unit_by_hand() -> None:
     """Score = (drop of pirate's own-opener log-odds) - (drop of chef's), each unit set to the
     default's mean at the last prompt token; the first unit of the set is the greedy best."""

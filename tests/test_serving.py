@@ -155,6 +155,7 @@ def test_the_per_request_path_runs_and_streams_under_the_gpu_decorator(store_roo
     assert turns[-1].history[-1]["content"] == expected.text
 
 
+@pytest.mark.slow
 def test_the_gpu_check_fails_fast_without_a_gpu() -> None:
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
     started = time.perf_counter()

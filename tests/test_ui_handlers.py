@@ -946,6 +946,7 @@ ANALYSED = ["default", "pirate", "philosopher", "scientist"]  # only the pirate 
 
 
 @pytest.mark.skipif(not (ROOT / DEMO / "config.json").is_file(), reason="no bundled demo model")
+@pytest.mark.slow
 def test_analysis_tab_finds_the_planted_collapse_on_the_demo_model() -> None:
     from personachat.analysis.collapse import persona_collapse
     from personachat.analysis.findings import collapse_finding

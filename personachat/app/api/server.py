@@ -30,11 +30,23 @@ def build_app(demo: gr.Blocks, backend: Any, **page: Any) -> FastAPI:
     return gr.mount_gradio_app(app, demo, path="/", **page)
 
 
+GRACE_S = 2
+
+
 class Server:
     """A uvicorn server running in a thread of this process."""
 
     def __init__(self, app: FastAPI, host: str, port: int) -> None:
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+        # On close, open connections (a page's event stream, a client's keep-alive) get a few
+        # seconds, not uvicorn's unbounded wait
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=GRACE_S,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="personachat-server")
         self.url = f"http://{host}:{port}"
