@@ -179,6 +179,7 @@ def test_fitting_a_long_history_tokenizes_it_a_bounded_number_of_times(
     assert counting.chars < 3 * size  # linear: not once per dropped turn
 
 
+@pytest.mark.slow
 def test_the_server_keeps_the_state_of_a_bounded_number_of_sessions(
     served: tuple[str, Any, Backend], page: Any
 ) -> None:

@@ -312,6 +312,7 @@ def test_the_hold_settings_reach_a_cap_spec(h: Handlers, store_root: Path) -> No
     assert line.startswith("**Assistant axis**: registered (axis_means, read from prompt_last")
 
 
+@pytest.mark.slow
 def test_the_axis_registers_from_the_page(tmp_path: Path) -> None:
     build_store(tmp_path, tiny(), axis=False)
     h = Handlers(Backend(MODEL, tmp_path, models={MODEL: tiny()}))
@@ -331,6 +332,7 @@ def test_the_axis_registers_from_the_page(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not (ROOT / DEMO / "config.json").is_file(), reason="no bundled demo model")
+@pytest.mark.slow
 def test_holding_the_assistant_on_the_demo_model() -> None:
     """The hold panel's recipe (the model card's setting) under the pirate's own prompt takes
     the pirate out with the facts kept, and leaves the default's plain reply as it was."""

@@ -350,6 +350,7 @@ def test_holding_the_assistant_over_the_api(
         call_chat(client, cap="assistant_axis", cap_side="sideways")
 
 
+@pytest.mark.slow
 def test_the_axis_registers_over_the_api(served: tuple[Any, Backend]) -> None:
     client, backend = served
     dataset = "demo" if backend.is_demo(CONFIG.model) else "personas"

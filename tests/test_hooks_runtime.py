@@ -113,6 +113,7 @@ def test_cancelled_and_raising_generations_leave_nothing_behind() -> None:
     assert engine.reply(MESSAGES, SHORT).tokens == engine.reply(MESSAGES, SHORT).tokens
 
 
+@pytest.mark.slow
 def test_dropping_a_stream_unregisters_its_hooks() -> None:
     engine = engine_for("gpt2")
     before = hook_count(engine.lm.model)

@@ -984,6 +984,7 @@ def test_analysis_tab_finds_the_planted_collapse_on_the_demo_model() -> None:
 
 
 @pytest.mark.skipif(not (ROOT / DEMO / "config.json").is_file(), reason="no bundled demo model")
+@pytest.mark.slow
 def test_a_patching_set_picked_in_the_page_removes_the_pirate(tmp_path: Path) -> None:
     """The page's own extraction finds a patching set; picking it sets mean ablation at the
     prompt, which takes the pirate's style out of prompted replies and keeps their content."""
@@ -1189,6 +1190,7 @@ def test_the_conversation_view_lines_up_each_turns_replies() -> None:
     assert "Arr &lt;b&gt;" in view and view.index("pc-steered") < view.index("pc-unsteered")
 
 
+@pytest.mark.slow
 def test_hold_keeps_a_reply_writing_until_stop(h: Handlers) -> None:
     """The browser test's Stop: with a hold message set, the reply to it waits after its
     first tokens until Stop arrives, whatever the machine's speed."""
@@ -1227,6 +1229,7 @@ def test_layer_plot_shows_held_out_auc_with_its_spread_when_stored(tmp_path: Pat
 
 
 @pytest.mark.skipif(not (ROOT / DEMO / "config.json").is_file(), reason="no bundled demo model")
+@pytest.mark.slow
 def test_the_first_message_and_the_recipes_do_what_the_demo_model_card_says() -> None:
     """With the page's defaults on the demo model (the pirate picked, the band preset at
     strength 2, prompt tokens, side by side) the first message gets two different replies, the
