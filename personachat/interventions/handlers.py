@@ -159,7 +159,32 @@ class Ablate:
         return torch.addcmul(self.fill[layer], x, keep)
 
 
-class Readout:
+class Projections:
+    """Block outputs kept per layer by reference and projected ``flush_every`` at a time
+    (one concatenation along the tokens and one ``_project`` per layer); subclasses give
+    ``_project`` and fill ``_stash`` / ``_parts`` for their layers."""
+
+    flush_every: int
+    _stash: dict[int, list[torch.Tensor]]
+    _parts: dict[int, list[torch.Tensor]]
+
+    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> None:
+        stash = self._stash[layer]
+        stash.append(x)
+        if len(stash) >= self.flush_every:
+            self._flush(layer)
+
+    def _flush(self, layer: int) -> None:
+        stash = self._stash[layer]
+        if stash:
+            self._parts[layer].append(self._project(layer, torch.cat(stash, dim=1)))
+            stash.clear()
+
+    def _project(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Readout(Projections):
     """Projections of the residual stream onto unit persona vectors, per token and layer.
 
     A forward only keeps a reference to the block output (a fresh tensor, never changed in
@@ -186,17 +211,8 @@ class Readout:
     def wants(self) -> Iterable[tuple[Site, int]]:
         return [("residual", layer) for layer in self.layers]
 
-    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> None:
-        stash = self._stash[layer]
-        stash.append(x)
-        if len(stash) >= self.flush_every:
-            self._flush(layer)
-
-    def _flush(self, layer: int) -> None:
-        stash = self._stash[layer]
-        if stash:
-            self._parts[layer].append(torch.cat(stash, dim=1) @ self.units[layer].T)
-            stash.clear()
+    def _project(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.units[layer].T
 
     def result(self) -> torch.Tensor:
         """``[B, tokens, layers, vectors]``; tokens are those seen by the first layer."""

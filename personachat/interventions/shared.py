@@ -30,7 +30,13 @@ import torch
 
 from personachat.hooks import Handler, Site
 from personachat.interventions.capping import Cap
-from personachat.interventions.handlers import Ablate, DirectionalAblation, Readout, Steer
+from personachat.interventions.handlers import (
+    Ablate,
+    DirectionalAblation,
+    Projections,
+    Readout,
+    Steer,
+)
 from personachat.interventions.plan import Plan
 from personachat.interventions.specs import InterventionError
 
@@ -208,7 +214,7 @@ class SharedCap:
         return x - over * unit
 
 
-class SharedReadout:
+class SharedReadout(Projections):
     """Each row's projections onto its own unit vectors, for every step of the batch's rows.
 
     A forward keeps a reference to the block output; every ``flush_every`` steps the kept ones
@@ -235,17 +241,8 @@ class SharedReadout:
     def wants(self) -> Iterable[tuple[Site, int]]:
         return [("residual", k) for k in self.units]
 
-    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> None:
-        stash = self._stash[layer]
-        stash.append(x)
-        if len(stash) >= self.flush_every:
-            self._flush(layer)
-
-    def _flush(self, layer: int) -> None:
-        stash = self._stash[layer]
-        if stash:
-            self._parts[layer].append(torch.matmul(torch.cat(stash, dim=1), self.units[layer]))
-            stash.clear()
+    def _project(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, self.units[layer])
 
     def take(self) -> list[torch.Tensor | None]:
         """Per batch row: ``[steps, layers, vectors]`` since the last take, or None (no readout)."""
