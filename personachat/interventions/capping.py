@@ -21,8 +21,7 @@ from typing import Literal
 
 import torch
 
-from personachat.hooks import Site
-from personachat.interventions.positions import Window
+from personachat.interventions.handlers import Directions
 from personachat.interventions.specs import POSITION_MODES, InterventionError, PositionMode
 from personachat.records import QUANTILE_LEVELS, PersonaVector
 
@@ -50,7 +49,7 @@ class CapSpec:
     last_n: int | None = None
 
 
-class Cap:
+class Cap(Directions):
     """Clamp the component along unit directions to one side of a level, per layer."""
 
     def __init__(
@@ -64,22 +63,12 @@ class Cap:
         last_n: int | None = None,
         prompt_len: int | None = None,
     ) -> None:
-        self.units = dict(units)
-        self.levels = dict(levels)
+        super().__init__(
+            units, levels, rows, positions=positions, last_n=last_n, prompt_len=prompt_len
+        )
         self.side: Side = side
-        self.rows = rows  # 1 where a row is capped, 0 where it is left alone
-        self.positions: PositionMode = positions
-        self._window = None if positions == "all" else Window(positions, last_n, prompt_len)
 
-    def wants(self) -> Iterable[tuple[Site, int]]:
-        return [("residual", layer) for layer in sorted(self.units)]
-
-    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> torch.Tensor | None:
-        if self._window is None:
-            return self._cap(layer, x)
-        return self._window.apply(layer, x, lambda t: self._cap(layer, t))
-
-    def _cap(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def _apply(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         unit = self.units[layer]
         excess = x @ unit - self.levels[layer]  # [B, T]: how far past the level
         over = excess.clamp(max=0) if self.side == "above" else excess.clamp(min=0)

@@ -62,11 +62,9 @@ class Steer:
         return self._window.apply(layer, x, lambda t: t + delta)
 
 
-class DirectionalAblation:
-    """Set the component along unit directions to a level: ``x - (x . u - m) u`` per layer.
-
-    ``m`` is the baseline's mean level (mean ablation) or 0 (the direction projected out).
-    """
+class Directions:
+    """A handler that moves the component along one unit direction per layer, in the rows
+    ``rows`` marks (all when None) and at its position window; subclasses give ``_apply``."""
 
     def __init__(
         self,
@@ -80,7 +78,7 @@ class DirectionalAblation:
     ) -> None:
         self.units = dict(units)
         self.levels = dict(levels or {})
-        self.rows = rows  # 1 where a row is ablated, 0 where it is left alone
+        self.rows = rows  # 1 where a row is acted on, 0 where it is left alone
         self.positions: PositionMode = positions
         self._window = None if positions == "all" else Window(positions, last_n, prompt_len)
 
@@ -89,10 +87,20 @@ class DirectionalAblation:
 
     def __call__(self, site: Site, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         if self._window is None:
-            return self._ablate(layer, x)
-        return self._window.apply(layer, x, lambda t: self._ablate(layer, t))
+            return self._apply(layer, x)
+        return self._window.apply(layer, x, lambda t: self._apply(layer, t))
 
-    def _ablate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def _apply(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DirectionalAblation(Directions):
+    """Set the component along unit directions to a level: ``x - (x . u - m) u`` per layer.
+
+    ``m`` is the baseline's mean level (mean ablation) or 0 (the direction projected out).
+    """
+
+    def _apply(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         unit = self.units[layer]
         coef = x @ unit - self.levels.get(layer, 0.0)  # [B, T]
         if self.rows is not None:
