@@ -291,18 +291,33 @@ def test_public_mode_limits_models_store_writes_paths_and_uploads(
     status = client.predict(model_id=CONFIG.model, dataset="demo", api_name="/register_axis")[-1]
     assert status == (
         "⚠ Registering the assistant axis failed: Registering the assistant axis needs the admin "
-        "token on this public server: send it as an 'Authorization: Bearer TOKEN' header "
-        "(gradio_client: Client(url, headers=...)); none was given."
+        "token on this public server: type it in the page's Admin token box (Model and store), "
+        "or send it as an 'Authorization: Bearer TOKEN' header (gradio_client: Client(url, "
+        "headers=...)); none was given."
     )
     wrong = Client(url, verbose=False, headers={"Authorization": "Bearer guess"})
     out = wrong.predict(
         model_id=CONFIG.model, dataset="demo", personas=["pirate"], api_name="/extract"
     )
     assert out[-1].endswith("the token given is wrong.")
+    out = client.predict(
+        model_id=CONFIG.model,
+        dataset="demo",
+        personas=["pirate"],
+        admin_token="guess",
+        api_name="/extract",
+    )
+    assert out[-1].endswith("the token given is wrong.")
     assert vector_count(store_copy) == before
     admin = Client(url, verbose=False, headers={"Authorization": f"Bearer {TOKEN}"})
     status = admin.predict(model_id=CONFIG.model, dataset="demo", api_name="/register_axis")[-1]
     assert status.startswith("Registered the assistant axis of"), status
+    # the page's Admin token box does the same as the header
+    status = client.predict(
+        model_id=CONFIG.model, dataset="demo", admin_token=TOKEN, api_name="/register_axis"
+    )[-1]
+    assert status.startswith("Registered the assistant axis of"), status
+    assert admin_box_visible(url) is True
     # an upload over the cap is refused, naming the limit
     body = b"x" * 2000
     boundary = "pcboundary"
@@ -325,8 +340,18 @@ def test_public_mode_limits_models_store_writes_paths_and_uploads(
     assert "1000" in refused.value.read().decode()
 
 
+def admin_box_visible(url: str) -> bool:
+    """Whether the served page shows its Admin token box (read from the page's config)."""
+    with urllib.request.urlopen(url + "config", timeout=30) as reply:
+        config = json.loads(reply.read())
+    boxes = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "admin-token"]
+    assert len(boxes) == 1, boxes
+    return bool(boxes[0]["props"].get("visible", True))
+
+
 def test_local_mode_keeps_loading_any_folder_and_naming_paths(local: tuple[str, Backend]) -> None:
     url, _ = local
+    assert admin_box_visible(url) is False
     client = Client(url, verbose=False)
     folder = str((ROOT / CONFIG.model).resolve())
     assert "ready" in client.predict(model_id=folder, api_name="/load_model")[-1]

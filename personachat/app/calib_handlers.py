@@ -66,16 +66,20 @@ class CalibrationHandlers(HandlerBase):
         model_id: str | None,
         dataset: str | None = None,
         vectors_from: str | None = None,
+        admin_token: str = "",
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 - Gradio's idiom
         request: gr.Request | None = None,
     ) -> tuple[Any, Any, str]:
         """Read the model's assistant axis from a built-in dataset (the one the extraction box
         offers) and register it; a progress bar shows while it runs. Returns (the Store tab's
-        line on the axis, the hold panel's choices, status)."""
+        line on the axis, the hold panel's choices, status). On a public server it needs the admin
+        token (``admin_token`` or the request's bearer)."""
         model_id = self.model_id(model_id)
         name = dataset or ("demo" if self.backend.is_demo(model_id) else "personas")
         try:
-            self.backend.access.check_admin(bearer(request), "Registering the assistant axis")
+            self.backend.access.check_admin(
+                bearer(request) or admin_token, "Registering the assistant axis"
+            )
             summary = self.backend.register_axis(model_id, name)
         except Exception as err:
             log.exception("registering the assistant axis failed")

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 INFO = {
     "model": "A Hugging Face hub name or a local folder; loads once and is shared by all tabs.",
+    "admin_token": (
+        "This public server writes to the store (extraction, the assistant axis) only for its "
+        "owner: the token set in PERSONACHAT_ADMIN_TOKEN."
+    ),
     "vectors_from": (
         "Which stored persona vectors steer: read from the question span (the user turn and "
         "the assistant header), the last prompt token, or the reply's average."

@@ -75,13 +75,13 @@ class Page:
     drift: DriftPanel
 
 
-def layout(default_model: str, demo_model: bool) -> Page:
+def layout(default_model: str, demo_model: bool, public: bool = False) -> Page:
     """The panels, in place; ``demo_model`` shows the recipes and puts the plain reply beside
-    the steered one from the start."""
+    the steered one from the start; ``public`` shows the admin token's box."""
     readout = gr.State(Readout())
     with gr.Sidebar(open=True, width=SIDEBAR_WIDTH, elem_id="settings"):
         gr.Markdown("## Settings")
-        model = model_panel(default_model)
+        model = model_panel(default_model, public)
         persona = persona_panel()
         recipes = recipe_panel(demo_model)
         generation = generation_panel()

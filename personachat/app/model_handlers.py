@@ -133,14 +133,16 @@ class ModelHandlers(HandlerBase):
         positions: str = "question_span",
         personas: list[str] | None = None,
         neurons: bool = False,
+        admin_token: str = "",
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 - Gradio's idiom
         request: gr.Request | None = None,
     ) -> tuple[Any, ...]:
         """Extract persona vectors from a built-in dataset (all personas, or those picked) and
-        register them; a progress bar shows while it runs, then the page offers the personas."""
+        register them; a progress bar shows while it runs, then the page offers the personas.
+        On a public server it needs the admin token (``admin_token`` or the request's bearer)."""
         model_id = self.model_id(model_id)
         try:
-            self.backend.access.check_admin(bearer(request), "Extraction")
+            self.backend.access.check_admin(bearer(request) or admin_token, "Extraction")
             picked = tuple(personas or ())
             summary = self.backend.extract(model_id, dataset, positions, picked, bool(neurons))
         except Exception as err:

@@ -86,7 +86,8 @@ def build_ui(backend: Backend, *, concurrency: int = 2) -> gr.Blocks:
     # Gradio's copies of served files (the conversation downloads) older than an hour are
     # deleted every hour
     with gr.Blocks(title="PersonaChat", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
-        page = layout(backend.default_model, backend.is_demo(backend.default_model))
+        default, public = backend.default_model, backend.access.public
+        page = layout(default, backend.is_demo(default), public)
         wire(page, h, demo, concurrency)
         demo.load(None, None, None, js=PAGE_JS)
     # Gradio keeps each session's copy of the page's settings (10,000 sessions by default,

@@ -67,10 +67,12 @@ class ModelPanel:
     extract_neurons: gr.Checkbox
     extract_btn: gr.Button
     refresh_btn: gr.Button
+    admin_token: gr.Textbox
 
 
-def model_panel(default_model: str) -> ModelPanel:
-    """The model, the vectors it steers with, and extraction when the store has none."""
+def model_panel(default_model: str, public: bool = False) -> ModelPanel:
+    """The model, the vectors it steers with, and extraction when the store has none;
+    ``public``: the box for the admin token that store writes need on a public server."""
     with gr.Accordion("Model and store", open=False):
         model = gr.Dropdown(
             choices=[default_model],
@@ -116,6 +118,14 @@ def model_panel(default_model: str) -> ModelPanel:
             )
             extract_btn = gr.Button("Extract and register", elem_id="extract")
         refresh_btn = gr.Button("Refresh from the store", size="sm")
+        admin_token = gr.Textbox(
+            "",
+            type="password",
+            label="Admin token",
+            info=INFO["admin_token"],
+            visible=public,
+            elem_id="admin-token",
+        )
     return ModelPanel(
         model,
         model_info,
@@ -127,6 +137,7 @@ def model_panel(default_model: str) -> ModelPanel:
         extract_neurons,
         extract_btn,
         refresh_btn,
+        admin_token,
     )
 
 

@@ -5,8 +5,9 @@ errors name the server's paths. ``Access(public=True, models=..., admin_token=..
 
 - only the models of the allow-list load (the configured model, plus ``--allow-models``);
 - extraction and every other store write need the admin token (``PERSONACHAT_ADMIN_TOKEN``),
-  sent as an ``Authorization: Bearer`` header (the page has no box for it), compared in constant
-  time; without a token set on the server they are off;
+  typed in the page's "Admin token" box (shown in public mode only) or sent as an
+  ``Authorization: Bearer`` header, compared in constant time; without a token set on the
+  server they are off;
 - error texts show no server path (``scrub``: each absolute path becomes its last part);
 - uploads are capped at ``max_upload_bytes`` (Gradio refuses a larger file, naming the limit).
 """
@@ -57,8 +58,9 @@ class Access:
         given = (token or "").strip().encode()
         if not hmac.compare_digest(given, self.admin_token.encode()):
             raise AccessError(
-                f"{what} needs the admin token on this public server: send it as an "
-                "'Authorization: Bearer TOKEN' header (gradio_client: Client(url, headers=...)); "
+                f"{what} needs the admin token on this public server: type it in the page's "
+                "Admin token box (Model and store), or send it as an 'Authorization: Bearer "
+                "TOKEN' header (gradio_client: Client(url, headers=...)); "
                 + ("the token given is wrong." if given else "none was given.")
             )
 

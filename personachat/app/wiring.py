@@ -185,7 +185,14 @@ def wire_model(page: Page, h: Handlers, demo: gr.Blocks) -> None:
     )
     m.extract_btn.click(
         h.extract,
-        [m.model, m.dataset, m.extract_positions, m.extract_personas, m.extract_neurons],
+        [
+            m.model,
+            m.dataset,
+            m.extract_positions,
+            m.extract_personas,
+            m.extract_neurons,
+            m.admin_token,
+        ],
         loaded,
         api_name="extract",
         concurrency_limit=1,
@@ -375,7 +382,7 @@ def wire_calibration(page: Page, h: Handlers) -> None:
     )
     page.store.axis.button.click(
         h.register_axis,
-        [model, page.model.dataset, kind],
+        [model, page.model.dataset, kind, page.model.admin_token],
         [page.store.axis.info, k.cap, page.chat.status],
         api_name="register_axis",
         concurrency_limit=1,
