@@ -389,3 +389,54 @@ def test_public_mode_is_on_for_a_space_and_off_locally() -> None:
     assert config.allow_models == ("a/b", "c/d", "e")
     assert app.access(config, {}).models == (CONFIG.model, "a/b", "c/d", "e")
     assert app.access(config, {}).admin_token is None
+
+
+# Per named endpoint: the values of its parameters without a default, and a piece of its answer.
+FRESH_CALLS: dict[str, tuple[dict[str, Any], str]] = {
+    "/refresh": ({}, "Store re-read: 11 personas"),
+    "/extract": ({}, "31 personas with vectors"),
+    "/preset": ({}, "Preset 'band'"),
+    "/blend_info": ({"weights": "", "layer_spec": "1-2:4"}, "No persona picked"),
+    "/chat": ({"message": QUESTION}, "Done."),
+    "/retry": ({}, "Nothing to retry yet."),
+    "/stop": ({}, "Nothing is generating."),
+    "/undo": ({}, "Nothing to undo."),
+    "/clear": ({}, "Conversation cleared."),
+    "/tokens": ({}, "Send a message to see per-token projections."),
+    "/heatmap": ({}, "null"),
+    "/readout": ({}, "no reply yet"),
+    "/layer_plot": ({}, "AUC"),
+    "/persona_map": ({}, "PC1"),
+    "/store_tables": ({}, "system prompt"),
+    "/vector_file": ({"persona": "pirate", "kind": "question_span"}, "pirate.question_span"),
+    "/analysis": ({}, "Persona analysis of"),
+    "/drift": ({}, "no turn yet"),
+    "/register_axis": ({}, "Registered the assistant axis of"),
+    "/load_model": ({}, "ready: 31 personas"),  # last: nothing before needed it
+}
+
+
+def test_every_named_endpoint_answers_with_its_defaults_on_a_fresh_session(
+    tmp_path: Path,
+) -> None:
+    """A fresh server; each endpoint called once from a session of its own with only the
+    parameters that have no default, /load_model last: each gives its real answer."""
+    shutil.copytree(
+        CONFIG.store, tmp_path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("models")
+    )
+    backend = Backend(CONFIG.model, tmp_path)
+    server, url = start(backend)
+    try:
+        api = Client(url, verbose=False).view_api(print_info=False, return_format="dict")
+        assert set(api["named_endpoints"]) == set(FRESH_CALLS)
+        for name, (required, expected) in FRESH_CALLS.items():
+            params = api["named_endpoints"][name]["parameters"]
+            assert {p["parameter_name"] for p in params if not p["parameter_has_default"]} == set(
+                required
+            ), name
+            out = json.dumps(Client(url, verbose=False).predict(**required, api_name=name))
+            assert expected in out, (name, out[:500])
+            assert "⚠" not in out.replace("Nothing to retry", ""), (name, out[:500])
+    finally:
+        server.close()
+        backend.close()
