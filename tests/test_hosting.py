@@ -7,6 +7,7 @@ Each app here serves a copy of the app's store on a free localhost port, as ``ap
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from gradio_client import Client
 
 from personachat.app import main as app
@@ -222,7 +224,8 @@ def test_a_persona_removed_while_the_engine_reads_does_not_fail_a_chat(
     own_store: Path, served_on: tuple[str, Backend]
 ) -> None:
     """Another process removes a persona after the catalog listed it and before its vector is
-    read: the chat goes on without it."""
+    read: the engine reads again from the catalog as it is now (no persona reported missing),
+    and the chat goes on without it."""
     url, backend = served_on
     store = backend.store()
     read = store.load_vector
@@ -236,6 +239,8 @@ def test_a_persona_removed_while_the_engine_reads_does_not_fail_a_chat(
 
     store.load_vector = racing
     client = Client(url, verbose=False)
+    status = client.predict(model_id=CONFIG.model, api_name="/load_model")[-1]
+    assert status == f"Model `{CONFIG.model}` ready: 10 personas, 33 neuron sets."
     out = client.predict(
         message=QUESTION,
         history=[],
@@ -248,6 +253,48 @@ def test_a_persona_removed_while_the_engine_reads_does_not_fail_a_chat(
     assert out[3].startswith("Done. Blend 1·pirate at 1-2:4"), out[3]
     assert removed[0] > 0
     assert "surfer" not in backend.persona_names(CONFIG.model)
+
+
+def test_the_engine_holds_one_version_of_the_catalog_when_a_batch_lands_while_it_reads(
+    own_store: Path,
+) -> None:
+    """A script replaces two vectors in one batch after the engine read the first and before it
+    reads the second: the engine holds both new ones (never the old one beside the new one)."""
+    backend = Backend(CONFIG.model, own_store)
+    try:
+        store = backend.store()
+        read = store.load_vector
+        kind = "question_span"
+        with Store(own_store, read_only=True) as opened:
+            old = {
+                p: opened.load_vector(CONFIG.model, p, positions=kind) for p in ("chef", "surfer")
+            }
+        new = {p: dataclasses.replace(v, vector=v.vector * 2) for p, v in old.items()}
+        landed: list[bool] = []
+
+        def racing(model_id: str, persona: str, **filters: Any) -> Any:
+            if persona == "cowboy" and not landed:  # chef read, surfer not yet: a batch lands
+                with Store(own_store) as writer:
+                    writer.register_vectors(new.values())
+                landed.append(True)
+            return read(model_id, persona, **filters)
+
+        store.load_vector = racing
+        builds: list[int] = []
+        build = backend.catalog.serving.engine
+
+        def counted(*args: Any) -> Any:
+            builds.append(1)
+            return build(*args)
+
+        backend.catalog.serving.engine = counted  # type: ignore[method-assign]
+        engine = backend.catalog.engine(CONFIG.model, kind)
+        assert landed and len(builds) == 1
+        for persona in ("chef", "surfer"):
+            assert torch.equal(engine.vectors[persona].vector, new[persona].vector), persona
+        assert backend.catalog.problems(CONFIG.model, kind) == [] and len(builds) == 1
+    finally:
+        backend.close()
 
 
 TOKEN = "s3cret-admin"

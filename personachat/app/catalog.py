@@ -8,9 +8,10 @@ registered (or removed) by a script show up without a restart. The engines come 
 ``Serving`` (``personachat.app.serving``): by default every engine over one model shares its
 scheduler.
 
-A vector or neuron set whose file is missing or damaged, or that another process removed between
-the listing and the load, is left out of the engine alone: ``problems`` names each one and how
-to repair it, and everything else keeps working.
+An engine holds one version of the catalog: when another process writes while the vectors are
+read, they are read again. A vector or neuron set whose file is missing or damaged is left out
+of the engine alone: ``problems`` names each one and how to repair it, and everything else keeps
+working.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from personachat.app.serving import Serving
 
 log = logging.getLogger(__name__)
 
+READS = 3  # reads of a model's vectors while other processes keep writing, before giving up
 REPAIR = "repair the store with `python scripts/store.py verify --repair`, or register it again"
 
 # Which vectors steer by default: on the demo model, vectors read from the question span steered
@@ -73,13 +75,29 @@ class Catalog:
             signature = self.signature(store_id, kind)
             cached = self._engines.get(key)
             if cached is None or cached[0] != signature:
-                problems: list[str] = []
-                vectors = self._vectors(store_id, kind, lm.info.hidden_size, problems)
-                sets = self._neuron_sets(store_id, problems)
+                signature, vectors, sets, problems = self._read(store_id, kind, lm, signature)
                 engine = self.serving.engine(model_id, lm, vectors, sets)
                 self._engines[key] = (signature, engine)
                 self._problems[key] = problems
             return self._engines[key][1]
+
+    def _read(
+        self, store_id: str, kind: str, lm: Any, signature: tuple[Any, ...]
+    ) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, Any], list[str]]:
+        """The model's vectors of ``kind`` and neuron sets, all from one version of the
+        catalog: read again (up to ``READS`` times) while another process writes under the
+        reading. Returns (the signature read under, vectors, neuron sets, problems); a
+        signature the catalog already left makes the next ``engine`` call read again."""
+        for attempt in range(READS):
+            problems: list[str] = []
+            vectors = self._vectors(store_id, kind, lm.info.hidden_size, problems)
+            sets = self._neuron_sets(store_id, problems)
+            now = self.signature(store_id, kind)
+            if now == signature or attempt == READS - 1:
+                break
+            log.info("the store changed while %s was read; reading it again", store_id)
+            signature = now
+        return signature, vectors, sets, problems
 
     def problems(self, model_id: str, positions: str = "") -> list[str]:
         """What the engine of ``model_id`` (vectors read from ``positions``) left out: each
