@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +20,8 @@ import pytest
 import torch
 
 from personachat.chat import ChatEngine, ChatUpdate, GenerationSettings, Scheduler
-from personachat.hooks import Site, hook_count, intervene
+from personachat.chat.job import END, Failed, Request, prepare, run_generate
+from personachat.hooks import Site, StopForward, hook_count, intervene
 from personachat.interventions import AblationSpec, CapSpec, DirectionSpec, SteeringSpec, build_plan
 from personachat.model import LoadedModel, load_model
 from personachat.model.tiny import tiny_model
@@ -438,3 +440,52 @@ def test_a_stop_while_the_prompt_runs_ends_it_before_its_last_layer() -> None:
     stop.set()  # a request stopped before its prompt runs runs nothing
     again = shared.reply(long, GenerationSettings(max_new_tokens=50), stop=stop, handlers=[last])
     assert again.stopped and again.tokens == () and last.calls == 0
+
+
+@pytest.mark.parametrize("path", ["scheduler one at a time", "engine alone"])
+def test_a_stop_while_a_lone_generate_runs_the_prompt_ends_it_before_its_last_layer(
+    path: str,
+) -> None:
+    """The path through transformers' ``generate`` (a model whose cache cannot merge, or an
+    engine without a scheduler) stops inside the prompt's forward too: no token, no failure."""
+    plain, shared = tiny_engines("mistral")
+    engine = shared if path == "scheduler one at a time" else plain
+    assert shared.scheduler is not None and shared.scheduler.one_at_a_time
+    lm = engine.lm
+    before = hook_count(lm.model)
+    stop = threading.Event()
+    last = Calls(lm.info.n_layers - 1)
+    long = [{"role": "user", "content": " ".join(PROMPTS * 8)}]
+    handlers = [StopAt(stop, 1), last]  # Stop pressed while layer 1 of the prompt runs
+    settings = GenerationSettings(max_new_tokens=50)
+    updates = list(engine.stream(long, settings, stop=stop, handlers=handlers))
+    assert lm.info.n_layers > 2
+    assert [u.done for u in updates] == [True]  # no partial update: no token came
+    assert updates[-1].stopped and updates[-1].tokens == () and updates[-1].text == ""
+    assert last.calls == 0  # the layers after the stop never ran
+    assert hook_count(lm.model) == before
+
+
+class Raises(Calls):
+    """An extra handler that ends the forward on its own (``StopForward``) at layer 0."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+
+    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> None:
+        raise StopForward
+
+
+def test_a_lone_generate_ends_with_no_token_and_no_failure_when_stopped_in_the_prompt() -> None:
+    lm = cached_tiny("mistral")
+    request = Request([{"role": "user", "content": "Hi"}], GenerationSettings())
+    job = prepare(lm, {}, {}, request, None)
+    stop = threading.Event()
+    job.extras = (StopAt(stop, 1),)
+    sink: queue.Queue[Any] = queue.Queue()
+    run_generate(lm, job, sink, [stop])
+    assert [sink.get_nowait() for _ in range(sink.qsize())] == [END]
+    job.extras = (Raises(),)  # a handler's own StopForward, with no stop asked: a failure
+    run_generate(lm, job, sink, [threading.Event()])
+    failed, end = (sink.get_nowait() for _ in range(2))
+    assert isinstance(failed, Failed) and isinstance(failed.error, StopForward) and end is END

@@ -3,6 +3,7 @@ the per-request path a ZeroGPU Space takes (under ``spaces.GPU``, the identity o
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -12,12 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import gradio as gr
 import pytest
 
 from personachat.app.backend import Backend
 from personachat.app.chat_handlers import ChatHandlers
+from personachat.app.generation import Step
 from personachat.app.handler_base import gpu
 from personachat.app.handlers import Handlers
+from personachat.app.prompted import NO_PROMPT
 from personachat.app.serving import Gate, Serving
 from personachat.app.settings import ChatInputs
 from personachat.chat import ChatEngine, GenerationSettings, Scheduler
@@ -128,6 +132,116 @@ def test_the_gate_bounds_requests_at_once() -> None:
     assert all(gate._slots.acquire(blocking=False) for _ in range(2))
     with pytest.raises(ValueError, match="at least 1"):
         Gate(0)
+
+
+class Slots(threading.BoundedSemaphore):
+    """The gate's semaphore, counting the slots taken."""
+
+    taken = 0
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        got = super().acquire(blocking, timeout)
+        self.taken += got
+        return got
+
+
+def test_a_stop_reaches_a_request_waiting_for_a_slot() -> None:
+    gate = Gate(1)
+    gate._slots = slots = Slots(1)
+    closed: list[str] = []
+
+    def reply(name: str) -> Iterator[str]:
+        try:
+            yield name
+        finally:
+            closed.append(name)
+
+    first = gate.through(reply("first"))
+    assert next(first) == "first" and slots.taken == 1  # the only slot is held
+    waiting = reply("waiting")
+    stop, got = threading.Event(), []
+
+    def wait() -> None:
+        got.extend(gate.through(waiting, stop))
+        got.append("ended")
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive()  # waits for the slot
+    asked = time.monotonic()
+    stop.set()
+    waiter.join(5)
+    assert not waiter.is_alive() and time.monotonic() - asked < 1.0
+    assert got == ["ended"] and slots.taken == 1  # nothing came, and the slot was never taken
+    assert inspect.getgeneratorstate(waiting) == inspect.GEN_CLOSED and closed == []  # unrun
+    assert list(gate.through(reply("late"), stop)) == [] and slots.taken == 1  # stopped before
+    first.close()  # the holder leaves: its items end and its slot is given back, once
+    assert closed == ["first"]
+    assert slots.acquire(blocking=False) and not slots.acquire(blocking=False)
+    slots.release()
+    left = gate.through(reply("left"), threading.Event())
+    left.close()  # a reader that leaves before its first item takes and gives back nothing
+    assert slots.acquire(blocking=False) and slots.taken == 3
+    slots.release()
+    again = gate.through(reply("again"), threading.Event())
+    assert next(again) == "again" and slots.taken == 4  # with the slot free, no stop: it runs
+    again.close()
+    assert closed == ["first", "again"]
+    with pytest.raises(ValueError):
+        slots.release()  # every slot is back, none twice
+
+
+def test_stop_on_the_page_reaches_a_reply_waiting_for_a_slot(store_root: Path) -> None:
+    """One request at a time: a reply held after its first tokens keeps the only slot; another
+    session's Stop ends its reply while it waits, and the page says it never began."""
+    backend = Backend(MODEL, store_root, models={MODEL: tiny()}, serving=Serving(max_requests=1))
+    backend.hold_message = "Hold on."
+    h = Handlers(backend)
+    holder, waiter = gr.Request(session_hash="holder"), gr.Request(session_hash="waiter")
+    held = h.turns("Hold on.", [], [], [], inputs(max_new_tokens=50), request=holder)
+    next(held)  # the user turn
+    assert next(held).history[-1]["content"]  # its first tokens: it holds the slot
+    turns: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: turns.extend(h.turns("Hi", [], [], [], inputs(), request=waiter))
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not turns and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # the waiter's reply is past its first turn, waiting for the slot
+        assert h.stop(waiter) == "Stopping…"
+        thread.join(3)
+        assert not thread.is_alive()  # it did not wait for the held reply
+    finally:
+        h.stop(holder)
+        rest = list(held)  # the held reply ends and gives its slot back
+        thread.join(30)
+    assert turns[-1].status.startswith("Stopped before the reply began: nothing was generated.")
+    assert turns[-1].history[-1] == {"role": "assistant", "content": ""} and not turns[-1].running
+    assert rest[-1].status.startswith("Stopped: partial reply kept.")
+    assert backend.serving.gate._slots.acquire(blocking=False)  # the slot is free again
+
+
+def test_the_status_of_a_stopped_reply_says_whether_it_had_begun() -> None:
+    stop = threading.Event()
+    stop.set()
+    chats = ([*USER, {"role": "assistant", "content": ""}], [], [])
+
+    def status(step: Step | None) -> str:
+        return str(ChatHandlers._done(MODEL, step, stop, "", 0, chats, {}).status)
+
+    before = "Stopped before the reply began: nothing was generated."
+    assert status(None) == before  # stopped while waiting for a slot
+    assert status(Step("", done=True, stopped=True)) == before  # stopped in the prompt
+    assert status(Step("", prompted_text=NO_PROMPT, done=True, stopped=True)) == before
+    assert status(Step("Arr", done=True, stopped=True)) == "Stopped: partial reply kept."
+    assert status(Step("", side_text="Plain", done=True)) == "Stopped: partial reply kept."
 
 
 def test_spaces_gpu_is_the_identity_off_a_space() -> None:

@@ -251,6 +251,7 @@ class Backend:
     ) -> Iterator[Step]:
         """Check the request now (raising before anything runs), then return an iterator that
         streams the reply to ``messages`` under ``settings`` (``hold``: see ``app.hold``); it
-        waits for a slot among ``Serving.max_requests`` when it starts."""
+        waits for a slot among ``Serving.max_requests`` when it starts (a ``stop`` set while it
+        waits ends it with no step)."""
         steps = generate(self.catalog, model_id, settings, messages, stop, hold)
-        return self.serving.gate.through(steps)
+        return self.serving.gate.through(steps, stop)

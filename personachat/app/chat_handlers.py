@@ -28,6 +28,7 @@ from personachat.app.export import conversation_file
 from personachat.app.generation import Step
 from personachat.app.handler_base import HandlerBase, Messages, gpu
 from personachat.app.limits import check_history, message_text
+from personachat.app.prompted import NO_PROMPT
 from personachat.app.readout import Readout, readout_html
 from personachat.app.settings import (
     ChatInputs,
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 STREAM_INTERVAL_S = 0.05  # at most 20 page updates a second while a reply streams
 OFF = "—"  # the reply of a column that was not asked for in a turn
 NO_REPLY = "No reply yet."
+BEFORE_REPLY = "Stopped before the reply began: nothing was generated."
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,14 @@ def _lists(*values: Any) -> tuple[Messages, ...]:
             return False
 
     return tuple(list(v) if shaped(v) else [] for v in values)
+
+
+def _begun(step: Step | None) -> bool:
+    """Whether any column of the reply has text (none when it was stopped before a token)."""
+    if step is None:
+        return False
+    prompted = step.prompted_text if step.prompted_text != NO_PROMPT else None
+    return any((step.text, step.side_text, prompted))
 
 
 def _drift_only(readout: Readout | None) -> Readout | None:
@@ -324,7 +334,9 @@ class ChatHandlers(HandlerBase):
         readout = dataclasses.replace(readout or Readout(model_id=model_id), settings=record)
         turn = sum(1 for m in chats[0] if m.get("role") == "user")
         readout = readout.after(previous, turn)
-        done = "Stopped: partial reply kept." if stop.is_set() else "Done."
+        done = "Done."
+        if stop.is_set():
+            done = "Stopped: partial reply kept." if _begun(step) else BEFORE_REPLY
         if step is not None and step.dropped:
             done += f" ({step.dropped} oldest turns left out to fit the model's context.)"
         if step is not None and step.render_warnings:

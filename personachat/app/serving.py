@@ -13,7 +13,8 @@
   (``personachat.chat.interp``), with ``num_gpus`` for tensor parallelism.
 
 ``Gate`` bounds how many chat requests generate at once across the page and the API; later ones
-wait for a slot. ``on_zero_gpu`` tells whether this process runs on a ZeroGPU Space.
+wait for a slot, and a Stop reaches them while they wait. ``on_zero_gpu`` tells whether this
+process runs on a ZeroGPU Space.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ def on_zero_gpu(env: Mapping[str, str] | None = None) -> bool:
 
 
 class Gate:
-    """At most ``limit`` chat requests generate at once; the others wait for a slot."""
+    """At most ``limit`` chat requests generate at once; the others wait for a slot, each until
+    its stop event is set."""
+
+    poll_s = 0.05  # how often a waiting request looks at its stop event
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
@@ -47,16 +51,32 @@ class Gate:
         self.limit = limit
         self._slots = threading.BoundedSemaphore(limit)
 
-    def through(self, items: Iterator[T]) -> Iterator[T]:
+    def through(self, items: Iterator[T], stop: threading.Event | None = None) -> Iterator[T]:
         """``items``, taking a slot at the first item and giving it back when they end (or the
-        reader leaves)."""
-        with self._slots:
-            try:
+        reader leaves). A ``stop`` set while waiting for the slot ends the wait: ``items`` are
+        closed unrun, nothing comes, and the slot is never taken."""
+        taken = False
+        try:
+            taken = self._take(stop)
+            if taken:
                 yield from items
-            finally:
+        finally:
+            try:
                 close = getattr(items, "close", None)
                 if close is not None:
                     close()
+            finally:
+                if taken:
+                    self._slots.release()
+
+    def _take(self, stop: threading.Event | None) -> bool:
+        """Wait for a slot; False (no slot taken) once ``stop`` is set first."""
+        if stop is None:
+            return self._slots.acquire()
+        while not stop.is_set():
+            if self._slots.acquire(timeout=self.poll_s):
+                return True
+        return False
 
 
 @dataclass

@@ -13,8 +13,9 @@ outputs equal those of two separate runs. Sampling uses a private generator per 
 with ``settings.seed``, so replies are reproducible and independent of other threads.
 
 Stopping: set the ``stop`` event, or stop iterating (close the iterator); either ends the
-generation after the current token. Every hook is removed before the iterator finishes, also
-when a hook raises (the error is re-raised to the consumer).
+generation after the current token (a prompt still running ends at its next layer). Every hook
+is removed before the iterator finishes, also when a hook raises (the error is re-raised to the
+consumer).
 
 Many sessions: by default each request runs its own ``generate`` in its own thread. Given a
 ``Scheduler`` (``ChatEngine(lm, vectors, scheduler=Scheduler(lm))``; engines over one model may

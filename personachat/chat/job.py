@@ -5,7 +5,8 @@
 raises ``InterventionError`` before the model is touched), the ``GenerationConfig`` and the
 seeded sampler. ``run_generate`` is the worker body of a request run alone: ``generate`` under
 ``intervene``, each step's tokens pushed to a queue; the scheduler runs the same ``Job`` as rows
-of a shared batch instead.
+of a shared batch instead. ``StopCheck`` ends a forward between layers once a stop is asked for,
+so a long prompt stops without running to its last layer (in both).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
 from personachat.chat.generation import EventStop, GenerationSettings, QueueStreamer, SeededSampler
-from personachat.hooks import Handler, intervene
+from personachat.hooks import Handler, Site, StopForward, intervene
 from personachat.interventions import (
     AblationSpec,
     CapSpec,
@@ -162,13 +163,44 @@ def prepare(
     )
 
 
+class StopCheck:
+    """A handler at every layer's residual output that ends the first forward it sees (the
+    prompt's) with ``StopForward`` once any of ``events`` is set: a long prompt stops between
+    layers, not after its last one. Past that forward's last layer it stands aside: a decode
+    step is one token, and stops are seen between tokens (``EventStop``, the shared batch's
+    steps), so every path ends a reply at the same token."""
+
+    def __init__(self, n_layers: int, events: Sequence[threading.Event]) -> None:
+        self.n_layers = n_layers
+        self.events = list(events)
+        self.prompt_ran = False
+
+    def wants(self) -> list[tuple[Site, int]]:
+        return [("residual", layer) for layer in range(self.n_layers)]
+
+    def asked(self) -> bool:
+        return any(event.is_set() for event in self.events)
+
+    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> None:
+        if self.prompt_ran:
+            return
+        if self.asked():
+            raise StopForward
+        self.prompt_ran = layer == self.n_layers - 1
+
+
 def run_generate(
     lm: LoadedModel, job: Job, sink: queue.Queue[Any], events: Sequence[threading.Event]
 ) -> None:
     """Worker body of a request run alone: hooks live exactly as long as ``generate``; each
-    step's tokens go to ``sink``, then ``Failed`` on an error, then ``END``."""
+    step's tokens go to ``sink``, then ``Failed`` on an error, then ``END``. A stop (any of
+    ``events``) is seen between tokens (``EventStop``) and, while the prompt runs, at the next
+    layer (``StopCheck``): the prompt's forward then ends there and no token comes of it. The
+    check stays attached through the decode steps, standing aside: a call per layer and step
+    (about a microsecond each on a CPU), too little to be worth detaching it for."""
+    check = StopCheck(lm.info.n_layers, events)
     try:
-        with intervene(lm.sites, job.handlers):
+        with intervene(lm.sites, [*job.handlers, check]):
             lm.model.generate(
                 input_ids=job.input_ids,
                 attention_mask=torch.ones_like(job.input_ids),
@@ -177,6 +209,9 @@ def run_generate(
                 stopping_criteria=StoppingCriteriaList([EventStop(events)]),
                 streamer=QueueStreamer(sink),
             )
+    except StopForward as err:  # a stop inside a forward ends it cleanly; else it failed
+        if not check.asked():
+            sink.put(Failed(err))
     except BaseException as err:  # re-raised in the consumer
         sink.put(Failed(err))
     finally:

@@ -26,8 +26,8 @@ from transformers import (
     MinNewTokensLengthLogitsProcessor,
 )
 
-from personachat.chat.job import END, Failed, Job
-from personachat.hooks import Site, StopForward, attached, intervene
+from personachat.chat.job import END, Failed, Job, StopCheck
+from personachat.hooks import StopForward, attached, intervene
 from personachat.interventions.shared import RowEffects, row_effects
 from personachat.model import LoadedModel
 
@@ -74,22 +74,6 @@ def eos_floor(processors: LogitsProcessorList, prompt_len: int) -> tuple[int, li
             floor = max(floor, p.min_length - prompt_len)
         ids.update(int(i) for i in torch.as_tensor(p.eos_token_id).flatten().tolist())
     return floor, sorted(ids)
-
-
-class StopCheck:
-    """A handler at every layer's residual output that ends the forward (``StopForward``) once
-    any of ``events`` is set: a long prompt stops between layers, not after its last one."""
-
-    def __init__(self, n_layers: int, events: list[threading.Event]) -> None:
-        self.n_layers = n_layers
-        self.events = events
-
-    def wants(self) -> list[tuple[Site, int]]:
-        return [("residual", layer) for layer in range(self.n_layers)]
-
-    def __call__(self, site: Site, layer: int, x: torch.Tensor) -> None:
-        if any(event.is_set() for event in self.events):
-            raise StopForward
 
 
 @dataclass(eq=False)

@@ -81,7 +81,7 @@ def prepare(backend: Any, request: ChatRequest) -> Call:
         )
     except ValueError as err:  # InterventionError: a name, layer or number the model refuses
         raise ApiError(str(err), "steering", "invalid_steering") from None
-    call.updates = backend.serving.gate.through(updates)
+    call.updates = backend.serving.gate.through(updates, call.stop)
     return call
 
 
