@@ -318,3 +318,49 @@ def test_a_vector_read_under_other_render_conditions_warns_in_the_reply(
             frozenset(),
         ),
     )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_gone_while_its_request_waits_for_a_slot_ends_the_wait(
+    served: tuple[str, Backend], stream: bool
+) -> None:
+    """Every generation slot is held; a client sends a request and goes away while it waits:
+    the request stops waiting at once, and nothing of it is generated."""
+    url, backend = served
+    gate = backend.serving.gate
+    held = [gate.through(iter([0])) for _ in range(gate.limit)]
+    for slot in held:
+        next(slot)  # each holds a slot until closed
+    through = gate.through
+    ended = threading.Event()
+    came: list[Any] = []
+
+    def watched(items: Iterator[Any], stop: threading.Event | None = None) -> Iterator[Any]:
+        try:
+            for item in through(items, stop):
+                came.append(item)
+                yield item
+        finally:
+            ended.set()
+
+    gate.through = watched  # type: ignore[method-assign]
+    body = {
+        "model": CONFIG.model,
+        "max_tokens": 8,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "stream": stream,
+    }
+    try:
+        with httpx.Client(timeout=httpx.Timeout(1.0)) as web:
+            if stream:
+                with web.stream("POST", url + "/v1/chat/completions", json=body) as reply:
+                    assert next(reply.iter_lines()).startswith("data: ")  # the role's chunk
+            else:
+                with pytest.raises(httpx.ReadTimeout):
+                    web.post(url + "/v1/chat/completions", json=body)
+        assert ended.wait(5), "the request still waits for a slot after its client left"
+        assert came == []
+    finally:
+        gate.through = through  # type: ignore[method-assign]
+        for slot in held:
+            slot.close()
