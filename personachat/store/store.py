@@ -76,8 +76,9 @@ class Store:
         self._neurons = NeuronRegistry(self._catalog)
         if not read_only:
             self.root.mkdir(parents=True, exist_ok=True)
-            with self._catalog.writing() as conn:
-                migrate(conn, self.catalog, self.root)
+            with self._catalog.writing(mark=False) as conn:  # a current store stays as it is
+                if migrate(conn, self.catalog, self.root):
+                    self._catalog.mark_changed()
                 self._files.recover(tensor_files(conn))
 
     # context manager / lifecycle
