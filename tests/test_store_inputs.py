@@ -175,6 +175,37 @@ def truncated_pt(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-50])
 
 
+def multi_disk_pt(path: Path) -> None:
+    """A torch file whose zip64 end locator says the archive spans two disks."""
+    torch.save(torch.zeros(3, 8), path)
+    data = bytearray(path.read_bytes())
+    at = data.rfind(b"PK\x06\x07") + 4
+    data[at : at + 4] = (1).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+def pickle_bytes(data: bytes) -> Callable[[Path], None]:
+    """A .pt file of a few pickle opcodes that stop torch's weights-only unpickler half way
+    (an unknown memo key, an empty stack, a short integer)."""
+    return lambda path: path.write_bytes(data)
+
+
+def npz_header(value: int, *fields: tuple[bytes, int]) -> Callable[[Path], None]:
+    """An .npz with ``value`` in the given two-byte fields (zip header signature, offset): a
+    compression method or a zip version this Python cannot read."""
+
+    def make(path: Path) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, layer_1=np.zeros(8, np.float32))
+        data = bytearray(buffer.getvalue())
+        for signature, offset in fields:
+            at = data.find(signature) + offset
+            data[at : at + 2] = value.to_bytes(2, "little")
+        path.write_bytes(bytes(data))
+
+    return make
+
+
 @pytest.mark.parametrize(
     ("name", "make"),
     [
@@ -182,14 +213,31 @@ def truncated_pt(path: Path) -> None:
         ("cut.npz", truncated_npz),
         ("bad.gguf", garbage_gguf),
         ("cut.pt", truncated_pt),
+        ("disks.pt", multi_disk_pt),
+        ("text.pt", pickle_bytes(b"junk\n")),
+        ("memo.pt", pickle_bytes(b"\x80\x02]q\x00h\x01.")),
+        ("empty_stack.pt", pickle_bytes(b"a")),
+        ("short_int.pt", pickle_bytes(b"\x80\x02J\x01")),
+        ("method.npz", npz_header(99, (b"PK\x03\x04", 8), (b"PK\x01\x02", 10))),
+        ("version.npz", npz_header(149, (b"PK\x01\x02", 6))),
     ],
 )
 def test_other_damaged_imports_are_format_errors(
-    name: str, make: Callable[[Path], None], tmp_path: Path
+    name: str,
+    make: Callable[[Path], None],
+    root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    make(tmp_path / name)
-    with pytest.raises(FormatError, match=str(tmp_path / name)):
-        read_vector(tmp_path / name, INFO)
+    path = tmp_path / name
+    make(path)
+    with pytest.raises(FormatError, match=re.escape(str(path))):
+        read_vector(path, INFO, layer=1)
+    before = Store(root, read_only=True).vectors()
+    args = ["import", str(path), "--layer", "1", "--model", INFO.model_id, "--store", str(root)]
+    assert cli().main(args) == 2
+    one_line_error(capsys, str(path))
+    assert Store(root, read_only=True).vectors() == before
 
 
 @pytest.mark.parametrize(
