@@ -28,7 +28,7 @@ from personachat.prompts.datasets import DatasetError, load_dataset_file
 from personachat.records import ModelInfo, Persona, PersonaMeans, PersonaVector
 from personachat.store import IntegrityError, Store
 from personachat.store.formats import FormatError, read_vector, write_vector
-from personachat.store.index_lists import parse_index_lists
+from personachat.store.index_lists import LLAMA2_7B, parse_index_lists
 
 REPO = Path(__file__).resolve().parent.parent
 INFO = ModelInfo("org/inputs", None, "llama", 3, 8, 16)
@@ -376,6 +376,50 @@ def test_writes_may_create_a_store(tmp_path: Path, capsys: pytest.CaptureFixture
         cli().main(["import", str(vector), "--model", "org/new", *sizes, "--store", str(new)]) == 0
     )
     assert [e.persona for e in Store(new, read_only=True).vectors()] == ["pirate"]
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+NEW_MODEL = ["--model", "org/new", "--n-layers", "3", "--hidden-size", "8", "--mlp-width", "16"]
+REFUSED_IMPORTS = {
+    "damaged file": (["junk.pt", *NEW_MODEL], "junk.pt"),
+    "NaN values": (["nan.pt", *NEW_MODEL], "NaN"),
+    "bad baseline": (["zero.pt", "--baseline", "no good", *NEW_MODEL], "'no good'"),
+    "two files, one persona": (["zero.pt", "zero.pt", *NEW_MODEL], "same key"),
+    "neurons, bad label": (
+        ["lists.txt", "--neurons", "--label", "no good", "--layer", "1", *NEW_MODEL],
+        "'no good'",
+    ),
+    "neurons, layer out of range": (
+        ["lists.txt", "--neurons", "--label", "fine", "--layer", "3", *NEW_MODEL],
+        "layer 3",
+    ),
+    "neurons, built-in model": (
+        ["lists.txt", "--neurons", "--label", "x", "--layer", "99", "--model", LLAMA2_7B.model_id],
+        "layer 99",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_IMPORTS)
+def test_a_refused_import_for_a_new_model_registers_nothing(
+    case: str, root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model the store does not know yet is registered in the transaction of what is imported
+    for it, so a refused import leaves every file of the store as it was."""
+    torch.save(torch.zeros(3, 8), tmp_path / "zero.pt")
+    torch.save(torch.full((3, 8), float("nan")), tmp_path / "nan.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk\n")
+    (tmp_path / "lists.txt").write_text("a: [1, 2]")
+    args, needle = REFUSED_IMPORTS[case]
+    argv = ["import", *(str(tmp_path / a) if a.endswith((".pt", ".txt")) else a for a in args)]
+    before = files_of(root)
+    assert cli().main([*argv, "--store", str(root)]) == 2
+    one_line_error(capsys, needle)
+    assert files_of(root) == before
+    assert [m.model_id for m in Store(root, read_only=True).models()] == [INFO.model_id]
 
 
 def gguf_with(path: Path, layers: list[int]) -> None:

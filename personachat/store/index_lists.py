@@ -172,11 +172,11 @@ def register_index_lists(
     site: str = "gate",
     source: str = "",
 ) -> NeuronSet:
-    """Register ``info`` (if new) and a neuron set built from index lists; returns the set."""
-    if info.model_id not in {m.model_id for m in store.models()}:
-        store.register_model(info)
+    """Register a neuron set built from index lists, with ``info`` if the store does not know
+    it yet (in one transaction: a refused set leaves no model row); returns the set."""
+    new = info.model_id not in {m.model_id for m in store.models()}
     neurons = neuron_set_from_index_lists(info, label, layer, lists, site=site, source=source)
-    store.register_neurons([neurons])
+    store.register_neurons([neurons], model=info if new else None)
     return neurons
 
 
