@@ -422,6 +422,25 @@ def test_a_refused_import_for_a_new_model_registers_nothing(
     assert [m.model_id for m in Store(root, read_only=True).models()] == [INFO.model_id]
 
 
+def test_remove_refuses_filters_without_a_model(
+    root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--method/--positions/--baseline select vectors of one model: without --model they are
+    refused (they were ignored, and the persona went everywhere)."""
+    before = files_of(root)
+    for option, value in (
+        ("--method", "imported"),
+        ("--baseline", "base"),
+        ("--positions", "prompt_last"),
+    ):
+        assert cli().main(["remove", "pirate", option, value, "--store", str(root)]) == 2
+        one_line_error(capsys, f"{option} {value}", "--model")
+    assert cli().main(["remove", "pirate", "--neurons", "--store", str(root)]) == 2
+    one_line_error(capsys, "--neurons", "--model")
+    assert files_of(root) == before
+    assert [e.persona for e in Store(root, read_only=True).vectors()] == ["pirate"]
+
+
 def gguf_with(path: Path, layers: list[int]) -> None:
     writer = GGUFWriter(path, "controlvector")
     writer.add_string("controlvector.model_hint", "llama")

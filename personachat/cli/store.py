@@ -120,17 +120,25 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
+    filters = {"method": args.method, "positions": args.positions, "baseline": args.baseline}
+    given = " ".join(f"--{k} {v}" for k, v in filters.items() if v is not None)
+    if args.neurons and not args.model:
+        raise OptionsError(
+            f"remove {args.persona} --neurons needs --model: the model whose neuron set it is"
+        )
+    if given and args.model is None:
+        raise OptionsError(
+            f"remove {args.persona} {given} needs --model: these options pick vectors of one "
+            "model (without --model and without them, the persona goes from every model)"
+        )
     store = open_store(args, write=True)
     if args.neurons:
-        if not args.model:
-            raise StoreError("remove --neurons needs --model")
         store.remove_neurons(args.model, args.persona)
         print(f"removed neuron set {args.persona!r} of {args.model}")
         return 0
     if args.model is None:
         count = store.remove_persona(args.persona)
-    elif args.method or args.positions or args.baseline:
-        filters = {"method": args.method, "positions": args.positions, "baseline": args.baseline}
+    elif given:
         count = store.remove_vector(args.model, args.persona, **filters)
     else:
         count = store.remove_persona(args.persona, args.model)
