@@ -238,7 +238,8 @@ def read_vector(
     if suffix not in VECTOR_SUFFIXES:
         raise FormatError(f"cannot import {path}: use one of {VECTOR_SUFFIXES}")
     if not path.is_file():
-        raise FormatError(f"cannot import {path}: no such file")
+        what = "it is a folder; pass the files in it" if path.is_dir() else "no such file"
+        raise FormatError(f"cannot import {path}: {what}")
     check_import(path, info)
     if suffix == ".safetensors":
         tensors, meta = parse_safetensors(path.read_bytes(), str(path), FormatError)
