@@ -441,18 +441,24 @@ def test_remove_refuses_filters_without_a_model(
     assert [e.persona for e in Store(root, read_only=True).vectors()] == ["pirate"]
 
 
-def test_an_import_names_a_folder_a_missing_file_and_lists_that_are_not_text(
+def test_an_import_names_the_file_and_what_is_wrong_with_it(
     root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder = tmp_path / "vectors.safetensors"
     folder.mkdir()
     lists = tmp_path / "lists.txt"
     lists.write_bytes(b"\xff\xfe teacher: [1, 2]")
+    negative, wide = tmp_path / "negative.txt", tmp_path / "wide.txt"
+    negative.write_text("teacher: [-1, 2]")
+    wide.write_text(f"teacher: [1, {INFO.mlp_width}]")
+    neurons = ["--neurons", "--label", "x", "--layer", "1"]
     before = files_of(root)
     for args, needle in (
         ([str(folder)], "it is a folder"),
         ([str(tmp_path / "gone.pt")], "no such file"),
-        ([str(lists), "--neurons", "--label", "x", "--layer", "1"], "not UTF-8 text"),
+        ([str(lists), *neurons], "not UTF-8 text"),
+        ([str(negative), *neurons], "'[-1, 2]' is not one"),
+        ([str(wide), *neurons], f"[{INFO.mlp_width}] are outside the MLP width"),
     ):
         assert cli().main(["import", *args, "--model", INFO.model_id, "--store", str(root)]) == 2
         one_line_error(capsys, args[0], needle)

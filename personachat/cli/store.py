@@ -29,7 +29,7 @@ from typing import Any
 import duckdb
 from tqdm import tqdm
 
-from personachat.records import NEURON_SITES, POSITIONS, ModelInfo
+from personachat.records import NEURON_SITES, POSITIONS, ModelInfo, NeuronSet
 from personachat.store import IntegrityError, Store, StoreError, default_store_root
 from personachat.store.errors import FormatError
 from personachat.store.formats import read_vector, write_vector
@@ -180,10 +180,14 @@ def model_info(store: Store, args: argparse.Namespace) -> tuple[ModelInfo, bool]
     return info, True
 
 
-def read_lists(path: Path) -> dict[str, list[int]]:
-    """The index lists of one file, or FormatError naming it."""
+def read_neurons(path: Path, info: ModelInfo, args: argparse.Namespace) -> NeuronSet:
+    """The neuron set of one file of index lists, checked against the model, or FormatError
+    naming the file."""
     try:
-        return parse_index_lists(path.read_text(encoding="utf-8"))
+        lists = parse_index_lists(path.read_text(encoding="utf-8"))
+        return neuron_set_from_index_lists(
+            info, args.label, args.layer, lists, site=args.site, source=args.source or str(path)
+        )
     except FormatError as err:
         raise FormatError(f"{path}: {err}") from err
     except UnicodeDecodeError as err:
@@ -201,17 +205,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     store = open_store(args, write=True)
     info, new = model_info(store, args)
     if args.neurons:
-        sets = [
-            neuron_set_from_index_lists(
-                info,
-                args.label,
-                args.layer,
-                read_lists(path),
-                site=args.site,
-                source=args.source or str(path),
-            )
-            for path in args.files
-        ]
+        sets = [read_neurons(path, info, args) for path in args.files]
         for path, neurons in zip(args.files, sets, strict=True):
             store.register_neurons([neurons], model=info if new else None)
             new = False

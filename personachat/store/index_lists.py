@@ -108,7 +108,13 @@ def parse_index_lists(text: str) -> dict[str, list[int]]:
         label = re.sub(r"[*`#|:\-]+", " ", before).strip() or f"list{len(lists)}"
         lists[_safe_label(label)] = [int(x) for x in match.group(1).split(",")]
     if not lists:
-        raise FormatError(NO_LIST)
+        near = re.search(r"\[[^\[\]\n]{1,60}\]", text)
+        hint = (
+            f"; {near.group()!r} is not one: unit indices are whole numbers 0 and up"
+            if near
+            else ""
+        )
+        raise FormatError(NO_LIST + hint)
     return lists
 
 
