@@ -187,7 +187,11 @@ def multi_disk_pt(path: Path) -> None:
 def pickle_bytes(data: bytes) -> Callable[[Path], None]:
     """A .pt file of a few pickle opcodes that stop torch's weights-only unpickler half way
     (an unknown memo key, an empty stack, a short integer)."""
-    return lambda path: path.write_bytes(data)
+
+    def make(path: Path) -> None:
+        path.write_bytes(data)
+
+    return make
 
 
 def npz_header(value: int, *fields: tuple[bytes, int]) -> Callable[[Path], None]:
