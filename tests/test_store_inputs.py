@@ -28,7 +28,7 @@ from personachat.prompts.datasets import DatasetError, load_dataset_file
 from personachat.records import ModelInfo, Persona, PersonaMeans, PersonaVector
 from personachat.store import IntegrityError, Store
 from personachat.store.formats import FormatError, read_vector, write_vector
-from personachat.store.index_lists import parse_index_lists
+from personachat.store.index_lists import LLAMA2_7B, parse_index_lists
 
 REPO = Path(__file__).resolve().parent.parent
 INFO = ModelInfo("org/inputs", None, "llama", 3, 8, 16)
@@ -175,6 +175,41 @@ def truncated_pt(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-50])
 
 
+def multi_disk_pt(path: Path) -> None:
+    """A torch file whose zip64 end locator says the archive spans two disks."""
+    torch.save(torch.zeros(3, 8), path)
+    data = bytearray(path.read_bytes())
+    at = data.rfind(b"PK\x06\x07") + 4
+    data[at : at + 4] = (1).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+def pickle_bytes(data: bytes) -> Callable[[Path], None]:
+    """A .pt file of a few pickle opcodes that stop torch's weights-only unpickler half way
+    (an unknown memo key, an empty stack, a short integer)."""
+
+    def make(path: Path) -> None:
+        path.write_bytes(data)
+
+    return make
+
+
+def npz_header(value: int, *fields: tuple[bytes, int]) -> Callable[[Path], None]:
+    """An .npz with ``value`` in the given two-byte fields (zip header signature, offset): a
+    compression method or a zip version this Python cannot read."""
+
+    def make(path: Path) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, layer_1=np.zeros(8, np.float32))
+        data = bytearray(buffer.getvalue())
+        for signature, offset in fields:
+            at = data.find(signature) + offset
+            data[at : at + 2] = value.to_bytes(2, "little")
+        path.write_bytes(bytes(data))
+
+    return make
+
+
 @pytest.mark.parametrize(
     ("name", "make"),
     [
@@ -182,14 +217,31 @@ def truncated_pt(path: Path) -> None:
         ("cut.npz", truncated_npz),
         ("bad.gguf", garbage_gguf),
         ("cut.pt", truncated_pt),
+        ("disks.pt", multi_disk_pt),
+        ("text.pt", pickle_bytes(b"junk\n")),
+        ("memo.pt", pickle_bytes(b"\x80\x02]q\x00h\x01.")),
+        ("empty_stack.pt", pickle_bytes(b"a")),
+        ("short_int.pt", pickle_bytes(b"\x80\x02J\x01")),
+        ("method.npz", npz_header(99, (b"PK\x03\x04", 8), (b"PK\x01\x02", 10))),
+        ("version.npz", npz_header(149, (b"PK\x01\x02", 6))),
     ],
 )
 def test_other_damaged_imports_are_format_errors(
-    name: str, make: Callable[[Path], None], tmp_path: Path
+    name: str,
+    make: Callable[[Path], None],
+    root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    make(tmp_path / name)
-    with pytest.raises(FormatError, match=str(tmp_path / name)):
-        read_vector(tmp_path / name, INFO)
+    path = tmp_path / name
+    make(path)
+    with pytest.raises(FormatError, match=re.escape(str(path))):
+        read_vector(path, INFO, layer=1)
+    before = Store(root, read_only=True).vectors()
+    args = ["import", str(path), "--layer", "1", "--model", INFO.model_id, "--store", str(root)]
+    assert cli().main(args) == 2
+    one_line_error(capsys, str(path))
+    assert Store(root, read_only=True).vectors() == before
 
 
 @pytest.mark.parametrize(
@@ -328,6 +380,93 @@ def test_writes_may_create_a_store(tmp_path: Path, capsys: pytest.CaptureFixture
         cli().main(["import", str(vector), "--model", "org/new", *sizes, "--store", str(new)]) == 0
     )
     assert [e.persona for e in Store(new, read_only=True).vectors()] == ["pirate"]
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+NEW_MODEL = ["--model", "org/new", "--n-layers", "3", "--hidden-size", "8", "--mlp-width", "16"]
+REFUSED_IMPORTS = {
+    "damaged file": (["junk.pt", *NEW_MODEL], "junk.pt"),
+    "NaN values": (["nan.pt", *NEW_MODEL], "NaN"),
+    "bad baseline": (["zero.pt", "--baseline", "no good", *NEW_MODEL], "'no good'"),
+    "two files, one persona": (["zero.pt", "zero.pt", *NEW_MODEL], "same key"),
+    "neurons, bad label": (
+        ["lists.txt", "--neurons", "--label", "no good", "--layer", "1", *NEW_MODEL],
+        "'no good'",
+    ),
+    "neurons, layer out of range": (
+        ["lists.txt", "--neurons", "--label", "fine", "--layer", "3", *NEW_MODEL],
+        "layer 3",
+    ),
+    "neurons, built-in model": (
+        ["lists.txt", "--neurons", "--label", "x", "--layer", "99", "--model", LLAMA2_7B.model_id],
+        "layer 99",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_IMPORTS)
+def test_a_refused_import_for_a_new_model_registers_nothing(
+    case: str, root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model the store does not know yet is registered in the transaction of what is imported
+    for it, so a refused import leaves every file of the store as it was."""
+    torch.save(torch.zeros(3, 8), tmp_path / "zero.pt")
+    torch.save(torch.full((3, 8), float("nan")), tmp_path / "nan.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk\n")
+    (tmp_path / "lists.txt").write_text("a: [1, 2]")
+    args, needle = REFUSED_IMPORTS[case]
+    argv = ["import", *(str(tmp_path / a) if a.endswith((".pt", ".txt")) else a for a in args)]
+    before = files_of(root)
+    assert cli().main([*argv, "--store", str(root)]) == 2
+    one_line_error(capsys, needle)
+    assert files_of(root) == before
+    assert [m.model_id for m in Store(root, read_only=True).models()] == [INFO.model_id]
+
+
+def test_remove_refuses_filters_without_a_model(
+    root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--method/--positions/--baseline select vectors of one model: without --model they are
+    refused (they were ignored, and the persona went everywhere)."""
+    before = files_of(root)
+    for option, value in (
+        ("--method", "imported"),
+        ("--baseline", "base"),
+        ("--positions", "prompt_last"),
+    ):
+        assert cli().main(["remove", "pirate", option, value, "--store", str(root)]) == 2
+        one_line_error(capsys, f"{option} {value}", "--model")
+    assert cli().main(["remove", "pirate", "--neurons", "--store", str(root)]) == 2
+    one_line_error(capsys, "--neurons", "--model")
+    assert files_of(root) == before
+    assert [e.persona for e in Store(root, read_only=True).vectors()] == ["pirate"]
+
+
+def test_an_import_names_the_file_and_what_is_wrong_with_it(
+    root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "vectors.safetensors"
+    folder.mkdir()
+    lists = tmp_path / "lists.txt"
+    lists.write_bytes(b"\xff\xfe teacher: [1, 2]")
+    negative, wide = tmp_path / "negative.txt", tmp_path / "wide.txt"
+    negative.write_text("teacher: [-1, 2]")
+    wide.write_text(f"teacher: [1, {INFO.mlp_width}]")
+    neurons = ["--neurons", "--label", "x", "--layer", "1"]
+    before = files_of(root)
+    for args, needle in (
+        ([str(folder)], "it is a folder"),
+        ([str(tmp_path / "gone.pt")], "no such file"),
+        ([str(lists), *neurons], "not UTF-8 text"),
+        ([str(negative), *neurons], "'[-1, 2]' is not one"),
+        ([str(wide), *neurons], f"[{INFO.mlp_width}] are outside the MLP width"),
+    ):
+        assert cli().main(["import", *args, "--model", INFO.model_id, "--store", str(root)]) == 2
+        one_line_error(capsys, args[0], needle)
+    assert files_of(root) == before
 
 
 def gguf_with(path: Path, layers: list[int]) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from personachat.records import ModelInfo, Persona, PersonaMeans, PersonaVector
-from personachat.store import Store
+from personachat.store import Store, StoreError, UnknownError
 from personachat.store.catalog import Catalog, Index
 
 INFO = ModelInfo("org/readers", None, "llama", 3, 8, 16)
@@ -119,6 +119,30 @@ def test_the_change_marker_moves_even_when_its_files_stat_repeats(writer: Store)
     first = marker_file.read_bytes()
     writer.register_personas([Persona("pirate", "Yo ho.")])
     assert marker_file.read_bytes() != first
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_a_writable_open_or_a_refused_write_leaves_every_file_as_it_was(writer: Store) -> None:
+    """The change marker moves only when a write commits: a writable open with nothing to
+    migrate or recover, and writes refused before or inside their transaction, change no file
+    (a long-lived reader keeps its snapshot)."""
+    reader = Store(writer.root, read_only=True)
+    reader.vectors()
+    before = files_of(writer.root)
+    Store(writer.root).close()
+    with pytest.raises(StoreError, match="refusing to change"):
+        writer.register_model(ModelInfo(INFO.model_id, None, "llama", 4, 8, 16))
+    with pytest.raises(UnknownError):
+        writer.remove_persona("nobody")
+    with pytest.raises(ValueError, match="not allowed"):
+        writer.register_personas([Persona("bad name", "x")])
+    assert files_of(writer.root) == before
+    assert not reader._catalog.changed()
+    writer.register_personas([Persona("pirate", "Arr.")])
+    assert reader._catalog.changed() and files_of(writer.root)["generation"] != before["generation"]
 
 
 def test_personas_vectors_and_means_in_one_transaction(writer: Store) -> None:

@@ -29,15 +29,23 @@ from typing import Any
 import duckdb
 from tqdm import tqdm
 
-from personachat.records import NEURON_SITES, POSITIONS, ModelInfo
+from personachat.records import NEURON_SITES, POSITIONS, ModelInfo, NeuronSet
 from personachat.store import IntegrityError, Store, StoreError, default_store_root
 from personachat.store.errors import FormatError
 from personachat.store.formats import read_vector, write_vector
-from personachat.store.index_lists import KNOWN_MODELS, parse_index_lists, register_index_lists
+from personachat.store.index_lists import (
+    KNOWN_MODELS,
+    neuron_set_from_index_lists,
+    parse_index_lists,
+)
 
 
 class NoStoreError(StoreError):
     """A reading command was pointed at a folder that holds no store."""
+
+
+class OptionsError(ValueError):
+    """Options that do not go together, or one missing that another needs (exit 2)."""
 
 
 def table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -112,17 +120,25 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
+    filters = {"method": args.method, "positions": args.positions, "baseline": args.baseline}
+    given = " ".join(f"--{k} {v}" for k, v in filters.items() if v is not None)
+    if args.neurons and not args.model:
+        raise OptionsError(
+            f"remove {args.persona} --neurons needs --model: the model whose neuron set it is"
+        )
+    if given and args.model is None:
+        raise OptionsError(
+            f"remove {args.persona} {given} needs --model: these options pick vectors of one "
+            "model (without --model and without them, the persona goes from every model)"
+        )
     store = open_store(args, write=True)
     if args.neurons:
-        if not args.model:
-            raise StoreError("remove --neurons needs --model")
         store.remove_neurons(args.model, args.persona)
         print(f"removed neuron set {args.persona!r} of {args.model}")
         return 0
     if args.model is None:
         count = store.remove_persona(args.persona)
-    elif args.method or args.positions or args.baseline:
-        filters = {"method": args.method, "positions": args.positions, "baseline": args.baseline}
+    elif given:
         count = store.remove_vector(args.model, args.persona, **filters)
     else:
         count = store.remove_persona(args.persona, args.model)
@@ -145,11 +161,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def model_info(store: Store, args: argparse.Namespace) -> ModelInfo:
-    """The registered model, a known one, or one described by --n-layers/--hidden-size/..."""
+def model_info(store: Store, args: argparse.Namespace) -> tuple[ModelInfo, bool]:
+    """The registered model, a known one, or one described by --n-layers/--hidden-size/...;
+    and whether it is new to the store (then it is registered with what is imported for it)."""
     known = {m.model_id: m for m in store.models()}
     if args.model in known:
-        return known[args.model]
+        return known[args.model], False
     info = KNOWN_MODELS.get(args.model)
     if info is None:
         sizes = (args.n_layers, args.hidden_size, args.mlp_width)
@@ -160,25 +177,38 @@ def model_info(store: Store, args: argparse.Namespace) -> ModelInfo:
                 "(and --architecture) to register it without loading weights"
             )
         info = ModelInfo(args.model, None, args.architecture, *sizes)  # type: ignore[arg-type]
-    store.register_model(info)
-    return info
+    return info, True
+
+
+def read_neurons(path: Path, info: ModelInfo, args: argparse.Namespace) -> NeuronSet:
+    """The neuron set of one file of index lists, checked against the model, or FormatError
+    naming the file."""
+    try:
+        lists = parse_index_lists(path.read_text(encoding="utf-8"))
+        return neuron_set_from_index_lists(
+            info, args.label, args.layer, lists, site=args.site, source=args.source or str(path)
+        )
+    except FormatError as err:
+        raise FormatError(f"{path}: {err}") from err
+    except UnicodeDecodeError as err:
+        raise FormatError(
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); neuron index lists "
+            "are text like 'teacher: [12, 34]' or JSON"
+        ) from err
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    """Every file is read and checked before anything is written; a model new to the store is
+    registered in the transaction of its first vectors or neuron set."""
+    if args.neurons and (args.layer is None or not args.label):
+        raise OptionsError("import --neurons needs --layer and --label")
     store = open_store(args, write=True)
-    info = model_info(store, args)
+    info, new = model_info(store, args)
     if args.neurons:
-        if args.layer is None or not args.label:
-            raise StoreError("import --neurons needs --layer and --label")
-        for path in args.files:
-            try:
-                lists = parse_index_lists(Path(path).read_text())
-            except FormatError as err:
-                raise FormatError(f"{path}: {err}") from err
-            source = args.source or str(path)
-            neurons = register_index_lists(
-                store, info, args.label, args.layer, lists, site=args.site, source=source
-            )
+        sets = [read_neurons(path, info, args) for path in args.files]
+        for path, neurons in zip(args.files, sets, strict=True):
+            store.register_neurons([neurons], model=info if new else None)
+            new = False
             print(f"registered neuron set {neurons.label!r}: {len(neurons)} units from {path}")
         return 0
     vectors = [
@@ -193,7 +223,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         )
         for path in tqdm(args.files, desc="reading", unit="file")
     ]
-    store.register_vectors(vectors)
+    store.register_vectors(vectors, model=info if new else None)
     for vector in vectors:
         print(f"registered {vector.persona!r} for {info.model_id} from {vector.dataset}")
     return 0

@@ -156,10 +156,13 @@ class Catalog:
                 delay = min(delay * 2, 0.25)
 
     @contextlib.contextmanager
-    def writing(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def writing(self, *, mark: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection on which ``cat`` (the catalog, read-write) is the default database.
-        The change marker is replaced before the lock is released, so any reader whose
-        snapshot a write outdated sees a new marker before the files of replaced rows go."""
+        When the block ends the change marker is replaced before the lock is released, so any
+        reader whose snapshot a write outdated sees a new marker before the files of replaced
+        rows go. A block that raises rolled its transaction back and changed nothing, so the
+        marker stays: a refused write leaves every file of the store as it was. With
+        ``mark=False`` the block calls ``mark_changed`` itself if it changed the catalog."""
         if self.read_only:
             raise StoreError(
                 f"Store({str(self.root)!r}, read-only) is read-only; open "
@@ -172,15 +175,17 @@ class Catalog:
                 conn.execute("USE cat")
                 try:
                     yield conn
+                    if mark:
+                        self.mark_changed()
                 finally:
                     conn.execute("USE memory")
-                    self._bump_generation()
                     conn.execute("DETACH cat")
             finally:
                 conn.close()
 
-    def _bump_generation(self) -> None:
-        """Replace ``generation`` with a new, unique content (staged under ``.staging``)."""
+    def mark_changed(self) -> None:
+        """Replace ``generation`` with a new, unique content (staged under ``.staging``); only
+        inside ``writing``, after a commit."""
         staging = self.root / STAGING
         staging.mkdir(exist_ok=True)
         tmp = staging / f"generation.{os.getpid()}.tmp"

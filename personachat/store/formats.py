@@ -165,13 +165,24 @@ def _load_pt(path: Path) -> Any:
             f"(weights_only=True rejected it: {str(err).splitlines()[0]}). It may run code; "
             "convert it to .safetensors in a trusted environment"
         ) from err
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as err:
-        raise FormatError(f"cannot read {path} as a torch tensor file: {one_line(err)}") from err
+    except Exception as err:  # a damaged pickle can stop the unpickler with any error
+        raise FormatError(
+            f"cannot read {path} as a torch tensor file: {damage(err)}; it is truncated, "
+            "damaged or not made by torch.save. Save the tensor again, or as .safetensors"
+        ) from err
 
 
 def one_line(err: BaseException) -> str:
     """An exception's message on one line."""
     return " ".join(str(err).split()) or type(err).__name__
+
+
+def damage(err: BaseException) -> str:
+    """What a parser said about a damaged file, on one line with the error's kind (a bare
+    ``KeyError: 1`` or ``IndexError`` says little without it)."""
+    if isinstance(err, (OSError, ValueError, EOFError, zipfile.BadZipFile, RuntimeError)):
+        return one_line(err)
+    return f"{type(err).__name__}: {one_line(err)}"
 
 
 def check_import(path: Path, info: ModelInfo) -> None:
@@ -186,15 +197,19 @@ def check_import(path: Path, info: ModelInfo) -> None:
         raise FormatError(
             f"{path} is {size} bytes; a persona vector file is at most {MAX_IMPORT_BYTES}"
         )
-    if path.suffix.lower() == ".npz" and not zipfile.is_zipfile(path):
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except Exception as err:  # e.g. a zip64 end record that names several disks
+        raise FormatError(f"{path} is a damaged zip archive: {damage(err)}") from err
+    if path.suffix.lower() == ".npz" and not is_zip:
         raise FormatError(f"{path} is not an .npz (zip) archive; it is truncated or damaged")
-    if not zipfile.is_zipfile(path):
+    if not is_zip:
         return
     try:
         with zipfile.ZipFile(path) as archive:
             unpacked = sum(item.file_size for item in archive.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError) as err:
-        raise FormatError(f"{path} is a damaged zip archive: {one_line(err)}") from err
+    except Exception as err:  # e.g. a zip version this Python cannot read
+        raise FormatError(f"{path} is a damaged zip archive: {damage(err)}") from err
     if unpacked > MAX_IMPORT_BYTES:
         raise FormatError(
             f"{path} unpacks to {unpacked} bytes; a persona vector file is at most "
@@ -223,7 +238,8 @@ def read_vector(
     if suffix not in VECTOR_SUFFIXES:
         raise FormatError(f"cannot import {path}: use one of {VECTOR_SUFFIXES}")
     if not path.is_file():
-        raise FormatError(f"cannot import {path}: no such file")
+        what = "it is a folder; pass the files in it" if path.is_dir() else "no such file"
+        raise FormatError(f"cannot import {path}: {what}")
     check_import(path, info)
     if suffix == ".safetensors":
         tensors, meta = parse_safetensors(path.read_bytes(), str(path), FormatError)
@@ -287,10 +303,10 @@ def _npy_shapes(path: Path) -> None:
                         f"{path}: array {name!r} declares shape {shape}, more than the "
                         f"{MAX_VECTOR_VALUES} values a persona vector may hold"
                     )
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-        if isinstance(err, FormatError):
-            raise
-        raise FormatError(f"{path} is not a readable .npz archive: {one_line(err)}") from err
+    except FormatError:
+        raise
+    except Exception as err:  # a damaged archive or header can fail with any error
+        raise FormatError(f"{path} is not a readable .npz archive: {damage(err)}") from err
 
 
 def _read_npz(path: Path, info: ModelInfo, layer: int | None, layer_offset: int) -> torch.Tensor:
@@ -302,8 +318,8 @@ def _read_npz(path: Path, info: ModelInfo, layer: int | None, layer_offset: int)
         if "pickle" not in str(err):
             raise FormatError(f"{path} is not a readable .npz archive: {one_line(err)}") from err
         raise FormatError(f"refusing {path}: it needs pickle to load ({one_line(err)})") from err
-    except (OSError, EOFError, zipfile.BadZipFile) as err:
-        raise FormatError(f"{path} is not a readable .npz archive: {one_line(err)}") from err
+    except Exception as err:  # e.g. a member packed with a method zipfile cannot unpack
+        raise FormatError(f"{path} is not a readable .npz archive: {damage(err)}") from err
     return _from_mapping(arrays, info, str(path), layer, layer_offset)
 
 
@@ -326,8 +342,8 @@ def _read_gguf(path: Path, info: ModelInfo) -> torch.Tensor:
             number = _layer_of(tensor.name) if tensor.name.startswith("direction.") else None
             if number is not None:
                 by_layer[number] = torch.from_numpy(np.array(tensor.data, dtype=np.float32))
-    except (ValueError, OSError, IndexError, KeyError, TypeError) as err:
-        raise FormatError(f"{path} is not a readable GGUF file: {one_line(err)}") from err
+    except Exception as err:  # a damaged header can fail the reader with any error
+        raise FormatError(f"{path} is not a readable GGUF file: {damage(err)}") from err
     if not by_layer:
         raise FormatError(f"{path} has no direction.<layer> tensors; not a control vector")
     if 0 in by_layer:

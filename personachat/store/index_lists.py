@@ -108,7 +108,13 @@ def parse_index_lists(text: str) -> dict[str, list[int]]:
         label = re.sub(r"[*`#|:\-]+", " ", before).strip() or f"list{len(lists)}"
         lists[_safe_label(label)] = [int(x) for x in match.group(1).split(",")]
     if not lists:
-        raise FormatError(NO_LIST)
+        near = re.search(r"\[[^\[\]\n]{1,60}\]", text)
+        hint = (
+            f"; {near.group()!r} is not one: unit indices are whole numbers 0 and up"
+            if near
+            else ""
+        )
+        raise FormatError(NO_LIST + hint)
     return lists
 
 
@@ -172,11 +178,11 @@ def register_index_lists(
     site: str = "gate",
     source: str = "",
 ) -> NeuronSet:
-    """Register ``info`` (if new) and a neuron set built from index lists; returns the set."""
-    if info.model_id not in {m.model_id for m in store.models()}:
-        store.register_model(info)
+    """Register a neuron set built from index lists, with ``info`` if the store does not know
+    it yet (in one transaction: a refused set leaves no model row); returns the set."""
+    new = info.model_id not in {m.model_id for m in store.models()}
     neurons = neuron_set_from_index_lists(info, label, layer, lists, site=site, source=source)
-    store.register_neurons([neurons])
+    store.register_neurons([neurons], model=info if new else None)
     return neurons
 
 

@@ -37,41 +37,46 @@ class ModelRegistry:
         changing the shape of a model that has tensors."""
         check_model_sizes(info)
         with self.catalog.writing() as conn, transaction(conn):
-            old = conn.execute(
-                "SELECT n_layers, hidden_size, mlp_width FROM models WHERE model_id = ?",
+            self.upsert_model(conn, info)
+
+    def upsert_model(self, conn: duckdb.DuckDBPyConnection, info: ModelInfo) -> None:
+        """Inside a write: add or update a model whose sizes were checked
+        (``check_model_sizes``), refusing to change the shape of one that has tensors."""
+        old = conn.execute(
+            "SELECT n_layers, hidden_size, mlp_width FROM models WHERE model_id = ?",
+            [info.model_id],
+        ).fetchone()
+        new = (info.n_layers, info.hidden_size, info.mlp_width)
+        if old is not None and tuple(old) != new:
+            used = conn.execute(
+                "SELECT (SELECT count(*) FROM vectors WHERE model_id = $1) + "
+                "(SELECT count(*) FROM means WHERE model_id = $1) + "
+                "(SELECT count(*) FROM neuron_sets WHERE model_id = $1)",
                 [info.model_id],
             ).fetchone()
-            new = (info.n_layers, info.hidden_size, info.mlp_width)
-            if old is not None and tuple(old) != new:
-                used = conn.execute(
-                    "SELECT (SELECT count(*) FROM vectors WHERE model_id = $1) + "
-                    "(SELECT count(*) FROM means WHERE model_id = $1) + "
-                    "(SELECT count(*) FROM neuron_sets WHERE model_id = $1)",
-                    [info.model_id],
-                ).fetchone()
-                if used and used[0]:
-                    raise StoreError(
-                        f"model {info.model_id!r} is registered with (n_layers, hidden, "
-                        f"mlp_width) = {tuple(old)} and has {used[0]} stored items; refusing "
-                        f"to change it to {new}. Remove its items first or use another model id"
-                    )
-            conn.execute(
-                "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model_id) "
-                "DO UPDATE SET revision = excluded.revision, architecture = "
-                "excluded.architecture, n_layers = excluded.n_layers, hidden_size = "
-                "excluded.hidden_size, mlp_width = excluded.mlp_width, layer_convention = "
-                "excluded.layer_convention",
-                [
-                    info.model_id,
-                    info.revision,
-                    info.architecture,
-                    info.n_layers,
-                    info.hidden_size,
-                    info.mlp_width,
-                    info.layer_convention,
-                    utcnow(),
-                ],
-            )
+            if used and used[0]:
+                raise StoreError(
+                    f"model {info.model_id!r} is registered with (n_layers, hidden, "
+                    f"mlp_width) = {tuple(old)} and has {used[0]} stored items; refusing "
+                    f"to change it to {new}. Remove its items first or use another model id"
+                )
+        conn.execute(
+            "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model_id) "
+            "DO UPDATE SET revision = excluded.revision, architecture = "
+            "excluded.architecture, n_layers = excluded.n_layers, hidden_size = "
+            "excluded.hidden_size, mlp_width = excluded.mlp_width, layer_convention = "
+            "excluded.layer_convention",
+            [
+                info.model_id,
+                info.revision,
+                info.architecture,
+                info.n_layers,
+                info.hidden_size,
+                info.mlp_width,
+                info.layer_convention,
+                utcnow(),
+            ],
+        )
 
     def models(self) -> list[ModelInfo]:
         return list(self.catalog.current().models.values())

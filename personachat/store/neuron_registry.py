@@ -8,9 +8,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import fields
 from typing import Any
 
-from personachat.records import NEURON_METHODS, NEURON_SITES, ModelInfo, NeuronSet, check_name
+from personachat.records import (
+    NEURON_METHODS,
+    NEURON_SITES,
+    ModelInfo,
+    NeuronSet,
+    check_model_sizes,
+    check_name,
+)
 from personachat.store.catalog import Catalog
 from personachat.store.errors import UnknownError
+from personachat.store.model_registry import ModelRegistry
 from personachat.store.schema import NeuronSetEntry, as_utc
 from personachat.store.sql import insert, transaction
 
@@ -93,20 +101,27 @@ def unit_rows(sid: int, s: NeuronSet) -> list[tuple[Any, ...]]:
 class NeuronRegistry:
     """Rows of ``neuron_sets`` and ``neurons``."""
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, models: ModelRegistry) -> None:
         self.catalog = catalog
+        self.models = models
 
-    def register(self, sets: Iterable[NeuronSet]) -> list[int]:
-        """Store neuron sets in one transaction (same (model, label) replaces); returns set ids."""
+    def register(self, sets: Iterable[NeuronSet], model: ModelInfo | None = None) -> list[int]:
+        """Store neuron sets (and ``model``, added or updated as ``register_model`` does) in one
+        transaction (same (model, label) replaces); returns set ids."""
         items = list(sets)
-        if not items:
+        if not items and model is None:
             return []
         models = self.catalog.model_map()
+        if model is not None:
+            check_model_sizes(model)
+            models[model.model_id] = model
         infos = [check_neurons(s, models) for s in items]
         keys = [(s.model_id, s.label) for s in items]
         if len(set(keys)) != len(keys):
             raise ValueError("register_neurons got two sets with the same (model, label)")
         with self.catalog.writing() as conn, transaction(conn):
+            if model is not None:
+                self.models.upsert_model(conn, model)
             for s in items:
                 conn.execute(
                     "DELETE FROM neurons WHERE set_id IN (SELECT set_id FROM neuron_sets "

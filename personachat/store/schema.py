@@ -267,15 +267,15 @@ def create_schema(conn: duckdb.DuckDBPyConnection) -> None:
         conn.execute(statement)
 
 
-def migrate(conn: duckdb.DuckDBPyConnection, catalog: Path, root: Path) -> None:
+def migrate(conn: duckdb.DuckDBPyConnection, catalog: Path, root: Path) -> bool:
     """Bring the catalog ``cat`` (the default database of ``conn``) to SCHEMA_VERSION, all
-    pending migrations in one transaction."""
+    pending migrations in one transaction; whether there were any."""
     version = schema_version(conn, "cat")
     if version > SCHEMA_VERSION:
         check_version(catalog, version)
     pending = [m for m in MIGRATIONS if m[0] > version]
     if not pending:
-        return
+        return False
     with transaction(conn):
         conn.execute(MIGRATIONS_DDL)
         for number, description, statements in pending:
@@ -283,3 +283,4 @@ def migrate(conn: duckdb.DuckDBPyConnection, catalog: Path, root: Path) -> None:
                 conn.execute(statement)
             conn.execute("INSERT INTO migrations VALUES (?, ?, ?)", [number, description, utcnow()])
             log.info("store %s: applied migration %d (%s)", root, number, description)
+    return True

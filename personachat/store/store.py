@@ -73,11 +73,12 @@ class Store:
         self._files = TensorFiles(self.root)
         self._models = ModelRegistry(self._catalog)
         self._vectors = VectorRegistry(self._catalog, self._files, self._models)
-        self._neurons = NeuronRegistry(self._catalog)
+        self._neurons = NeuronRegistry(self._catalog, self._models)
         if not read_only:
             self.root.mkdir(parents=True, exist_ok=True)
-            with self._catalog.writing() as conn:
-                migrate(conn, self.catalog, self.root)
+            with self._catalog.writing(mark=False) as conn:  # a current store stays as it is
+                if migrate(conn, self.catalog, self.root):
+                    self._catalog.mark_changed()
                 self._files.recover(tensor_files(conn))
 
     # context manager / lifecycle
@@ -129,16 +130,20 @@ class Store:
         vectors: Iterable[PersonaVector],
         means: Iterable[PersonaMeans] = (),
         personas: Iterable[Persona] = (),
+        *,
+        model: ModelInfo | None = None,
     ) -> list[int]:
         """Store vectors (and raw means, and the personas they belong to) atomically in one
         transaction; returns the vector ids. Readers see the whole batch or none of it.
+        ``model`` is registered (as ``register_model``) in the same transaction: a model new to
+        the store and its first vectors land together, and a refused batch leaves no model row.
 
         A vector with the same (model, persona, method, positions, baseline) as a stored one
         replaces it; so do means with the same (model, persona, positions), and personas with
         the same name. Personas not given and not yet registered get a row with an empty
         system prompt.
         """
-        return self._vectors.register(vectors, means, personas)
+        return self._vectors.register(vectors, means, personas, model)
 
     def vectors(
         self,
@@ -201,9 +206,12 @@ class Store:
 
     # --- neuron sets ---------------------------------------------------------------------------
 
-    def register_neurons(self, sets: Iterable[NeuronSet]) -> list[int]:
-        """Store neuron sets in one transaction (same (model, label) replaces); returns set ids."""
-        return self._neurons.register(sets)
+    def register_neurons(
+        self, sets: Iterable[NeuronSet], *, model: ModelInfo | None = None
+    ) -> list[int]:
+        """Store neuron sets in one transaction (same (model, label) replaces); returns set ids.
+        ``model`` is registered (as ``register_model``) in the same transaction."""
+        return self._neurons.register(sets, model)
 
     def neuron_sets(self, model_id: str | None = None) -> list[NeuronSetEntry]:
         return self._neurons.neuron_sets(model_id)

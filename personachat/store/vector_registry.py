@@ -18,7 +18,14 @@ from typing import Any, TypeVar
 import duckdb
 import torch
 
-from personachat.records import MEAN_BASELINE, ModelInfo, Persona, PersonaMeans, PersonaVector
+from personachat.records import (
+    MEAN_BASELINE,
+    ModelInfo,
+    Persona,
+    PersonaMeans,
+    PersonaVector,
+    check_model_sizes,
+)
 from personachat.store.catalog import Catalog, tensor_files
 from personachat.store.errors import IntegrityError, MissingFileError, UnknownError
 from personachat.store.files import TensorFiles
@@ -54,24 +61,31 @@ class VectorRegistry:
         vectors: Iterable[PersonaVector],
         means: Iterable[PersonaMeans] = (),
         personas: Iterable[Persona] = (),
+        model: ModelInfo | None = None,
     ) -> list[int]:
-        """Store vectors, raw means and personas atomically in one transaction; returns the
-        vector ids. Readers see the whole batch or none of it."""
+        """Store vectors, raw means and personas (and ``model``, added or updated as
+        ``register_model`` does) atomically in one transaction; returns the vector ids. Readers
+        see the whole batch or none of it."""
         now = utcnow()
         vecs = [replace(v, created_at=as_utc(v.created_at or now)) for v in vectors]
         mns = list(means)
         people = check_personas(personas)
-        if not vecs and not mns:
+        if not vecs and not mns and model is None:
             self.models.register_personas(people)
             return []
         check_unique_keys(vecs, mns)
         models = self.catalog.model_map()
+        if model is not None:
+            check_model_sizes(model)
+            models[model.model_id] = model
         pending_v = [prepare_vector(v, models, self.catalog, self.files) for v in vecs]
         pending_m = [prepare_means(m, models, self.catalog, self.files) for m in mns]
         with self.files.batch(pending_v + pending_m) as batch:
             with self.catalog.writing() as conn:
                 self.files.clean(lambda: tensor_files(conn))
                 with transaction(conn):
+                    if model is not None:
+                        self.models.upsert_model(conn, model)
                     self.models.upsert_personas(conn, people)
                     ids, old_files = self._insert_vectors(conn, vecs, pending_v, models)
                     old_files += self._insert_means(conn, mns, pending_m, models)
