@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,19 +77,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, float, Path]]:
+@contextmanager
+def running_app(store: Path, args: list[str], env_extra: dict[str, str]) -> Iterator[str]:
+    """``python app.py`` over a copy of the app's store in ``store``, on a free port."""
     port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PERSONACHAT_LOG": "DEBUG"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PERSONACHAT_LOG": "DEBUG", **env_extra}
     env.pop("SPACE_ID", None)
-    env["PERSONACHAT_HOLD_MESSAGE"] = STORY
     # a copy of the store, so an extraction in the page never writes into the repository
     source = Path(env.get("PERSONACHAT_STORE", ROOT / "store"))
-    copy = tmp_path_factory.mktemp("store")
-    shutil.copytree(source, copy, dirs_exist_ok=True, ignore=shutil.ignore_patterns("models"))
-    env["PERSONACHAT_STORE"] = str(copy)
+    shutil.copytree(source, store, dirs_exist_ok=True, ignore=shutil.ignore_patterns("models"))
+    env["PERSONACHAT_STORE"] = str(store)
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py"), "--port", str(port)],
+        [sys.executable, str(ROOT / "app.py"), "--port", str(port), *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -107,13 +107,21 @@ def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, flo
         print(f"app.py serving after {time.perf_counter() - started:.1f} s")
         # keep draining the app's output so a full pipe can never block it
         threading.Thread(target=lambda: LOG.extend(proc.stdout or []), daemon=True).start()
-        yield f"http://127.0.0.1:{port}/", started, copy
+        yield f"http://127.0.0.1:{port}/"
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, float, Path]]:
+    store = tmp_path_factory.mktemp("store")
+    started = time.perf_counter()
+    with running_app(store, [], {"PERSONACHAT_HOLD_MESSAGE": STORY}) as url:
+        yield url, started, store
 
 
 @pytest.fixture(scope="module")
@@ -479,3 +487,26 @@ def test_the_page_on_a_phone(app_url: tuple[str, float, Path], browser: Any) -> 
     page.screenshot(path=str(SHOTS / "app_phone.png"))
     context.close()
     assert external == [], f"requests left the machine: {external}"
+
+
+def test_the_admin_token_box_of_a_public_page(tmp_path: Path, browser: Any) -> None:
+    """In public mode the page shows the Admin token box: without the token registering the
+    assistant axis is refused, with it typed in the box the axis registers."""
+    token = "s3cret-admin"
+    env = {"PERSONACHAT_ADMIN_TOKEN": token}
+    with running_app(tmp_path / "store", ["--public"], env) as url:
+        page = browser.new_page(viewport=DESKTOP)
+        try:
+            ready(page, url)
+            page.get_by_role("tab", name="Store").click()
+            page.locator("#register-axis").click()
+            wait_status(page, r"^⚠ Registering the assistant axis failed: .* none was given\.")
+            page.get_by_text("Model and store", exact=True).click()
+            page.locator("#admin-token input").fill("guess")
+            page.locator("#register-axis").click()
+            wait_status(page, r"^⚠ Registering the assistant axis failed: .* token given is wrong")
+            page.locator("#admin-token input").fill(token)
+            page.locator("#register-axis").click()
+            wait_status(page, r"^Registered the assistant axis of", timeout=120)
+        finally:
+            page.close()
