@@ -11,6 +11,8 @@ most ``BOUNDS.sessions_kept`` sessions.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -93,17 +95,29 @@ def test_histories_of_text_and_of_content_parts_are_both_read(page: Any) -> None
     assert str(long[3]).startswith("Done.") and "oldest turns left out" in str(long[3])
 
 
-def test_the_persona_map_refuses_a_history_past_the_bound(page: Any) -> None:
+def test_the_persona_map_and_undo_read_plain_conversations_and_refuse_bad_ones(
+    page: Any,
+) -> None:
+    """/persona_map and /undo take a conversation as /chat does (text or content parts) and
+    refuse a wrong shape or one past the bound, saying what is wrong."""
     from gradio_client.exceptions import AppError
 
-    history = [
-        {"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in TURN
-    ]
     args = {"model_id": CONFIG.model, "layer": 1, "personas": [], "vectors_from": ""}
-    assert page.predict(history=history * 101, **args, api_name="/persona_map") is None
-    assert page.predict(history=history, **args, api_name="/persona_map") is not None
-    with pytest.raises(AppError):  # the page's chatbot checks its own shape first
-        page.predict(history="hello", **args, api_name="/persona_map")
+    for history in (TURN, PARTS):
+        plot = page.predict(history=history, **args, api_name="/persona_map")
+        assert "this chat" in json.dumps(plot)
+        shown, _, message, status = page.predict(history=history, api_name="/undo")
+        assert shown == [] and message == TURN[0]["content"] and status == "Last turn removed."
+    refusals = [
+        (TURN * 101, "holds 202 messages; the limit is 200 (history_messages)"),
+        ("hello", "must be a list of messages, got str"),
+        ([{"role": "system", "content": "x"}], "history[0] has role 'system'"),
+    ]
+    for history, words in refusals:
+        with pytest.raises(AppError, match=re.escape(words)):
+            page.predict(history=history, **args, api_name="/persona_map")
+        status = page.predict(history=history, api_name="/undo")[3]
+        assert status.startswith("⚠") and words in status, status
 
 
 API_REFUSALS = [

@@ -859,8 +859,8 @@ def test_layer_plot_store_tables_and_persona_map(h: Handlers, store_root: Path) 
     assert (
         points[0]["text"] == ["landlubber", "pirate", "poet"] and points[1]["name"] == "this chat"
     )
-    with pytest.warns(UserWarning, match="out of range"):
-        assert h.persona_map(MODEL, history, 7, []) is None
+    with pytest.raises(gr.Error, match="out of range"):
+        h.persona_map(MODEL, history, 7, [])
 
 
 def test_extract_registers_vectors_for_a_model_without_any(tmp_path: Path) -> None:

@@ -78,8 +78,10 @@ class ViewHandlers(HandlerBase):
         layer: float,
         personas: list[str] | None,
         vectors_from: str | None = None,
-    ) -> PlotData | None:
-        """PCA of the registered persona vectors at ``layer`` with this conversation's position."""
+    ) -> PlotData:
+        """PCA of the registered persona vectors at ``layer`` with this conversation's position;
+        a bad request (the history's shape or size, the layer, a model that cannot load) is a
+        ``gr.Error`` that says what is wrong (the plot stays as it was)."""
         model_id = self.model_id(model_id)
         at = int(layer or 0)
         try:
@@ -88,8 +90,7 @@ class ViewHandlers(HandlerBase):
                 model_id, history or [], at, vectors_from or ""
             )
         except Exception as err:  # an unknown persona or layer, or a model that cannot load
-            gr.Warning(str(err).strip("'\""))
-            return None
+            raise gr.Error(self.backend.access.error(err).strip("'\"")) from None
         title = f"Persona space at layer {at} ({len(names)} vectors; ★ = this conversation)"
         return plot(figures.map_figure(names, vectors, point, title, tuple(personas or ())))
 

@@ -52,6 +52,26 @@ def wire(page: Page, h: Handlers, demo: gr.Blocks, concurrency: int) -> None:
     wire_views(page, h)
     wire_share(page, h)
     wire_calibration(page, h)
+    wire_api_conversations(page, h)
+
+
+def wire_api_conversations(page: Page, h: Handlers) -> None:
+    """/undo and /persona_map for API clients: the conversations as plain JSON, as /chat takes
+    them, so the handlers check their shape and say what is wrong (the page's own events
+    send the chatbots)."""
+    history = gr.JSON(value=[], visible=False)
+    side = gr.JSON(value=[], visible=False)
+    undo, persona_map = gr.Button(visible=False), gr.Button(visible=False)
+    c, t = page.chat, page.tokens
+    undo.click(
+        h.undo, [history, side], [c.chatbot, c.side_chat, c.message, c.status], api_name="undo"
+    )
+    persona_map.click(
+        h.persona_map,
+        [page.model.model, history, t.view_layer, page.persona.personas, page.model.vectors_from],
+        page.map.plot,
+        api_name="persona_map",
+    )
 
 
 def controls(page: Page) -> dict[str, Any]:
@@ -296,7 +316,7 @@ def wire_chat(page: Page, h: Handlers, concurrency: int) -> None:
     ]
     undo_out = [c.chatbot, c.side_chat, c.message, c.status]
     after = [c.chatbot, c.side_chat, c.prompted_chat, readout]  # the drift of the turns left
-    c.undo.click(h.undo, [c.chatbot, c.side_chat], undo_out, api_name="undo").then(
+    c.undo.click(h.undo, [c.chatbot, c.side_chat], undo_out, api_name="page_undo", **PRIVATE).then(
         h.views_after, after, views, **PRIVATE
     ).then(h.drift_plot, readout, page.drift.plot, **QUIET)
     clear_out = [c.chatbot, c.side_chat, c.status, t.tokens, readout]
@@ -328,7 +348,8 @@ def wire_views(page: Page, h: Handlers) -> None:
         h.persona_map,
         [model, page.chat.chatbot, t.view_layer, personas, kind],
         page.map.plot,
-        api_name="persona_map",
+        api_name="page_persona_map",
+        **PRIVATE,
     )
     s = page.store
     s.button.click(
