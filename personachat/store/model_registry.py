@@ -39,6 +39,15 @@ class ModelRegistry:
         with self.catalog.writing() as conn, transaction(conn):
             self.upsert_model(conn, info)
 
+    def models_with(self, model: ModelInfo | None) -> dict[str, ModelInfo]:
+        """The registered models by id, with ``model`` (its sizes checked) as a write that
+        brings it along (``upsert_model`` in its transaction) will leave it."""
+        models = self.catalog.model_map()
+        if model is not None:
+            check_model_sizes(model)
+            models[model.model_id] = model
+        return models
+
     def upsert_model(self, conn: duckdb.DuckDBPyConnection, info: ModelInfo) -> None:
         """Inside a write: add or update a model whose sizes were checked
         (``check_model_sizes``), refusing to change the shape of one that has tensors."""

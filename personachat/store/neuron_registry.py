@@ -8,14 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import fields
 from typing import Any
 
-from personachat.records import (
-    NEURON_METHODS,
-    NEURON_SITES,
-    ModelInfo,
-    NeuronSet,
-    check_model_sizes,
-    check_name,
-)
+from personachat.records import NEURON_METHODS, NEURON_SITES, ModelInfo, NeuronSet, check_name
 from personachat.store.catalog import Catalog
 from personachat.store.errors import UnknownError
 from personachat.store.model_registry import ModelRegistry
@@ -111,10 +104,7 @@ class NeuronRegistry:
         items = list(sets)
         if not items and model is None:
             return []
-        models = self.catalog.model_map()
-        if model is not None:
-            check_model_sizes(model)
-            models[model.model_id] = model
+        models = self.models.models_with(model)
         infos = [check_neurons(s, models) for s in items]
         keys = [(s.model_id, s.label) for s in items]
         if len(set(keys)) != len(keys):

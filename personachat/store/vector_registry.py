@@ -18,14 +18,7 @@ from typing import Any, TypeVar
 import duckdb
 import torch
 
-from personachat.records import (
-    MEAN_BASELINE,
-    ModelInfo,
-    Persona,
-    PersonaMeans,
-    PersonaVector,
-    check_model_sizes,
-)
+from personachat.records import MEAN_BASELINE, ModelInfo, Persona, PersonaMeans, PersonaVector
 from personachat.store.catalog import Catalog, tensor_files
 from personachat.store.errors import IntegrityError, MissingFileError, UnknownError
 from personachat.store.files import TensorFiles
@@ -74,10 +67,7 @@ class VectorRegistry:
             self.models.register_personas(people)
             return []
         check_unique_keys(vecs, mns)
-        models = self.catalog.model_map()
-        if model is not None:
-            check_model_sizes(model)
-            models[model.model_id] = model
+        models = self.models.models_with(model)
         pending_v = [prepare_vector(v, models, self.catalog, self.files) for v in vecs]
         pending_m = [prepare_means(m, models, self.catalog, self.files) for m in mns]
         with self.files.batch(pending_v + pending_m) as batch:
