@@ -52,15 +52,12 @@ def wire(page: Page, h: Handlers, demo: gr.Blocks, concurrency: int) -> None:
     wire_views(page, h)
     wire_share(page, h)
     wire_calibration(page, h)
-    wire_api_conversations(page, h)
 
 
-def wire_api_conversations(page: Page, h: Handlers) -> None:
-    """/undo and /persona_map for API clients: the conversations as plain JSON, as /chat takes
-    them, so the handlers check their shape and say what is wrong (the page's own events
-    send the chatbots)."""
-    history = gr.JSON(value=[], visible=False)
-    side = gr.JSON(value=[], visible=False)
+def wire_api_conversations(page: Page, h: Handlers, history: gr.JSON, side: gr.JSON) -> None:
+    """/undo and /persona_map for API clients: the conversations as plain JSON (``history``,
+    ``side``: the hidden inputs /chat takes them in), so the handlers check their shape and
+    say what is wrong (the page's own events send the chatbots)."""
     undo, persona_map = gr.Button(visible=False), gr.Button(visible=False)
     c, t = page.chat, page.tokens
     undo.click(
@@ -285,6 +282,7 @@ def wire_chat(page: Page, h: Handlers, concurrency: int) -> None:
     c.api_retry.click(
         api_retry, endpoint_inputs(page, api_retry, by_api), api_out, api_name="retry", **run
     )
+    wire_api_conversations(page, h, by_api["history"], by_api["side_history"])
     sent_in = endpoint_inputs(page, chat)
     sent = [
         c.send.click(chat, sent_in, out, **PRIVATE, **run),
