@@ -196,8 +196,8 @@ def run_generate(
     step's tokens go to ``sink``, then ``Failed`` on an error, then ``END``. A stop (any of
     ``events``) is seen between tokens (``EventStop``) and, while the prompt runs, at the next
     layer (``StopCheck``): the prompt's forward then ends there and no token comes of it. The
-    check stays attached through the decode steps, standing aside: a call per layer and step
-    (about a microsecond each on a CPU), too little to be worth detaching it for."""
+    check stays attached through the decode steps, standing aside: one Python call per layer
+    and step that returns at once."""
     check = StopCheck(lm.info.n_layers, events)
     try:
         with intervene(lm.sites, [*job.handlers, check]):
